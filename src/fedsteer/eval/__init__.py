@@ -1,0 +1,1 @@
+"""Metrics, cost accounting, the result record, tables and plots."""

@@ -1,0 +1,61 @@
+"""Cost accounting: bytes from the serialized payloads, wall time, peak memory.
+
+Bytes are those of Flower's own wire format (the protobuf of a `RecordDict`), so what the
+in-process runtime reports is what the Flower runtime would send.
+"""
+
+from __future__ import annotations
+
+import resource
+import sys
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from flwr.app import RecordDict
+from flwr.common.serde import recorddict_to_proto
+
+
+def payload_bytes(content: RecordDict) -> int:
+    """Size of `content` as Flower serializes it for the wire."""
+    return recorddict_to_proto(content).ByteSize()
+
+
+def peak_rss_bytes() -> int:
+    """The process's peak resident memory so far (Linux reports KiB, macOS bytes)."""
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return int(peak if sys.platform == "darwin" else peak * 1024)
+
+
+@dataclass
+class RoundCost:
+    """What one round cost; the result record keeps one per round."""
+
+    round: int
+    clients: list[int] = field(default_factory=list)
+    bytes_up: int = 0
+    bytes_down: int = 0
+    client_seconds: float = 0.0
+    server_seconds: float = 0.0
+    peak_rss_bytes: int = 0
+    rejected: list[dict[str, Any]] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def summarize_costs(rounds: list[RoundCost], setup_seconds: float = 0.0) -> dict[str, Any]:
+    """Totals and per-round means for the result record's `costs` block."""
+    n = max(len(rounds), 1)
+    up = sum(r.bytes_up for r in rounds)
+    down = sum(r.bytes_down for r in rounds)
+    return {
+        "bytes_up": up,
+        "bytes_down": down,
+        "bytes_up_per_round": up / n if rounds else 0,
+        "bytes_down_per_round": down / n if rounds else 0,
+        "client_seconds": sum(r.client_seconds for r in rounds),
+        "server_seconds": sum(r.server_seconds for r in rounds) + setup_seconds,
+        "peak_rss_bytes": max([peak_rss_bytes(), *(r.peak_rss_bytes for r in rounds)]),
+        "num_rounds": len(rounds),
+        "rounds": [r.to_dict() for r in rounds],
+    }

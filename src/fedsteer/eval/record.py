@@ -1,0 +1,60 @@
+"""The result record (`result.json`): the public contract between runs, bench and report.
+
+Top-level keys: `method`, `task`, `model`, `config` (everything needed to rerun),
+`metrics` (`accuracy`, `macro_f1`, per-client where it applies), `costs` (`bytes_up`,
+`bytes_down`, `client_seconds`, `server_seconds`, `peak_rss_bytes`, `rounds`), `env`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+import psutil
+
+from fedsteer import __version__
+from fedsteer.federation.checkpoint import atomic_write_json
+
+RESULT_FILE = "result.json"
+REQUIRED_KEYS = ("method", "task", "model", "config", "metrics", "costs", "env")
+_PACKAGES = ("torch", "transformers", "peft", "flwr", "numpy")
+
+
+def environment() -> dict[str, Any]:
+    """Versions and machine facts, so a number can be traced to where it was measured."""
+    versions = {}
+    for name in _PACKAGES:
+        try:
+            versions[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            versions[name] = None
+    return {
+        "fedsteer": __version__,
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+        "cpu_count": os.cpu_count(),
+        "memory_bytes": psutil.virtual_memory().total,
+        "packages": versions,
+    }
+
+
+def write_result(record: dict[str, Any], out_dir: Path) -> Path:
+    missing = [k for k in REQUIRED_KEYS if k not in record]
+    if missing:
+        raise ValueError(f"result record lacks {missing}")
+    path = out_dir / RESULT_FILE
+    atomic_write_json(path, record)
+    return path
+
+
+def read_result(path: Path) -> dict[str, Any]:
+    path = path / RESULT_FILE if path.is_dir() else path
+    record = json.loads(path.read_text())
+    missing = [k for k in REQUIRED_KEYS if k not in record]
+    if missing:
+        raise ValueError(f"{path}: not a fedsteer result record (lacks {missing})")
+    return record

@@ -1,0 +1,46 @@
+"""The table every run ends with: accuracy next to what it cost."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+from rich.table import Table
+
+
+def human_bytes(n: float) -> str:
+    for unit in ("B", "KB", "MB", "GB"):
+        if abs(n) < 1000 or unit == "GB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1000
+    return f"{n:.1f} GB"
+
+
+def _with_spread(metrics: dict[str, Any], key: str) -> str:
+    value = f"{100 * metrics[key]:.1f}"
+    if f"{key}_std" in metrics:
+        value += f" ± {100 * metrics[f'{key}_std']:.1f}"
+    return value
+
+
+def comparison_table(records: Sequence[dict[str, Any]], title: str = "") -> Table:
+    """One row per result record; percentages, bytes per round, seconds, peak memory."""
+    table = Table(title=title or None)
+    table.add_column("method", no_wrap=True)
+    for name in ("acc %", "macro-F1 %", "up/round", "down/round", "rounds", "client s",
+                 "eval s", "peak mem"):
+        table.add_column(name, justify="right", no_wrap=True)
+    for rec in records:
+        m, c = rec["metrics"], rec["costs"]
+        table.add_row(
+            rec["method"],
+            _with_spread(m, "accuracy"),
+            _with_spread(m, "macro_f1"),
+            human_bytes(c["bytes_up_per_round"]),
+            human_bytes(c["bytes_down_per_round"]),
+            str(c["num_rounds"]),
+            f"{c['client_seconds']:.1f}",
+            f"{c.get('eval_seconds', 0.0):.1f}",
+            human_bytes(c["peak_rss_bytes"]),
+        )
+    return table

@@ -1,0 +1,124 @@
+"""One run, end to end: task -> partitions -> method on a runtime -> metrics -> result.json.
+
+The CLI, the benchmarks and `make demo` all come through `run_experiment`, so every number
+fedsteer prints is produced by the same path.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import time
+from dataclasses import dataclass, field
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+from rich.progress import Progress
+
+from fedsteer.data import Example, Task, load_task, partition
+from fedsteer.eval.costs import summarize_costs
+from fedsteer.eval.record import environment, write_result
+from fedsteer.federation import InProcessRuntime, RuntimeConfig
+from fedsteer.methods import Client, Environment, make_method, seeded_rng
+from fedsteer.models import DEFAULT_MODEL
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class RunConfig:
+    """Everything needed to rerun a run; stored verbatim in `result.json["config"]`."""
+
+    method: str
+    task: str = "sst2"
+    model: str = DEFAULT_MODEL
+    clients: int = 10
+    partition: str = "dirichlet"
+    alpha: float = 0.5
+    min_per_client: int = 2
+    rounds: int | None = None  # None: the method's own default
+    fraction: float = 1.0
+    seed: int = 0
+    test_size: int | None = 300  # None: the whole test split
+    test_seed: int = 0  # fixed apart from `seed`, so every method sees the same test rows
+    shots: int = 4
+    batch_size: int = 16
+    max_reply_norm: float | None = None
+    options: dict[str, Any] = field(default_factory=dict)  # method-specific extras
+
+    def method_options(self) -> dict[str, Any]:
+        return {"shots": self.shots, "seed": self.seed, "rounds": self.rounds, **self.options}
+
+
+def default_run_dir(config: RunConfig) -> Path:
+    stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
+    return Path("runs") / f"{stamp}-{config.method}-{Path(config.task).stem}"
+
+
+def evaluation_rows(task: Task, size: int | None, seed: int) -> list[Example]:
+    """A seeded subset of the test split (all of it when `size` is None or larger)."""
+    if size is None or size >= len(task.test):
+        return list(task.test)
+    picks = seeded_rng(seed, "test", task.name).choice(len(task.test), size, replace=False)
+    return [task.test[i] for i in sorted(picks)]
+
+
+def build_clients(config: RunConfig, task: Task, env: Environment, centralized: bool):
+    """One client per partition; a centralized method gets one client with all the data."""
+    if centralized:
+        return [Client(cid=0, data=list(task.train), env=env)]
+    labels = [ex.label for ex in task.train]
+    parts = partition(
+        labels, config.clients, config.partition,
+        alpha=config.alpha, seed=config.seed, min_per_client=config.min_per_client,
+    )
+    return [Client(cid=i, data=[task.train[j] for j in idx], env=env) for i, idx in enumerate(parts)]
+
+
+def run_experiment(
+    config: RunConfig,
+    out_dir: Path | None = None,
+    *,
+    lm: Any = None,
+    task: Task | None = None,
+    resume: bool = False,
+    progress: Progress | None = None,
+) -> dict[str, Any]:
+    """Run `config`; write and return its result record. Pass `lm` to share a loaded model."""
+    started = time.perf_counter()
+    out_dir = Path(out_dir) if out_dir else default_run_dir(config)
+    task = task or load_task(config.task)
+    method = make_method(config.method, **config.method_options())
+    env = Environment(
+        task=task.spec, test=evaluation_rows(task, config.test_size, config.test_seed),
+        model_name=config.model, seed=config.seed, batch_size=config.batch_size, _lm=lm,
+    )
+    clients = build_clients(config, task, env, method.centralized)
+    runtime = InProcessRuntime(
+        RuntimeConfig(fraction=config.fraction, seed=config.seed,
+                      max_reply_norm=config.max_reply_norm),
+        checkpoint_dir=out_dir / "checkpoint", progress=progress,
+    )
+    outcome = runtime.run(
+        method, clients, env, resume=resume,
+        fingerprint={"config": dataclasses.asdict(config), "options": method.options()},
+    )
+    eval_started = time.perf_counter()
+    metrics = method.evaluate(outcome.state, env)
+    eval_seconds = time.perf_counter() - eval_started
+    costs = summarize_costs(outcome.rounds)
+    costs["eval_seconds"] = eval_seconds
+    costs["wall_seconds"] = time.perf_counter() - started
+    record = {
+        "method": method.name,
+        "task": task.name,
+        "model": config.model,
+        "config": {**dataclasses.asdict(config), "method_options": method.options()},
+        "metrics": {**metrics, "num_test": len(env.test), "num_clients": len(clients)},
+        "costs": costs,
+        "env": environment(),
+    }
+    write_result(record, out_dir)
+    log.info("%s on %s: accuracy %.4f -> %s", method.name, task.name, metrics["accuracy"], out_dir)
+    return record

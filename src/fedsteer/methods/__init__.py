@@ -1,0 +1,28 @@
+"""Methods by name: each a pure algorithm behind the seam in `base.py`.
+
+The registry maps a CLI name to a method class, as peft maps a tuner name to its class;
+runtimes look methods up here and never import one directly.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+from fedsteer.methods.base import Client, Environment, Method, Reply, seeded_rng
+from fedsteer.methods.icl import CentralICL, LocalICL, ZeroShot
+
+METHODS: dict[str, type[Method]] = {cls.name: cls for cls in (ZeroShot, LocalICL, CentralICL)}
+
+
+def make_method(name: str, **options: Any) -> Method:
+    """Build a method from its name, taking the options it knows and ignoring the rest."""
+    try:
+        cls = METHODS[name]
+    except KeyError:
+        raise ValueError(f"unknown method {name!r}; known: {', '.join(sorted(METHODS))}") from None
+    known = {f.name for f in dataclasses.fields(cls)} if dataclasses.is_dataclass(cls) else set()
+    return cls(**{k: v for k, v in options.items() if k in known and v is not None})
+
+
+__all__ = ["METHODS", "Client", "Environment", "Method", "Reply", "make_method", "seeded_rng"]

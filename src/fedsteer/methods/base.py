@@ -1,0 +1,129 @@
+"""The one seam: a method is pure algorithm, a runtime only moves its messages.
+
+A method is a small dataclass (its fields are its hyperparameters) with five steps,
+shaped like a Flower strategy so the Flower runtime can carry it unchanged:
+
+    state  = method.initial_state(env)                 # server, once
+    loop:
+      msg  = method.configure_round(rnd, state)         # server -> clients (None: done)
+      reply= method.client_step(msg, client)            # on each sampled client
+      state= method.aggregate(rnd, state, replies)      # server
+    metrics = method.evaluate(state, env)               # server, the global artifact
+
+Messages, replies and server state are Flower `RecordDict`s (`ArrayRecord` for tensors,
+`ConfigRecord` for settings, `MetricRecord` for numbers), so they serialize, count their
+bytes and checkpoint the same way in every runtime. Methods with phases say so in the
+message's config ("phase"), never through a runtime special case.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+from abc import ABC, abstractmethod
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from functools import cached_property
+from typing import Any, ClassVar
+
+import numpy as np
+from flwr.app import RecordDict
+
+from fedsteer.data import Example, TaskSpec
+
+
+def seeded_rng(*keys: int | str) -> np.random.Generator:
+    """A generator fixed by its keys (seed, round, client id...), so a resumed run repeats."""
+    digest = hashlib.sha256(repr(keys).encode()).digest()
+    return np.random.default_rng(int.from_bytes(digest[:8], "little"))
+
+
+@dataclass
+class Environment:
+    """What one process shares among all methods and simulated clients it hosts.
+
+    The model is loaded lazily and once: many clients, one model (never a copy each).
+    """
+
+    task: TaskSpec
+    test: list[Example]
+    model_name: str
+    seed: int = 0
+    batch_size: int = 16
+    _lm: Any = None
+    _scorers: dict = field(default_factory=dict)
+
+    @property
+    def lm(self):
+        if self._lm is None:
+            from fedsteer.models import load_model
+
+            self._lm = load_model(self.model_name)
+        return self._lm
+
+    def scorer(self, multi_token: bool = False):
+        """The task's label scorer on the shared model (built once per process)."""
+        if multi_token not in self._scorers:
+            from fedsteer.models.scoring import LabelScorer
+
+            self._scorers[multi_token] = LabelScorer(
+                self.lm, self.task.label_words, batch_size=self.batch_size, multi_token=multi_token
+            )
+        return self._scorers[multi_token]
+
+
+@dataclass
+class Client:
+    """One simulated party: its id, its private examples and its own persistent state."""
+
+    cid: int
+    data: list[Example]
+    env: Environment
+    state: RecordDict = field(default_factory=RecordDict)
+
+    @cached_property
+    def labels(self) -> np.ndarray:
+        return np.array([ex.label for ex in self.data], dtype=np.int64)
+
+
+@dataclass
+class Reply:
+    """A client's answer to one round's message, as the server's aggregate step sees it."""
+
+    cid: int
+    content: RecordDict
+    num_examples: int
+
+
+class Method(ABC):
+    """Base of every fedsteer method; subclasses are dataclasses of their hyperparameters."""
+
+    name: ClassVar[str]
+    #: True for the non-private references (central-icl, ...): one client holds all data.
+    centralized: ClassVar[bool] = False
+    #: Reject replies whose arrays' global L2 norm exceeds this (None: no bound).
+    max_reply_norm: ClassVar[float | None] = None
+
+    def initial_state(self, env: Environment) -> RecordDict:
+        return RecordDict()
+
+    @abstractmethod
+    def configure_round(self, rnd: int, state: RecordDict) -> RecordDict | None:
+        """The message for round `rnd` (0-based), or None when the method is finished."""
+
+    def client_step(self, message: RecordDict, client: Client) -> RecordDict:
+        raise NotImplementedError(f"{self.name} has no client step")
+
+    def aggregate(self, rnd: int, state: RecordDict, replies: Sequence[Reply]) -> RecordDict:
+        return state
+
+    @abstractmethod
+    def evaluate(self, state: RecordDict, env: Environment) -> dict[str, Any]:
+        """Final metrics of the run's global artifact: at least accuracy and macro_f1."""
+
+    def reply_shapes(self, message: RecordDict) -> dict[str, tuple[int, ...]] | None:
+        """Expected `"record.array" -> shape` of a reply, so a runtime can reject bad ones."""
+        return None
+
+    def options(self) -> dict[str, Any]:
+        return dataclasses.asdict(self) if dataclasses.is_dataclass(self) else {}

@@ -1,0 +1,106 @@
+"""The baselines every paper compares against: zero-shot, local ICL and central ICL.
+
+* `zero-shot`: the frozen model on the bare query; no federation at all.
+* `local-icl`: each client prompts with `shots` demonstrations from its *own* partition
+  only (private, but skewed under non-IID data); we report the mean and spread over the
+  clients that evaluated (all, or a seeded sample with the runtime's `fraction`).
+* `central-icl`: the same with demonstrations from the pooled data (one client holding
+  everything): the non-private reference.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+from flwr.app import ConfigRecord, MetricRecord, RecordDict
+
+from fedsteer.data import Example
+from fedsteer.eval.metrics import classification_metrics, summarize_clients
+from fedsteer.methods.base import Client, Environment, Method, Reply, seeded_rng
+
+
+def select_demonstrations(
+    examples: Sequence[Example], shots: int, rng: np.random.Generator
+) -> list[Example]:
+    """`shots` examples, spread over the labels the holder has (round-robin), in random order.
+
+    Balanced demonstrations are the usual ICL practice; a client that lacks a label
+    simply cannot show it, which is exactly local ICL's handicap under skew.
+    """
+    by_label: dict[int, list[int]] = {}
+    for i in rng.permutation(len(examples)):
+        by_label.setdefault(examples[i].label, []).append(int(i))
+    queues = [by_label[label] for label in sorted(by_label)]
+    chosen: list[int] = []
+    while len(chosen) < min(shots, len(examples)):
+        for queue in queues:
+            if queue and len(chosen) < shots:
+                chosen.append(queue.pop())
+    return [examples[i] for i in rng.permutation(chosen)]
+
+
+def evaluate_prompting(env: Environment, prefix: str = "") -> dict[str, float]:
+    """Score the evaluation set with `prefix` before each query; accuracy and macro-F1."""
+    queries = [env.task.format_query(ex) for ex in env.test]
+    predictions = env.scorer().score(queries, prefix=prefix).argmax(-1).tolist()
+    truth = [ex.label for ex in env.test]
+    return classification_metrics(truth, predictions, len(env.task.labels))
+
+
+@dataclass
+class ZeroShot(Method):
+    name = "zero-shot"
+
+    def configure_round(self, rnd: int, state: RecordDict) -> RecordDict | None:
+        return None
+
+    def evaluate(self, state: RecordDict, env: Environment) -> dict[str, Any]:
+        return evaluate_prompting(env)
+
+
+@dataclass
+class LocalICL(Method):
+    """One round: every sampled client evaluates with its own demonstrations."""
+
+    name = "local-icl"
+    shots: int = 4
+    seed: int = 0
+
+    def configure_round(self, rnd: int, state: RecordDict) -> RecordDict | None:
+        if rnd > 0:
+            return None
+        return RecordDict({"config": ConfigRecord({"phase": "evaluate", "shots": self.shots})})
+
+    def client_step(self, message: RecordDict, client: Client) -> RecordDict:
+        shots = int(message["config"]["shots"])
+        demos = select_demonstrations(client.data, shots, seeded_rng(self.seed, "demos", client.cid))
+        metrics = evaluate_prompting(client.env, client.env.task.demo_prefix(demos))
+        return RecordDict({"metrics": MetricRecord({**metrics, "num_demos": len(demos)})})
+
+    def aggregate(self, rnd: int, state: RecordDict, replies: Sequence[Reply]) -> RecordDict:
+        columns = {"cid": [r.cid for r in replies]}
+        for key in ("accuracy", "macro_f1"):
+            columns[key] = [float(r.content["metrics"][key]) for r in replies]
+        state["clients"] = MetricRecord(columns)
+        return state
+
+    def evaluate(self, state: RecordDict, env: Environment) -> dict[str, Any]:
+        if "clients" not in state:
+            raise RuntimeError(f"{self.name}: no client reported an evaluation")
+        cols = state["clients"]
+        rows = [
+            {"cid": int(c), "accuracy": a, "macro_f1": f}
+            for c, a, f in zip(cols["cid"], cols["accuracy"], cols["macro_f1"], strict=True)
+        ]
+        return summarize_clients(rows)
+
+
+@dataclass
+class CentralICL(LocalICL):
+    """Local ICL run by a single client that holds the pooled data."""
+
+    name = "central-icl"
+    centralized = True

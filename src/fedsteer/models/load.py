@@ -1,0 +1,218 @@
+"""Load a frozen model + tokenizer by registry name, `tiny-random`, local dir or hub id.
+
+Registry models are dequantized from GGUF once (slow: tens of seconds) and cached as float32
+safetensors, so every later load is an mmap taking a fraction of a second.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from transformers import (
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    PreTrainedModel,
+    PreTrainedTokenizerBase,
+)
+
+from fedsteer.models import arch
+from fedsteer.models.registry import (
+    DEFAULT_MODEL,
+    REGISTRY,
+    ModelSpec,
+    is_installed,
+    resolve_parts,
+)
+from fedsteer.settings import cache_dir
+
+__all__ = [
+    "TINY_RANDOM",
+    "GGUFSizeError",
+    "LoadedModel",
+    "UnknownModelError",
+    "assemble_gguf",
+    "ensure_cached",
+    "finalize",
+    "load_model",
+    "model_cache_dir",
+    "model_status",
+]
+
+log = logging.getLogger(__name__)
+
+TINY_RANDOM = "tiny-random"
+CHUNK_BYTES = 16 * 1024 * 1024
+GGUF_NAME = "model.gguf"
+
+
+class GGUFSizeError(ValueError):
+    """The assembled GGUF is not the expected size: a part is truncated or missing."""
+
+
+class UnknownModelError(ValueError):
+    """A name that is neither a registry model, a local dir, nor a reachable hub id."""
+
+
+@dataclass
+class LoadedModel:
+    """A frozen model, its tokenizer (left-padded, pad token set) and the name it came from."""
+
+    model: PreTrainedModel
+    tokenizer: PreTrainedTokenizerBase
+    name: str
+
+    @property
+    def num_layers(self) -> int:
+        return arch.num_layers(self.model)
+
+    @property
+    def hidden_size(self) -> int:
+        return arch.hidden_size(self.model)
+
+    @property
+    def layers(self) -> list[arch.LayerModules]:
+        return arch.layer_modules(self.model)
+
+
+def finalize(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, name: str) -> LoadedModel:
+    """Freeze the model and make the tokenizer batch-ready for generation (left padding)."""
+    model.eval()
+    for param in model.parameters():
+        param.requires_grad_(False)
+    tokenizer.padding_side = "left"
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    if getattr(model.config, "pad_token_id", None) is None and tokenizer.pad_token_id is not None:
+        model.config.pad_token_id = tokenizer.pad_token_id
+    return LoadedModel(model=model, tokenizer=tokenizer, name=name)
+
+
+def model_cache_dir(name: str) -> Path:
+    """Where a registry model's dequantized safetensors live."""
+    return cache_dir() / "models" / name
+
+
+def _is_cached(name: str) -> bool:
+    # The dir only appears via os.replace of a finished build, so existence means complete.
+    return (model_cache_dir(name) / "config.json").is_file()
+
+
+def model_status(name: str) -> str:
+    """'cached', 'installed' (weights present, cache not built) or 'not installed'."""
+    spec = REGISTRY[name]
+    if _is_cached(name):
+        return "cached"
+    return "installed" if is_installed(spec) else "not installed"
+
+
+def assemble_gguf(parts: list[Path], dest: Path, expected_bytes: int | None = None) -> Path:
+    """Concatenate `parts` in order into `dest`, streamed; check the total size if known."""
+    with open(dest, "wb") as out:
+        for part in parts:
+            with open(part, "rb") as src:
+                shutil.copyfileobj(src, out, CHUNK_BYTES)
+    size = dest.stat().st_size
+    if expected_bytes is not None and size != expected_bytes:
+        dest.unlink()
+        raise GGUFSizeError(
+            f"assembled GGUF is {size:,} bytes, expected {expected_bytes:,}: "
+            f"a weight package is incomplete; reinstall it"
+        )
+    return dest
+
+
+def _gguf_for(spec: ModelSpec, workdir: Path) -> Path:
+    """A single-file GGUF is used in place; split ones are assembled into `workdir`."""
+    parts = resolve_parts(spec)
+    if len(parts) == 1 and spec.gguf_bytes is None:
+        return parts[0]
+    log.info("assembling %d parts of %s into one GGUF", len(parts), spec.name)
+    return assemble_gguf(parts, workdir / GGUF_NAME, spec.gguf_bytes)
+
+
+def _load_gguf(gguf: Path) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    """Dequantize to float32 and strip the quantizer so save_pretrained writes plain tensors."""
+    model = AutoModelForCausalLM.from_pretrained(
+        str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32
+    )
+    tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+    model.hf_quantizer = None
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    return model, tokenizer
+
+
+def ensure_cached(spec: ModelSpec) -> Path:
+    """Build the safetensors cache for `spec` once (atomically) and return its directory."""
+    final = model_cache_dir(spec.name)
+    if _is_cached(spec.name):
+        return final
+    final.parent.mkdir(parents=True, exist_ok=True)
+    log.info("building cache for %s from GGUF (~40 s, once) in %s", spec.name, final)
+    with tempfile.TemporaryDirectory(prefix=f".{spec.name}.", dir=final.parent) as tmp:
+        workdir = Path(tmp)
+        model, tokenizer = _load_gguf(_gguf_for(spec, workdir))
+        (workdir / GGUF_NAME).unlink(missing_ok=True)
+        out = workdir / "out"
+        model.save_pretrained(out)
+        tokenizer.save_pretrained(out)
+        if _is_cached(spec.name):  # another process won the race
+            return final
+        if final.exists():  # a stale, incomplete leftover
+            shutil.rmtree(final)
+        os.replace(out, final)
+    log.info("cached %s", spec.name)
+    return final
+
+
+def _from_dir(path: str | Path, name: str, dtype: torch.dtype) -> LoadedModel:
+    model = AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype)
+    tokenizer = AutoTokenizer.from_pretrained(str(path))
+    return finalize(model, tokenizer, name)
+
+
+def _offline() -> bool:
+    from huggingface_hub import constants
+
+    env = os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in {"1", "true", "yes", "on"}
+    return env or bool(getattr(constants, "HF_HUB_OFFLINE", False))
+
+
+def _from_hub(model_id: str, dtype: torch.dtype) -> LoadedModel:
+    log.info("loading %s through Hugging Face from_pretrained", model_id)
+    try:
+        return _from_dir(model_id, model_id, dtype)
+    except OSError as err:
+        if not _offline():
+            raise
+        raise UnknownModelError(
+            f"{model_id!r} is not a registry model, nor a local directory, and HF_HUB_OFFLINE "
+            f"is set so it cannot be fetched from the hub. Offline models: "
+            f"{', '.join(REGISTRY)}, {TINY_RANDOM}."
+        ) from err
+
+
+def load_model(
+    name_or_path: str = DEFAULT_MODEL, *, dtype: torch.dtype = torch.float32
+) -> LoadedModel:
+    """Registry name -> cached safetensors; `tiny-random`; local dir; else a hub id."""
+    if name_or_path in REGISTRY:
+        path = ensure_cached(REGISTRY[name_or_path])
+        log.info("loading %s from %s", name_or_path, path)
+        return _from_dir(path, name_or_path, dtype)
+    if name_or_path == TINY_RANDOM:
+        from fedsteer.models.tiny import build_tiny_random
+
+        loaded = build_tiny_random()
+        loaded.model.to(dtype)
+        return loaded
+    if Path(name_or_path).is_dir():
+        log.info("loading local model directory %s", name_or_path)
+        return _from_dir(name_or_path, name_or_path, dtype)
+    return _from_hub(name_or_path, dtype)

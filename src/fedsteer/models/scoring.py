@@ -1,0 +1,170 @@
+"""Batched label scoring: prompts + label words -> log-probability of each label.
+
+Every method in fedsteer is judged by the same question: which label word does the model
+find most likely right after the prompt? This module answers it fast and exactly:
+
+* **Left padding with explicit position ids.** Padded rows see the same positions as
+  unpadded ones, so a batch gives the numbers a one-by-one loop gives (a test pins it).
+* **Logits only where they are read.** The LM head over a 150k vocabulary costs a third of
+  a small model's forward; we ask for the last positions only (`logits_to_keep`).
+* **Shared-prefix reuse.** In-context demonstrations precede every query unchanged, so their
+  key/value cache is computed once and each batch of queries continues from a copy of it.
+  Prefix and query are tokenized separately in *both* paths, so reuse changes cost, never
+  the result.
+"""
+
+from __future__ import annotations
+
+import copy
+import inspect
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+from transformers import DynamicCache
+
+from fedsteer.models.load import LoadedModel
+
+
+class LabelWordError(ValueError):
+    """Label words that the scorer cannot tell apart under a tokenizer."""
+
+
+@dataclass(frozen=True)
+class LabelTokens:
+    """Token ids of each label word (with its leading space, as it follows the prompt)."""
+
+    words: tuple[str, ...]
+    ids: tuple[tuple[int, ...], ...]
+
+    @property
+    def first(self) -> list[int]:
+        return [ids[0] for ids in self.ids]
+
+
+def tokenize_label_words(tokenizer, label_words: Sequence[str], multi_token: bool) -> LabelTokens:
+    ids = tuple(tuple(tokenizer(w, add_special_tokens=False)["input_ids"]) for w in label_words)
+    if any(len(i) == 0 for i in ids):
+        raise LabelWordError(f"a label word tokenizes to nothing: {list(label_words)}")
+    keys = ids if multi_token else [i[:1] for i in ids]
+    if len(set(keys)) != len(keys):
+        what = "token sequences" if multi_token else "first tokens"
+        raise LabelWordError(
+            f"label words {list(label_words)} share {what} under this tokenizer; "
+            "choose words that differ in their first token, or use multi_token=True"
+        )
+    return LabelTokens(tuple(label_words), ids)
+
+
+class LabelScorer:
+    """Scores prompts against a task's label words on one shared, frozen model.
+
+    `score(queries, prefix)` returns a `[len(queries), num_labels]` tensor of log-probs:
+    by default of each label word's first token at the answer position; with
+    `multi_token=True` the summed log-prob of all its tokens.
+    """
+
+    def __init__(
+        self,
+        lm: LoadedModel,
+        label_words: Sequence[str],
+        *,
+        batch_size: int = 16,
+        multi_token: bool = False,
+    ) -> None:
+        self.lm = lm
+        self.batch_size = batch_size
+        self.multi_token = multi_token
+        self.labels = tokenize_label_words(lm.tokenizer, label_words, multi_token)
+        params = inspect.signature(lm.model.forward).parameters
+        self._keeps_logits = "logits_to_keep" in params
+        # transformers 5.x renamed `past_key_values` to `cache`; accept either.
+        self._cache_kwarg = "cache" if "cache" in params else "past_key_values"
+
+    # ----------------------------------------------------------------- public
+    @torch.no_grad()
+    def score(self, queries: Sequence[str], prefix: str = "", *, reuse_prefix: bool = True):
+        """Log-probs `[N, C]`; `prefix` (e.g. demonstrations) precedes every query."""
+        prefix_ids = self._encode(prefix, first=True) if prefix else []
+        query_ids = [self._encode(q, first=not prefix) for q in queries]
+        cache = self._prefix_cache(prefix_ids) if (prefix_ids and reuse_prefix) else None
+        out = []
+        for start in range(0, len(query_ids), self.batch_size):
+            batch = query_ids[start : start + self.batch_size]
+            if cache is None:
+                batch = [prefix_ids + q for q in batch]
+            out.append(self._score_batch(batch, cache, len(prefix_ids) if cache else 0))
+        if not out:
+            return torch.empty(0, len(self.labels.ids))
+        return torch.cat(out)
+
+    def predict(self, queries: Sequence[str], prefix: str = "") -> torch.Tensor:
+        return self.score(queries, prefix).argmax(dim=-1)
+
+    # ---------------------------------------------------------------- helpers
+    def _encode(self, text: str, first: bool) -> list[int]:
+        """Special tokens (a BOS) only at the very start of the whole prompt."""
+        return self.lm.tokenizer(text, add_special_tokens=first)["input_ids"]
+
+    def _prefix_cache(self, prefix_ids: list[int]) -> DynamicCache:
+        ids = torch.tensor([prefix_ids])
+        cache = DynamicCache()  # filled in place by the forward
+        self._forward(ids, torch.ones_like(ids), cache=cache, prefix_len=0, keep=1)
+        return cache
+
+    def _score_batch(self, seqs: list[list[int]], prefix_cache, prefix_len: int) -> torch.Tensor:
+        if self.multi_token:
+            return self._score_multi_token(seqs, prefix_cache, prefix_len)
+        ids, mask = self._left_pad(seqs)
+        cache = self._expand(prefix_cache, len(seqs))
+        logits = self._forward(ids, mask, cache, prefix_len, keep=1).logits[:, -1]
+        return logits.float().log_softmax(-1)[:, self.labels.first]
+
+    def _score_multi_token(self, seqs, prefix_cache, prefix_len: int) -> torch.Tensor:
+        """Append each label's tokens; sum the log-probs the model gives them in turn."""
+        num_labels = len(self.labels.ids)
+        longest = max(len(ids) for ids in self.labels.ids)
+        scores = torch.zeros(len(seqs), num_labels)
+        for c, label_ids in enumerate(self.labels.ids):
+            ids, mask = self._left_pad([s + list(label_ids) for s in seqs])
+            cache = self._expand(prefix_cache, len(seqs))
+            logits = self._forward(ids, mask, cache, prefix_len, keep=longest + 1).logits
+            n = len(label_ids)
+            logp = logits[:, -(n + 1) : -1].float().log_softmax(-1)
+            target = torch.tensor(label_ids).expand(len(seqs), n).unsqueeze(-1)
+            scores[:, c] = logp.gather(-1, target).squeeze(-1).sum(-1)
+        return scores
+
+    def _left_pad(self, seqs: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
+        pad = self.lm.tokenizer.pad_token_id or 0
+        width = max(len(s) for s in seqs)
+        ids = torch.full((len(seqs), width), pad, dtype=torch.long)
+        mask = torch.zeros((len(seqs), width), dtype=torch.long)
+        for row, seq in enumerate(seqs):
+            ids[row, width - len(seq) :] = torch.tensor(seq)
+            mask[row, width - len(seq) :] = 1
+        return ids, mask
+
+    @staticmethod
+    def _expand(prefix_cache: DynamicCache | None, batch: int) -> DynamicCache | None:
+        """A private copy of the prefix cache, one row per query (the forward appends to it)."""
+        if prefix_cache is None:
+            return None
+        cache = copy.deepcopy(prefix_cache)
+        cache.batch_repeat_interleave(batch)
+        return cache
+
+    def _forward(self, ids, mask, cache, prefix_len: int, keep: int):
+        positions = prefix_len + (mask.cumsum(-1) - 1).clamp(min=0)
+        if prefix_len:
+            mask = torch.cat([torch.ones(len(ids), prefix_len, dtype=mask.dtype), mask], dim=1)
+        kwargs = {"logits_to_keep": keep} if self._keeps_logits else {}
+        if cache is not None:
+            kwargs[self._cache_kwarg] = cache
+        return self.lm.model(
+            input_ids=ids,
+            attention_mask=mask,
+            position_ids=positions,
+            use_cache=cache is not None,
+            **kwargs,
+        )
