@@ -23,7 +23,9 @@ from fedsteer.federation.checkpoint import atomic_write_json
 from fedsteer.methods import METHODS
 from fedsteer.models import DEFAULT_MODEL, list_models, load_model, model_status
 
-app = typer.Typer(help=__doc__, no_args_is_help=True, add_completion=False)
+app = typer.Typer(
+    help="Steer a frozen LLM with federated data: run methods, compare accuracy and cost.",
+    no_args_is_help=True, add_completion=False)
 console = Console(width=None if Console().is_terminal else 120)  # logs: no 80-col wrap
 RUN_CONFIG_FILE = "run.json"
 

@@ -73,7 +73,9 @@ def build_clients(config: RunConfig, task: Task, env: Environment, centralized: 
         labels, config.clients, config.partition,
         alpha=config.alpha, seed=config.seed, min_per_client=config.min_per_client,
     )
-    return [Client(cid=i, data=[task.train[j] for j in idx], env=env) for i, idx in enumerate(parts)]
+    return [
+        Client(cid=i, data=[task.train[j] for j in idx], env=env) for i, idx in enumerate(parts)
+    ]
 
 
 def run_experiment(

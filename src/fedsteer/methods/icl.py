@@ -76,7 +76,8 @@ class LocalICL(Method):
 
     def client_step(self, message: RecordDict, client: Client) -> RecordDict:
         shots = int(message["config"]["shots"])
-        demos = select_demonstrations(client.data, shots, seeded_rng(self.seed, "demos", client.cid))
+        rng = seeded_rng(self.seed, "demos", client.cid)
+        demos = select_demonstrations(client.data, shots, rng)
         metrics = evaluate_prompting(client.env, client.env.task.demo_prefix(demos))
         return RecordDict({"metrics": MetricRecord({**metrics, "num_demos": len(demos)})})
 

@@ -38,6 +38,13 @@ class LayerModules:
     attention_returns_tuple: bool
     layer: nn.Module | None = None
 
+    def __repr__(self) -> str:  # module reprs are pages long; the types are what matter
+        return (
+            f"LayerModules({self.index}, attention={type(self.attention).__name__}, "
+            f"mlp={type(self.mlp).__name__}, "
+            f"attention_returns_tuple={self.attention_returns_tuple})"
+        )
+
 
 @dataclass(frozen=True)
 class _ArchSpec:

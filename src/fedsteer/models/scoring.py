@@ -87,16 +87,20 @@ class LabelScorer:
         """Log-probs `[N, C]`; `prefix` (e.g. demonstrations) precedes every query."""
         prefix_ids = self._encode(prefix, first=True) if prefix else []
         query_ids = [self._encode(q, first=not prefix) for q in queries]
+        if not query_ids:
+            return torch.empty(0, len(self.labels.ids))
         cache = self._prefix_cache(prefix_ids) if (prefix_ids and reuse_prefix) else None
+        # Batch queries of similar length together (less padding), then restore the order.
+        order = sorted(range(len(query_ids)), key=lambda i: len(query_ids[i]))
         out = []
-        for start in range(0, len(query_ids), self.batch_size):
-            batch = query_ids[start : start + self.batch_size]
+        for start in range(0, len(order), self.batch_size):
+            batch = [query_ids[i] for i in order[start : start + self.batch_size]]
             if cache is None:
                 batch = [prefix_ids + q for q in batch]
             out.append(self._score_batch(batch, cache, len(prefix_ids) if cache else 0))
-        if not out:
-            return torch.empty(0, len(self.labels.ids))
-        return torch.cat(out)
+        scores = torch.empty(len(order), len(self.labels.ids))
+        scores[torch.tensor(order)] = torch.cat(out)
+        return scores
 
     def predict(self, queries: Sequence[str], prefix: str = "") -> torch.Tensor:
         return self.score(queries, prefix).argmax(dim=-1)

@@ -1,0 +1,189 @@
+"""Baselines benchmark (issue: foundation): zero-shot, local ICL and central ICL.
+
+Default model on sst2, subj, agnews and trec (10 clients, Dirichlet alpha = 0.5, 300 test
+rows, 3 seeds), plus zero-shot and central ICL on smollm2-135m, plus the scoring cost of
+zero-shot vs ICL with and without shared-prefix reuse. Every cell goes through
+`fedsteer.experiment.run_experiment` (the CLI's path) and writes its own result.json, so
+the run resumes: finished cells are read back, not recomputed.
+
+    nohup .venv/bin/python benchmarks/baselines.py > benchmarks/results/baselines.log 2>&1 &
+
+Choices, said here so the table can be read right:
+* zero-shot is deterministic given the test rows, so it runs once per task (std 0).
+* local ICL evaluates a seeded half of the 10 clients per seed (`--local-fraction 0.5`):
+  each client scores all test rows, which is 10x the cost of one evaluation.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+from pathlib import Path
+
+from fedsteer.data import load_task
+from fedsteer.eval.record import RESULT_FILE, environment, read_result
+from fedsteer.experiment import RunConfig, run_experiment
+from fedsteer.methods import seeded_rng
+from fedsteer.methods.icl import select_demonstrations
+from fedsteer.models import DEFAULT_MODEL, load_model
+from fedsteer.models.scoring import LabelScorer
+
+RESULTS = Path(__file__).parent / "results"
+
+
+def cell(out: Path, config: RunConfig, lm, task) -> dict:
+    """Run one (model, task, method, seed) cell unless its result is already recorded."""
+    path = out / config.model / config.task / f"{config.method}-seed{config.seed}"
+    if (path / RESULT_FILE).exists():
+        return read_result(path)
+    started = time.time()
+    record = run_experiment(config, path, lm=lm, task=task)
+    print(f"{config.model} {config.task} {config.method} seed {config.seed}: "
+          f"acc {record['metrics']['accuracy']:.4f} ({time.time() - started:.0f} s)", flush=True)
+    return record
+
+
+def scoring_cost(lm, task_name: str, n: int = 96, shots: int = 4, repeats: int = 2) -> dict:
+    """Seconds per example: zero-shot, k-shot ICL with prefix reuse, and re-encoding."""
+    task = load_task(task_name)
+    queries = [task.spec.format_query(ex) for ex in task.test[:n]]
+    prefix = task.spec.demo_prefix(select_demonstrations(task.train, shots, seeded_rng(0)))
+    scorer = LabelScorer(lm, task.spec.label_words)
+    scorer.score(queries[:8])  # warm-up
+
+    def best_of(fn) -> float:
+        times = []
+        for _ in range(repeats):
+            t = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - t)
+        return min(times) / n
+
+    zero = best_of(lambda: scorer.score(queries))
+    reuse = best_of(lambda: scorer.score(queries, prefix))
+    reencode = best_of(lambda: scorer.score(queries, prefix, reuse_prefix=False))
+    return {
+        "task": task_name, "examples": n, "shots": shots,
+        "prefix_tokens": len(lm.tokenizer(prefix)["input_ids"]),
+        "zero_shot_s_per_example": zero,
+        "icl_prefix_reuse_s_per_example": reuse,
+        "icl_reencode_s_per_example": reencode,
+        "reuse_over_zero_shot": reuse / zero,
+        "reencode_over_zero_shot": reencode / zero,
+    }
+
+
+def summarize(records: list[dict]) -> dict:
+    """Mean ± std over seeds per (model, task, method); local ICL also its client spread."""
+    groups: dict[tuple, list[dict]] = {}
+    for r in records:
+        groups.setdefault((r["model"], r["task"], r["method"]), []).append(r)
+    rows = {}
+    for (model, task, method), recs in sorted(groups.items()):
+        acc = [r["metrics"]["accuracy"] for r in recs]
+        f1 = [r["metrics"]["macro_f1"] for r in recs]
+        row = {
+            "model": model, "task": task, "method": method, "seeds": len(recs),
+            "accuracy": statistics.mean(acc),
+            "accuracy_std": statistics.pstdev(acc),
+            "macro_f1": statistics.mean(f1),
+            "macro_f1_std": statistics.pstdev(f1),
+            "eval_seconds": statistics.mean(
+                r["costs"]["eval_seconds"] + r["costs"]["client_seconds"] for r in recs),
+            "bytes_up_per_round": statistics.mean(r["costs"]["bytes_up_per_round"] for r in recs),
+        }
+        clients = [c for r in recs for c in r["metrics"].get("per_client", [])]
+        if clients:
+            row["client_accuracy_std"] = statistics.pstdev(c["accuracy"] for c in clients)
+            row["client_accuracy_min"] = min(c["accuracy"] for c in clients)
+            row["client_accuracy_max"] = max(c["accuracy"] for c in clients)
+            row["clients_evaluated"] = len(clients)
+        rows[f"{model}/{task}/{method}"] = row
+    return rows
+
+
+def markdown(rows: dict, cost: dict, wall: float) -> str:
+    pct = lambda v, s: f"{100 * v:.1f} ± {100 * s:.1f}"  # noqa: E731
+    lines = ["| model | task | zero-shot | local ICL (mean client) | central ICL |",
+             "|---|---|---|---|---|"]
+    keys = sorted({(r["model"], r["task"]) for r in rows.values()})
+    for model, task in keys:
+        def get(method, model=model, task=task):
+            r = rows.get(f"{model}/{task}/{method}")
+            if r is None:
+                return "—"
+            text = pct(r["accuracy"], r["accuracy_std"])
+            if "client_accuracy_min" in r:
+                text += (f" (clients {100 * r['client_accuracy_min']:.0f}–"
+                         f"{100 * r['client_accuracy_max']:.0f})")
+            return text
+        lines.append(f"| {model} | {task} | {get('zero-shot')} | {get('local-icl')} | "
+                     f"{get('central-icl')} |")
+    lines += [
+        "",
+        f"Scoring cost on {cost['task']} ({cost['examples']} queries, {cost['shots']}-shot "
+        f"prefix of {cost['prefix_tokens']} tokens), seconds per example:",
+        "",
+        "| zero-shot | ICL, prefix reused | ICL, re-encoded | reused / zero-shot | "
+        "re-encoded / zero-shot |",
+        "|---|---|---|---|---|",
+        f"| {cost['zero_shot_s_per_example']:.3f} | {cost['icl_prefix_reuse_s_per_example']:.3f} "
+        f"| {cost['icl_reencode_s_per_example']:.3f} | {cost['reuse_over_zero_shot']:.2f}× | "
+        f"{cost['reencode_over_zero_shot']:.2f}× |",
+        "",
+        f"Total wall time: {wall / 60:.1f} min.",
+    ]
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--tasks", nargs="+", default=["sst2", "subj", "agnews", "trec"])
+    parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
+    parser.add_argument("--test-size", type=int, default=300)
+    parser.add_argument("--clients", type=int, default=10)
+    parser.add_argument("--alpha", type=float, default=0.5)
+    parser.add_argument("--local-fraction", type=float, default=0.5)
+    parser.add_argument("--small-model", default="smollm2-135m")
+    parser.add_argument("--out", type=Path, default=RESULTS / "baselines")
+    args = parser.parse_args()
+    started = time.time()
+
+    lm = load_model(DEFAULT_MODEL)
+    cost = scoring_cost(lm, "sst2")
+    print("scoring cost:", json.dumps(cost), flush=True)
+
+    common = dict(clients=args.clients, alpha=args.alpha, test_size=args.test_size)
+    records = []
+    for task_name in args.tasks:
+        task = load_task(task_name)
+        records.append(cell(args.out, RunConfig("zero-shot", task_name, DEFAULT_MODEL, **common),
+                            lm, task))
+        for seed in args.seeds:
+            records.append(cell(args.out, RunConfig("central-icl", task_name, DEFAULT_MODEL,
+                                                    seed=seed, **common), lm, task))
+            records.append(cell(args.out, RunConfig("local-icl", task_name, DEFAULT_MODEL,
+                                                    seed=seed, fraction=args.local_fraction,
+                                                    **common), lm, task))
+    del lm
+    small = load_model(args.small_model)
+    task = load_task("sst2")
+    records.append(cell(args.out, RunConfig("zero-shot", "sst2", args.small_model, **common),
+                        small, task))
+    for seed in args.seeds:
+        records.append(cell(args.out, RunConfig("central-icl", "sst2", args.small_model,
+                                                seed=seed, **common), small, task))
+
+    rows = summarize(records)
+    wall = time.time() - started
+    summary = {"rows": rows, "scoring_cost": cost, "wall_seconds": wall, "env": environment(),
+               "settings": vars(args) | {"out": str(args.out)}}
+    (RESULTS / "baselines.json").write_text(json.dumps(summary, indent=2))
+    (RESULTS / "baselines.md").write_text(markdown(rows, cost, wall))
+    print(markdown(rows, cost, wall))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,76 @@
+"""The CLI end to end on the tiny random model: run, resume, tasks, partition."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from typer.testing import CliRunner
+
+from fedsteer.cli import app
+from fedsteer.eval.record import REQUIRED_KEYS
+
+runner = CliRunner()
+
+
+@pytest.fixture(autouse=True)
+def _skip_without_data():
+    from fedsteer.settings import data_dir
+
+    try:
+        data_dir()
+    except FileNotFoundError:
+        pytest.skip("no task data directory")
+
+
+def invoke(*args):
+    result = runner.invoke(app, list(args), catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    return result.output
+
+
+def test_run_three_baselines_writes_records_table_and_plot(tmp_path, tiny_lm):
+    out = tmp_path / "run"
+    output = invoke("run", "zero-shot", "local-icl", "central-icl", "--model", "tiny-random",
+                    "--task", "sst2", "--clients", "4", "--test-size", "12", "--out", str(out))
+    for method in ("zero-shot", "local-icl", "central-icl"):
+        assert method in output
+        record = json.loads((out / method / "result.json").read_text())
+        assert set(REQUIRED_KEYS) <= set(record)
+        assert 0.0 <= record["metrics"]["accuracy"] <= 1.0
+        assert record["metrics"]["num_test"] == 12
+        assert {"bytes_up", "bytes_down", "client_seconds", "server_seconds",
+                "peak_rss_bytes", "rounds"} <= set(record["costs"])
+    local = json.loads((out / "local-icl" / "result.json").read_text())
+    assert len(local["metrics"]["per_client"]) == 4
+    assert local["metrics"]["num_clients"] == 4
+    assert (out / "comparison.png").stat().st_size > 10_000
+
+
+def test_resume_skips_finished_methods(tmp_path, tiny_lm):
+    out = tmp_path / "run"
+    invoke("run", "zero-shot", "central-icl", "--model", "tiny-random", "--test-size", "8",
+           "--out", str(out))
+    first = (out / "zero-shot" / "result.json").read_text()
+    (out / "central-icl" / "result.json").unlink()  # as if killed before it finished
+    invoke("run", "--resume", str(out))
+    assert (out / "zero-shot" / "result.json").read_text() == first
+    assert (out / "central-icl" / "result.json").exists()
+
+
+def test_unknown_method_is_a_clear_error():
+    result = runner.invoke(app, ["run", "no-such-method", "--model", "tiny-random"])
+    assert result.exit_code != 0
+    assert "no-such-method" in result.output
+
+
+def test_tasks_lists_builtin_tasks():
+    output = invoke("tasks")
+    for name in ("sst2", "agnews", "trec", "rte"):
+        assert name in output
+
+
+def test_partition_prints_label_counts():
+    output = invoke("partition", "--task", "sst2", "--clients", "5", "--alpha", "0.5")
+    assert "negative" in output and "positive" in output
+    assert output.count("│") > 10
