@@ -73,4 +73,18 @@ def test_tasks_lists_builtin_tasks():
 def test_partition_prints_label_counts():
     output = invoke("partition", "--task", "sst2", "--clients", "5", "--alpha", "0.5")
     assert "negative" in output and "positive" in output
-    assert output.count("│") > 10
+    rows = [line.split("│") for line in output.splitlines() if line.startswith("│")]
+    assert [int(r[1]) for r in rows] == [0, 1, 2, 3, 4]
+    assert sum(int(r[4]) for r in rows) == 6920  # every sst2 training row, exactly once
+
+
+def test_bad_user_task_is_a_clear_error_not_a_traceback(tmp_path):
+    (tmp_path / "train.jsonl").write_text('{"text": "fine", "label": "good"}\n'
+                                          '{"text": "", "label": "bad"}\n')
+    (tmp_path / "task.toml").write_text('name = "t"\nlabels = ["good", "bad"]\n'
+                                        'train = "train.jsonl"\ntest = "train.jsonl"\n')
+    result = runner.invoke(app, ["run", "zero-shot", "--model", "tiny-random", "--task",
+                                 str(tmp_path / "task.toml"), "--out", str(tmp_path / "o")])
+    assert result.exit_code == 2
+    assert "train.jsonl" in result.output and "line 2" in result.output
+    assert "Traceback" not in result.output

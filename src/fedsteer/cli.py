@@ -5,6 +5,8 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Annotated
 
@@ -14,14 +16,24 @@ from rich.logging import RichHandler
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from fedsteer.data import builtin_task_names, label_counts, load_task, partition
+from fedsteer.data import DataError, builtin_task_names, label_counts, load_task, partition
 from fedsteer.eval.plots import plot_comparison
 from fedsteer.eval.record import RESULT_FILE, read_result
 from fedsteer.eval.report import comparison_table
 from fedsteer.experiment import RunConfig, default_run_dir, run_experiment
 from fedsteer.federation.checkpoint import atomic_write_json
+from fedsteer.federation.inprocess import CheckpointMismatch
 from fedsteer.methods import METHODS
-from fedsteer.models import DEFAULT_MODEL, list_models, load_model, model_status
+from fedsteer.models import (
+    DEFAULT_MODEL,
+    ModelNotInstalledError,
+    UnknownArchitectureError,
+    UnknownModelError,
+    list_models,
+    load_model,
+    model_status,
+)
+from fedsteer.models.scoring import LabelWordError
 
 app = typer.Typer(
     help="Steer a frozen LLM with federated data: run methods, compare accuracy and cost.",
@@ -38,6 +50,22 @@ def _setup_logging(verbose: bool) -> None:
     )
     for noisy in ("transformers", "flwr", "httpx", "matplotlib"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+#: Errors a user can fix from the message alone: printed plainly, no traceback.
+USER_ERRORS = (
+    DataError, ModelNotInstalledError, UnknownModelError, UnknownArchitectureError,
+    LabelWordError, CheckpointMismatch, FileNotFoundError, ValueError,
+)
+
+
+@contextmanager
+def _user_errors() -> Iterator[None]:
+    try:
+        yield
+    except USER_ERRORS as error:
+        console.print(f"[bold red]error:[/] {error}")
+        raise typer.Exit(code=2) from error
 
 
 def _progress() -> Progress:
@@ -85,7 +113,8 @@ def run(
         ]
         out = out or default_run_dir(configs[0])
         atomic_write_json(out / RUN_CONFIG_FILE, [dataclasses.asdict(c) for c in configs])
-    records = _run_all(configs, out, resume=resume is not None)
+    with _user_errors():
+        records = _run_all(configs, out, resume=resume is not None)
     _show(records, out, title=f"{configs[0].task} · {configs[0].model}")
 
 
@@ -148,10 +177,11 @@ def partition_cmd(
     min_per_client: int = 2,
 ) -> None:
     """Print how a task's training data would be split over clients (label counts)."""
-    t = load_task(task)
-    labels = [ex.label for ex in t.train]
-    parts = partition(labels, clients, scheme, alpha=alpha, seed=seed,
-                      min_per_client=min_per_client)
+    with _user_errors():
+        t = load_task(task)
+        labels = [ex.label for ex in t.train]
+        parts = partition(labels, clients, scheme, alpha=alpha, seed=seed,
+                          min_per_client=min_per_client)
     counts = label_counts(labels, parts, len(t.spec.labels))
     table = Table("client", *t.spec.labels, "total",
                   title=f"{task}: {clients} clients, {scheme}"

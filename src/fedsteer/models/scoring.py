@@ -105,6 +105,17 @@ class LabelScorer:
     def predict(self, queries: Sequence[str], prefix: str = "") -> torch.Tensor:
         return self.score(queries, prefix).argmax(dim=-1)
 
+    def logprobs(self, queries: Sequence[str]) -> torch.Tensor:
+        """Full-vocabulary log-probs `[N, V]` at each query's answer position, as one batch.
+
+        The differentiable path (no `no_grad`, no prefix cache): calibration backpropagates
+        through it to steering coefficients in forward hooks. Same padding and positions as
+        `score`, so `logprobs(q)[:, labels.first]` equals `score(q)` for first-token scoring.
+        """
+        ids, mask = self._left_pad([self._encode(q, first=True) for q in queries])
+        logits = self._forward(ids, mask, None, 0, keep=1).logits[:, -1]
+        return logits.float().log_softmax(-1)
+
     # ---------------------------------------------------------------- helpers
     def _encode(self, text: str, first: bool) -> list[int]:
         """Special tokens (a BOS) only at the very start of the whole prompt."""

@@ -1,0 +1,352 @@
+"""IFed-ICL: implicit federated in-context learning (arXiv 2511.06757), built on I2CL.
+
+Demonstrations never leave their client, and neither does text: clients send the frozen
+model's *activations* on them, then a handful of injection coefficients.
+
+    round 0, "extract"     client: mean over its demos of each layer's attention / MLP
+                                   output at the demo's last token -> attn, mlp [L, d]
+                           server: v = mean_k v_k (uniform, the paper; or by |D_k|)
+    rounds 1..R, "calibrate"
+                           server -> client: coefficients [4, L] (+ v, in round 1 only)
+                           client: inject `out <- beta*out + lam*v` at every query token,
+                                   train only the coefficients on its own labelled
+                                   zero-shot queries (AdamW, warmup + cosine, noise)
+                           server: FedAvg of the coefficients weighted by |D_k|
+    evaluate               zero-shot test queries, scored with v and the coefficients injected
+
+Choices, and where they come from (I2CL = github LzVv123456/I2CL, configs/config_i2cl.py and
+wrapper.py; METHODS.md §1 summarises the IFed-ICL paper):
+
+* demos: `demos_per_class=5` per label the client holds (I2CL `shot_per_class=5`), picked
+  round-robin over its labels with `select_demonstrations`. Each demo is run *alone*
+  (I2CL `split_demon=True`) as `format_demo(ex) + demo_separator` (I2CL appends its example
+  separator too, METHODS.md says the same), so the last token is the separator: the position
+  where in-context the model would next read a query (I2CL `tok_pos='last'`). Vectors are
+  the plain mean over demos (I2CL `post_fuse_method='mean'`).
+* calibration: I2CL calibrates on the very demonstrations the vectors came from; so do we by
+  default (`calibration_per_class=5`, drawn with the same seeded generator as the demos,
+  hence the same examples when both counts agree). More is allowed.
+* optimisation: AdamW lr 1e-2, weight decay 1e-3, batch 2, noise 0.001 (I2CL, paper);
+  I2CL's schedule: linear warmup over 5% of the steps, then cosine to 0, here over each
+  client's local steps of a round (the optimizer restarts each round: FedAvg sends
+  coefficients only, never optimizer state). I2CL runs 100 epochs centrally; our default
+  `rounds=10` x `local_epochs=10` keeps that total. The paper's own round / epoch counts
+  were not reachable from the material we could read: these two are ours.
+* loss: cross-entropy of the gold label word's *first token* over the full vocabulary, as
+  I2CL's `F.cross_entropy(pred_logits, gt_label)` does (no renormalisation over label words).
+* noise: `N(0,1) * 0.001 * ||out||` per token, added after injection, calibration only
+  (I2CL `add_noise`, `noise_scale`).
+* init: lam = 0.1, beta = 1.0 for all 4L coefficients (I2CL `init_value=[0.1, 1.0]`).
+* `shots` (which RunConfig always passes) is accepted and ignored: the vectors' demo count
+  is `demos_per_class`, fixed by I2CL, not the ICL baselines' `shots`.
+
+Randomness (demo choice, batch order, noise) is seeded by (seed, round, cid), so a resumed
+run repeats the same numbers. The vectors reach clients once; clients keep them in their
+persistent state. A client not sampled in round 1 therefore cannot calibrate later (it
+raises `MissingContextVectors`, the runtime rejects it): use `fraction=1` for this method.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, ClassVar
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from flwr.app import Array, ArrayRecord, ConfigRecord, MetricRecord, RecordDict
+from flwr.server.strategy.aggregate import aggregate
+
+from fedsteer.data import Example
+from fedsteer.methods.base import Client, Environment, Method, Reply, seeded_rng
+from fedsteer.methods.icl import evaluate_prompting, select_demonstrations
+from fedsteer.models.hooks import COEF_ROWS, capture, initial_coefficients, inject
+
+__all__ = [
+    "CentralI2CL",
+    "IFedICL",
+    "MissingContextVectors",
+    "SteeringArtifact",
+    "load_steering",
+    "save_steering",
+]
+
+EXTRACT, CALIBRATE = "extract", "calibrate"
+STEERING_TENSORS, STEERING_CONFIG = "steering.safetensors", "steering.json"
+
+
+class MissingContextVectors(RuntimeError):
+    """A client was asked to calibrate before it ever received the global context vectors."""
+
+
+# --------------------------------------------------------------------------- records
+def _record(**arrays: np.ndarray | torch.Tensor) -> ArrayRecord:
+    """float32 arrays, the wire format of both phases (2·L·d, then 4·L numbers)."""
+    return ArrayRecord({k: Array(_float32(v)) for k, v in arrays.items()})
+
+
+def _float32(value: np.ndarray | torch.Tensor) -> np.ndarray:
+    if torch.is_tensor(value):
+        value = value.detach().cpu().float().numpy()
+    return np.ascontiguousarray(value, dtype=np.float32)
+
+
+def _tensors(record: ArrayRecord, *names: str) -> list[torch.Tensor]:
+    return [torch.from_numpy(record[n].numpy().copy()) for n in names]
+
+
+def _config(message: RecordDict) -> ConfigRecord:
+    return message["config"]
+
+
+# --------------------------------------------------------------------------- method
+@dataclass
+class IFedICL(Method):
+    """Context vectors once, then federated calibration of their 4L injection strengths."""
+
+    name = "ifed-icl"
+    # Replies of the two phases differ by orders of magnitude (activations of model-dependent
+    # scale, then ~4L numbers near 0.1 and 1); one class-wide bound would either reject honest
+    # vectors or never bind on coefficients. Shapes and NaN/Inf are still checked; a run can
+    # set RuntimeConfig.max_reply_norm when it knows its model.
+    max_reply_norm: ClassVar[float | None] = None
+
+    demos_per_class: int = 5
+    calibration_per_class: int = 5
+    local_epochs: int = 10
+    rounds: int = 10
+    batch_size: int = 2
+    lr: float = 1e-2
+    weight_decay: float = 1e-3
+    warmup: float = 0.05
+    noise: float = 0.001
+    init_lambda: float = 0.1
+    init_beta: float = 1.0
+    weighting: str = "uniform"
+    seed: int = 0
+    shots: int | None = None  # accepted from RunConfig, unused (see the module docstring)
+
+    def __post_init__(self) -> None:
+        if self.weighting not in ("uniform", "size"):
+            raise ValueError(f"weighting must be 'uniform' or 'size', got {self.weighting!r}")
+        if min(self.demos_per_class, self.calibration_per_class, self.batch_size) < 1:
+            raise ValueError("demos_per_class, calibration_per_class and batch_size must be >= 1")
+        if self.rounds < 0 or self.local_epochs < 1:
+            raise ValueError("rounds must be >= 0 and local_epochs >= 1")
+
+    # ---------------------------------------------------------------- server
+    def initial_state(self, env: Environment) -> RecordDict:
+        dims = {"num_layers": env.lm.num_layers, "hidden_size": env.lm.hidden_size}
+        coef = initial_coefficients(dims["num_layers"], self.init_lambda, self.init_beta)
+        return RecordDict({"dims": ConfigRecord(dims), "coef": _record(coef=coef)})
+
+    def configure_round(self, rnd: int, state: RecordDict) -> RecordDict | None:
+        if rnd == 0:
+            return RecordDict({"config": ConfigRecord({"phase": EXTRACT, "round": 0,
+                                                       **dict(state["dims"])})})
+        if rnd > self.rounds:
+            return None
+        message = RecordDict({
+            "config": ConfigRecord({"phase": CALIBRATE, "round": rnd}),
+            "coef": state["coef"],
+        })
+        if rnd == 1:  # the 2·L·d vectors travel down once; clients keep them
+            message["vectors"] = state["vectors"]
+        return message
+
+    def reply_shapes(self, message: RecordDict) -> dict[str, tuple[int, ...]]:
+        config = _config(message)
+        if config["phase"] == EXTRACT:
+            shape = (int(config["num_layers"]), int(config["hidden_size"]))
+            return {"vectors.attn": shape, "vectors.mlp": shape}
+        return {"coef.coef": tuple(message["coef"]["coef"].shape)}
+
+    def aggregate(self, rnd: int, state: RecordDict, replies: Sequence[Reply]) -> RecordDict:
+        if rnd == 0:
+            uniform = self.weighting == "uniform"
+            attn, mlp = self._mean(replies, "vectors", ("attn", "mlp"), uniform)
+            state["vectors"] = _record(attn=attn, mlp=mlp)
+            return state
+        (coef,) = self._mean(replies, "coef", ("coef",), uniform=False)
+        state["coef"] = _record(coef=coef)
+        losses = [float(r.content["metrics"]["loss"]) for r in replies]
+        history = list(state["train"]["loss"]) if "train" in state else []
+        state["train"] = MetricRecord({"loss": [*history, float(np.mean(losses))]})
+        return state
+
+    @staticmethod
+    def _mean(replies: Sequence[Reply], record: str, names: Sequence[str], uniform: bool):
+        """Flower's weighted mean (weights 1 for the paper's unweighted vector average)."""
+        pairs = [
+            ([r.content[record][n].numpy() for n in names], 1 if uniform else r.num_examples)
+            for r in replies
+        ]
+        return [np.asarray(a, dtype=np.float32) for a in aggregate(pairs)]
+
+    # ---------------------------------------------------------------- client
+    def client_step(self, message: RecordDict, client: Client) -> RecordDict:
+        config = _config(message)
+        if config["phase"] == EXTRACT:
+            attn, mlp = self.extract(client)
+            return RecordDict({"vectors": _record(attn=attn, mlp=mlp)})
+        if "vectors" in message:
+            client.state["vectors"] = _record(**{
+                n: message["vectors"][n].numpy() for n in ("attn", "mlp")
+            })
+        if "vectors" not in client.state:
+            raise MissingContextVectors(
+                f"client {client.cid} has no context vectors: they are sent only in round 1, "
+                "which it missed; run ifed-icl with fraction=1"
+            )
+        attn, mlp = _tensors(client.state["vectors"], "attn", "mlp")
+        (coef,) = _tensors(message["coef"], "coef")
+        coef, loss = self.calibrate(client, attn, mlp, coef, int(config["round"]))
+        return RecordDict({"coef": _record(coef=coef), "metrics": MetricRecord({"loss": loss})})
+
+    def demonstrations(self, client: Client, per_class: int) -> list[Example]:
+        """Seeded by (seed, cid) alone: the same demos whichever round asks."""
+        if not client.data:
+            raise ValueError(f"client {client.cid} holds no examples")
+        shots = per_class * len(client.env.task.labels)
+        return select_demonstrations(client.data, shots, seeded_rng(self.seed, "demos", client.cid))
+
+    @torch.no_grad()
+    def extract(self, client: Client) -> tuple[torch.Tensor, torch.Tensor]:
+        """Mean over the client's demos of each layer's attn / MLP output at the last token."""
+        env, spec = client.env, client.env.task
+        texts = [spec.format_demo(ex) + spec.demo_separator
+                 for ex in self.demonstrations(client, self.demos_per_class)]
+        scorer, total_attn, total_mlp = env.scorer(), 0.0, 0.0
+        with capture(env.lm) as acts:
+            for start in range(0, len(texts), env.batch_size):
+                scorer.logprobs(texts[start : start + env.batch_size])  # left-padded: -1 is last
+                total_attn = total_attn + torch.stack([a[:, -1] for a in acts.attn], 1).sum(0)
+                total_mlp = total_mlp + torch.stack([m[:, -1] for m in acts.mlp], 1).sum(0)
+        return (total_attn / len(texts)).float(), (total_mlp / len(texts)).float()
+
+    def calibrate(
+        self, client: Client, attn: torch.Tensor, mlp: torch.Tensor, coef: torch.Tensor, rnd: int
+    ) -> tuple[torch.Tensor, float]:
+        """Train only the coefficients on the client's zero-shot queries, vectors injected."""
+        env = client.env
+        examples = self.demonstrations(client, self.calibration_per_class)
+        queries = [env.task.format_query(ex) for ex in examples]
+        scorer = env.scorer()
+        targets = torch.tensor([scorer.labels.first[ex.label] for ex in examples])
+        coef = torch.nn.Parameter(coef.float().clone())
+        steps = self.local_epochs * math.ceil(len(queries) / self.batch_size)
+        optimizer = torch.optim.AdamW([coef], lr=self.lr, weight_decay=self.weight_decay)
+        schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, _warmup_cosine(steps, self.warmup))
+        order_rng = seeded_rng(self.seed, "batches", rnd, client.cid)
+        noise = torch.Generator().manual_seed(
+            int(seeded_rng(self.seed, "noise", rnd, client.cid).integers(2**62))
+        )
+        dtype = next(env.lm.model.parameters()).dtype
+        attn, mlp, losses = attn.to(dtype), mlp.to(dtype), []
+        with torch.enable_grad(), inject(env.lm, attn, mlp, coef, noise=self.noise,
+                                         generator=noise):
+            for _ in range(self.local_epochs):
+                order = order_rng.permutation(len(queries))
+                for start in range(0, len(order), self.batch_size):
+                    idx = order[start : start + self.batch_size].tolist()
+                    logp = scorer.logprobs([queries[i] for i in idx])
+                    loss = F.nll_loss(logp, targets[idx])  # CE over the full vocabulary
+                    optimizer.zero_grad()
+                    loss.backward()
+                    optimizer.step()
+                    schedule.step()
+                    losses.append(loss.item())
+        return coef.detach(), float(np.mean(losses[-math.ceil(len(queries) / self.batch_size):]))
+
+    # ------------------------------------------------------------- evaluation
+    def evaluate(self, state: RecordDict, env: Environment) -> dict[str, Any]:
+        attn, mlp, coef = steering_tensors(state)
+        dtype = next(env.lm.model.parameters()).dtype
+        with torch.no_grad(), inject(env.lm, attn.to(dtype), mlp.to(dtype), coef):
+            metrics = evaluate_prompting(env)
+        means = {f"{row}_mean": float(coef[i].mean()) for i, row in enumerate(COEF_ROWS)}
+        return {**metrics, **means}
+
+
+@dataclass
+class CentralI2CL(IFedICL):
+    """I2CL itself: the same steps run by one client holding the pooled data."""
+
+    name = "central-i2cl"
+    centralized = True
+
+
+def _warmup_cosine(total: int, warmup: float):
+    """I2CL's schedule: linear warmup over `warmup` of the steps, then cosine down to 0."""
+    warm = int(warmup * total)
+
+    def factor(step: int) -> float:
+        if step < warm:
+            return (step + 1) / (warm + 1)
+        return 0.5 * (1 + math.cos(math.pi * (step - warm) / max(1, total - warm)))
+
+    return factor
+
+
+# --------------------------------------------------------------------------- artifacts
+def steering_tensors(state: RecordDict) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """`attn`, `mlp` `[L, d]` and `coef` `[4, L]` from a finished run's server state."""
+    if "vectors" not in state:
+        raise RuntimeError("no context vectors in the state: round 0 (extract) never completed")
+    attn, mlp = _tensors(state["vectors"], "attn", "mlp")
+    (coef,) = _tensors(state["coef"], "coef")
+    return attn, mlp, coef
+
+
+@dataclass
+class SteeringArtifact:
+    """Saved steering: what `fedsteer.models.hooks.inject` needs, plus where it came from."""
+
+    attn: torch.Tensor
+    mlp: torch.Tensor
+    coef: torch.Tensor
+    config: dict[str, Any]
+
+
+def save_steering(state: RecordDict, directory: Path, model_name: str, task_name: str) -> Path:
+    """Write `steering.safetensors` (attn, mlp, coef) and `steering.json` (provenance)."""
+    from safetensors.torch import save_file
+
+    import fedsteer
+
+    attn, mlp, coef = steering_tensors(state)
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    save_file({"attn": attn, "mlp": mlp, "coef": coef}, str(directory / STEERING_TENSORS))
+    config = {
+        "fedsteer_version": fedsteer.__version__, "model": model_name, "task": task_name,
+        "num_layers": int(attn.shape[0]), "hidden_size": int(attn.shape[1]),
+        "coef_rows": list(COEF_ROWS), "injection": "out <- beta*out + lam*v, every token",
+    }
+    (directory / STEERING_CONFIG).write_text(json.dumps(config, indent=2) + "\n")
+    return directory
+
+
+def load_steering(directory: Path) -> SteeringArtifact:
+    """Read what `save_steering` wrote, checking every tensor against the JSON config."""
+    from safetensors.torch import load_file
+
+    directory = Path(directory)
+    config_path, tensor_path = directory / STEERING_CONFIG, directory / STEERING_TENSORS
+    for path in (config_path, tensor_path):
+        if not path.exists():
+            raise FileNotFoundError(f"steering artifact incomplete: {path} is missing")
+    config = json.loads(config_path.read_text())
+    tensors = load_file(str(tensor_path))
+    layers, width = int(config["num_layers"]), int(config["hidden_size"])
+    expected = {"attn": (layers, width), "mlp": (layers, width), "coef": (len(COEF_ROWS), layers)}
+    for key, shape in expected.items():
+        got = tuple(tensors[key].shape) if key in tensors else None
+        if got != shape:
+            raise ValueError(f"{tensor_path}: tensor {key!r} has shape {got}, expected {shape} "
+                             f"(from {config_path})")
+    return SteeringArtifact(tensors["attn"], tensors["mlp"], tensors["coef"], config)
