@@ -11,13 +11,15 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
+from fedsteer.eval.report import human_bytes  # noqa: E402
+
 
 def plot_comparison(records: Sequence[dict[str, Any]], path: Path, title: str = "") -> Path:
     """Left: accuracy per method (per-client dots where clients evaluated on their own).
     Right: bytes uploaded per round (log scale): what each point of accuracy costs."""
     names = [r["method"] for r in records]
     accuracy = [100 * r["metrics"]["accuracy"] for r in records]
-    upload = [max(r["costs"]["bytes_up_per_round"], 1) for r in records]
+    upload = [r["costs"]["bytes_up_per_round"] for r in records]
     fig, (left, right) = plt.subplots(1, 2, figsize=(10, 4))
     bars = left.bar(names, accuracy, color="#4C72B0", alpha=0.85)
     for i, rec in enumerate(records):
@@ -28,8 +30,10 @@ def plot_comparison(records: Sequence[dict[str, Any]], path: Path, title: str = 
     left.set_ylabel("accuracy (%)")
     left.set_ylim(0, 100)
     left.set_title("accuracy")
-    right.bar(names, upload, color="#DD8452")
+    sent = right.bar(names, [max(u, 1) for u in upload], color="#DD8452")
+    right.bar_label(sent, labels=[human_bytes(u) if u else "nothing" for u in upload])
     right.set_yscale("log")
+    right.set_ylim(1, max([*upload, 10]) * 20)
     right.set_ylabel("bytes up per round")
     right.set_title("communication")
     for axis in (left, right):
