@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 import pytest
+import yaml
 from typer.testing import CliRunner
 
 from fedsteer.cli import app
@@ -88,3 +89,19 @@ def test_bad_user_task_is_a_clear_error_not_a_traceback(tmp_path):
     assert result.exit_code == 2
     assert "train.jsonl" in result.output and "line 2" in result.output
     assert "Traceback" not in result.output
+
+
+def test_own_task_from_flags_is_written_as_a_spec(tmp_path, tiny_lm):
+    rows = [{"text": f"invoice {i} overdue", "label": "billing"} for i in range(4)]
+    rows += [{"text": f"app crash {i}", "label": "bug"} for i in range(4)]
+    data = tmp_path / "tickets.jsonl"
+    data.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    out = tmp_path / "run"
+    invoke("run", "zero-shot", "--model", "tiny-random", "--clients", "2", "--train", str(data),
+           "--test",
+           str(data), "--labels", "billing,bug", "--template", "Ticket: {text}\\nCategory:",
+           "--out", str(out))
+    record = json.loads((out / "result.json").read_text())
+    assert record["task"] == "tickets" and record["metrics"]["num_test"] == 8
+    spec = yaml.safe_load((out / "task.yaml").read_text())
+    assert spec["template"] == "Ticket: {text}\nCategory:"  # "\\n" on the command line

@@ -11,12 +11,20 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
+import yaml
 from rich.console import Console
 from rich.logging import RichHandler
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from fedsteer.data import DataError, builtin_task_names, label_counts, load_task, partition
+from fedsteer.data import (
+    DataError,
+    builtin_task_names,
+    label_counts,
+    load_task,
+    partition,
+    task_from_spec,
+)
 from fedsteer.eval.plots import plot_comparison
 from fedsteer.eval.record import RESULT_FILE, read_result
 from fedsteer.eval.report import comparison_table
@@ -79,7 +87,8 @@ def _progress() -> Progress:
 def run(
     methods: Annotated[list[str], typer.Argument(help=f"one or more of: {', '.join(METHODS)}")]
     = None,  # type: ignore[assignment]
-    task: Annotated[str, typer.Option(help="built-in task name or a task spec file")] = "sst2",
+    task: Annotated[str | None, typer.Option(
+        help="built-in task name or a task spec file [default: sst2]")] = None,
     model: Annotated[str, typer.Option(help="registry name, local dir or HF id")] = DEFAULT_MODEL,
     clients: int = 10,
     alpha: Annotated[float, typer.Option(help="Dirichlet concentration over labels")] = 0.5,
@@ -90,6 +99,15 @@ def run(
     test_size: Annotated[int, typer.Option(help="test rows scored (0: all)")] = 300,
     shots: Annotated[int, typer.Option(help="demonstrations for ICL methods")] = 4,
     batch_size: int = 16,
+    train: Annotated[Path | None, typer.Option(help="your own task: training JSONL/CSV")]
+    = None,
+    test: Annotated[Path | None, typer.Option(help="your own task: test JSONL/CSV")] = None,
+    labels: Annotated[str | None, typer.Option(help="your own task: label names, a,b,c")]
+    = None,
+    label_words: Annotated[str | None, typer.Option(help="label words, comma-separated")]
+    = None,
+    template: Annotated[str | None, typer.Option(help=r"e.g. 'Ticket: {text}\nCategory:'")]
+    = None,
     out: Annotated[Path | None, typer.Option(help="run directory")] = None,
     resume: Annotated[Path | None, typer.Option(help="continue the run in this directory")]
     = None,
@@ -105,6 +123,10 @@ def run(
         unknown = [m for m in methods if m not in METHODS]
         if unknown:
             raise typer.BadParameter(f"unknown {unknown}; known: {', '.join(METHODS)}")
+        if train is not None:
+            out = out or default_run_dir(RunConfig(method=methods[0], task=train.stem))
+            task = str(_write_task_spec(out, task, train, test, labels, label_words, template))
+        task = task or "sst2"
         configs = [
             RunConfig(method=m, task=task, model=model, clients=clients, alpha=alpha,
                       partition=partition_scheme, rounds=rounds, fraction=fraction, seed=seed,
@@ -116,6 +138,24 @@ def run(
     with _user_errors():
         records = _run_all(configs, out, resume=resume is not None)
     _show(records, out, title=f"{configs[0].task} · {configs[0].model}")
+
+
+def _write_task_spec(out, name, train, test, labels, label_words, template) -> Path:
+    """Flags become a spec file in the run directory, so the run stays rerunnable."""
+    if test is None or labels is None:
+        raise typer.BadParameter("--train needs --test and --labels too")
+    spec = {"name": name or train.stem, "labels": labels.split(","),
+            "train": str(train.resolve()), "test": str(test.resolve())}
+    if label_words:
+        spec["label_words"] = label_words.split(",")
+    if template:
+        spec["template"] = template.encode().decode("unicode_escape")  # let "\n" mean newline
+    path = out / "task.yaml"
+    with _user_errors():
+        task_from_spec(spec, path)  # validate before anything runs
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(yaml.safe_dump(spec, sort_keys=False))
+    return path
 
 
 def _load_run_configs(run_dir: Path) -> list[RunConfig]:

@@ -4,7 +4,7 @@ from fedsteer.data.errors import DataError
 from fedsteer.data.loading import load_examples
 from fedsteer.data.partition import label_counts, partition
 from fedsteer.data.schema import Example, Task, TaskSpec
-from fedsteer.data.tasks import BUILTIN_SPECS, builtin_task_names, load_task
+from fedsteer.data.tasks import BUILTIN_SPECS, builtin_task_names, load_task, task_from_spec
 
 __all__ = [
     "BUILTIN_SPECS",
@@ -17,4 +17,5 @@ __all__ = [
     "load_examples",
     "load_task",
     "partition",
+    "task_from_spec",
 ]

@@ -166,7 +166,13 @@ def _spec_template(spec: dict[str, Any], path: Path) -> str:
 
 
 def _load_spec_file(path: Path, max_chars: int) -> Task:
-    raw = _read_spec(path)
+    return task_from_spec(_read_spec(path), path, max_chars)
+
+
+def task_from_spec(raw: dict[str, Any], path: Path, max_chars: int = 2000) -> Task:
+    """A user's task from spec keys (as in a spec file); data paths are relative to
+    `path`'s folder, and `path` is what errors name (the spec file, or where flags came from).
+    """
     _check_keys(raw, path)
     labels = tuple(raw["labels"])
     words = tuple(raw.get("label_words") or (" " + label for label in labels))
