@@ -59,9 +59,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from flwr.app import Array, ArrayRecord, ConfigRecord, MetricRecord, RecordDict
-from flwr.server.strategy.aggregate import aggregate
 
 from fedsteer.data import Example
+from fedsteer.methods.aggregation import aggregate_arrays
 from fedsteer.methods.base import Client, Environment, Method, Reply, seeded_rng
 from fedsteer.methods.icl import evaluate_prompting, select_demonstrations
 from fedsteer.models.hooks import COEF_ROWS, capture, initial_coefficients, inject
@@ -166,26 +166,16 @@ class IFedICL(Method):
         return {"coef.coef": tuple(message["coef"]["coef"].shape)}
 
     def aggregate(self, rnd: int, state: RecordDict, replies: Sequence[Reply]) -> RecordDict:
-        if rnd == 0:
-            uniform = self.weighting == "uniform"
-            attn, mlp = self._mean(replies, "vectors", ("attn", "mlp"), uniform)
-            state["vectors"] = _record(attn=attn, mlp=mlp)
+        if rnd == 0:  # the paper's unweighted mean of the vectors, or FedAvg by |D_k|
+            state["vectors"] = aggregate_arrays(
+                replies, "vectors", weighted=self.weighting == "size"
+            )
             return state
-        (coef,) = self._mean(replies, "coef", ("coef",), uniform=False)
-        state["coef"] = _record(coef=coef)
+        state["coef"] = aggregate_arrays(replies, "coef", weighted=True)
         losses = [float(r.content["metrics"]["loss"]) for r in replies]
         history = list(state["train"]["loss"]) if "train" in state else []
         state["train"] = MetricRecord({"loss": [*history, float(np.mean(losses))]})
         return state
-
-    @staticmethod
-    def _mean(replies: Sequence[Reply], record: str, names: Sequence[str], uniform: bool):
-        """Flower's weighted mean (weights 1 for the paper's unweighted vector average)."""
-        pairs = [
-            ([r.content[record][n].numpy() for n in names], 1 if uniform else r.num_examples)
-            for r in replies
-        ]
-        return [np.asarray(a, dtype=np.float32) for a in aggregate(pairs)]
 
     # ---------------------------------------------------------------- client
     def client_step(self, message: RecordDict, client: Client) -> RecordDict:
