@@ -105,3 +105,23 @@ def test_own_task_from_flags_is_written_as_a_spec(tmp_path, tiny_lm):
     assert record["task"] == "tickets" and record["metrics"]["num_test"] == 8
     spec = yaml.safe_load((out / "task.yaml").read_text())
     assert spec["template"] == "Ticket: {text}\nCategory:"  # "\\n" on the command line
+
+
+def test_ifed_icl_saves_steering_and_eval_applies_it(tmp_path, tiny_lm):
+    out, saved = tmp_path / "run", tmp_path / "steer"
+    invoke("run", "ifed-icl", "--model", "tiny-random", "--clients", "3", "--test-size", "10",
+           "--rounds", "1", "-o", "local_epochs=1", "-o", "demos_per_class=1",
+           "-o", "calibration_per_class=1", "--out", str(out), "--save", str(saved))
+    record = json.loads((out / "result.json").read_text())
+    assert record["config"]["method_options"]["local_epochs"] == 1
+    assert record["costs"]["num_rounds"] == 2  # extract + one calibration round
+    assert (saved / "steering.safetensors").exists()
+    output = invoke("eval", "--steering", str(saved), "--task", "sst2", "--test-size", "10",
+                    "--model", "tiny-random")
+    assert f"{100 * record['metrics']['accuracy']:.1f}" in output  # same rows, same steering
+
+
+def test_unknown_method_option_is_refused():
+    result = runner.invoke(app, ["run", "zero-shot", "ifed-icl", "--model", "tiny-random",
+                                 "-o", "local_epoch=2"])
+    assert result.exit_code == 2 and "local_epoch" in result.output

@@ -31,7 +31,7 @@ from fedsteer.eval.report import comparison_table
 from fedsteer.experiment import RunConfig, default_run_dir, run_experiment
 from fedsteer.federation.checkpoint import atomic_write_json
 from fedsteer.federation.inprocess import CheckpointMismatch
-from fedsteer.methods import METHODS
+from fedsteer.methods import METHODS, check_options
 from fedsteer.models import (
     DEFAULT_MODEL,
     ModelNotInstalledError,
@@ -111,6 +111,11 @@ def run(
     out: Annotated[Path | None, typer.Option(help="run directory")] = None,
     resume: Annotated[Path | None, typer.Option(help="continue the run in this directory")]
     = None,
+    option: Annotated[list[str] | None, typer.Option(
+        "--option", "-o", help="a method option, KEY=VALUE (repeatable), e.g. -o local_epochs=2")]
+    = None,
+    save: Annotated[Path | None, typer.Option(
+        help="write the adapted model (e.g. IFed-ICL's vectors + coefficients) here")] = None,
     verbose: bool = False,
 ) -> None:
     """Run methods on one task with one model load; print a comparison table."""
@@ -123,6 +128,9 @@ def run(
         unknown = [m for m in methods if m not in METHODS]
         if unknown:
             raise typer.BadParameter(f"unknown {unknown}; known: {', '.join(METHODS)}")
+        options = _parse_options(option or [])
+        with _user_errors():
+            check_options(methods, options)
         if train is not None:
             out = out or default_run_dir(RunConfig(method=methods[0], task=train.stem))
             task = str(_write_task_spec(out, task, train, test, labels, label_words, template))
@@ -130,14 +138,26 @@ def run(
         configs = [
             RunConfig(method=m, task=task, model=model, clients=clients, alpha=alpha,
                       partition=partition_scheme, rounds=rounds, fraction=fraction, seed=seed,
-                      test_size=test_size or None, shots=shots, batch_size=batch_size)
+                      test_size=test_size or None, shots=shots, batch_size=batch_size,
+                      options=options)
             for m in methods
         ]
         out = out or default_run_dir(configs[0])
         atomic_write_json(out / RUN_CONFIG_FILE, [dataclasses.asdict(c) for c in configs])
     with _user_errors():
-        records = _run_all(configs, out, resume=resume is not None)
+        records = _run_all(configs, out, resume=resume is not None, save=save)
     _show(records, out, title=f"{configs[0].task} · {configs[0].model}")
+
+
+def _parse_options(pairs: list[str]) -> dict:
+    """`KEY=VALUE` strings to a dict; values read as YAML scalars (2 -> int, 1e-2 -> float)."""
+    options = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key:
+            raise typer.BadParameter(f"{pair!r} is not KEY=VALUE", param_hint="--option")
+        options[key.strip().replace("-", "_")] = yaml.safe_load(value)
+    return options
 
 
 def _write_task_spec(out, name, train, test, labels, label_words, template) -> Path:
@@ -169,13 +189,14 @@ def _method_dir(out: Path, config: RunConfig, many: bool) -> Path:
     return out / config.method if many else out
 
 
-def _run_all(configs: list[RunConfig], out: Path, resume: bool) -> list[dict]:
+def _run_all(configs: list[RunConfig], out: Path, resume: bool, save: Path | None = None):
     task = load_task(configs[0].task)
     lm = None
     records = []
+    many = len(configs) > 1
     with _progress() as progress:
         for config in configs:
-            method_dir = _method_dir(out, config, len(configs) > 1)
+            method_dir = _method_dir(out, config, many)
             if resume and (method_dir / RESULT_FILE).exists():
                 records.append(read_result(method_dir))
                 continue
@@ -183,9 +204,10 @@ def _run_all(configs: list[RunConfig], out: Path, resume: bool) -> list[dict]:
                 console.print(f"loading [bold]{config.model}[/] …")
                 lm = load_model(config.model)
             console.print(f"running [bold]{config.method}[/] on {task.name}")
+            save_dir = None if save is None else (save / config.method if many else save)
             records.append(
                 run_experiment(config, method_dir, lm=lm, task=task, resume=resume,
-                               progress=progress)
+                               progress=progress, save_dir=save_dir)
             )
     return records
 
@@ -194,6 +216,35 @@ def _show(records: list[dict], out: Path, title: str) -> None:
     console.print(comparison_table(records, title=title))
     plot = plot_comparison(records, out / "comparison.png", title=title)
     console.print(f"results: {out}/…/{RESULT_FILE}   plot: {plot}")
+
+
+@app.command("eval")
+def eval_cmd(
+    steering: Annotated[Path, typer.Option(help="a directory written by `run ... --save`")],
+    task: Annotated[str, typer.Option(help="built-in task name or a task spec file")],
+    model: Annotated[str | None, typer.Option(help="default: the model it was made on")]
+    = None,
+    test_size: Annotated[int, typer.Option(help="test rows scored (0: all)")] = 300,
+    test_seed: int = 0,
+    batch_size: int = 16,
+) -> None:
+    """Apply saved steering (IFed-ICL vectors + coefficients) to a task's test inputs."""
+    from fedsteer.experiment import evaluation_rows
+    from fedsteer.methods import Environment
+    from fedsteer.methods.ifed_icl import evaluate_steering, load_steering
+
+    _setup_logging(False)
+    with _user_errors():
+        artifact = load_steering(steering)
+        t = load_task(task)
+        name = model or artifact.config["model"]
+        env = Environment(task=t.spec, test=evaluation_rows(t, test_size or None, test_seed),
+                          model_name=name, batch_size=batch_size)
+        metrics = evaluate_steering(env, artifact.attn, artifact.mlp, artifact.coef)
+    table = Table("steering", "task", "model", "rows", "acc %", "macro-F1 %")
+    table.add_row(str(steering), t.name, name, str(len(env.test)),
+                  f"{100 * metrics['accuracy']:.1f}", f"{100 * metrics['macro_f1']:.1f}")
+    console.print(table)
 
 
 @app.command()

@@ -86,6 +86,7 @@ def run_experiment(
     task: Task | None = None,
     resume: bool = False,
     progress: Progress | None = None,
+    save_dir: Path | None = None,
 ) -> dict[str, Any]:
     """Run `config`; write and return its result record. Pass `lm` to share a loaded model."""
     started = time.perf_counter()
@@ -106,6 +107,10 @@ def run_experiment(
         method, clients, env, resume=resume,
         fingerprint={"config": dataclasses.asdict(config), "options": method.options()},
     )
+    if save_dir is not None:
+        saved = method.save_artifact(outcome.state, Path(save_dir), config.model, task.name)
+        if saved is None:
+            log.warning("%s has no artifact to save; --save ignored", method.name)
     eval_started = time.perf_counter()
     metrics = method.evaluate(outcome.state, env)
     eval_seconds = time.perf_counter() - eval_started

@@ -20,12 +20,30 @@ METHODS: dict[str, type[Method]] = {
 
 def make_method(name: str, **options: Any) -> Method:
     """Build a method from its name, taking the options it knows and ignoring the rest."""
-    try:
-        cls = METHODS[name]
-    except KeyError:
-        raise ValueError(f"unknown method {name!r}; known: {', '.join(sorted(METHODS))}") from None
-    known = {f.name for f in dataclasses.fields(cls)} if dataclasses.is_dataclass(cls) else set()
+    if name not in METHODS:
+        raise ValueError(f"unknown method {name!r}; known: {', '.join(sorted(METHODS))}")
+    cls = METHODS[name]
+    known = option_names(name)
     return cls(**{k: v for k, v in options.items() if k in known and v is not None})
 
 
-__all__ = ["METHODS", "Client", "Environment", "Method", "Reply", "make_method", "seeded_rng"]
+def option_names(name: str) -> set[str]:
+    cls = METHODS[name]
+    return {f.name for f in dataclasses.fields(cls)} if dataclasses.is_dataclass(cls) else set()
+
+
+def check_options(names: list[str], options: dict[str, Any]) -> None:
+    """Refuse an option none of the methods has: a typo must not pass silently."""
+    known = set().union(*(option_names(n) for n in names))
+    unknown = sorted(set(options) - known)
+    if unknown:
+        raise ValueError(
+            f"no option {', '.join(unknown)} in {', '.join(names)}; "
+            f"known: {', '.join(sorted(known))}"
+        )
+
+
+__all__ = [
+    "METHODS", "Client", "Environment", "Method", "Reply", "check_options", "make_method",
+    "option_names", "seeded_rng",
+]

@@ -121,6 +121,10 @@ class Method(ABC):
     def evaluate(self, state: RecordDict, env: Environment) -> dict[str, Any]:
         """Final metrics of the run's global artifact: at least accuracy and macro_f1."""
 
+    def save_artifact(self, state: RecordDict, directory, model_name: str, task_name: str):
+        """Write the adapted model (vectors, adapters, prompts) for reuse; None if none."""
+        return None
+
     def reply_shapes(self, message: RecordDict) -> dict[str, tuple[int, ...]] | None:
         """Expected `"record.array" -> shape` of a reply, so a runtime can reject bad ones."""
         return None

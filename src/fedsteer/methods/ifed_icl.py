@@ -71,6 +71,7 @@ __all__ = [
     "IFedICL",
     "MissingContextVectors",
     "SteeringArtifact",
+    "evaluate_steering",
     "load_steering",
     "save_steering",
 ]
@@ -254,12 +255,21 @@ class IFedICL(Method):
 
     # ------------------------------------------------------------- evaluation
     def evaluate(self, state: RecordDict, env: Environment) -> dict[str, Any]:
-        attn, mlp, coef = steering_tensors(state)
-        dtype = next(env.lm.model.parameters()).dtype
-        with torch.no_grad(), inject(env.lm, attn.to(dtype), mlp.to(dtype), coef):
-            metrics = evaluate_prompting(env)
-        means = {f"{row}_mean": float(coef[i].mean()) for i, row in enumerate(COEF_ROWS)}
-        return {**metrics, **means}
+        return evaluate_steering(env, *steering_tensors(state))
+
+    def save_artifact(self, state: RecordDict, directory, model_name: str, task_name: str):
+        return save_steering(state, directory, model_name, task_name)
+
+
+def evaluate_steering(
+    env: Environment, attn: torch.Tensor, mlp: torch.Tensor, coef: torch.Tensor
+) -> dict[str, Any]:
+    """Zero-shot test queries scored with the vectors injected; plus the mean coefficients."""
+    dtype = next(env.lm.model.parameters()).dtype
+    with torch.no_grad(), inject(env.lm, attn.to(dtype), mlp.to(dtype), coef):
+        metrics = evaluate_prompting(env)
+    means = {f"{row}_mean": float(coef[i].mean()) for i, row in enumerate(COEF_ROWS)}
+    return {**metrics, **means}
 
 
 @dataclass
