@@ -18,31 +18,18 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import time
 from pathlib import Path
 
+from common import RESULTS, cell, pct, summarize
+
 from fedsteer.data import load_task
-from fedsteer.eval.record import RESULT_FILE, environment, read_result
-from fedsteer.experiment import RunConfig, run_experiment
+from fedsteer.eval.record import environment
+from fedsteer.experiment import RunConfig
 from fedsteer.methods import seeded_rng
 from fedsteer.methods.icl import select_demonstrations
 from fedsteer.models import DEFAULT_MODEL, load_model
 from fedsteer.models.scoring import LabelScorer
-
-RESULTS = Path(__file__).parent / "results"
-
-
-def cell(out: Path, config: RunConfig, lm, task) -> dict:
-    """Run one (model, task, method, seed) cell unless its result is already recorded."""
-    path = out / config.model / config.task / f"{config.method}-seed{config.seed}"
-    if (path / RESULT_FILE).exists():
-        return read_result(path)
-    started = time.time()
-    record = run_experiment(config, path, lm=lm, task=task)
-    print(f"{config.model} {config.task} {config.method} seed {config.seed}: "
-          f"acc {record['metrics']['accuracy']:.4f} ({time.time() - started:.0f} s)", flush=True)
-    return record
 
 
 def scoring_cost(lm, task_name: str, n: int = 96, shots: int = 4, repeats: int = 2) -> dict:
@@ -75,50 +62,12 @@ def scoring_cost(lm, task_name: str, n: int = 96, shots: int = 4, repeats: int =
     }
 
 
-def summarize(records: list[dict]) -> dict:
-    """Mean ± std over seeds per (model, task, method); local ICL also its client spread."""
-    groups: dict[tuple, list[dict]] = {}
-    for r in records:
-        groups.setdefault((r["model"], r["task"], r["method"]), []).append(r)
-    rows = {}
-    for (model, task, method), recs in sorted(groups.items()):
-        acc = [r["metrics"]["accuracy"] for r in recs]
-        f1 = [r["metrics"]["macro_f1"] for r in recs]
-        row = {
-            "model": model, "task": task, "method": method, "seeds": len(recs),
-            "accuracy": statistics.mean(acc),
-            "accuracy_std": statistics.pstdev(acc),
-            "macro_f1": statistics.mean(f1),
-            "macro_f1_std": statistics.pstdev(f1),
-            "eval_seconds": statistics.mean(
-                r["costs"]["eval_seconds"] + r["costs"]["client_seconds"] for r in recs),
-            "bytes_up_per_round": statistics.mean(r["costs"]["bytes_up_per_round"] for r in recs),
-        }
-        clients = [c for r in recs for c in r["metrics"].get("per_client", [])]
-        if clients:
-            row["client_accuracy_std"] = statistics.pstdev(c["accuracy"] for c in clients)
-            row["client_accuracy_min"] = min(c["accuracy"] for c in clients)
-            row["client_accuracy_max"] = max(c["accuracy"] for c in clients)
-            row["clients_evaluated"] = len(clients)
-        rows[f"{model}/{task}/{method}"] = row
-    return rows
-
-
 def markdown(rows: dict, cost: dict, wall: float) -> str:
-    pct = lambda v, s: f"{100 * v:.1f} ± {100 * s:.1f}"  # noqa: E731
     lines = ["| model | task | zero-shot | local ICL (mean client) | central ICL |",
              "|---|---|---|---|---|"]
-    keys = sorted({(r["model"], r["task"]) for r in rows.values()})
-    for model, task in keys:
+    for model, task in sorted({(r["model"], r["task"]) for r in rows.values()}):
         def get(method, model=model, task=task):
-            r = rows.get(f"{model}/{task}/{method}")
-            if r is None:
-                return "—"
-            text = pct(r["accuracy"], r["accuracy_std"])
-            if "client_accuracy_min" in r:
-                text += (f" (clients {100 * r['client_accuracy_min']:.0f}–"
-                         f"{100 * r['client_accuracy_max']:.0f})")
-            return text
+            return pct(rows.get(f"{model}/{task}/{method}"), with_clients=True)
         lines.append(f"| {model} | {task} | {get('zero-shot')} | {get('local-icl')} | "
                      f"{get('central-icl')} |")
     lines += [
@@ -152,7 +101,13 @@ def main() -> None:
     started = time.time()
 
     lm = load_model(DEFAULT_MODEL)
-    cost = scoring_cost(lm, "sst2")
+    cost_file = args.out / "scoring_cost.json"  # measured once, like every other cell
+    if cost_file.exists():
+        cost = json.loads(cost_file.read_text())
+    else:
+        cost = scoring_cost(lm, "sst2")
+        cost_file.parent.mkdir(parents=True, exist_ok=True)
+        cost_file.write_text(json.dumps(cost, indent=2))
     print("scoring cost:", json.dumps(cost), flush=True)
 
     common = dict(clients=args.clients, alpha=args.alpha, test_size=args.test_size)

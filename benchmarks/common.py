@@ -1,0 +1,88 @@
+"""What every benchmark script shares: resumable cells and mean ± std summaries.
+
+A cell is one `run_experiment` with its own result.json under
+`<out>/<model>/<task>/<method>-<tag>/`; a finished cell is read back, never recomputed, so a
+killed script continues where it stopped and scripts share cells they have in common.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from pathlib import Path
+
+from fedsteer.eval.record import RESULT_FILE, read_result
+from fedsteer.experiment import RunConfig, run_experiment
+
+RESULTS = Path(__file__).parent / "results"
+
+
+def cell_tag(config: RunConfig, default_clients: int = 10, default_alpha: float = 0.5) -> str:
+    """`seed0`, plus the settings that differ from the benchmark's defaults."""
+    tag = f"seed{config.seed}"
+    if config.partition != "dirichlet":
+        tag += f"-{config.partition}"
+    elif config.alpha != default_alpha:
+        tag += f"-alpha{config.alpha:g}"
+    if config.clients != default_clients:
+        tag += f"-clients{config.clients}"
+    return tag
+
+
+def cell(out: Path, config: RunConfig, lm, task) -> dict:
+    """Run one cell unless its result is already recorded; print one line when it ran."""
+    path = out / config.model / config.task / f"{config.method}-{cell_tag(config)}"
+    if (path / RESULT_FILE).exists():
+        return read_result(path)
+    started = time.time()
+    record = run_experiment(config, path, lm=lm, task=task)
+    print(f"{config.model} {config.task} {config.method} {cell_tag(config)}: "
+          f"acc {record['metrics']['accuracy']:.4f} ({time.time() - started:.0f} s)", flush=True)
+    return record
+
+
+def summarize(records: list[dict]) -> dict:
+    """Mean ± std over seeds per (model, task, method); local ICL also its client spread."""
+    groups: dict[tuple, list[dict]] = {}
+    for r in records:
+        groups.setdefault((r["model"], r["task"], r["method"]), []).append(r)
+    rows = {}
+    for (model, task, method), recs in sorted(groups.items()):
+        acc = [r["metrics"]["accuracy"] for r in recs]
+        f1 = [r["metrics"]["macro_f1"] for r in recs]
+        rounds = [r["costs"]["num_rounds"] for r in recs]
+        row = {
+            "model": model, "task": task, "method": method, "seeds": len(recs),
+            "accuracy": statistics.mean(acc),
+            "accuracy_std": statistics.pstdev(acc),
+            "macro_f1": statistics.mean(f1),
+            "macro_f1_std": statistics.pstdev(f1),
+            "eval_seconds": statistics.mean(r["costs"]["eval_seconds"] for r in recs),
+            "client_seconds": statistics.mean(r["costs"]["client_seconds"] for r in recs),
+            "client_seconds_per_round": statistics.mean(
+                r["costs"]["client_seconds"] / max(n, 1)
+                for r, n in zip(recs, rounds, strict=True)
+            ),
+            "bytes_up_per_round": statistics.mean(r["costs"]["bytes_up_per_round"] for r in recs),
+            "bytes_down_per_round": statistics.mean(
+                r["costs"]["bytes_down_per_round"] for r in recs),
+        }
+        clients = [c for r in recs for c in r["metrics"].get("per_client", [])]
+        if clients:
+            row["client_accuracy_std"] = statistics.pstdev(c["accuracy"] for c in clients)
+            row["client_accuracy_min"] = min(c["accuracy"] for c in clients)
+            row["client_accuracy_max"] = max(c["accuracy"] for c in clients)
+            row["clients_evaluated"] = len(clients)
+        rows[f"{model}/{task}/{method}"] = row
+    return rows
+
+
+def pct(row: dict | None, with_clients: bool = False) -> str:
+    """`83.3 ± 1.2` (and the clients' range where clients evaluated on their own)."""
+    if row is None:
+        return "—"
+    text = f"{100 * row['accuracy']:.1f} ± {100 * row['accuracy_std']:.1f}"
+    if with_clients and "client_accuracy_min" in row:
+        text += (f" (clients {100 * row['client_accuracy_min']:.0f}–"
+                 f"{100 * row['client_accuracy_max']:.0f})")
+    return text
