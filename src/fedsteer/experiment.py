@@ -95,7 +95,8 @@ def run_experiment(
     method = make_method(config.method, **config.method_options())
     env = Environment(
         task=task.spec, test=evaluation_rows(task, config.test_size, config.test_seed),
-        model_name=config.model, seed=config.seed, batch_size=config.batch_size, _lm=lm,
+        model_name=config.model, seed=config.seed, batch_size=config.batch_size,
+        progress=progress, _lm=lm,
     )
     clients = build_clients(config, task, env, method.centralized)
     runtime = InProcessRuntime(

@@ -50,6 +50,7 @@ class Environment:
     model_name: str
     seed: int = 0
     batch_size: int = 16
+    progress: Any = None  # a rich Progress to report scoring on, or None
     _lm: Any = None
     _scorers: dict = field(default_factory=dict)
 

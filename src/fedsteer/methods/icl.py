@@ -10,7 +10,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
@@ -45,9 +46,24 @@ def select_demonstrations(
 def evaluate_prompting(env: Environment, prefix: str = "") -> dict[str, float]:
     """Score the evaluation set with `prefix` before each query; accuracy and macro-F1."""
     queries = [env.task.format_query(ex) for ex in env.test]
-    predictions = env.scorer().score(queries, prefix=prefix).argmax(-1).tolist()
+    with scoring_progress(env, len(queries)) as advance:
+        scores = env.scorer().score(queries, prefix=prefix, on_batch=advance)
+    predictions = scores.argmax(-1).tolist()
     truth = [ex.label for ex in env.test]
     return classification_metrics(truth, predictions, len(env.task.labels))
+
+
+@contextmanager
+def scoring_progress(env: Environment, total: int) -> Iterator[Callable[[int], None] | None]:
+    """A transient bar over the queries being scored, when the run shows progress."""
+    if env.progress is None:
+        yield None
+        return
+    task = env.progress.add_task(f"scoring {total} queries", total=total)
+    try:
+        yield lambda n: env.progress.advance(task, n)
+    finally:
+        env.progress.remove_task(task)
 
 
 @dataclass

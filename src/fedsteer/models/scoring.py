@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import copy
 import inspect
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -83,8 +83,18 @@ class LabelScorer:
 
     # ----------------------------------------------------------------- public
     @torch.no_grad()
-    def score(self, queries: Sequence[str], prefix: str = "", *, reuse_prefix: bool = True):
-        """Log-probs `[N, C]`; `prefix` (e.g. demonstrations) precedes every query."""
+    def score(
+        self,
+        queries: Sequence[str],
+        prefix: str = "",
+        *,
+        reuse_prefix: bool = True,
+        on_batch: Callable[[int], None] | None = None,
+    ):
+        """Log-probs `[N, C]`; `prefix` (e.g. demonstrations) precedes every query.
+
+        `on_batch(n)` is called after each batch of `n` queries (for a progress bar).
+        """
         prefix_ids = self._encode(prefix, first=True) if prefix else []
         query_ids = [self._encode(q, first=not prefix) for q in queries]
         if not query_ids:
@@ -98,6 +108,8 @@ class LabelScorer:
             if cache is None:
                 batch = [prefix_ids + q for q in batch]
             out.append(self._score_batch(batch, cache, len(prefix_ids) if cache else 0))
+            if on_batch is not None:
+                on_batch(len(batch))
         scores = torch.empty(len(order), len(self.labels.ids))
         scores[torch.tensor(order)] = torch.cat(out)
         return scores
