@@ -125,3 +125,8 @@ def test_unknown_method_option_is_refused():
     result = runner.invoke(app, ["run", "zero-shot", "ifed-icl", "--model", "tiny-random",
                                  "-o", "local_epoch=2"])
     assert result.exit_code == 2 and "local_epoch" in result.output
+
+
+def test_models_lists_install_commands_verbatim():
+    output = invoke("models")
+    assert "fedsteer[default-model]" in output  # not swallowed as rich markup

@@ -14,6 +14,7 @@ import typer
 import yaml
 from rich.console import Console
 from rich.logging import RichHandler
+from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
@@ -72,7 +73,7 @@ def _user_errors() -> Iterator[None]:
     try:
         yield
     except USER_ERRORS as error:
-        console.print(f"[bold red]error:[/] {error}")
+        console.print(f"[bold red]error:[/] {escape(str(error))}")
         raise typer.Exit(code=2) from error
 
 
@@ -287,7 +288,8 @@ def models() -> None:
     """List the offline model registry and what is installed or cached here."""
     table = Table("name", "status", "description", "install")
     for spec in list_models():
-        table.add_row(spec.name, model_status(spec.name), spec.description, spec.pip_hint)
+        table.add_row(spec.name, model_status(spec.name), spec.description,
+                      escape(spec.pip_hint))  # "[extra]" is not rich markup
     console.print(table)
 
 
