@@ -79,7 +79,7 @@ def run_grid(args, lm, model: str, tasks, seeds, records: list, baselines_out: P
         records.append(cell(baselines_out, RunConfig("zero-shot", task_name, model, **common),
                             lm, task))
         for seed in seeds:
-            if model == DEFAULT_MODEL:
+            if model == args.model:
                 records.append(cell(baselines_out, RunConfig(
                     "local-icl", task_name, model, seed=seed, fraction=args.local_fraction,
                     **common), lm, task))
@@ -100,9 +100,9 @@ def sweeps(args, lm, baselines_out: Path) -> list[dict]:
     settings += [dict(clients=k) for k in (3, 30)]
     for setting in settings:
         base = dict(clients=args.clients, alpha=args.alpha, test_size=args.test_size) | setting
-        ifed = cell(args.out, RunConfig("ifed-icl", "sst2", DEFAULT_MODEL, rounds=args.rounds,
+        ifed = cell(args.out, RunConfig("ifed-icl", "sst2", args.model, rounds=args.rounds,
                                         options=options, **base), lm, task)
-        local = cell(baselines_out, RunConfig("local-icl", "sst2", DEFAULT_MODEL,
+        local = cell(baselines_out, RunConfig("local-icl", "sst2", args.model,
                                               fraction=args.local_fraction, **base), lm, task)
         out.append({"setting": setting, "ifed-icl": ifed["metrics"]["accuracy"],
                     "local-icl": local["metrics"]["accuracy"]})
@@ -171,18 +171,20 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--local-epochs", type=int, default=2)
     parser.add_argument("--local-fraction", type=float, default=0.5)
+    parser.add_argument("--model", default=DEFAULT_MODEL)
     parser.add_argument("--small-model", default="smollm2-135m")
+    parser.add_argument("--report-dir", type=Path, default=RESULTS)
     parser.add_argument("--skip-sweeps", action="store_true")
     parser.add_argument("--out", type=Path, default=RESULTS / "ifed_icl")
     parser.add_argument("--baselines", type=Path, default=RESULTS / "baselines")
     args = parser.parse_args()
     started = time.time()
 
-    lm = load_model(DEFAULT_MODEL)
+    lm = load_model(args.model)
     overhead = injection_overhead(lm)
     print("injection overhead:", json.dumps(overhead), flush=True)
     records: list[dict] = []
-    run_grid(args, lm, DEFAULT_MODEL, args.tasks, args.seeds, records, args.baselines)
+    run_grid(args, lm, args.model, args.tasks, args.seeds, records, args.baselines)
     sweep = [] if args.skip_sweeps else sweeps(args, lm, args.baselines)
     del lm
     small = load_model(args.small_model)
@@ -191,14 +193,15 @@ def main() -> None:
     rows = summarize(records)
     wall = time.time() - started
     if sweep:
-        zero = rows[f"{DEFAULT_MODEL}/sst2/zero-shot"]["accuracy"]
-        plot_sweeps(sweep, zero, RESULTS / "ifed_icl_sweeps.png")
+        zero = rows[f"{args.model}/sst2/zero-shot"]["accuracy"]
+        plot_sweeps(sweep, zero, args.report_dir / "ifed_icl_sweeps.png")
     summary = {"rows": rows, "injection_overhead": overhead, "sweeps": sweep,
                "wall_seconds": wall, "env": environment(),
                "settings": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}}
-    (RESULTS / "ifed_icl.json").write_text(json.dumps(summary, indent=2))
+    args.report_dir.mkdir(parents=True, exist_ok=True)
+    (args.report_dir / "ifed_icl.json").write_text(json.dumps(summary, indent=2))
     text = markdown(rows, records, overhead, sweep, wall, args)
-    (RESULTS / "ifed_icl.md").write_text(text)
+    (args.report_dir / "ifed_icl.md").write_text(text)
     print(text)
 
 

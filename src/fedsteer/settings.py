@@ -15,7 +15,8 @@ def data_dir() -> Path:
     """The built-in tasks' directory: `$FEDSTEER_DATA_DIR`, else `../shared/data` if present."""
     if env := os.environ.get(DATA_DIR_ENV):
         return Path(env)
-    for candidate in (Path.cwd() / "../shared/data", Path(__file__).parents[3] / "../shared/data"):
+    repo = Path(__file__).parents[2]  # src/fedsteer/settings.py -> the checkout
+    for candidate in (Path.cwd() / "../shared/data", repo / "../shared/data"):
         if candidate.is_dir():
             return candidate.resolve()
     raise FileNotFoundError(
