@@ -128,8 +128,10 @@ def plot_sweeps(sweep: list[dict], zero_shot: float, path: Path) -> None:
     for method, style in (("ifed-icl", "o-"), ("local-icl", "s--")):
         right.plot(counts, [100 * s[method] for s in by_clients], style, label=method)
     right.axhline(100 * zero_shot, color="grey", ls=":", label="zero-shot")
-    right.set(xscale="log", xticks=counts, xticklabels=[str(c) for c in counts],
-              xlabel="clients (α = 0.5)", title="sst2: accuracy vs number of clients")
+    right.set(xscale="log", xlabel="clients (α = 0.5)",
+              title="sst2: accuracy vs number of clients")
+    right.minorticks_off()
+    right.set_xticks(counts, [str(c) for c in counts])
     right.legend()
     fig.tight_layout()
     fig.savefig(path, dpi=120)
