@@ -48,20 +48,23 @@ def injection_overhead(lm, task_name: str = "sst2", n: int = 96, repeats: int = 
     coef = initial_coefficients(layers, 0.1, 1.0)
     scorer.score(queries[:8])
 
-    def best(fn) -> float:
-        times = []
-        for _ in range(repeats):
-            t = time.perf_counter()
-            fn()
-            times.append(time.perf_counter() - t)
-        return min(times)
-
     def injected():
         with inject(lm, attn, mlp, coef):
             scorer.score(queries)
 
-    plain, steered = best(lambda: scorer.score(queries)), best(injected)
-    return {"examples": n, "plain_s": plain, "injected_s": steered, "ratio": steered / plain}
+    def seconds(fn) -> float:
+        t = time.perf_counter()
+        fn()
+        return time.perf_counter() - t
+
+    # Alternate the two, best of `repeats` each: slow drift in machine load hits both alike.
+    plain, steered = [], []
+    for _ in range(repeats):
+        plain.append(seconds(lambda: scorer.score(queries)))
+        steered.append(seconds(injected))
+    best_plain, best_steered = min(plain), min(steered)
+    return {"examples": n, "plain_s": best_plain, "injected_s": best_steered,
+            "ratio": best_steered / best_plain, "plain_runs": plain, "injected_runs": steered}
 
 
 def per_client_round_upload(record: dict) -> float:
