@@ -35,7 +35,8 @@ def cell(out: Path, config: RunConfig, lm, task) -> dict:
     if (path / RESULT_FILE).exists():
         return read_result(path)
     started = time.time()
-    record = run_experiment(config, path, lm=lm, task=task)
+    # resume=True: a cell killed mid-run continues from its last round's checkpoint
+    record = run_experiment(config, path, lm=lm, task=task, resume=True)
     print(f"{config.model} {config.task} {config.method} {cell_tag(config)}: "
           f"acc {record['metrics']['accuracy']:.4f} ({time.time() - started:.0f} s)", flush=True)
     return record
