@@ -19,9 +19,8 @@ from __future__ import annotations
 import argparse
 import json
 import time
-from pathlib import Path
 
-from common import RESULTS, cell, pct, summarize
+from common import RESULTS, cell, grid_arguments, pct, summarize
 
 from fedsteer.data import load_task
 from fedsteer.eval.record import environment
@@ -88,15 +87,9 @@ def markdown(rows: dict, cost: dict, wall: float) -> str:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--tasks", nargs="+", default=["sst2", "subj", "agnews", "trec"])
-    parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
-    parser.add_argument("--test-size", type=int, default=300)
-    parser.add_argument("--clients", type=int, default=10)
-    parser.add_argument("--alpha", type=float, default=0.5)
-    parser.add_argument("--local-fraction", type=float, default=0.5)
-    parser.add_argument("--small-model", default="smollm2-135m")
-    parser.add_argument("--out", type=Path, default=RESULTS / "baselines")
+    parser = grid_arguments(
+        argparse.ArgumentParser(description=__doc__.splitlines()[0]), RESULTS / "baselines"
+    )
     args = parser.parse_args()
     started = time.time()
 

@@ -7,6 +7,7 @@ killed script continues where it stopped and scripts share cells they have in co
 
 from __future__ import annotations
 
+import argparse
 import statistics
 import time
 from pathlib import Path
@@ -15,6 +16,20 @@ from fedsteer.eval.record import RESULT_FILE, read_result
 from fedsteer.experiment import RunConfig, run_experiment
 
 RESULTS = Path(__file__).parent / "results"
+
+
+def grid_arguments(parser: argparse.ArgumentParser, out: Path) -> argparse.ArgumentParser:
+    """The grid every benchmark shares: tasks, seeds, test rows, clients, skew, models."""
+    parser.add_argument("--tasks", nargs="+", default=["sst2", "subj", "agnews", "trec"])
+    parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
+    parser.add_argument("--test-size", type=int, default=300)
+    parser.add_argument("--clients", type=int, default=10)
+    parser.add_argument("--alpha", type=float, default=0.5)
+    parser.add_argument("--local-fraction", type=float, default=0.5,
+                        help="share of clients that evaluate local ICL (each scores all rows)")
+    parser.add_argument("--small-model", default="smollm2-135m")
+    parser.add_argument("--out", type=Path, default=out)
+    return parser
 
 
 def cell_tag(config: RunConfig, default_clients: int = 10, default_alpha: float = 0.5) -> str:

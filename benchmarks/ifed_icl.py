@@ -26,7 +26,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import torch  # noqa: E402
-from common import RESULTS, cell, pct, summarize  # noqa: E402
+from common import RESULTS, cell, grid_arguments, pct, summarize  # noqa: E402
 
 from fedsteer.data import load_task  # noqa: E402
 from fedsteer.eval.record import environment  # noqa: E402
@@ -167,20 +167,14 @@ def markdown(rows: dict, records: list[dict], overhead: dict, sweep, wall: float
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--tasks", nargs="+", default=["sst2", "subj", "agnews", "trec"])
-    parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
-    parser.add_argument("--test-size", type=int, default=300)
-    parser.add_argument("--clients", type=int, default=10)
-    parser.add_argument("--alpha", type=float, default=0.5)
+    parser = grid_arguments(
+        argparse.ArgumentParser(description=__doc__.splitlines()[0]), RESULTS / "ifed_icl"
+    )
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--local-epochs", type=int, default=2)
-    parser.add_argument("--local-fraction", type=float, default=0.5)
     parser.add_argument("--model", default=DEFAULT_MODEL)
-    parser.add_argument("--small-model", default="smollm2-135m")
     parser.add_argument("--report-dir", type=Path, default=RESULTS)
     parser.add_argument("--skip-sweeps", action="store_true")
-    parser.add_argument("--out", type=Path, default=RESULTS / "ifed_icl")
     parser.add_argument("--baselines", type=Path, default=RESULTS / "baselines")
     args = parser.parse_args()
     started = time.time()
