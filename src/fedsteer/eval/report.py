@@ -9,11 +9,14 @@ from rich.table import Table
 
 
 def human_bytes(n: float) -> str:
-    for unit in ("B", "KB", "MB", "GB"):
-        if abs(n) < 1000 or unit == "GB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+    """Decimal units (1 KB = 1000 B), as the papers quote payload sizes."""
+    if abs(n) < 1000:
+        return f"{n:.0f} B"
+    for unit in ("KB", "MB", "GB"):
         n /= 1000
-    return f"{n:.1f} GB"
+        if abs(n) < 1000 or unit == "GB":
+            break
+    return f"{n:.1f} {unit}"
 
 
 def _with_spread(metrics: dict[str, Any], key: str) -> str:

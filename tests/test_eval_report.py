@@ -1,0 +1,28 @@
+"""Table formatting: bytes in decimal units, spreads where clients evaluated alone."""
+
+from __future__ import annotations
+
+from rich.console import Console
+
+from fedsteer.eval.report import comparison_table, human_bytes
+
+
+def test_human_bytes():
+    assert human_bytes(0) == "0 B"
+    assert human_bytes(999) == "999 B"
+    assert human_bytes(172_398) == "172.4 KB"
+    assert human_bytes(2.5e9) == "2.5 GB"
+    assert human_bytes(3e12) == "3000.0 GB"
+
+
+def test_table_shows_spread_and_costs():
+    record = {
+        "method": "local-icl",
+        "metrics": {"accuracy": 0.8, "accuracy_std": 0.05, "macro_f1": 0.7},
+        "costs": {"bytes_up_per_round": 380, "bytes_down_per_round": 230, "num_rounds": 1,
+                  "client_seconds": 1.5, "eval_seconds": 0.0, "peak_rss_bytes": 3.1e9},
+    }
+    console = Console(width=150, record=True)
+    console.print(comparison_table([record]))
+    text = console.export_text()
+    assert "80.0 ± 5.0" in text and "70.0" in text and "380 B" in text and "3.1 GB" in text
