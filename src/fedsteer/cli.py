@@ -205,7 +205,7 @@ def _run_all(configs: list[RunConfig], out: Path, resume: bool, save: Path | Non
                 console.print(f"loading [bold]{config.model}[/] …")
                 lm = load_model(config.model)
             console.print(f"running [bold]{config.method}[/] on {task.name}")
-            save_dir = None if save is None else (save / config.method if many else save)
+            save_dir = None if save is None else _method_dir(save, config, many)
             records.append(
                 run_experiment(config, method_dir, lm=lm, task=task, resume=resume,
                                progress=progress, save_dir=save_dir)
