@@ -31,7 +31,7 @@ from fedsteer.eval.record import RESULT_FILE, read_result
 from fedsteer.eval.report import comparison_table
 from fedsteer.experiment import RunConfig, default_run_dir, run_experiment
 from fedsteer.federation.checkpoint import atomic_write_json
-from fedsteer.federation.inprocess import CheckpointMismatch
+from fedsteer.federation import CheckpointMismatch
 from fedsteer.methods import METHODS, check_options
 from fedsteer.models import (
     DEFAULT_MODEL,

@@ -19,7 +19,7 @@ from rich.progress import Progress
 from fedsteer.data import Example, Task, load_task, partition
 from fedsteer.eval.costs import summarize_costs
 from fedsteer.eval.record import environment, write_result
-from fedsteer.federation import InProcessRuntime, RuntimeConfig
+from fedsteer.federation import InProcessRuntime, Runtime, RuntimeConfig
 from fedsteer.methods import Client, Environment, make_method, seeded_rng
 from fedsteer.models import DEFAULT_MODEL
 
@@ -64,6 +64,12 @@ def evaluation_rows(task: Task, size: int | None, seed: int) -> list[Example]:
     return [task.test[i] for i in sorted(picks)]
 
 
+def runtime_config(config: RunConfig) -> RuntimeConfig:
+    return RuntimeConfig(
+        fraction=config.fraction, seed=config.seed, max_reply_norm=config.max_reply_norm
+    )
+
+
 def build_clients(config: RunConfig, task: Task, env: Environment, centralized: bool):
     """One client per partition; a centralized method gets one client with all the data."""
     if centralized:
@@ -87,8 +93,13 @@ def run_experiment(
     resume: bool = False,
     progress: Progress | None = None,
     save_dir: Path | None = None,
+    runtime: Runtime | None = None,
 ) -> dict[str, Any]:
-    """Run `config`; write and return its result record. Pass `lm` to share a loaded model."""
+    """Run `config`; write and return its result record. Pass `lm` to share a loaded model.
+
+    By default the clients are simulated here (`InProcessRuntime`); a runtime whose clients
+    live elsewhere (Flower) is passed in and addresses them by id, holding none of their data.
+    """
     started = time.perf_counter()
     out_dir = Path(out_dir) if out_dir else default_run_dir(config)
     task = task or load_task(config.task)
@@ -98,12 +109,13 @@ def run_experiment(
         model_name=config.model, seed=config.seed, batch_size=config.batch_size,
         progress=progress, _lm=lm,
     )
-    clients = build_clients(config, task, env, method.centralized)
-    runtime = InProcessRuntime(
-        RuntimeConfig(fraction=config.fraction, seed=config.seed,
-                      max_reply_norm=config.max_reply_norm),
-        checkpoint_dir=out_dir / "checkpoint", progress=progress,
-    )
+    if runtime is None:
+        runtime = InProcessRuntime(
+            runtime_config(config), checkpoint_dir=out_dir / "checkpoint", progress=progress
+        )
+        clients = build_clients(config, task, env, method.centralized)
+    else:
+        clients = list(range(1 if method.centralized else config.clients))
     outcome = runtime.run(
         method, clients, env, resume=resume,
         fingerprint={"config": dataclasses.asdict(config), "options": method.options()},

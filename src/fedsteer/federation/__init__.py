@@ -1,6 +1,20 @@
-"""Runtimes: they sample clients, move messages, count costs and checkpoint; no method math."""
+"""Runtimes: they sample clients, move messages, count costs and checkpoint; no method math.
 
-from fedsteer.federation.inprocess import InProcessRuntime, RunOutcome, RuntimeConfig
+`InProcessRuntime` simulates every client in this process; `fedsteer.federation.flower`
+runs the same methods on Flower (simulation or a real deployment).
+"""
+
+from fedsteer.federation.inprocess import InProcessRuntime
 from fedsteer.federation.payloads import InvalidReply, check_reply
+from fedsteer.federation.runtime import (
+    CheckpointMismatch,
+    RunOutcome,
+    Runtime,
+    RuntimeConfig,
+    sample_clients,
+)
 
-__all__ = ["InProcessRuntime", "InvalidReply", "RunOutcome", "RuntimeConfig", "check_reply"]
+__all__ = [
+    "CheckpointMismatch", "InProcessRuntime", "InvalidReply", "RunOutcome", "Runtime",
+    "RuntimeConfig", "check_reply", "sample_clients",
+]

@@ -1,0 +1,210 @@
+"""Start Flower's own processes for a run, and stop every one of them afterwards.
+
+`simulate` starts a SuperLink in simulation mode and submits the run with `flwr run`;
+`deploy` starts a SuperLink and one SuperNode per client on 127.0.0.1 (each told its
+partition through `--node-config`), as a real deployment would, and submits the same run.
+Each launch gets its own FLWR_HOME and free ports, so it never touches a user's Flower
+configuration, and every process it starts is stopped by PID (with its children) on the
+way out, even when the run fails.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import tomli_w
+
+log = logging.getLogger(__name__)
+
+APP_COMPONENTS = {
+    "serverapp": "fedsteer.federation.flower:server_app",
+    "clientapp": "fedsteer.federation.flower:client_app",
+}
+
+
+class FlowerRunFailed(RuntimeError):
+    """`flwr run` did not complete; the message names the log to read."""
+
+
+def write_app(app_dir: Path, run_config: dict[str, Any]) -> Path:
+    """A Flower App that is only a pyproject: the code is the installed fedsteer package."""
+    app_dir.mkdir(parents=True, exist_ok=True)
+    pyproject = {
+        "build-system": {"requires": ["hatchling"], "build-backend": "hatchling.build"},
+        "project": {"name": "fedsteer-run", "version": "1.0.0", "dependencies": [],
+                    "description": "a fedsteer run on Flower", "license": "Apache-2.0"},
+        "tool": {"flwr": {"app": {"publisher": "fedsteer", "components": APP_COMPONENTS,
+                                  "config": run_config}}},
+    }
+    (app_dir / "pyproject.toml").write_text(tomli_w.dumps(pyproject))
+    return app_dir
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def wait_for_port(port: int, process: subprocess.Popen, timeout: float, log_path: Path) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise FlowerRunFailed(f"{process.args[0]} exited with {process.returncode}; "
+                                  f"see {log_path}")
+        with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), 0.5):
+            return
+        time.sleep(0.2)
+    raise FlowerRunFailed(f"nothing listened on port {port} within {timeout:g} s; see {log_path}")
+
+
+class Processes:
+    """Processes started in their own session, so each is stopped with all its children."""
+
+    def __init__(self, work_dir: Path, env: dict[str, str]) -> None:
+        self.work_dir, self.env = work_dir, env
+        self.started: list[subprocess.Popen] = []
+
+    def start(self, name: str, args: Sequence[str]) -> subprocess.Popen:
+        log_path = self.work_dir / f"{name}.log"
+        with log_path.open("ab") as out:
+            process = subprocess.Popen(
+                list(args), stdout=out, stderr=subprocess.STDOUT, env=self.env,
+                cwd=self.work_dir, start_new_session=True,
+            )
+        log.info("started %s (pid %d), log %s", name, process.pid, log_path)
+        self.started.append(process)
+        return process
+
+    def stop(self, timeout: float = 10.0) -> None:
+        """SIGTERM every process group, then SIGKILL what is left after `timeout` s."""
+        for process in self.started:
+            _signal_group(process, signal.SIGTERM)
+        deadline = time.monotonic() + timeout
+        for process in self.started:
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                process.wait(max(deadline - time.monotonic(), 0.1))
+            _signal_group(process, signal.SIGKILL)
+            process.wait()
+        self.started.clear()
+
+
+def _signal_group(process: subprocess.Popen, sig: int) -> None:
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(process.pid, sig)
+
+
+def _executable(name: str) -> str:
+    """Flower's console scripts sit beside this interpreter (a venv's bin)."""
+    beside = Path(sys.executable).parent / name
+    return str(beside) if beside.exists() else name
+
+
+@contextlib.contextmanager
+def flower_processes(work_dir: Path) -> Iterator[Processes]:
+    work_dir.mkdir(parents=True, exist_ok=True)
+    ray_tmp = tempfile.mkdtemp(prefix="ray")  # Ray's socket paths must stay short
+    env = {
+        **os.environ,
+        "FLWR_HOME": str(work_dir / "flwr-home"),
+        "RAY_TMPDIR": ray_tmp,
+        "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}",
+        "FLWR_DISABLE_UPDATE_CHECK": "1",
+        "PYTHONUNBUFFERED": "1",
+    }
+    processes = Processes(work_dir, env)
+    try:
+        yield processes
+    finally:
+        processes.stop()
+
+
+def start_superlink(processes: Processes, simulation: bool) -> int:
+    """A SuperLink serving its Control, Fleet and Runtime APIs on one free port."""
+    port = free_port()
+    args = [
+        _executable("flower-superlink"), "--insecure", "--isolation", "subprocess",
+        "--host", "127.0.0.1", "--port", str(port),
+        "--database", str(processes.work_dir / "superlink.db"),
+        "--disable-runtime-dependency-installation",
+    ]
+    process = processes.start("superlink", [*args, "--simulation"] if simulation else args)
+    wait_for_port(port, process, 60, processes.work_dir / "superlink.log")
+    _write_connection(Path(processes.env["FLWR_HOME"]), port)
+    return port
+
+
+def start_supernode(processes: Processes, superlink_port: int, node_config: dict[str, Any]):
+    config = " ".join(f"{k}={_toml_value(v)}" for k, v in node_config.items())
+    name = f"supernode{node_config.get('partition-id', len(processes.started))}"
+    return processes.start(name, [
+        _executable("flower-supernode"), "--insecure",
+        "--superlink", f"127.0.0.1:{superlink_port}",
+        "--host", "127.0.0.1", "--port", str(free_port()),
+        "--node-config", config,
+    ])
+
+
+def _toml_value(value: Any) -> str:
+    return f'"{value}"' if isinstance(value, str) else str(value)
+
+
+def _write_connection(flwr_home: Path, control_port: int) -> None:
+    flwr_home.mkdir(parents=True, exist_ok=True)
+    connection = {"superlink": {"default": "fedsteer",
+                                "fedsteer": {"address": f"127.0.0.1:{control_port}",
+                                             "insecure": True}}}
+    (flwr_home / "config.toml").write_text(tomli_w.dumps(connection))
+
+
+def submit(processes: Processes, app_dir: Path, federation_config: str | None,
+           timeout: float) -> None:
+    """`flwr run APP fedsteer --stream`: blocks until the ServerApp has finished."""
+    args = [_executable("flwr"), "run", str(app_dir), "fedsteer", "--stream"]
+    if federation_config:
+        args += ["--federation-config", federation_config]
+    log_path = processes.work_dir / "flwr-run.log"
+    process = processes.start("flwr-run", args)
+    try:
+        code = process.wait(timeout)
+    except subprocess.TimeoutExpired as error:
+        raise FlowerRunFailed(f"flwr run did not finish within {timeout:g} s; "
+                              f"see {log_path}") from error
+    if code != 0 or _run_failed(log_path):
+        raise FlowerRunFailed(f"flwr run failed (exit {code}); see {log_path}")
+
+
+def _run_failed(log_path: Path) -> bool:
+    text = log_path.read_text(errors="replace")
+    return "ServerApp raised an exception" in text or "Traceback" in text
+
+
+def simulate(run_config: dict[str, Any], supernodes: int, work_dir: Path,
+             timeout: float = 7200.0) -> None:
+    """Run in Flower's simulation engine: `supernodes` virtual nodes, one per partition."""
+    app_dir = write_app(work_dir / "app", run_config)
+    with flower_processes(work_dir) as processes:
+        start_superlink(processes, simulation=True)
+        submit(processes, app_dir, f"num-supernodes={supernodes}", timeout)
+
+
+def deploy(run_config: dict[str, Any], node_configs: Sequence[dict[str, Any]], work_dir: Path,
+           timeout: float = 7200.0) -> None:
+    """A real deployment on 127.0.0.1: a SuperLink plus one SuperNode per node config."""
+    app_dir = write_app(work_dir / "app", run_config)
+    with flower_processes(work_dir) as processes:
+        port = start_superlink(processes, simulation=False)
+        for node_config in node_configs:
+            start_supernode(processes, port, node_config)
+        submit(processes, app_dir, None, timeout)
