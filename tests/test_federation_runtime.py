@@ -11,8 +11,7 @@ from flwr.server.strategy.aggregate import aggregate
 
 from fedsteer.data import Example, TaskSpec
 from fedsteer.eval.costs import payload_bytes
-from fedsteer.federation import InProcessRuntime, RuntimeConfig
-from fedsteer.federation.inprocess import CheckpointMismatch
+from fedsteer.federation import CheckpointMismatch, InProcessRuntime, RuntimeConfig
 from fedsteer.methods import Client, Environment, Method, Reply, seeded_rng
 
 DIM = 8

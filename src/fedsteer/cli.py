@@ -30,8 +30,8 @@ from fedsteer.eval.plots import plot_comparison
 from fedsteer.eval.record import RESULT_FILE, read_result
 from fedsteer.eval.report import comparison_table
 from fedsteer.experiment import RunConfig, default_run_dir, run_experiment
-from fedsteer.federation.checkpoint import atomic_write_json
 from fedsteer.federation import CheckpointMismatch
+from fedsteer.federation.checkpoint import atomic_write_json
 from fedsteer.methods import METHODS, check_options
 from fedsteer.models import (
     DEFAULT_MODEL,
@@ -49,6 +49,7 @@ app = typer.Typer(
     no_args_is_help=True, add_completion=False)
 console = Console(width=None if Console().is_terminal else 120)  # logs: no 80-col wrap
 RUN_CONFIG_FILE = "run.json"
+RUNTIMES = ("inprocess", "flower", "flower-deployment")
 
 
 def _setup_logging(verbose: bool) -> None:
@@ -117,10 +118,19 @@ def run(
     = None,
     save: Annotated[Path | None, typer.Option(
         help="write the adapted model (e.g. IFed-ICL's vectors + coefficients) here")] = None,
+    runtime: Annotated[str, typer.Option(
+        help="inprocess; flower (Flower's simulation); flower-deployment (a SuperLink and "
+             "one SuperNode per client on 127.0.0.1)")] = "inprocess",
     verbose: bool = False,
 ) -> None:
     """Run methods on one task with one model load; print a comparison table."""
     _setup_logging(verbose)
+    if runtime not in RUNTIMES:
+        raise typer.BadParameter(f"unknown {runtime!r}; use one of {', '.join(RUNTIMES)}",
+                                 param_hint="--runtime")
+    if resume is not None and runtime != "inprocess":
+        raise typer.BadParameter("--resume works with the in-process runtime only: on Flower, "
+                                 "client state lives in the nodes", param_hint="--runtime")
     if resume is not None:
         out, configs = resume, _load_run_configs(resume)
     else:
@@ -146,7 +156,10 @@ def run(
         out = out or default_run_dir(configs[0])
         atomic_write_json(out / RUN_CONFIG_FILE, [dataclasses.asdict(c) for c in configs])
     with _user_errors():
-        records = _run_all(configs, out, resume=resume is not None, save=save)
+        if runtime == "inprocess":
+            records = _run_all(configs, out, resume=resume is not None, save=save)
+        else:
+            records = _run_all_on_flower(configs, out, runtime == "flower-deployment", save)
     _show(records, out, title=f"{configs[0].task} · {configs[0].model}")
 
 
@@ -210,6 +223,29 @@ def _run_all(configs: list[RunConfig], out: Path, resume: bool, save: Path | Non
                 run_experiment(config, method_dir, lm=lm, task=task, resume=resume,
                                progress=progress, save_dir=save_dir)
             )
+    return records
+
+
+def _run_all_on_flower(configs: list[RunConfig], out: Path, deployment: bool,
+                       save: Path | None) -> list[dict]:
+    """Each method in its own Flower run; the apps write the same result.json as in-process."""
+    from fedsteer.federation.launch import FlowerRunFailed, run_on_flower
+
+    records, many = [], len(configs) > 1
+    with _progress() as progress:
+        for config in configs:
+            method_dir = _method_dir(out, config, many)
+            where = "a localhost deployment" if deployment else "Flower's simulation"
+            task = progress.add_task(f"{config.method} on {where}", total=None)
+            try:
+                records.append(run_on_flower(
+                    config, method_dir, deployment=deployment,
+                    save_dir=None if save is None else _method_dir(save, config, many),
+                    on_wait=lambda t=task: progress.advance(t),
+                ))
+            except FlowerRunFailed as error:
+                raise ValueError(str(error)) from error
+            progress.remove_task(task)
     return records
 
 

@@ -69,15 +69,18 @@ class FlowerRun:
 
 
 def from_run_config(values: dict[str, Any]) -> FlowerRun:
-    fields = {f.name: f for f in dataclasses.fields(RunConfig)}
     config_args: dict[str, Any] = {}
-    for name in fields:
-        raw = values.get(name.replace("_", "-"), "")
-        if name == "options":
-            config_args[name] = json.loads(raw) if raw else {}
-        elif raw != "":
-            config_args[name] = raw
-    extras = {key.replace("-", "_"): values.get(key, default) for key, default in EXTRA_KEYS.items()}
+    for field in dataclasses.fields(RunConfig):
+        key = field.name.replace("_", "-")
+        if key not in values:
+            continue  # the RunConfig default
+        raw = values[key]
+        if field.name == "options":
+            config_args[field.name] = json.loads(raw) if raw else {}
+        else:
+            config_args[field.name] = None if raw == "" else raw
+    extras = {key.replace("-", "_"): values.get(key, default)
+              for key, default in EXTRA_KEYS.items()}
     return FlowerRun(config=RunConfig(**config_args), **extras)
 
 

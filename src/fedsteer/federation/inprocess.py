@@ -55,10 +55,13 @@ class InProcessRuntime(Runtime):
     def _save_clients(self, clients: list[Client]) -> None:
         for client in clients:
             if len(client.state):
-                save_recorddict(client.state, self.checkpoint_dir / "clients" / f"client{client.cid}")
+                save_recorddict(client.state, self._client_path(client))
 
     def _restore_clients(self, clients: list[Client]) -> None:
         for client in clients:
-            path = self.checkpoint_dir / "clients" / f"client{client.cid}"
+            path = self._client_path(client)
             if path.with_suffix(".json").exists():
                 client.state = load_recorddict(path)
+
+    def _client_path(self, client: Client):
+        return self.checkpoint_dir / "clients" / f"client{client.cid}"

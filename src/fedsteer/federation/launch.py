@@ -13,17 +13,23 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import re
 import signal
 import socket
 import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import tomli_w
+
+from fedsteer import settings
+
+if TYPE_CHECKING:
+    from fedsteer.experiment import RunConfig
 
 log = logging.getLogger(__name__)
 
@@ -169,42 +175,89 @@ def _write_connection(flwr_home: Path, control_port: int) -> None:
 
 
 def submit(processes: Processes, app_dir: Path, federation_config: str | None,
-           timeout: float) -> None:
+           timeout: float, on_wait: Callable[[], None] | None = None) -> None:
     """`flwr run APP fedsteer --stream`: blocks until the ServerApp has finished."""
     args = [_executable("flwr"), "run", str(app_dir), "fedsteer", "--stream"]
     if federation_config:
         args += ["--federation-config", federation_config]
     log_path = processes.work_dir / "flwr-run.log"
     process = processes.start("flwr-run", args)
-    try:
-        code = process.wait(timeout)
-    except subprocess.TimeoutExpired as error:
-        raise FlowerRunFailed(f"flwr run did not finish within {timeout:g} s; "
-                              f"see {log_path}") from error
-    if code != 0 or _run_failed(log_path):
-        raise FlowerRunFailed(f"flwr run failed (exit {code}); see {log_path}")
+    deadline = time.monotonic() + timeout
+    while process.poll() is None:
+        if time.monotonic() > deadline:
+            raise FlowerRunFailed(f"flwr run did not finish within {timeout:g} s; see {log_path}")
+        if on_wait is not None:
+            on_wait()
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            process.wait(1.0)
+    failure = _server_failure(log_path.read_text(errors="replace"))
+    if process.returncode != 0 or failure:
+        raise FlowerRunFailed(f"flwr run failed (exit {process.returncode}): {failure or '?'}; "
+                              f"see {log_path}")
 
 
-def _run_failed(log_path: Path) -> bool:
-    text = log_path.read_text(errors="replace")
-    return "ServerApp raised an exception" in text or "Traceback" in text
+def _server_failure(log_text: str) -> str | None:
+    """`flwr run` exits 0 even when the ServerApp raised: find the exception in its log."""
+    if "ServerApp raised an exception" not in log_text:
+        return None
+    lines = [line for line in log_text.splitlines() if line.strip()]
+    errors = [line for line in lines if re.match(r"^[\w.]+(Error|Exception|Mismatch)\b", line)]
+    return errors[-1] if errors else "the ServerApp raised an exception"
 
 
 def simulate(run_config: dict[str, Any], supernodes: int, work_dir: Path,
-             timeout: float = 7200.0) -> None:
+             timeout: float = 7200.0, on_wait: Callable[[], None] | None = None) -> None:
     """Run in Flower's simulation engine: `supernodes` virtual nodes, one per partition."""
     app_dir = write_app(work_dir / "app", run_config)
     with flower_processes(work_dir) as processes:
         start_superlink(processes, simulation=True)
-        submit(processes, app_dir, f"num-supernodes={supernodes}", timeout)
+        submit(processes, app_dir, f"num-supernodes={supernodes}", timeout, on_wait)
 
 
 def deploy(run_config: dict[str, Any], node_configs: Sequence[dict[str, Any]], work_dir: Path,
-           timeout: float = 7200.0) -> None:
+           timeout: float = 7200.0, on_wait: Callable[[], None] | None = None) -> None:
     """A real deployment on 127.0.0.1: a SuperLink plus one SuperNode per node config."""
     app_dir = write_app(work_dir / "app", run_config)
     with flower_processes(work_dir) as processes:
         port = start_superlink(processes, simulation=False)
         for node_config in node_configs:
             start_supernode(processes, port, node_config)
-        submit(processes, app_dir, None, timeout)
+        submit(processes, app_dir, None, timeout, on_wait)
+
+
+def run_on_flower(
+    config: RunConfig, out_dir: Path, *, deployment: bool = False,
+    save_dir: Path | None = None, round_timeout: float = 3600.0,
+    on_wait: Callable[[], None] | None = None,
+) -> dict[str, Any]:
+    """Run `config` on Flower (simulation, or a localhost deployment); return its record.
+
+    The ServerApp writes the same `result.json` as an in-process run, into `out_dir`;
+    Flower's own logs and state go to `out_dir/flower/`.
+    """
+    from fedsteer.eval.record import read_result
+    from fedsteer.federation.flower import to_run_config
+    from fedsteer.methods import make_method
+
+    out_dir = Path(out_dir).resolve()
+    run_config = to_run_config(
+        config, out_dir=out_dir, save_dir=save_dir.resolve() if save_dir else "",
+        data_dir=_data_dir_or_blank(), round_timeout=round_timeout,
+    )
+    centralized = make_method(config.method, **config.method_options()).centralized
+    nodes = 1 if centralized else config.clients
+    work_dir = out_dir / "flower"
+    if deployment:
+        node_configs = [{"partition-id": i, "num-partitions": nodes} for i in range(nodes)]
+        deploy(run_config, node_configs, work_dir, on_wait=on_wait)
+    else:
+        simulate(run_config, nodes, work_dir, on_wait=on_wait)
+    return read_result(out_dir)
+
+
+def _data_dir_or_blank() -> str:
+    """Pass the data directory on absolute, so Flower's processes find it from any cwd."""
+    try:
+        return str(settings.data_dir().resolve())
+    except FileNotFoundError:
+        return ""

@@ -144,11 +144,11 @@ class Runtime(ABC):
             {"fingerprint": fingerprint, "rounds": [r.to_dict() for r in rounds]},
         )
 
-    def _save_clients(self, clients) -> None:
+    def _save_clients(self, clients) -> None:  # noqa: B027 - optional hook
         """Client state lives with the clients; runtimes that host them save it here."""
 
-    def _restore_clients(self, clients) -> None:
-        pass
+    def _restore_clients(self, clients) -> None:  # noqa: B027 - optional hook
+        """Counterpart of `_save_clients`."""
 
     def _restore(self, clients, fingerprint):
         progress_file = self.checkpoint_dir / "progress.json" if self.checkpoint_dir else None

@@ -1,0 +1,219 @@
+"""fedsteer on Flower: the same ServerApp/ClientApp code, inline (fast) and in Flower's processes.
+
+The fast tests drive the real `serve` (ServerApp main) and `client_app` through an inline
+Grid that calls the ClientApp in this process; the slow ones start Flower's simulation and
+a localhost deployment and check results equal the in-process runtime's.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from pathlib import Path
+
+import numpy as np
+import psutil
+import pytest
+from flwr.app import Array, Context, Error, Message, RecordDict
+from flwr.supercore.task_identity import TaskIdentity
+
+from fedsteer.eval.record import read_result
+from fedsteer.experiment import RunConfig, run_experiment
+from fedsteer.federation import launch
+from fedsteer.federation.flower import client_app, from_run_config, serve, to_run_config
+
+IFED = {"rounds": 2, "local_epochs": 1, "demos_per_class": 1, "calibration_per_class": 2}
+
+
+def tiny_config(**overrides) -> RunConfig:
+    fields = {"method": "ifed-icl", "task": "sst2", "model": "tiny-random", "clients": 3,
+              "test_size": 20, "options": dict(IFED)}
+    return RunConfig(**{**fields, **overrides})
+
+
+class InlineGrid:
+    """A Flower Grid whose nodes are ClientApp calls in this process.
+
+    `silent` nodes join, then never answer a train message (killed after joining);
+    `tamper(node, content)` may rewrite a reply (a hostile client). Exceptions become
+    error replies, as Flower sends them.
+    """
+
+    def __init__(self, run_config, partitions: int, silent=(), tamper=None,
+                 node_config=None) -> None:
+        extra = node_config or {}
+        self.contexts = {
+            100 + p: Context(run_id=1, node_id=100 + p, state=RecordDict(), run_config=run_config,
+                             node_config={"partition-id": p, "num-partitions": partitions,
+                                          **extra.get(100 + p, {})})
+            for p in range(partitions)
+        }
+        self.silent, self.tamper, self.sent = set(silent), tamper, []
+
+    def get_node_ids(self):
+        return list(self.contexts)
+
+    def send_and_receive(self, messages, *, timeout=None):
+        replies = []
+        for message in messages:
+            node = message.metadata.dst_node_id
+            self.sent.append((node, message.metadata.message_type))
+            if node in self.silent and message.metadata.message_type == "train":
+                continue
+            TaskIdentity.node_id = node
+            try:
+                reply = client_app(message, self.contexts[node])
+            except Exception as error:  # noqa: BLE001 - becomes an error reply, as in Flower
+                reply = Message(Error(code=0, reason=repr(error)), reply_to=message)
+            if self.tamper is not None:
+                self.tamper(node, reply.content)
+            replies.append(reply)
+        return replies
+
+
+@pytest.fixture
+def flower_identity():
+    """Messages need a run identity, which Flower's processes set for real."""
+    saved = TaskIdentity._run_id, TaskIdentity._task_id, TaskIdentity._node_id
+    TaskIdentity.run_id, TaskIdentity.task_id, TaskIdentity.node_id = 1, 1, 0
+    yield
+    TaskIdentity._run_id, TaskIdentity._task_id, TaskIdentity._node_id = saved
+
+
+def serve_inline(config, out_dir: Path, **grid_options) -> tuple[dict, InlineGrid]:
+    run_config = to_run_config(config, out_dir=out_dir, round_timeout=5.0, node_wait=0.1)
+    grid = InlineGrid(run_config, config.clients, **grid_options)
+    serve(grid, Context(run_id=1, node_id=0, node_config={}, state=RecordDict(),
+                        run_config=run_config))
+    return read_result(out_dir), grid
+
+
+def test_run_config_round_trips_every_field(tmp_path):
+    config = tiny_config(rounds=None, test_size=None, max_reply_norm=3.5, alpha=0.1)
+    run = from_run_config(to_run_config(config, out_dir=tmp_path, round_timeout=7.0))
+    assert run.config == config
+    assert run.out_dir == str(tmp_path) and run.round_timeout == 7.0
+
+
+def test_flower_apps_match_the_in_process_runtime(tmp_path, flower_identity):
+    config = tiny_config()
+    expected = run_experiment(config, tmp_path / "inprocess")
+    record, grid = serve_inline(config, tmp_path / "flower")
+    assert record["metrics"] == expected["metrics"]
+    for key in ("bytes_up", "bytes_down", "num_rounds"):
+        assert record["costs"][key] == expected["costs"][key], key
+    assert {kind for _, kind in grid.sent} == {"query", "train"}
+
+
+def test_a_silent_node_is_left_out_and_the_rounds_go_on(tmp_path, flower_identity):
+    record, _ = serve_inline(tiny_config(), tmp_path, silent={101})
+    rounds = record["costs"]["rounds"]
+    assert len(rounds) == 3
+    for r in rounds:
+        assert [x["cid"] for x in r["rejected"]] == [1]
+        assert "no reply" in r["rejected"][0]["reason"]
+
+
+def test_a_poisoned_reply_is_rejected_with_its_reason(tmp_path, flower_identity):
+    def poison(node, content):
+        if node == 102 and "vectors" in content:
+            attn = content["vectors"]["attn"].numpy()
+            content["vectors"]["attn"] = Array(np.full_like(attn, np.nan))
+
+    record, _ = serve_inline(tiny_config(), tmp_path, tamper=poison)
+    first = record["costs"]["rounds"][0]["rejected"]
+    assert [x["cid"] for x in first] == [2] and "NaN" in first[0]["reason"]
+    assert 0.0 <= record["metrics"]["accuracy"] <= 1.0
+
+
+def test_a_failing_client_becomes_an_error_reply_and_is_logged(tmp_path, flower_identity):
+    missing = tmp_path / "gone.jsonl"  # node 1's own data file is missing: its step raises
+    node_config = {101: {"data-file": str(missing)}}
+    record, _ = serve_inline(tiny_config(), tmp_path, node_config=node_config)
+    for r in record["costs"]["rounds"]:
+        assert [x["cid"] for x in r["rejected"]] == [1]
+        assert "client failed" in r["rejected"][0]["reason"]
+        assert "gone.jsonl" in r["rejected"][0]["reason"]
+
+
+# ------------------------------------------------------------- processes
+def flower_pids() -> set[int]:
+    names = ("flower-superlink", "flower-supernode", "flwr-serverapp", "flwr-clientapp",
+             "flwr-simulation", "flower-superexec")
+    found = set()
+    for proc in psutil.process_iter(["cmdline"]):
+        cmd = " ".join(proc.info["cmdline"] or [])
+        if any(name in cmd for name in names):
+            found.add(proc.pid)
+    return found
+
+
+@pytest.fixture
+def no_leftover_processes():
+    before = flower_pids()
+    yield
+    deadline = time.monotonic() + 15
+    while flower_pids() - before and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert not flower_pids() - before, "Flower processes were left running"
+
+
+def data_dir() -> str:
+    from fedsteer import settings
+
+    return str(settings.data_dir())
+
+
+@pytest.mark.slow
+def test_simulation_equals_in_process(tmp_path, no_leftover_processes):
+    config = tiny_config()
+    expected = run_experiment(config, tmp_path / "inprocess")
+    record = launch.run_on_flower(config, tmp_path / "sim")
+    assert record["metrics"] == expected["metrics"]
+    assert record["costs"]["bytes_up"] == expected["costs"]["bytes_up"]
+
+
+@pytest.mark.slow
+def test_localhost_deployment_runs_two_rounds_and_stops_everything(tmp_path, no_leftover_processes):
+    config = tiny_config(clients=2, options={**IFED, "rounds": 1})  # extract + 1 calibration
+    expected = run_experiment(config, tmp_path / "inprocess")
+    started = time.monotonic()
+    record = launch.run_on_flower(config, tmp_path / "deploy", deployment=True)
+    assert record["costs"]["num_rounds"] == 2
+    assert record["metrics"] == expected["metrics"]
+    assert time.monotonic() - started < 300
+
+
+@pytest.mark.slow
+def test_a_supernode_killed_mid_round_does_not_hang_the_server(tmp_path, no_leftover_processes):
+    config = tiny_config(options={**IFED, "rounds": 1})
+    run_config = to_run_config(config, out_dir=tmp_path / "out", data_dir=data_dir(),
+                               round_timeout=20.0)
+    work = tmp_path / "flower"
+    app_dir = launch.write_app(work / "app", run_config)
+    with launch.flower_processes(work) as processes:
+        port = launch.start_superlink(processes, simulation=False)
+        nodes = [launch.start_supernode(processes, port, {"partition-id": p, "num-partitions": 3})
+                 for p in range(3)]
+        victim, victim_log = nodes[1], work / "supernode1.log"
+
+        def kill_when_busy():  # kill node 1 as soon as it receives its first train message
+            if victim.poll() is None and "Receiving: train" in victim_log.read_text():
+                os.killpg(victim.pid, 9)
+
+        launch.submit(processes, app_dir, None, timeout=300, on_wait=kill_when_busy)
+    record = read_result(tmp_path / "out")
+    rejected = [x for r in record["costs"]["rounds"] for x in r["rejected"]]
+    assert rejected and {x["cid"] for x in rejected} == {1}
+    assert all("no reply" in x["reason"] for x in rejected)
+    assert record["metrics"]["num_clients"] == 3
+    assert json.loads(json.dumps(record))  # a complete, readable record
+
+
+def test_a_server_app_exception_in_the_flwr_log_is_found():
+    log_text = ("INFO : Start `flwr-serverapp` process\nERROR : ServerApp raised an exception\n"
+                "Traceback (most recent call last):\n  File \"x.py\", line 1\n"
+                "RuntimeError: no Flower node holds partition(s) [1]\nERROR : Exit Code: 201\n")
+    assert launch._server_failure(log_text) == "RuntimeError: no Flower node holds partition(s) [1]"
+    assert launch._server_failure("INFO : run finished\n") is None
