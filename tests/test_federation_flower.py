@@ -217,3 +217,11 @@ def test_a_server_app_exception_in_the_flwr_log_is_found():
                 "RuntimeError: no Flower node holds partition(s) [1]\nERROR : Exit Code: 201\n")
     assert launch._server_failure(log_text) == "RuntimeError: no Flower node holds partition(s) [1]"
     assert launch._server_failure("INFO : run finished\n") is None
+
+
+def test_client_level_dp_is_the_same_on_flower_as_in_process(tmp_path, flower_identity):
+    config = tiny_config(dp_clip=1.0, dp_noise=0.5)
+    expected = run_experiment(config, tmp_path / "inprocess")
+    record, _ = serve_inline(config, tmp_path / "flower")
+    assert record["metrics"] == expected["metrics"]
+    assert record["privacy"] == expected["privacy"] and record["privacy"]["epsilon"] > 0

@@ -118,6 +118,11 @@ def run(
     = None,
     save: Annotated[Path | None, typer.Option(
         help="write the adapted model (e.g. IFed-ICL's vectors + coefficients) here")] = None,
+    dp_clip: Annotated[float | None, typer.Option(
+        help="client-level DP: clip each reply record's update to this L2 norm")] = None,
+    dp_noise: Annotated[float, typer.Option(
+        help="client-level DP: Gaussian noise std as a multiple of --dp-clip")] = 0.0,
+    dp_delta: Annotated[float, typer.Option(help="δ at which ε is reported")] = 1e-5,
     runtime: Annotated[str, typer.Option(
         help="inprocess; flower (Flower's simulation); flower-deployment (a SuperLink and "
              "one SuperNode per client on 127.0.0.1)")] = "inprocess",
@@ -150,7 +155,7 @@ def run(
             RunConfig(method=m, task=task, model=model, clients=clients, alpha=alpha,
                       partition=partition_scheme, rounds=rounds, fraction=fraction, seed=seed,
                       test_size=test_size or None, shots=shots, batch_size=batch_size,
-                      options=options)
+                      dp_clip=dp_clip, dp_noise=dp_noise, dp_delta=dp_delta, options=options)
             for m in methods
         ]
         out = out or default_run_dir(configs[0])

@@ -20,6 +20,7 @@ from fedsteer.data import Example, Task, load_task, partition
 from fedsteer.eval.costs import summarize_costs
 from fedsteer.eval.record import environment, write_result
 from fedsteer.federation import InProcessRuntime, Runtime, RuntimeConfig
+from fedsteer.federation.privacy import ClientDP
 from fedsteer.methods import Client, Environment, make_method, seeded_rng
 from fedsteer.models import DEFAULT_MODEL
 
@@ -45,6 +46,9 @@ class RunConfig:
     shots: int = 4
     batch_size: int = 16
     max_reply_norm: float | None = None
+    dp_clip: float | None = None  # client-level DP: clip each reply record to this L2 norm
+    dp_noise: float = 0.0  # ... and add N(0, (dp_noise * dp_clip)^2) noise to it
+    dp_delta: float = 1e-5
     options: dict[str, Any] = field(default_factory=dict)  # method-specific extras
 
     def method_options(self) -> dict[str, Any]:
@@ -64,10 +68,15 @@ def evaluation_rows(task: Task, size: int | None, seed: int) -> list[Example]:
     return [task.test[i] for i in sorted(picks)]
 
 
+def client_dp(config: RunConfig) -> ClientDP | None:
+    if config.dp_clip is None:
+        return None
+    return ClientDP(clip=config.dp_clip, noise_multiplier=config.dp_noise, delta=config.dp_delta)
+
+
 def runtime_config(config: RunConfig) -> RuntimeConfig:
-    return RuntimeConfig(
-        fraction=config.fraction, seed=config.seed, max_reply_norm=config.max_reply_norm
-    )
+    return RuntimeConfig(fraction=config.fraction, seed=config.seed,
+                         max_reply_norm=config.max_reply_norm, dp=client_dp(config))
 
 
 def build_clients(config: RunConfig, task: Task, env: Environment, centralized: bool):
@@ -137,6 +146,7 @@ def run_experiment(
         "config": {**dataclasses.asdict(config), "method_options": method.options()},
         "metrics": {**metrics, "num_test": len(env.test), "num_clients": len(clients)},
         "costs": costs,
+        "privacy": outcome.privacy,
         "env": environment(),
     }
     write_result(record, out_dir)

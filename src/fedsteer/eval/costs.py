@@ -38,6 +38,7 @@ class RoundCost:
     server_seconds: float = 0.0
     peak_rss_bytes: int = 0
     rejected: list[dict[str, Any]] = field(default_factory=list)
+    array_records: int = 0  # per reply: what a DP accountant composes for the round
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

@@ -2,7 +2,8 @@
 
 Top-level keys: `method`, `task`, `model`, `config` (everything needed to rerun),
 `metrics` (`accuracy`, `macro_f1`, per-client where it applies), `costs` (`bytes_up`,
-`bytes_down`, `client_seconds`, `server_seconds`, `peak_rss_bytes`, `rounds`), `env`.
+`bytes_down`, `client_seconds`, `server_seconds`, `peak_rss_bytes`, `rounds`), `env`, and
+`privacy` (null, or `epsilon`, `delta`, `clip`, `noise_multiplier` of a client-level DP run).
 """
 
 from __future__ import annotations

@@ -30,8 +30,9 @@ def comparison_table(records: Sequence[dict[str, Any]], title: str = "") -> Tabl
     """One row per result record; percentages, bytes per round, seconds, peak memory."""
     table = Table(title=title or None)
     table.add_column("method", no_wrap=True)
+    private = any(rec.get("privacy") for rec in records)
     for name in ("acc %", "macro-F1 %", "up/round", "down/round", "rounds", "client s",
-                 "eval s", "peak mem"):
+                 "eval s", "peak mem", *(["ε (δ)"] if private else [])):
         table.add_column(name, justify="right", no_wrap=True)
     for rec in records:
         m, c = rec["metrics"], rec["costs"]
@@ -45,5 +46,13 @@ def comparison_table(records: Sequence[dict[str, Any]], title: str = "") -> Tabl
             f"{c['client_seconds']:.1f}",
             f"{c.get('eval_seconds', 0.0):.1f}",
             human_bytes(c["peak_rss_bytes"]),
+            *([_epsilon(rec.get("privacy"))] if private else []),
         )
     return table
+
+
+def _epsilon(privacy: dict[str, Any] | None) -> str:
+    """ε at δ of a DP run; "—" for a run without DP (no guarantee at all)."""
+    if not privacy:
+        return "—"
+    return f"{privacy['epsilon']:.2f} ({privacy['delta']:.0e})"

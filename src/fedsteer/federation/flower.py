@@ -30,7 +30,14 @@ from flwr.serverapp import Grid, ServerApp
 from fedsteer.data import Task, load_task
 from fedsteer.data.loading import load_examples
 from fedsteer.eval.costs import RoundCost, payload_bytes, peak_rss_bytes
-from fedsteer.experiment import RunConfig, build_clients, run_experiment, runtime_config
+from fedsteer.experiment import (
+    RunConfig,
+    build_clients,
+    client_dp,
+    run_experiment,
+    runtime_config,
+)
+from fedsteer.federation.privacy import privatize_reply
 from fedsteer.federation.runtime import Runtime, RuntimeConfig
 from fedsteer.methods import Client, Environment, Method, Reply, make_method
 
@@ -200,6 +207,9 @@ def step(message: Message, context: Context) -> Message:
     client.state = context.state
     content = host.method.client_step(message.content, client)
     _keep_state(context.state, client.state)
+    content = privatize_reply(client_dp(run.config), content, message.content,
+                              seed=run.config.seed, rnd=int(message.metadata.group_id or 0),
+                              cid=client.cid)
     content[CLIENT_INFO] = MetricRecord({
         "num-examples": len(client.data),
         "seconds": time.perf_counter() - started,

@@ -12,6 +12,7 @@ import time
 
 from fedsteer.eval.costs import RoundCost, payload_bytes
 from fedsteer.federation.checkpoint import load_recorddict, save_recorddict
+from fedsteer.federation.privacy import privatize_reply
 from fedsteer.federation.runtime import Runtime
 from fedsteer.methods.base import Client, Method, Reply
 
@@ -38,7 +39,9 @@ class InProcessRuntime(Runtime):
     def _call_client(self, method: Method, message, client: Client, cost: RoundCost):
         started = time.perf_counter()
         try:
-            content = method.client_step(message, client)
+            content = privatize_reply(self.config.dp, method.client_step(message, client),
+                                      message, seed=self.config.seed, rnd=cost.round,
+                                      cid=client.cid)
         except Exception as error:  # one failing party must not stop the federation
             log.exception("round %d: client %d failed", cost.round, client.cid)
             cost.rejected.append({"cid": client.cid, "reason": f"client failed: {error!r}"})

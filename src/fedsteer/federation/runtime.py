@@ -22,6 +22,7 @@ from rich.progress import Progress
 from fedsteer.eval.costs import RoundCost, payload_bytes, peak_rss_bytes
 from fedsteer.federation.checkpoint import atomic_write_json, load_recorddict, save_recorddict
 from fedsteer.federation.payloads import InvalidReply, check_reply
+from fedsteer.federation.privacy import ClientDP, PrivacyLedger
 from fedsteer.methods.base import Environment, Method, Reply, seeded_rng
 
 log = logging.getLogger(__name__)
@@ -34,12 +35,14 @@ class RuntimeConfig:
     seed: int = 0
     max_rounds: int = 10_000  # a guard against a method that never finishes
     max_reply_norm: float | None = None  # overrides the method's own bound when set
+    dp: ClientDP | None = None  # client-level DP on every reply (see privacy.py)
 
 
 @dataclass
 class RunOutcome:
     state: RecordDict
     rounds: list[RoundCost]
+    privacy: dict[str, Any] | None = None  # epsilon, delta... when DP was on
 
 
 class CheckpointMismatch(RuntimeError):
@@ -80,14 +83,19 @@ class Runtime(ABC):
         fingerprint = json.loads(json.dumps(fingerprint))  # compare as it reads back
         restored = self._restore(clients, fingerprint) if resume else None
         state, rounds = restored or (method.initial_state(env), [])
+        ledger = PrivacyLedger(self.config.dp) if self.config.dp else None
+        for cost in rounds if ledger else ():  # a resumed run has spent these already
+            ledger.record_round(cost.array_records)
         for rnd in range(len(rounds), self.config.max_rounds):
             message = method.configure_round(rnd, state)
             if message is None:
                 break
             state, cost = self._run_round(method, rnd, message, state, clients)
+            if ledger:
+                ledger.record_round(cost.array_records)
             rounds.append(cost)
             self._checkpoint(state, clients, rounds, fingerprint)
-        return RunOutcome(state, rounds)
+        return RunOutcome(state, rounds, ledger.summary() if ledger else None)
 
     def sample_clients(self, rnd: int, num_clients: int) -> list[int]:
         return sample_clients(self.config, rnd, num_clients)
@@ -103,6 +111,7 @@ class Runtime(ABC):
         cost = RoundCost(round=rnd)
         sampled = [clients[cid] for cid in self.sample_clients(rnd, len(clients))]
         replies = self._collect(method, message, sampled, cost)
+        cost.array_records = max((len(r.content.array_records) for r in replies), default=0)
         if sampled and not replies:
             raise RuntimeError(f"round {rnd}: every client failed or was rejected: {cost.rejected}")
         started = time.perf_counter()

@@ -173,9 +173,11 @@ class IFedICL(Method):
             )
             return state
         state["coef"] = aggregate_arrays(replies, "coef", weighted=True)
-        losses = [float(r.content["metrics"]["loss"]) for r in replies]
-        history = list(state["train"]["loss"]) if "train" in state else []
-        state["train"] = MetricRecord({"loss": [*history, float(np.mean(losses))]})
+        # Under client-level DP the replies carry no metrics (they would leak).
+        losses = [float(r.content["metrics"]["loss"]) for r in replies if "metrics" in r.content]
+        if losses:
+            history = list(state["train"]["loss"]) if "train" in state else []
+            state["train"] = MetricRecord({"loss": [*history, float(np.mean(losses))]})
         return state
 
     # ---------------------------------------------------------------- client

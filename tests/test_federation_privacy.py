@@ -1,0 +1,67 @@
+"""Client-level DP: clipping, noise, the accountant's ε, and the run record."""
+
+from __future__ import annotations
+
+import math
+
+import dp_accounting
+import numpy as np
+import pytest
+from dp_accounting import rdp
+from flwr.app import Array, ArrayRecord, MetricRecord, RecordDict
+
+from fedsteer.experiment import RunConfig, run_experiment
+from fedsteer.federation.privacy import ClientDP, epsilon_for, noise_for_epsilon
+
+
+def record(**arrays) -> ArrayRecord:
+    return ArrayRecord({k: Array(np.asarray(v, dtype=np.float32)) for k, v in arrays.items()})
+
+
+def test_an_update_is_clipped_relative_to_the_global_array():
+    message = RecordDict({"coef": record(c=[1.0, 1.0])})
+    reply = RecordDict({"coef": record(c=[4.0, 5.0]), "metrics": MetricRecord({"loss": 0.3})})
+    dp = ClientDP(clip=1.0, noise_multiplier=0.0)
+    out = dp.privatize(reply, message, np.random.default_rng(0))
+    sent = out["coef"]["c"].numpy()
+    np.testing.assert_allclose(sent, [1.6, 1.8], rtol=1e-6)  # 1 + (3, 4) / 5
+    assert "metrics" not in out  # numbers outside array records would leak unprotected
+
+
+def test_an_array_without_a_global_counterpart_is_clipped_as_it_is():
+    reply = RecordDict({"vectors": record(a=[3.0, 0.0], b=[0.0, 4.0])})  # joint norm 5
+    out = ClientDP(clip=2.5, noise_multiplier=0.0).privatize(reply, RecordDict(),
+                                                             np.random.default_rng(0))
+    np.testing.assert_allclose(out["vectors"]["a"].numpy(), [1.5, 0.0])
+    np.testing.assert_allclose(out["vectors"]["b"].numpy(), [0.0, 2.0])
+
+
+def test_noise_has_the_promised_scale():
+    reply = RecordDict({"v": record(x=np.zeros(20000))})
+    out = ClientDP(clip=0.5, noise_multiplier=2.0).privatize(reply, RecordDict(),
+                                                             np.random.default_rng(1))
+    assert out["v"]["x"].numpy().std() == pytest.approx(1.0, rel=0.03)
+
+
+def test_epsilon_matches_dp_accounting_directly():
+    reference = rdp.RdpAccountant()
+    reference.compose(dp_accounting.GaussianDpEvent(1.1), 10)
+    assert epsilon_for([1.1] * 10, 1e-5) == pytest.approx(reference.get_epsilon(1e-5))
+    assert epsilon_for([0.0], 1e-5) == math.inf
+
+
+def test_noise_for_epsilon_spends_the_target():
+    for target in (1.0, 8.0):
+        z = noise_for_epsilon(target, 1e-5, rounds=4)
+        assert epsilon_for([z] * 4, 1e-5) == pytest.approx(target, rel=1e-2)
+    assert noise_for_epsilon(math.inf, 1e-5, 4) == 0.0
+
+
+def test_a_dp_run_records_its_epsilon(tmp_path):
+    options = {"rounds": 2, "local_epochs": 1, "demos_per_class": 1, "calibration_per_class": 2}
+    config = RunConfig(method="ifed-icl", model="tiny-random", clients=3, test_size=10,
+                       dp_clip=1.0, dp_noise=1.0, options=options)
+    privacy = run_experiment(config, tmp_path)["privacy"]
+    # Three rounds (vectors, then coefficients twice), one array record per reply each.
+    assert privacy["rounds_accounted"] == 3
+    assert privacy["epsilon"] == pytest.approx(epsilon_for([1.0] * 3, 1e-5))
