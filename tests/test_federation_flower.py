@@ -90,7 +90,8 @@ def serve_inline(config, out_dir: Path, **grid_options) -> tuple[dict, InlineGri
 
 
 def test_run_config_round_trips_every_field(tmp_path):
-    config = tiny_config(rounds=None, test_size=None, max_reply_norm=3.5, alpha=0.1)
+    config = tiny_config(rounds=None, test_size=None, max_reply_norm=3.5, alpha=0.1,
+                         dp_clip=1.0, dp_record_clips={"vectors": 60.0})
     run = from_run_config(to_run_config(config, out_dir=tmp_path, round_timeout=7.0))
     assert run.config == config
     assert run.out_dir == str(tmp_path) and run.round_timeout == 7.0

@@ -36,6 +36,14 @@ def test_an_array_without_a_global_counterpart_is_clipped_as_it_is():
     np.testing.assert_allclose(out["vectors"]["b"].numpy(), [0.0, 2.0])
 
 
+def test_a_record_may_have_its_own_clip_norm():
+    reply = RecordDict({"vectors": record(a=[30.0, 40.0]), "coef": record(c=[3.0, 4.0])})
+    dp = ClientDP(clip=1.0, noise_multiplier=0.0, record_clips={"vectors": 10.0})
+    out = dp.privatize(reply, RecordDict(), np.random.default_rng(0))
+    np.testing.assert_allclose(out["vectors"]["a"].numpy(), [6.0, 8.0])
+    np.testing.assert_allclose(out["coef"]["c"].numpy(), [0.6, 0.8])
+
+
 def test_noise_has_the_promised_scale():
     reply = RecordDict({"v": record(x=np.zeros(20000))})
     out = ClientDP(clip=0.5, noise_multiplier=2.0).privatize(reply, RecordDict(),

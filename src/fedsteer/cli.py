@@ -123,6 +123,8 @@ def run(
     dp_noise: Annotated[float, typer.Option(
         help="client-level DP: Gaussian noise std as a multiple of --dp-clip")] = 0.0,
     dp_delta: Annotated[float, typer.Option(help="δ at which ε is reported")] = 1e-5,
+    dp_clip_record: Annotated[list[str] | None, typer.Option(
+        help="a record's own clip norm, NAME=NORM (repeatable), e.g. vectors=60")] = None,
     runtime: Annotated[str, typer.Option(
         help="inprocess; flower (Flower's simulation); flower-deployment (a SuperLink and "
              "one SuperNode per client on 127.0.0.1)")] = "inprocess",
@@ -155,7 +157,8 @@ def run(
             RunConfig(method=m, task=task, model=model, clients=clients, alpha=alpha,
                       partition=partition_scheme, rounds=rounds, fraction=fraction, seed=seed,
                       test_size=test_size or None, shots=shots, batch_size=batch_size,
-                      dp_clip=dp_clip, dp_noise=dp_noise, dp_delta=dp_delta, options=options)
+                      dp_clip=dp_clip, dp_noise=dp_noise, dp_delta=dp_delta,
+                      dp_record_clips=_parse_options(dp_clip_record or []), options=options)
             for m in methods
         ]
         out = out or default_run_dir(configs[0])

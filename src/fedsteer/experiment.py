@@ -49,6 +49,7 @@ class RunConfig:
     dp_clip: float | None = None  # client-level DP: clip each reply record to this L2 norm
     dp_noise: float = 0.0  # ... and add N(0, (dp_noise * dp_clip)^2) noise to it
     dp_delta: float = 1e-5
+    dp_record_clips: dict[str, float] = field(default_factory=dict)  # per-record clip norms
     options: dict[str, Any] = field(default_factory=dict)  # method-specific extras
 
     def method_options(self) -> dict[str, Any]:
@@ -71,7 +72,8 @@ def evaluation_rows(task: Task, size: int | None, seed: int) -> list[Example]:
 def client_dp(config: RunConfig) -> ClientDP | None:
     if config.dp_clip is None:
         return None
-    return ClientDP(clip=config.dp_clip, noise_multiplier=config.dp_noise, delta=config.dp_delta)
+    return ClientDP(clip=config.dp_clip, noise_multiplier=config.dp_noise, delta=config.dp_delta,
+                    record_clips=dict(config.dp_record_clips))
 
 
 def runtime_config(config: RunConfig) -> RuntimeConfig:

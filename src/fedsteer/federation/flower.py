@@ -51,12 +51,16 @@ EXTRA_KEYS = {"out-dir": "", "save-dir": "", "data-dir": "", "round-timeout": 36
 
 
 # ------------------------------------------------------------- run config
+DICT_FIELDS = {f.name for f in dataclasses.fields(RunConfig) if f.type.startswith("dict")}
+
+
 def to_run_config(config: RunConfig, **extras: Any) -> dict[str, Any]:
-    """A flat TOML-able mapping (Flower run config): None becomes "", options become JSON."""
+    """A flat TOML-able mapping (Flower run config): None becomes "", dicts become JSON."""
     values: dict[str, Any] = {}
     for name, value in dataclasses.asdict(config).items():
         key = name.replace("_", "-")
-        values[key] = json.dumps(value) if name == "options" else ("" if value is None else value)
+        values[key] = json.dumps(value) if isinstance(value, dict) else (
+            "" if value is None else value)
     for key, default in EXTRA_KEYS.items():
         value = extras.get(key.replace("-", "_"), default)
         values[key] = "" if value is None else (str(value) if isinstance(value, Path) else value)
@@ -82,7 +86,7 @@ def from_run_config(values: dict[str, Any]) -> FlowerRun:
         if key not in values:
             continue  # the RunConfig default
         raw = values[key]
-        if field.name == "options":
+        if field.name in DICT_FIELDS:
             config_args[field.name] = json.loads(raw) if raw else {}
         else:
             config_args[field.name] = None if raw == "" else raw
