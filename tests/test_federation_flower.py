@@ -226,3 +226,14 @@ def test_client_level_dp_is_the_same_on_flower_as_in_process(tmp_path, flower_id
     record, _ = serve_inline(config, tmp_path / "flower")
     assert record["metrics"] == expected["metrics"]
     assert record["privacy"] == expected["privacy"] and record["privacy"]["epsilon"] > 0
+
+
+def test_the_repository_flower_app_lists_every_run_config_key():
+    import tomllib
+
+    app = tomllib.loads((Path(__file__).parents[1] / "flower" / "pyproject.toml").read_text())
+    flwr = app["tool"]["flwr"]["app"]
+    assert flwr["components"] == launch.APP_COMPONENTS
+    assert app["project"]["dependencies"] == []  # Flower would uv-sync them (CUDA torch)
+    assert set(flwr["config"]) == set(to_run_config(RunConfig("ifed-icl")))
+    from_run_config(flwr["config"])  # and it reads back
