@@ -11,7 +11,7 @@ from transformers import Gemma2Config, Gemma2ForCausalLM, GPT2Config, GPT2LMHead
 from fedsteer.data import Example, Task, TaskSpec
 from fedsteer.eval.costs import payload_bytes
 from fedsteer.experiment import RunConfig, run_experiment
-from fedsteer.federation import InProcessRuntime
+from fedsteer.federation import InProcessRuntime, RuntimeConfig
 from fedsteer.methods import METHODS, Client, Environment, Reply, make_method
 from fedsteer.methods.ifed_icl import (
     CentralI2CL,
@@ -231,6 +231,14 @@ def test_a_client_without_vectors_fails_clearly(tiny_lm):
     })
     with pytest.raises(MissingContextVectors, match="round 1"):
         method.client_step(message, make_clients(env)[0])
+
+
+def test_every_client_takes_part_whatever_the_fraction(tiny_lm, caplog):
+    env = make_env(tiny_lm)
+    runtime = InProcessRuntime(RuntimeConfig(fraction=0.3))
+    outcome = runtime.run(small_method(rounds=1), make_clients(env), env)
+    assert all(r.clients == [0, 1, 2] and not r.rejected for r in outcome.rounds)
+    assert "ignoring fraction=0.3" in caplog.text
 
 
 def test_full_run_trains_coefficients_and_counts_bytes(tiny_lm):

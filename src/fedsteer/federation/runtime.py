@@ -81,6 +81,9 @@ class Runtime(ABC):
     ) -> RunOutcome:
         fingerprint = fingerprint or {"method": method.name, "options": method.options()}
         fingerprint = json.loads(json.dumps(fingerprint))  # compare as it reads back
+        if method.every_client and self.config.fraction < 1:
+            log.warning("%s needs every client in every round; ignoring fraction=%g",
+                        method.name, self.config.fraction)
         restored = self._restore(clients, fingerprint) if resume else None
         state, rounds = restored or (method.initial_state(env), [])
         ledger = PrivacyLedger(self.config.dp) if self.config.dp else None
@@ -109,7 +112,9 @@ class Runtime(ABC):
     # --------------------------------------------------------------- rounds
     def _run_round(self, method, rnd, message, state, clients):
         cost = RoundCost(round=rnd)
-        sampled = [clients[cid] for cid in self.sample_clients(rnd, len(clients))]
+        chosen = (range(len(clients)) if method.every_client
+                  else self.sample_clients(rnd, len(clients)))
+        sampled = [clients[cid] for cid in chosen]
         replies = self._collect(method, message, sampled, cost)
         cost.array_records = max((len(r.content.array_records) for r in replies), default=0)
         if sampled and not replies:

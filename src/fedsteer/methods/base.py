@@ -102,6 +102,8 @@ class Method(ABC):
     name: ClassVar[str]
     #: True for the non-private references (central-icl, ...): one client holds all data.
     centralized: ClassVar[bool] = False
+    #: True when every client must take part in every round (a runtime's fraction is ignored).
+    every_client: ClassVar[bool] = False
     #: Reject replies whose arrays' global L2 norm exceeds this (None: no bound).
     max_reply_norm: ClassVar[float | None] = None
 

@@ -42,8 +42,10 @@ wrapper.py; METHODS.md §1 summarises the IFed-ICL paper):
 
 Randomness (demo choice, batch order, noise) is seeded by (seed, round, cid), so a resumed
 run repeats the same numbers. The vectors reach clients once; clients keep them in their
-persistent state. A client not sampled in round 1 therefore cannot calibrate later (it
-raises `MissingContextVectors`, the runtime rejects it): use `fraction=1` for this method.
+persistent state, so every client takes part in every round (`every_client`, the paper's
+setting): runtimes ignore a smaller `fraction` for this method, with a warning. A client
+that still misses round 1 (it failed) cannot calibrate later: it raises
+`MissingContextVectors` and the runtime leaves it out.
 """
 
 from __future__ import annotations
@@ -115,6 +117,7 @@ class IFedICL(Method):
     # vectors or never bind on coefficients. Shapes and NaN/Inf are still checked; a run can
     # set RuntimeConfig.max_reply_norm when it knows its model.
     max_reply_norm: ClassVar[float | None] = None
+    every_client: ClassVar[bool] = True  # the vectors are sent once, to everyone
 
     demos_per_class: int = 5
     calibration_per_class: int = 5
@@ -193,7 +196,7 @@ class IFedICL(Method):
         if "vectors" not in client.state:
             raise MissingContextVectors(
                 f"client {client.cid} has no context vectors: they are sent only in round 1, "
-                "which it missed; run ifed-icl with fraction=1"
+                "which it missed"
             )
         attn, mlp = _tensors(client.state["vectors"], "attn", "mlp")
         (coef,) = _tensors(message["coef"], "coef")
