@@ -7,6 +7,7 @@ a localhost deployment and check results equal the in-process runtime's.
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 import time
@@ -36,12 +37,13 @@ class InlineGrid:
     """A Flower Grid whose nodes are ClientApp calls in this process.
 
     `silent` nodes join, then never answer a train message (killed after joining);
-    `tamper(node, content)` may rewrite a reply (a hostile client). Exceptions become
+    `tamper(node, content)` may rewrite a reply (a hostile client); `crash` nodes raise on
+    train messages. Exceptions become
     error replies, as Flower sends them.
     """
 
     def __init__(self, run_config, partitions: int, silent=(), tamper=None,
-                 node_config=None) -> None:
+                 node_config=None, crash=()) -> None:
         extra = node_config or {}
         self.contexts = {
             100 + p: Context(run_id=1, node_id=100 + p, state=RecordDict(), run_config=run_config,
@@ -50,6 +52,7 @@ class InlineGrid:
             for p in range(partitions)
         }
         self.silent, self.tamper, self.sent = set(silent), tamper, []
+        self.crash, self.received = set(crash), []
 
     def get_node_ids(self):
         return list(self.contexts)
@@ -57,17 +60,21 @@ class InlineGrid:
     def send_and_receive(self, messages, *, timeout=None):
         replies = []
         for message in messages:
+            message = copy.deepcopy(message)  # each node gets its own copy, as over the wire
             node = message.metadata.dst_node_id
             self.sent.append((node, message.metadata.message_type))
             if node in self.silent and message.metadata.message_type == "train":
                 continue
             TaskIdentity.node_id = node
             try:
+                if node in self.crash and message.metadata.message_type == "train":
+                    raise RuntimeError("crashed on purpose")
                 reply = client_app(message, self.contexts[node])
             except Exception as error:  # noqa: BLE001 - becomes an error reply, as in Flower
                 reply = Message(Error(code=0, reason=repr(error)), reply_to=message)
             if self.tamper is not None:
                 self.tamper(node, reply.content)
+            self.received.append(reply)
             replies.append(reply)
         return replies
 
@@ -129,13 +136,17 @@ def test_a_poisoned_reply_is_rejected_with_its_reason(tmp_path, flower_identity)
 
 
 def test_a_failing_client_becomes_an_error_reply_and_is_logged(tmp_path, flower_identity):
-    missing = tmp_path / "gone.jsonl"  # node 1's own data file is missing: its step raises
-    node_config = {101: {"data-file": str(missing)}}
-    record, _ = serve_inline(tiny_config(), tmp_path, node_config=node_config)
+    record, _ = serve_inline(tiny_config(), tmp_path, crash={101})
     for r in record["costs"]["rounds"]:
         assert [x["cid"] for x in r["rejected"]] == [1]
         assert "client failed" in r["rejected"][0]["reason"]
-        assert "gone.jsonl" in r["rejected"][0]["reason"]
+        assert "crashed on purpose" in r["rejected"][0]["reason"]
+
+
+def test_a_node_that_cannot_read_its_data_is_named_at_start(tmp_path, flower_identity):
+    missing = tmp_path / "gone.jsonl"
+    with pytest.raises(RuntimeError, match="partition.*1.*gone.jsonl"):
+        serve_inline(tiny_config(), tmp_path, node_config={101: {"data-file": str(missing)}})
 
 
 # ------------------------------------------------------------- processes
@@ -173,6 +184,16 @@ def test_simulation_equals_in_process(tmp_path, no_leftover_processes):
     record = launch.run_on_flower(config, tmp_path / "sim")
     assert record["metrics"] == expected["metrics"]
     assert record["costs"]["bytes_up"] == expected["costs"]["bytes_up"]
+
+
+@pytest.mark.slow
+def test_secure_aggregation_in_flower_simulation(tmp_path, no_leftover_processes):
+    expected = run_experiment(tiny_config(), tmp_path / "inprocess")
+    record = launch.run_on_flower(tiny_config(secagg=True), tmp_path / "sim")
+    assert record["metrics"]["accuracy"] == expected["metrics"]["accuracy"]
+    assert record["metrics"]["lam_attn_mean"] == pytest.approx(
+        expected["metrics"]["lam_attn_mean"], abs=1e-4)
+    assert record["costs"]["bytes_up"] > expected["costs"]["bytes_up"]  # the protocol's cost
 
 
 @pytest.mark.slow
@@ -237,3 +258,21 @@ def test_the_repository_flower_app_lists_every_run_config_key():
     assert app["project"]["dependencies"] == []  # Flower would uv-sync them (CUDA torch)
     assert set(flwr["config"]) == set(to_run_config(RunConfig("ifed-icl")))
     from_run_config(flwr["config"])  # and it reads back
+
+
+def test_secure_aggregation_equals_plain_and_hides_every_payload(tmp_path, flower_identity):
+    plain = run_experiment(tiny_config(), tmp_path / "plain")
+    record, grid = serve_inline(tiny_config(secagg=True), tmp_path / "secure")
+    for key in ("lam_attn_mean", "beta_attn_mean", "lam_mlp_mean", "beta_mlp_mean"):
+        assert record["metrics"][key] == pytest.approx(plain["metrics"][key], abs=1e-4), key
+    assert record["metrics"]["accuracy"] == plain["metrics"]["accuracy"]
+    # What reached the server: SecAgg+ protocol records only, never a method payload.
+    payloads = [name for reply in grid.received for name in reply.content.array_records
+                if len(reply.content[name])]
+    assert payloads == []
+    assert all(r["rejected"] == [] for r in record["costs"]["rounds"])
+
+
+def test_secure_aggregation_refuses_a_method_that_is_not_a_mean(tmp_path, flower_identity):
+    with pytest.raises(ValueError, match="local-icl does not aggregate by a mean"):
+        serve_inline(tiny_config(method="local-icl", secagg=True), tmp_path)

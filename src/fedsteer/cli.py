@@ -125,6 +125,8 @@ def run(
     dp_delta: Annotated[float, typer.Option(help="δ at which ε is reported")] = 1e-5,
     dp_clip_record: Annotated[list[str] | None, typer.Option(
         help="a record's own clip norm, NAME=NORM (repeatable), e.g. vectors=60")] = None,
+    secagg: Annotated[bool, typer.Option(
+        help="Flower runtimes: SecAgg+, the server sees only the mean of the replies")] = False,
     runtime: Annotated[str, typer.Option(
         help="inprocess; flower (Flower's simulation); flower-deployment (a SuperLink and "
              "one SuperNode per client on 127.0.0.1)")] = "inprocess",
@@ -135,6 +137,9 @@ def run(
     if runtime not in RUNTIMES:
         raise typer.BadParameter(f"unknown {runtime!r}; use one of {', '.join(RUNTIMES)}",
                                  param_hint="--runtime")
+    if secagg and runtime == "inprocess":
+        raise typer.BadParameter("--secagg needs --runtime flower or flower-deployment: "
+                                 "in one process there is no one to hide from")
     if resume is not None and runtime != "inprocess":
         raise typer.BadParameter("--resume works with the in-process runtime only: on Flower, "
                                  "client state lives in the nodes", param_hint="--runtime")
@@ -158,7 +163,8 @@ def run(
                       partition=partition_scheme, rounds=rounds, fraction=fraction, seed=seed,
                       test_size=test_size or None, shots=shots, batch_size=batch_size,
                       dp_clip=dp_clip, dp_noise=dp_noise, dp_delta=dp_delta,
-                      dp_record_clips=_parse_options(dp_clip_record or []), options=options)
+                      dp_record_clips=_parse_options(dp_clip_record or []), secagg=secagg,
+                      options=options)
             for m in methods
         ]
         out = out or default_run_dir(configs[0])

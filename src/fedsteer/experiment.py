@@ -50,6 +50,7 @@ class RunConfig:
     dp_noise: float = 0.0  # ... and add N(0, (dp_noise * dp_clip)^2) noise to it
     dp_delta: float = 1e-5
     dp_record_clips: dict[str, float] = field(default_factory=dict)  # per-record clip norms
+    secagg: bool = False  # Flower only: SecAgg+, the server sees only the mean of replies
     options: dict[str, Any] = field(default_factory=dict)  # method-specific extras
 
     def method_options(self) -> dict[str, Any]:

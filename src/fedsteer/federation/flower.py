@@ -24,7 +24,10 @@ from pathlib import Path
 from typing import Any
 
 from flwr.app import ConfigRecord, Context, Message, MessageType, MetricRecord, RecordDict
+from flwr.client.mod import secaggplus_mod
 from flwr.clientapp import ClientApp
+from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS
+from flwr.compat.common.recorddict_compat import fitres_to_recorddict
 from flwr.serverapp import Grid, ServerApp
 
 from fedsteer.data import Task, load_task
@@ -37,8 +40,18 @@ from fedsteer.experiment import (
     run_experiment,
     runtime_config,
 )
+from fedsteer.federation.payloads import InvalidReply, check_reply
 from fedsteer.federation.privacy import privatize_reply
 from fedsteer.federation.runtime import Runtime, RuntimeConfig
+from fedsteer.federation.secagg import (
+    MESSAGE_KEY,
+    UNIFORM_KEY,
+    SecureAggregationUnsupported,
+    decode_message,
+    is_secure_message,
+    reply_to_fitres,
+    secure_round,
+)
 from fedsteer.methods import Client, Environment, Method, Reply, make_method
 
 log = logging.getLogger(__name__)
@@ -104,13 +117,16 @@ class GridRuntime(Runtime):
     out of the round, as a failing client is in-process.
     """
 
-    def __init__(self, grid: Grid, node_of: dict[int, int], config: RuntimeConfig,
-                 timeout: float = 3600.0) -> None:
+    def __init__(self, grid: Grid, nodes: dict[int, NodeInfo], config: RuntimeConfig,
+                 timeout: float = 3600.0, secure: bool = False) -> None:
         super().__init__(config)
-        self.grid, self.node_of, self.timeout = grid, node_of, timeout
+        self.grid, self.nodes, self.timeout, self.secure = grid, nodes, timeout, secure
+        self.node_of = {cid: info.node_id for cid, info in nodes.items()}
 
     def _collect(self, method: Method, message: RecordDict, sampled: list[int],
                  cost: RoundCost) -> list[Reply]:
+        if self.secure:
+            return self._collect_secure(method, message, sampled, cost)
         down = payload_bytes(message)
         outgoing = [
             Message(content=copy.deepcopy(message), dst_node_id=self.node_of[cid],
@@ -145,26 +161,64 @@ class GridRuntime(Runtime):
         cost.peak_rss_bytes = max(cost.peak_rss_bytes, int(info["peak-rss-bytes"]))
         return self._accept(method, message, cid, content, int(info["num-examples"]), cost)
 
+    def _collect_secure(self, method: Method, message: RecordDict, sampled: list[int],
+                        cost: RoundCost) -> list[Reply]:
+        """SecAgg+: one reply holding the (weighted) mean; no single payload is ever seen."""
+        uniform = method.secure_weighting(message) == "uniform"
+        result = secure_round(
+            self.grid, cost.round, message, method.reply_shapes(message),
+            [self.node_of[cid] for cid in sampled], uniform,
+            max(self.nodes[cid].num_examples for cid in sampled), self.timeout,
+        )
+        cost.clients.extend(sampled)
+        cost.bytes_down += result.bytes_down
+        cost.bytes_up += result.bytes_up
+        cid_of = {node: cid for cid, node in self.node_of.items()}
+        for info in result.answered.values():
+            cost.client_seconds += float(info.get("seconds", 0.0))
+            cost.peak_rss_bytes = max(cost.peak_rss_bytes, int(info.get("peak-rss-bytes", 0)))
+        for cid in sorted(set(sampled) - {cid_of[n] for n in result.answered}):
+            self._reject(cost, cid, "dropped out of secure aggregation")
+        if result.mean is None:
+            return []
+        try:
+            check_reply(result.mean, method.reply_shapes(message), None)
+        except InvalidReply as error:
+            self._reject(cost, -1, f"secure mean: {error}")
+            return []
+        return [Reply(cid=-1, content=result.mean, num_examples=result.total_weight)]
 
-def discover_nodes(grid: Grid, wanted: int, wait: float) -> dict[int, int]:
+
+@dataclass
+class NodeInfo:
+    node_id: int
+    num_examples: int
+
+
+def discover_nodes(grid: Grid, wanted: int, wait: float) -> dict[int, NodeInfo]:
     """Ask every node which partition it holds; wait up to `wait` s for `wanted` of them."""
     deadline = time.monotonic() + wait
     while len(list(grid.get_node_ids())) < wanted and time.monotonic() < deadline:
         time.sleep(0.5)
     queries = [Message(content=RecordDict(), dst_node_id=node, message_type=MessageType.QUERY)
                for node in grid.get_node_ids()]
-    node_of: dict[int, int] = {}
+    nodes: dict[int, NodeInfo] = {}
+    failures = []
     for answer in grid.send_and_receive(queries, timeout=max(wait, 1.0)):
-        if not answer.has_error():
-            partition = int(answer.content["identity"]["partition-id"])
-            node_of.setdefault(partition, answer.metadata.src_node_id)
-    missing = sorted(set(range(wanted)) - set(node_of))
+        if answer.has_error():
+            failures.append(f"node {answer.metadata.src_node_id}: {answer.error.reason}")
+            continue
+        identity = answer.content["identity"]
+        nodes.setdefault(int(identity["partition-id"]), NodeInfo(
+            answer.metadata.src_node_id, int(identity["num-examples"])))
+    missing = sorted(set(range(wanted)) - set(nodes))
     if missing:
         raise RuntimeError(
             f"no Flower node holds partition(s) {missing}; start one supernode per client "
             f"with --node-config 'partition-id=i num-partitions={wanted}'"
+            + (f". Nodes that failed: {'; '.join(failures)}" if failures else "")
         )
-    return node_of
+    return nodes
 
 
 server_app = ServerApp()
@@ -176,9 +230,13 @@ def serve(grid: Grid, context: Context) -> None:
     config = run.config
     task = _task(config.task, run.data_dir)
     method = make_method(config.method, **config.method_options())
+    if config.secagg and not method.secure_mean:
+        raise SecureAggregationUnsupported(
+            f"{method.name} does not aggregate by a mean; secure aggregation would change it")
     wanted = 1 if method.centralized else config.clients
-    node_of = discover_nodes(grid, wanted, run.node_wait) if _has_client_step(method) else {}
-    runtime = GridRuntime(grid, node_of, runtime_config(config), timeout=run.round_timeout)
+    nodes = discover_nodes(grid, wanted, run.node_wait) if _has_client_step(method) else {}
+    runtime = GridRuntime(grid, nodes, runtime_config(config), timeout=run.round_timeout,
+                          secure=config.secagg)
     out_dir = Path(run.out_dir) if run.out_dir else None
     record = run_experiment(config, out_dir, task=task, runtime=runtime,
                             save_dir=Path(run.save_dir) if run.save_dir else None)
@@ -191,35 +249,53 @@ def _has_client_step(method: Method) -> bool:
 
 
 # ------------------------------------------------------------ client side
-client_app = ClientApp()
-
-
-@client_app.query()
 def identify(message: Message, context: Context) -> Message:
-    """Tell the server which partition this node holds."""
-    identity = ConfigRecord({"partition-id": _partition_id(context)})
+    """Tell the server which partition this node holds, and how many examples."""
+    run = from_run_config(dict(context.run_config))
+    client = _host(run).client(_partition_id(context), context.node_config.get("data-file"))
+    identity = ConfigRecord({"partition-id": client.cid, "num-examples": len(client.data)})
     return Message(content=RecordDict({"identity": identity}), reply_to=message)
 
 
-@client_app.train()
 def step(message: Message, context: Context) -> Message:
     """One client step of the run's method on this node's own data."""
     started = time.perf_counter()
     run = from_run_config(dict(context.run_config))
     host = _host(run)
+    secure = is_secure_message(message.content)
+    method_message = _unwrap(message.content) if secure else message.content
     client = host.client(_partition_id(context), context.node_config.get("data-file"))
     client.state = context.state
-    content = host.method.client_step(message.content, client)
+    content = host.method.client_step(method_message, client)
     _keep_state(context.state, client.state)
-    content = privatize_reply(client_dp(run.config), content, message.content,
+    content = privatize_reply(client_dp(run.config), content, method_message,
                               seed=run.config.seed, rnd=int(message.metadata.group_id or 0),
                               cid=client.cid)
-    content[CLIENT_INFO] = MetricRecord({
-        "num-examples": len(client.data),
-        "seconds": time.perf_counter() - started,
-        "peak-rss-bytes": peak_rss_bytes(),
-    })
+    info = {"num-examples": len(client.data), "seconds": time.perf_counter() - started,
+            "peak-rss-bytes": peak_rss_bytes()}
+    if secure:
+        uniform = bool(message.content["fitins.config"][UNIFORM_KEY])
+        fitres = reply_to_fitres(content, host.method.reply_shapes(method_message),
+                                 1 if uniform else len(client.data), info)
+        return Message(content=fitres_to_recorddict(fitres, False), reply_to=message)
+    content[CLIENT_INFO] = MetricRecord(info)
     return Message(content=content, reply_to=message)
+
+
+def _unwrap(content: RecordDict) -> RecordDict:
+    return decode_message(content["fitins.config"][MESSAGE_KEY])
+
+
+def secagg_when_asked(message: Message, context: Context, call_next) -> Message:
+    """Flower's SecAgg+ client mod for the protocol's messages; others pass straight through."""
+    if RECORD_KEY_CONFIGS in message.content.config_records:
+        return secaggplus_mod(message, context, call_next)
+    return call_next(message, context)
+
+
+client_app = ClientApp(mods=[secagg_when_asked])
+client_app.query()(identify)
+client_app.train()(step)
 
 
 def _keep_state(kept: RecordDict, new: RecordDict) -> None:

@@ -104,6 +104,9 @@ class Method(ABC):
     centralized: ClassVar[bool] = False
     #: True when every client must take part in every round (a runtime's fraction is ignored).
     every_client: ClassVar[bool] = False
+    #: True when `aggregate` of the replies equals `aggregate` of one reply holding their
+    #: (weighted) mean: then secure aggregation, which reveals only that mean, is exact.
+    secure_mean: ClassVar[bool] = False
     #: Reject replies whose arrays' global L2 norm exceeds this (None: no bound).
     max_reply_norm: ClassVar[float | None] = None
 
@@ -131,6 +134,10 @@ class Method(ABC):
     def reply_shapes(self, message: RecordDict) -> dict[str, tuple[int, ...]] | None:
         """Expected `"record.array" -> shape` of a reply, so a runtime can reject bad ones."""
         return None
+
+    def secure_weighting(self, message: RecordDict) -> str:
+        """How a secure mean weighs this round's replies: "examples" or "uniform"."""
+        return "examples"
 
     def options(self) -> dict[str, Any]:
         return dataclasses.asdict(self) if dataclasses.is_dataclass(self) else {}

@@ -118,6 +118,7 @@ class IFedICL(Method):
     # set RuntimeConfig.max_reply_norm when it knows its model.
     max_reply_norm: ClassVar[float | None] = None
     every_client: ClassVar[bool] = True  # the vectors are sent once, to everyone
+    secure_mean: ClassVar[bool] = True  # both aggregates are (weighted) means
 
     demos_per_class: int = 5
     calibration_per_class: int = 5
@@ -168,6 +169,11 @@ class IFedICL(Method):
             shape = (int(config["num_layers"]), int(config["hidden_size"]))
             return {"vectors.attn": shape, "vectors.mlp": shape}
         return {"coef.coef": tuple(message["coef"]["coef"].shape)}
+
+    def secure_weighting(self, message: RecordDict) -> str:
+        if _config(message)["phase"] == EXTRACT and self.weighting == "uniform":
+            return "uniform"
+        return "examples"
 
     def aggregate(self, rnd: int, state: RecordDict, replies: Sequence[Reply]) -> RecordDict:
         if rnd == 0:  # the paper's unweighted mean of the vectors, or FedAvg by |D_k|
