@@ -1,4 +1,4 @@
-"""IFed-ICL on three runtimes (in-process, Flower simulation, localhost deployment) and under DP.
+"""IFed-ICL on three runtimes (in-process, Flower simulation, localhost deployment), SecAgg+, DP.
 
 Same task, seed and settings everywhere, so accuracies must match across runtimes. Wall
 time is split into the run itself (`costs.wall_seconds`, measured inside the ServerApp or
@@ -104,6 +104,9 @@ def main() -> None:
                                          lambda p: run_experiment(config, p)))]
     rows.append(row("Flower simulation", timed_cell(out / "simulation",
                                                     lambda p: run_on_flower(config, p))))
+    secure = RunConfig(**{**config.__dict__, "secagg": True})
+    rows.append(row("Flower simulation + SecAgg+", timed_cell(
+        out / "simulation-secagg", lambda p: run_on_flower(secure, p))))
     if not args.skip_deployment:
         rows.append(row("Flower deployment (127.0.0.1)", timed_cell(
             out / "deployment", lambda p: run_on_flower(config, p, deployment=True))))
