@@ -14,6 +14,7 @@ import contextlib
 import logging
 import os
 import re
+import shutil
 import signal
 import socket
 import subprocess
@@ -134,6 +135,7 @@ def flower_processes(work_dir: Path) -> Iterator[Processes]:
         yield processes
     finally:
         processes.stop()
+        shutil.rmtree(ray_tmp, ignore_errors=True)
 
 
 def start_superlink(processes: Processes, simulation: bool) -> int:
