@@ -18,6 +18,7 @@ import psutil
 import pytest
 from flwr.app import Array, Context, Error, Message, RecordDict
 from flwr.supercore.task_identity import TaskIdentity
+from safetensors.numpy import load_file
 
 from fedsteer.eval.record import read_result
 from fedsteer.experiment import RunConfig, run_experiment
@@ -25,6 +26,8 @@ from fedsteer.federation import launch
 from fedsteer.federation.flower import client_app, from_run_config, serve, to_run_config
 
 IFED = {"rounds": 2, "local_epochs": 1, "demos_per_class": 1, "calibration_per_class": 2}
+LORA = {"rounds": 2, "rank": 2, "local_examples": 4, "batch_size": 2}
+OPTIONS = {"ifed-icl": IFED, "fedavg-lora": LORA}
 
 
 def tiny_config(**overrides) -> RunConfig:
@@ -88,8 +91,10 @@ def flower_identity():
     TaskIdentity._run_id, TaskIdentity._task_id, TaskIdentity._node_id = saved
 
 
-def serve_inline(config, out_dir: Path, **grid_options) -> tuple[dict, InlineGrid]:
-    run_config = to_run_config(config, out_dir=out_dir, round_timeout=5.0, node_wait=0.1)
+def serve_inline(config, out_dir: Path, save_dir: Path | None = None,
+                 **grid_options) -> tuple[dict, InlineGrid]:
+    run_config = to_run_config(config, out_dir=out_dir, round_timeout=5.0, node_wait=0.1,
+                               save_dir=save_dir)
     grid = InlineGrid(run_config, config.clients, **grid_options)
     serve(grid, Context(run_id=1, node_id=0, node_config={}, state=RecordDict(),
                         run_config=run_config))
@@ -104,8 +109,9 @@ def test_run_config_round_trips_every_field(tmp_path):
     assert run.out_dir == str(tmp_path) and run.round_timeout == 7.0
 
 
-def test_flower_apps_match_the_in_process_runtime(tmp_path, flower_identity):
-    config = tiny_config()
+@pytest.mark.parametrize("method", ["ifed-icl", "fedavg-lora"])
+def test_flower_apps_match_the_in_process_runtime(tmp_path, flower_identity, method):
+    config = tiny_config(method=method, options=dict(OPTIONS[method]))
     expected = run_experiment(config, tmp_path / "inprocess")
     record, grid = serve_inline(config, tmp_path / "flower")
     assert record["metrics"] == expected["metrics"]
@@ -178,8 +184,9 @@ def data_dir() -> str:
 
 
 @pytest.mark.slow
-def test_simulation_equals_in_process(tmp_path, no_leftover_processes):
-    config = tiny_config()
+@pytest.mark.parametrize("method", ["ifed-icl", "fedavg-lora"])
+def test_simulation_equals_in_process(tmp_path, no_leftover_processes, method):
+    config = tiny_config(method=method, options=dict(OPTIONS[method]))
     expected = run_experiment(config, tmp_path / "inprocess")
     record = launch.run_on_flower(config, tmp_path / "sim")
     assert record["metrics"] == expected["metrics"]
@@ -265,12 +272,27 @@ def test_secure_aggregation_equals_plain_and_hides_every_payload(tmp_path, flowe
     record, grid = serve_inline(tiny_config(secagg=True), tmp_path / "secure")
     for key in ("lam_attn_mean", "beta_attn_mean", "lam_mlp_mean", "beta_mlp_mean"):
         assert record["metrics"][key] == pytest.approx(plain["metrics"][key], abs=1e-4), key
+    _assert_nothing_but_protocol_reached_the_server(grid)
+    assert all(r["rejected"] == [] for r in record["costs"]["rounds"])
     assert record["metrics"]["accuracy"] == plain["metrics"]["accuracy"]
-    # What reached the server: SecAgg+ protocol records only, never a method payload.
+
+
+def test_secure_aggregation_of_lora_adapters(tmp_path, flower_identity):
+    config = tiny_config(method="fedavg-lora", options=dict(LORA))
+    run_experiment(config, tmp_path / "plain", save_dir=tmp_path / "plain-adapter")
+    secure = RunConfig(**{**config.__dict__, "secagg": True})
+    _, grid = serve_inline(secure, tmp_path / "secure", save_dir=tmp_path / "secure-adapter")
+    _assert_nothing_but_protocol_reached_the_server(grid)
+    plain_w, secure_w = (load_file(str(tmp_path / d / "adapter_model.safetensors"))
+                         for d in ("plain-adapter", "secure-adapter"))
+    for key, value in plain_w.items():
+        np.testing.assert_allclose(secure_w[key], value, atol=1e-4)
+
+
+def _assert_nothing_but_protocol_reached_the_server(grid) -> None:
     payloads = [name for reply in grid.received for name in reply.content.array_records
                 if len(reply.content[name])]
     assert payloads == []
-    assert all(r["rejected"] == [] for r in record["costs"]["rounds"])
 
 
 def test_secure_aggregation_refuses_a_method_that_is_not_a_mean(tmp_path, flower_identity):
