@@ -161,3 +161,23 @@ def test_peft_wrapped_model_is_unwrapped() -> None:
 
 def test_every_listed_architecture_is_tested() -> None:
     assert set(ARCHITECTURES) == {*CONFIGS, "gemma3"}
+
+
+def test_an_emulator_keeps_evenly_spaced_layers_and_still_scores():
+    from fedsteer.models import load_model
+    from fedsteer.models.load import UnknownModelError, emulator_layers
+
+    assert emulator_layers(24, 6) == [0, 5, 9, 14, 18, 23]
+    assert emulator_layers(2, 1) == [0]
+    with pytest.raises(ValueError):
+        emulator_layers(4, 5)
+    from fedsteer.models.scoring import LabelScorer
+
+    small = load_model("emulator:1:tiny-random")
+    assert small.num_layers == 1 and small.model.config.num_hidden_layers == 1
+    scorer = LabelScorer(small, [" yes", " no"], batch_size=2)
+    cached = scorer.score(["a b:", "c:"], prefix="x: yes\n")
+    fresh = scorer.score(["a b:", "c:"], prefix="x: yes\n", reuse_prefix=False)
+    torch.testing.assert_close(cached, fresh)  # renumbered layers index the KV cache right
+    with pytest.raises(UnknownModelError, match="emulator:K:BASE"):
+        load_model("emulator:tiny-random")

@@ -77,6 +77,15 @@ def client_dp(config: RunConfig) -> ClientDP | None:
                     record_clips=dict(config.dp_record_clips))
 
 
+def transfer_rows(task: Task, evaluated: list[Example]) -> list[Example]:
+    """Held-out texts for a server-side transfer set: the dev split, else the test rows that
+    are not evaluated. Only their text is meant to be used (they are unlabelled to a method)."""
+    if task.dev:
+        return list(task.dev)
+    held = {id(ex) for ex in evaluated}
+    return [ex for ex in task.test if id(ex) not in held]
+
+
 def runtime_config(config: RunConfig) -> RuntimeConfig:
     return RuntimeConfig(fraction=config.fraction, seed=config.seed,
                          max_reply_norm=config.max_reply_norm, dp=client_dp(config))
@@ -116,10 +125,11 @@ def run_experiment(
     out_dir = Path(out_dir) if out_dir else default_run_dir(config)
     task = task or load_task(config.task)
     method = make_method(config.method, **config.method_options())
+    test = evaluation_rows(task, config.test_size, config.test_seed)
     env = Environment(
-        task=task.spec, test=evaluation_rows(task, config.test_size, config.test_seed),
-        model_name=config.model, seed=config.seed, batch_size=config.batch_size,
-        progress=progress, _lm=lm,
+        task=task.spec, test=test, model_name=config.model, seed=config.seed,
+        batch_size=config.batch_size, progress=progress, transfer=transfer_rows(task, test),
+        _lm=lm,
     )
     if runtime is None:
         runtime = InProcessRuntime(

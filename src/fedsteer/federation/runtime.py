@@ -84,6 +84,7 @@ class Runtime(ABC):
         if method.every_client and self.config.fraction < 1:
             log.warning("%s needs every client in every round; ignoring fraction=%g",
                         method.name, self.config.fraction)
+        method.setup(env)
         restored = self._restore(clients, fingerprint) if resume else None
         state, rounds = restored or (method.initial_state(env), [])
         ledger = PrivacyLedger(self.config.dp) if self.config.dp else None

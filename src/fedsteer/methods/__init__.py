@@ -11,11 +11,13 @@ from typing import Any
 
 from fedsteer.methods.base import Client, Environment, Method, Reply, seeded_rng
 from fedsteer.methods.fedavg_lora import FedAvgLoRA
+from fedsteer.methods.fedpt import FedPT
 from fedsteer.methods.icl import CentralICL, LocalICL, ZeroShot
 from fedsteer.methods.ifed_icl import CentralI2CL, IFedICL
 
 METHODS: dict[str, type[Method]] = {
-    cls.name: cls for cls in (ZeroShot, LocalICL, CentralICL, IFedICL, CentralI2CL, FedAvgLoRA)
+    cls.name: cls
+    for cls in (ZeroShot, LocalICL, CentralICL, IFedICL, CentralI2CL, FedAvgLoRA, FedPT)
 }
 
 

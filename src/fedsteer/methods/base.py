@@ -3,7 +3,7 @@
 A method is a small dataclass (its fields are its hyperparameters) with five steps,
 shaped like a Flower strategy so the Flower runtime can carry it unchanged:
 
-    state  = method.initial_state(env)                 # server, once
+    method.setup(env); state = method.initial_state(env)   # server, once
     loop:
       msg  = method.configure_round(rnd, state)         # server -> clients (None: done)
       reply= method.client_step(msg, client)            # on each sampled client
@@ -51,8 +51,11 @@ class Environment:
     seed: int = 0
     batch_size: int = 16
     progress: Any = None  # a rich Progress to report scoring on, or None
+    #: unlabelled held-out task texts a server may use (FedPT's distillation transfer set)
+    transfer: list[Example] = field(default_factory=list)
     _lm: Any = None
     _scorers: dict = field(default_factory=dict)
+    _others: dict = field(default_factory=dict)
 
     @property
     def lm(self):
@@ -61,6 +64,14 @@ class Environment:
 
             self._lm = load_model(self.model_name)
         return self._lm
+
+    def other_lm(self, name: str):
+        """A second model in this process (e.g. FedPT's large model at the server), loaded once."""
+        if name not in self._others:
+            from fedsteer.models import load_model
+
+            self._others[name] = load_model(name)
+        return self._others[name]
 
     def scorer(self, multi_token: bool = False):
         """The task's label scorer on the shared model (built once per process)."""
@@ -109,6 +120,10 @@ class Method(ABC):
     secure_mean: ClassVar[bool] = False
     #: Reject replies whose arrays' global L2 norm exceeds this (None: no bound).
     max_reply_norm: ClassVar[float | None] = None
+
+    def setup(self, env: Environment) -> None:  # noqa: B027 - optional hook
+        """Once per run on the server, before `initial_state` or a resume: a method whose
+        server steps need more than the state (FedPT's large model) takes it from `env`."""
 
     def initial_state(self, env: Environment) -> RecordDict:
         return RecordDict()

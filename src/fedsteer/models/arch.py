@@ -15,6 +15,7 @@ __all__ = [
     "LayerModules",
     "UnknownArchitectureError",
     "hidden_size",
+    "keep_layers",
     "layer_modules",
     "num_layers",
 ]
@@ -146,3 +147,28 @@ def hidden_size(model: nn.Module) -> int:
     config = model.config
     text_config = config.get_text_config() if hasattr(config, "get_text_config") else config
     return int(text_config.hidden_size)
+
+
+def keep_layers(model: nn.Module, keep: list[int]) -> None:
+    """Drop every decoder layer not in `keep`, in place (an Offsite-Tuning emulator).
+
+    Each kept attention's `layer_idx` is renumbered, so KV caches index the new depth, and
+    the config's depth (and per-layer `layer_types`) follow.
+    """
+    model = _unwrap(model)
+    spec = _spec_for(model)
+    layers = _layer_list(model, spec)
+    kept = [layers[i] for i in keep]
+    for new_index, layer in enumerate(kept):
+        for module in layer.modules():
+            if hasattr(module, "layer_idx"):
+                module.layer_idx = new_index
+    path = next(path for path in spec.layers if _get_path(model, path) is layers)
+    parent_path, _, attribute = path.rpartition(".")
+    parent = _get_path(model, parent_path) if parent_path else model
+    setattr(parent, attribute, nn.ModuleList(kept))
+    config = model.config
+    config = config.get_text_config() if hasattr(config, "get_text_config") else config
+    config.num_hidden_layers = len(kept)
+    if getattr(config, "layer_types", None):
+        config.layer_types = [config.layer_types[i] for i in keep]

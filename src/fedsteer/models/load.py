@@ -47,6 +47,7 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 TINY_RANDOM = "tiny-random"
+EMULATOR_PREFIX = "emulator:"
 CHUNK_BYTES = 16 * 1024 * 1024
 GGUF_NAME = "model.gguf"
 
@@ -201,7 +202,13 @@ def _from_hub(model_id: str, dtype: torch.dtype) -> LoadedModel:
 def load_model(
     name_or_path: str = DEFAULT_MODEL, *, dtype: torch.dtype = torch.float32
 ) -> LoadedModel:
-    """Registry name -> cached safetensors; `tiny-random`; local dir; else a hub id."""
+    """Registry name -> cached safetensors; `tiny-random`; local dir; else a hub id.
+
+    `emulator:K:NAME` is NAME with only K evenly spaced decoder layers (first and last
+    kept): the small model of an Offsite-Tuning style emulator pair, same vocabulary.
+    """
+    if name_or_path.startswith(EMULATOR_PREFIX):
+        return load_emulator(name_or_path, dtype)
     if name_or_path in REGISTRY:
         path = ensure_cached(REGISTRY[name_or_path])
         log.info("loading %s from %s", name_or_path, path)
@@ -216,3 +223,23 @@ def load_model(
         log.info("loading local model directory %s", name_or_path)
         return _from_dir(name_or_path, name_or_path, dtype)
     return _from_hub(name_or_path, dtype)
+
+
+def emulator_layers(depth: int, keep: int) -> list[int]:
+    """`keep` evenly spaced layer indices of `depth`, first and last included."""
+    if not 1 <= keep <= depth:
+        raise ValueError(f"an emulator keeps 1..{depth} layers, not {keep}")
+    if keep == 1:
+        return [0]
+    return sorted({round(i * (depth - 1) / (keep - 1)) for i in range(keep)})
+
+
+def load_emulator(name: str, dtype: torch.dtype = torch.float32) -> LoadedModel:
+    """`emulator:K:BASE`: BASE loaded, then cut to K layers (see `emulator_layers`)."""
+    _, keep, base = name.split(":", 2) if name.count(":") >= 2 else (None, "", "")
+    if not keep.isdigit() or not base:
+        raise UnknownModelError(f"{name!r}: write an emulator as emulator:K:BASE, "
+                                "e.g. emulator:6:qwen2.5-coder-1.5b")
+    loaded = load_model(base, dtype=dtype)
+    arch.keep_layers(loaded.model, emulator_layers(loaded.num_layers, int(keep)))
+    return finalize(loaded.model, loaded.tokenizer, name)

@@ -1,0 +1,96 @@
+"""Proxy-tuning (Liu et al. 2024): steer a large LM's next-token scores with a small pair's.
+
+    s_proxy(x) = s_large(x) + α · (s_small_tuned(x) − s_small_base(x))
+
+on logits (log-probs differ from logits by a per-position constant, so either gives the
+same distribution after a softmax). The large model is reached only through
+`VocabScores.next_token_logprobs` — scores over the vocabulary — so it may be a black box
+behind an API; the small pair runs locally (the same model with its adapter on and off).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Protocol
+
+import torch
+from transformers import LogitsProcessor
+
+from fedsteer.models.scoring import LabelScorer
+
+
+class VocabularyMismatch(ValueError):
+    """The small and large models do not share a vocabulary, so their scores cannot mix."""
+
+
+class VocabScores(Protocol):
+    """Scores over the vocabulary at the answer position: all FedPT needs of a large model."""
+
+    name: str
+
+    def next_token_logprobs(self, queries: Sequence[str]) -> torch.Tensor:
+        """`[N, V]` log-probs of the token after each query."""
+
+
+class LocalVocabScores:
+    """`VocabScores` of a model loaded here, batched, without gradients."""
+
+    def __init__(self, lm, label_words: Sequence[str], batch_size: int = 16) -> None:
+        self.lm, self.name, self.batch_size = lm, lm.name, batch_size
+        self.scorer = LabelScorer(lm, label_words, batch_size=batch_size)
+
+    @torch.no_grad()
+    def next_token_logprobs(self, queries: Sequence[str]) -> torch.Tensor:
+        return vocab_logprobs(self.scorer, queries, self.batch_size)
+
+
+def vocab_logprobs(scorer: LabelScorer, queries: Sequence[str], batch_size: int
+                   ) -> torch.Tensor:
+    """The scorer's full-vocabulary log-probs, batch by batch (no gradients)."""
+    with torch.no_grad():
+        parts = [scorer.logprobs(list(queries[i : i + batch_size]))
+                 for i in range(0, len(queries), batch_size)]
+    return torch.cat(parts) if parts else torch.empty(0)
+
+
+def check_shared_vocabulary(small, large) -> int:
+    """Refuse a pair whose tokenizers differ; return the shared vocabulary size."""
+    small_vocab, large_vocab = small.tokenizer.get_vocab(), large.tokenizer.get_vocab()
+    if small_vocab != large_vocab:
+        only_small = len(set(small_vocab.items()) - set(large_vocab.items()))
+        raise VocabularyMismatch(
+            f"{small.name} and {large.name} do not share a vocabulary ({len(small_vocab)} vs "
+            f"{len(large_vocab)} tokens, {only_small} entries of {small.name} differ): "
+            "proxy-tuning adds their scores token by token, so they must"
+        )
+    return len(small_vocab)
+
+
+def proxy_logprobs(large: torch.Tensor, tuned: torch.Tensor, base: torch.Tensor,
+                   alpha: float, vocab: int) -> torch.Tensor:
+    """log softmax(s_large + α(s_tuned − s_base)) over the shared vocabulary."""
+    combined = large[..., :vocab] + alpha * (tuned[..., :vocab] - base[..., :vocab])
+    return combined.log_softmax(-1)
+
+
+class ProxyTuningProcessor(LogitsProcessor):
+    """A `generate` logits processor: the large model's logits, steered by the small pair.
+
+    `small_tuned` and `small_base` map input ids to next-token logits `[B, V]` (e.g. the
+    small model with its adapter enabled and disabled); α = 0 leaves the scores untouched.
+    """
+
+    def __init__(self, small_tuned, small_base, alpha: float = 1.0) -> None:
+        self.small_tuned, self.small_base, self.alpha = small_tuned, small_base, alpha
+
+    @torch.no_grad()
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor
+                 ) -> torch.FloatTensor:
+        if self.alpha == 0:
+            return scores
+        tuned, base = self.small_tuned(input_ids), self.small_base(input_ids)
+        vocab = min(scores.shape[-1], tuned.shape[-1])
+        steered = scores.clone()
+        steered[..., :vocab] += self.alpha * (tuned[..., :vocab] - base[..., :vocab]).to(
+            scores.dtype)
+        return steered

@@ -1,0 +1,144 @@
+"""FedPT: proxy arithmetic, α = 0, vocabulary check, distillation, and a run on an emulator pair."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from fedsteer.data import Example, TaskSpec
+from fedsteer.federation import InProcessRuntime
+from fedsteer.methods import Client, Environment
+from fedsteer.methods.fedavg_lora import adapter_record
+from fedsteer.methods.fedpt import FedPT
+from fedsteer.models import build_tiny_random
+from fedsteer.models.arch import keep_layers
+from fedsteer.models.load import LoadedModel, finalize
+from fedsteer.models.proxy import (
+    ProxyTuningProcessor,
+    VocabularyMismatch,
+    check_shared_vocabulary,
+    proxy_logprobs,
+)
+
+SPEC = TaskSpec(name="toy-sentiment", labels=("negative", "positive"),
+                label_words=(" negative", " positive"), template="Review: {text}\nSentiment:")
+WORDS = ["great", "awful", "fine", "dull", "witty", "a mess", "lovely", "boring", "superb"]
+
+
+def examples(n: int, offset: int = 0) -> list[Example]:
+    return [Example(text=f"{WORDS[(i + offset) % len(WORDS)]} film {i}", label=(i + offset) % 2)
+            for i in range(n)]
+
+
+@pytest.fixture(scope="module")
+def pair():
+    """large = tiny-random (2 layers), small = its 1-layer emulator (a separate copy)."""
+    large = build_tiny_random(seed=0)
+    small = build_tiny_random(seed=0)
+    keep_layers(small.model, [0])
+    return finalize(small.model, small.tokenizer, "emulator:1:tiny-random"), large
+
+
+def make_env(pair) -> Environment:
+    small, large = pair
+    env = Environment(task=SPEC, test=examples(6, 100), model_name=small.name, _lm=small,
+                      batch_size=4, transfer=examples(8, 200))
+    env._others["tiny-random"] = large
+    return env
+
+
+def small_fedpt(**overrides) -> FedPT:
+    options = dict(large="tiny-random", rank=2, rounds=1, local_examples=4, batch_size=2,
+                   lr=1e-2, distill_examples=8, distill_batch_size=4, distill_lr=1e-2)
+    return FedPT(**{**options, **overrides})
+
+
+def test_proxy_arithmetic_matches_a_manual_logits_computation():
+    torch.manual_seed(0)
+    large, tuned, base = (torch.randn(3, 7) for _ in range(3))
+    got = proxy_logprobs(large.log_softmax(-1), tuned.log_softmax(-1), base.log_softmax(-1),
+                         0.7, vocab=7)
+    manual = torch.softmax(large + 0.7 * (tuned - base), dim=-1).log()
+    torch.testing.assert_close(got, manual)
+
+
+def test_alpha_zero_gives_the_large_models_output_exactly(pair):
+    env = make_env(pair)
+    method = small_fedpt(alpha=0.0)
+    method.setup(env)
+    state = method.initial_state(env)
+    queries = [SPEC.format_query(ex) for ex in env.test]
+    large = method.large_scores(env).next_token_logprobs(queries)
+    proxy = method.proxy(env, state["adapter"], queries)
+    vocab = method.vocabulary(env)
+    torch.testing.assert_close(proxy, large[:, :vocab].log_softmax(-1))
+    processor = ProxyTuningProcessor(lambda ids: torch.ones(1, 5), lambda ids: torch.zeros(1, 5),
+                                     alpha=0.0)
+    scores = torch.randn(1, 5)
+    assert torch.equal(processor(torch.tensor([[1]]), scores), scores)
+
+
+def test_the_generate_processor_adds_the_small_pairs_difference():
+    processor = ProxyTuningProcessor(lambda ids: torch.full((1, 4), 3.0),
+                                     lambda ids: torch.full((1, 4), 1.0), alpha=0.5)
+    torch.testing.assert_close(processor(torch.tensor([[1]]), torch.zeros(1, 4)),
+                               torch.ones(1, 4))
+
+
+def test_a_pair_without_a_shared_vocabulary_is_refused_by_name(pair, tiny_lm):
+    small, large = pair
+    vocab = dict(small.tokenizer.get_vocab())
+
+    class OneMoreToken:
+        def get_vocab(self):
+            return {**vocab, "<extra-token>": len(vocab)}
+
+    odd = LoadedModel(tiny_lm.model, OneMoreToken(), "odd-large")
+    with pytest.raises(VocabularyMismatch, match="emulator:1:tiny-random and odd-large"):
+        check_shared_vocabulary(small, odd)
+    assert check_shared_vocabulary(small, large) == len(vocab)
+
+
+def test_distillation_lowers_the_kl_to_the_proxy(pair):
+    env = make_env(pair)
+    method = small_fedpt(distill_epochs=15)
+    method.setup(env)
+    start = method.initial_state(env)["adapter"]
+    # a non-trivial averaged adapter, so the proxy differs from the large model
+    gen = torch.Generator().manual_seed(1)
+    averaged = adapter_record({k: (torch.randn(v.numpy().shape, generator=gen) * 0.5).numpy()
+                               for k, v in start.items()})
+    queries = method.transfer_queries(env, 0)
+    target = method.proxy(env, averaged, queries)
+
+    def kl(adapter) -> float:
+        student, _ = method.small_pair(env, adapter, queries)
+        vocab = target.shape[-1]
+        student = student[:, :vocab].log_softmax(-1)
+        return torch.nn.functional.kl_div(student, target, log_target=True,
+                                          reduction="batchmean").item()
+
+    distilled = adapter_record(method.distill(averaged, env, 0))
+    assert kl(distilled) < kl(averaged) - 1e-3
+
+
+def test_a_run_on_the_emulator_pair_reports_every_comparison(pair):
+    env = make_env(pair)
+    clients = [Client(cid=i, data=examples(6, 10 * i), env=env) for i in range(3)]
+    method = small_fedpt()
+    outcome = InProcessRuntime().run(method, clients, env)
+    assert len(outcome.rounds) == 1 and not outcome.rounds[0].rejected
+    metrics = method.evaluate(outcome.state, env)
+    for key in ("accuracy", "proxy_distilled_accuracy", "small_tuned_accuracy",
+                "small_zero_shot_accuracy", "large_zero_shot_accuracy"):
+        assert 0.0 <= metrics[key] <= 1.0, key
+    # the devices got the distilled adapter, not the plain average
+    assert any((outcome.state["adapter"][k].numpy() != outcome.state["fedavg_adapter"][k]
+                .numpy()).any() for k in outcome.state["adapter"])
+
+
+def test_without_held_out_texts_distillation_says_why(pair):
+    env = make_env(pair)
+    env.transfer = []
+    with pytest.raises(ValueError, match="held-out task texts"):
+        small_fedpt().transfer_queries(env, 0)
