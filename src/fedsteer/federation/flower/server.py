@@ -1,0 +1,162 @@
+"""The ServerApp: the in-process round loop, with each round's messages sent through a Grid."""
+
+from __future__ import annotations
+
+import copy
+import logging
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from flwr.app import Context, Message, MessageType, RecordDict
+from flwr.serverapp import Grid, ServerApp
+
+from fedsteer.eval.costs import RoundCost, payload_bytes
+from fedsteer.experiment import run_experiment, runtime_config
+from fedsteer.federation.flower.client import CLIENT_INFO
+from fedsteer.federation.flower.config import from_run_config, load_run_task
+from fedsteer.federation.flower.secagg import SecureAggregationUnsupported, secure_round
+from fedsteer.federation.payloads import InvalidReply, check_reply
+from fedsteer.federation.runtime import Runtime, RuntimeConfig
+from fedsteer.methods import Method, Reply, make_method
+
+log = logging.getLogger(__name__)
+
+
+class GridRuntime(Runtime):
+    """The round loop of `Runtime`, with each round's messages sent through a Flower Grid.
+
+    `node_of` maps a client id (its partition) to the Flower node that holds it. A node that
+    does not answer within `timeout` seconds, or answers with an error, is logged and left
+    out of the round, as a failing client is in-process.
+    """
+
+    def __init__(self, grid: Grid, nodes: dict[int, NodeInfo], config: RuntimeConfig,
+                 timeout: float = 3600.0, secure: bool = False) -> None:
+        super().__init__(config)
+        self.grid, self.nodes, self.timeout, self.secure = grid, nodes, timeout, secure
+        self.node_of = {cid: info.node_id for cid, info in nodes.items()}
+
+    def _collect(self, method: Method, message: RecordDict, sampled: list[int],
+                 cost: RoundCost) -> list[Reply]:
+        if self.secure:
+            return self._collect_secure(method, message, sampled, cost)
+        down = payload_bytes(message)
+        outgoing = [
+            Message(content=copy.deepcopy(message), dst_node_id=self.node_of[cid],
+                    message_type=MessageType.TRAIN, group_id=str(cost.round))
+            for cid in sampled
+        ]
+        cost.clients.extend(sampled)
+        cost.bytes_down += down * len(sampled)
+        answers = {m.metadata.src_node_id: m for m in
+                   self.grid.send_and_receive(outgoing, timeout=self.timeout)}
+        replies = []
+        for cid in sampled:
+            reply = self._receive(method, message, cid, answers.get(self.node_of[cid]), cost)
+            if reply is not None:
+                replies.append(reply)
+        return replies
+
+    def _receive(self, method, message, cid: int, answer: Message | None, cost: RoundCost):
+        if answer is None:
+            self._reject(cost, cid, f"no reply within {self.timeout:g} s")
+            return None
+        if answer.has_error():
+            self._reject(cost, cid, f"client failed: {answer.error.reason}")
+            return None
+        content = answer.content
+        info = content.metric_records.get(CLIENT_INFO)
+        if info is None:
+            self._reject(cost, cid, f"reply carries no {CLIENT_INFO!r} record")
+            return None
+        del content[CLIENT_INFO]
+        cost.client_seconds += float(info["seconds"])
+        cost.peak_rss_bytes = max(cost.peak_rss_bytes, int(info["peak-rss-bytes"]))
+        return self._accept(method, message, cid, content, int(info["num-examples"]), cost)
+
+    def _collect_secure(self, method: Method, message: RecordDict, sampled: list[int],
+                        cost: RoundCost) -> list[Reply]:
+        """SecAgg+: one reply holding the (weighted) mean; no single payload is ever seen."""
+        uniform = method.secure_weighting(message) == "uniform"
+        result = secure_round(
+            self.grid, cost.round, message, method.reply_shapes(message),
+            [self.node_of[cid] for cid in sampled], uniform,
+            max(self.nodes[cid].num_examples for cid in sampled), self.timeout,
+        )
+        cost.clients.extend(sampled)
+        cost.bytes_down += result.bytes_down
+        cost.bytes_up += result.bytes_up
+        cid_of = {node: cid for cid, node in self.node_of.items()}
+        for info in result.answered.values():
+            cost.client_seconds += float(info.get("seconds", 0.0))
+            cost.peak_rss_bytes = max(cost.peak_rss_bytes, int(info.get("peak-rss-bytes", 0)))
+        for cid in sorted(set(sampled) - {cid_of[n] for n in result.answered}):
+            self._reject(cost, cid, "dropped out of secure aggregation")
+        if result.mean is None:
+            return []
+        try:
+            check_reply(result.mean, method.reply_shapes(message), None)
+        except InvalidReply as error:
+            self._reject(cost, -1, f"secure mean: {error}")
+            return []
+        return [Reply(cid=-1, content=result.mean, num_examples=result.total_weight)]
+
+
+@dataclass
+class NodeInfo:
+    node_id: int
+    num_examples: int
+
+
+def discover_nodes(grid: Grid, wanted: int, wait: float) -> dict[int, NodeInfo]:
+    """Ask every node which partition it holds; wait up to `wait` s for `wanted` of them."""
+    deadline = time.monotonic() + wait
+    while len(list(grid.get_node_ids())) < wanted and time.monotonic() < deadline:
+        time.sleep(0.5)
+    queries = [Message(content=RecordDict(), dst_node_id=node, message_type=MessageType.QUERY)
+               for node in grid.get_node_ids()]
+    nodes: dict[int, NodeInfo] = {}
+    failures = []
+    for answer in grid.send_and_receive(queries, timeout=max(wait, 1.0)):
+        if answer.has_error():
+            failures.append(f"node {answer.metadata.src_node_id}: {answer.error.reason}")
+            continue
+        identity = answer.content["identity"]
+        nodes.setdefault(int(identity["partition-id"]), NodeInfo(
+            answer.metadata.src_node_id, int(identity["num-examples"])))
+    missing = sorted(set(range(wanted)) - set(nodes))
+    if missing:
+        raise RuntimeError(
+            f"no Flower node holds partition(s) {missing}; start one supernode per client "
+            f"with --node-config 'partition-id=i num-partitions={wanted}'"
+            + (f". Nodes that failed: {'; '.join(failures)}" if failures else "")
+        )
+    return nodes
+
+
+server_app = ServerApp()
+
+
+@server_app.main()
+def serve(grid: Grid, context: Context) -> None:
+    run = from_run_config(dict(context.run_config))
+    config = run.config
+    task = load_run_task(config.task, run.data_dir)
+    method = make_method(config.method, **config.method_options())
+    if config.secagg and not method.secure_mean:
+        raise SecureAggregationUnsupported(
+            f"{method.name} does not aggregate by a mean; secure aggregation would change it")
+    wanted = 1 if method.centralized else config.clients
+    nodes = discover_nodes(grid, wanted, run.node_wait) if _has_client_step(method) else {}
+    runtime = GridRuntime(grid, nodes, runtime_config(config), timeout=run.round_timeout,
+                          secure=config.secagg)
+    out_dir = Path(run.out_dir) if run.out_dir else None
+    record = run_experiment(config, out_dir, task=task, runtime=runtime,
+                            save_dir=Path(run.save_dir) if run.save_dir else None)
+    log.info("fedsteer %s on %s: accuracy %.4f", config.method, task.name,
+             record["metrics"]["accuracy"])
+
+
+def _has_client_step(method: Method) -> bool:
+    return type(method).client_step is not Method.client_step
