@@ -269,6 +269,26 @@ def _show(records: list[dict], out: Path, title: str) -> None:
     console.print(f"results: {out}/…/{RESULT_FILE}   plot: {plot}")
 
 
+@app.command()
+def serve(
+    model: Annotated[str, typer.Option(help="registry name, local dir or HF id")] = DEFAULT_MODEL,
+    host: str = "127.0.0.1",
+    port: int = 8000,
+    max_logprobs: Annotated[int, typer.Option(help="largest top-k of log-probs served")] = 20,
+) -> None:
+    """Serve a local model as an OpenAI-compatible black box (/v1/completions with logprobs)."""
+    import uvicorn
+
+    from fedsteer.blackbox.serve import make_app
+
+    _setup_logging(False)
+    with _user_errors():
+        lm = load_model(model)
+    console.print(f"serving [bold]{model}[/] on http://{host}:{port}/v1")
+    uvicorn.run(make_app(lm, max_top_logprobs=max_logprobs), host=host, port=port,
+                log_level="warning")
+
+
 @app.command("eval")
 def eval_cmd(
     steering: Annotated[Path, typer.Option(help="a directory written by `run ... --save`")],

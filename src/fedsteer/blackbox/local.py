@@ -1,0 +1,36 @@
+"""The default black box: a local model, queried only for label scores.
+
+The method sees no weights and no gradients, by construction. Queries sharing a prefix
+reuse its key/value cache (one encoding of a sampled prompt for all the examples scored
+with it); billing counts each query as an API would: one call, its full prompt's tokens,
+one completion token.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+
+from fedsteer.blackbox.base import BlackBox
+from fedsteer.models.scoring import LabelScorer
+
+
+class LocalBlackBox(BlackBox):
+    def __init__(self, lm, batch_size: int = 16, cache: bool = True) -> None:
+        super().__init__(cache=cache)
+        self.lm, self.name, self.batch_size = lm, f"local:{lm.name}", batch_size
+        self._scorers: dict[tuple[str, ...], LabelScorer] = {}
+
+    def _scorer(self, label_words: Sequence[str]) -> LabelScorer:
+        words = tuple(label_words)
+        if words not in self._scorers:
+            self._scorers[words] = LabelScorer(self.lm, words, batch_size=self.batch_size)
+        return self._scorers[words]
+
+    def _query(self, prefix: str, prompts: list[str], label_words: tuple[str, ...]
+               ) -> list[np.ndarray]:
+        scores = self._scorer(label_words).score(prompts, prefix=prefix).numpy()
+        tokens = sum(len(self.lm.tokenizer(prefix + p)["input_ids"]) for p in prompts)
+        self._bill(calls=len(prompts), prompt_tokens=tokens, completion_tokens=len(prompts))
+        return list(scores)
