@@ -10,6 +10,7 @@ import dataclasses
 from typing import Any
 
 from fedsteer.methods.base import Client, Environment, Method, Reply, seeded_rng
+from fedsteer.methods.bdpl import BDPL
 from fedsteer.methods.fedavg_lora import FedAvgLoRA
 from fedsteer.methods.fedpt import FedPT
 from fedsteer.methods.icl import CentralICL, LocalICL, ZeroShot
@@ -17,7 +18,7 @@ from fedsteer.methods.ifed_icl import CentralI2CL, IFedICL
 
 METHODS: dict[str, type[Method]] = {
     cls.name: cls
-    for cls in (ZeroShot, LocalICL, CentralICL, IFedICL, CentralI2CL, FedAvgLoRA, FedPT)
+    for cls in (ZeroShot, LocalICL, CentralICL, IFedICL, CentralI2CL, FedAvgLoRA, FedPT, BDPL)
 }
 
 

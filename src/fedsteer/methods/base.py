@@ -73,6 +73,24 @@ class Environment:
             self._others[name] = load_model(name)
         return self._others[name]
 
+    def blackbox(self, spec: str = "local"):
+        """The run's black box, shared by every client here (one bill, one cache).
+
+        "local": this process's model behind `LocalBlackBox`; "openai:BASE_URL#MODEL": an
+        OpenAI-compatible endpoint (key from $OPENAI_API_KEY), e.g. one `fedsteer serve` runs.
+        """
+        if spec not in self._others:
+            from fedsteer.blackbox import LocalBlackBox, OpenAIBlackBox
+
+            if spec == "local":
+                self._others[spec] = LocalBlackBox(self.lm, batch_size=self.batch_size)
+            elif spec.startswith("openai:") and "#" in spec:
+                url, model = spec.removeprefix("openai:").rsplit("#", 1)
+                self._others[spec] = OpenAIBlackBox(url, model)
+            else:
+                raise ValueError(f"black box {spec!r}: use 'local' or 'openai:BASE_URL#MODEL'")
+        return self._others[spec]
+
     def scorer(self, multi_token: bool = False):
         """The task's label scorer on the shared model (built once per process)."""
         if multi_token not in self._scorers:
