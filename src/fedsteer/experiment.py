@@ -86,6 +86,23 @@ def transfer_rows(task: Task, evaluated: list[Example]) -> list[Example]:
     return [ex for ex in task.test if id(ex) not in held]
 
 
+def run_asynchronous(method, clients, env: Environment):
+    """Asynchronous methods (AsynDBT) on their own runtime, then each worker's evaluation."""
+    from flwr.app import MetricRecord
+
+    from fedsteer.federation.asynchronous import AsyncConfig, AsyncInProcessRuntime
+
+    if not isinstance(clients[0], Client):
+        raise ValueError(f"{method.name} runs in-process only for now")
+    config = AsyncConfig(active=method.active, staleness=method.staleness,
+                         latency=method.latency)
+    outcome = AsyncInProcessRuntime(config).run(method, clients, env)
+    for client in clients:
+        outcome.state[f"client.{client.cid}"] = MetricRecord(
+            method.evaluate_client(outcome.state, client))
+    return outcome
+
+
 def runtime_config(config: RunConfig) -> RuntimeConfig:
     return RuntimeConfig(fraction=config.fraction, seed=config.seed,
                          max_reply_norm=config.max_reply_norm, dp=client_dp(config))
@@ -138,10 +155,13 @@ def run_experiment(
         clients = build_clients(config, task, env, method.centralized)
     else:
         clients = list(range(1 if method.centralized else config.clients))
-    outcome = runtime.run(
-        method, clients, env, resume=resume,
-        fingerprint={"config": dataclasses.asdict(config), "options": method.options()},
-    )
+    if getattr(method, "asynchronous", False):
+        outcome = run_asynchronous(method, clients, env)
+    else:
+        outcome = runtime.run(
+            method, clients, env, resume=resume,
+            fingerprint={"config": dataclasses.asdict(config), "options": method.options()},
+        )
     if save_dir is not None:
         saved = method.save_artifact(outcome.state, Path(save_dir), config.model, task.name)
         if saved is None:

@@ -43,11 +43,13 @@ class BlackBox(ABC):
         self._lock = threading.Lock()
 
     def label_logprobs(self, prompts: Sequence[str], label_words: Sequence[str],
-                       prefix: str = "") -> np.ndarray:
+                       prefix: str = "", meter: Usage | None = None) -> np.ndarray:
         """`[N, C]` log-probs of each label word's first token after `prefix + prompt`.
 
         Queries that share `prefix` (a sampled instruction and demonstrations before many
-        examples) are sent together, so a backend can encode the prefix once.
+        examples) are sent together, so a backend can encode the prefix once. `meter`, if
+        given, also counts this request's calls and cache hits (one worker's share of a
+        black box that several workers use at once).
         """
         words = tuple(label_words)
         keys = [(prefix + p, words) for p in prompts]
@@ -61,6 +63,9 @@ class BlackBox(ABC):
             if self._cache is not None:
                 self._cache.update(fresh)
             self.usage.cache_hits += len(prompts) - len(missing)
+            if meter is not None:
+                meter.calls += len(missing)
+                meter.cache_hits += len(prompts) - len(missing)
             rows = [fresh[k] if k in fresh else self._cache[k] for k in keys]
         return np.stack(rows) if rows else np.empty((0, len(words)))
 

@@ -8,6 +8,7 @@ one completion token.
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Sequence
 
 import numpy as np
@@ -21,6 +22,9 @@ class LocalBlackBox(BlackBox):
         super().__init__(cache=cache)
         self.lm, self.name, self.batch_size = lm, f"local:{lm.name}", batch_size
         self._scorers: dict[tuple[str, ...], LabelScorer] = {}
+        # One query at a time: workers in threads share the model and its tokenizer (which
+        # is not safe to use concurrently), and the cores are busy anyway.
+        self._model_lock = threading.Lock()
 
     def _scorer(self, label_words: Sequence[str]) -> LabelScorer:
         words = tuple(label_words)
@@ -30,7 +34,8 @@ class LocalBlackBox(BlackBox):
 
     def _query(self, prefix: str, prompts: list[str], label_words: tuple[str, ...]
                ) -> list[np.ndarray]:
-        scores = self._scorer(label_words).score(prompts, prefix=prefix).numpy()
-        tokens = sum(len(self.lm.tokenizer(prefix + p)["input_ids"]) for p in prompts)
+        with self._model_lock:
+            scores = self._scorer(label_words).score(prompts, prefix=prefix).numpy()
+            tokens = sum(len(self.lm.tokenizer(prefix + p)["input_ids"]) for p in prompts)
         self._bill(calls=len(prompts), prompt_tokens=tokens, completion_tokens=len(prompts))
         return list(scores)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
+from fedsteer.methods.asyndbt import AsynDBT, CenDBT, SyncDBT
 from fedsteer.methods.base import Client, Environment, Method, Reply, seeded_rng
 from fedsteer.methods.bdpl import BDPL
 from fedsteer.methods.fedavg_lora import FedAvgLoRA
@@ -18,7 +19,8 @@ from fedsteer.methods.ifed_icl import CentralI2CL, IFedICL
 
 METHODS: dict[str, type[Method]] = {
     cls.name: cls
-    for cls in (ZeroShot, LocalICL, CentralICL, IFedICL, CentralI2CL, FedAvgLoRA, FedPT, BDPL)
+    for cls in (ZeroShot, LocalICL, CentralICL, IFedICL, CentralI2CL, FedAvgLoRA, FedPT, BDPL,
+                AsynDBT, SyncDBT, CenDBT)
 }
 
 

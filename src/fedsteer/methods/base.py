@@ -123,6 +123,7 @@ class Reply:
     cid: int
     content: RecordDict
     num_examples: int
+    staleness: int = 0  # server iterations since the state it was computed from (async)
 
 
 class Method(ABC):

@@ -1,0 +1,150 @@
+"""The asynchronous in-process runtime: workers run concurrently, the server never waits for all.
+
+For methods that declare `asynchronous = True` (AsynDBT). Each worker is a thread that
+takes the latest message for it, runs its client step and posts the reply. The server
+updates as soon as `active` fresh replies have arrived — unless a worker has gone
+`staleness` server iterations without being heard from, in which case the server waits
+for it (the bounded-staleness rule). `active = number of workers` is the synchronous
+baseline (a barrier every iteration). Workers may be given a simulated latency per step,
+so stragglers are real; the latency is slept outside any lock, as an API call would be.
+
+Costs are kept per server iteration (a `RoundCost` each): bytes of the messages and
+replies, client seconds, which workers were used and how stale each reply was.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from fedsteer.eval.costs import RoundCost, payload_bytes, peak_rss_bytes
+from fedsteer.federation.payloads import InvalidReply, check_reply
+from fedsteer.federation.runtime import RunOutcome
+from fedsteer.methods.base import Client, Environment, Method, Reply
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class AsyncConfig:
+    active: int = 1  # fresh replies the server needs before it updates (S)
+    staleness: int = 3  # a worker unheard for more server iterations is waited for (τ)
+    latency: Sequence[float] = ()  # per-worker simulated seconds per step (default 0)
+    max_iterations: int = 10_000
+
+
+@dataclass
+class _Posted:
+    cid: int
+    content: object
+    seconds: float
+    issued_at: int  # the server iteration whose state the worker started from
+    bytes_down: int
+    num_examples: int
+
+
+class AsyncInProcessRuntime:
+    def __init__(self, config: AsyncConfig | None = None) -> None:
+        self.config = config or AsyncConfig()
+
+    def run(self, method: Method, clients: Sequence[Client], env: Environment) -> RunOutcome:
+        if not getattr(method, "asynchronous", False):
+            raise ValueError(f"{method.name} is not an asynchronous method")
+        method.setup(env)
+        shared = {"state": method.initial_state(env), "iteration": 0}
+        lock, stop, inbox = threading.Lock(), threading.Event(), queue.Queue()
+        consumed = {c.cid: threading.Event() for c in clients}
+        workers = [threading.Thread(target=self._worker, daemon=True,
+                                    args=(method, c, shared, lock, inbox, stop, consumed))
+                   for c in clients]
+        for worker in workers:
+            worker.start()
+        rounds: list[RoundCost] = []
+        last_heard = {c.cid: 0 for c in clients}
+        active = min(max(self.config.active, 1), len(clients))
+        try:
+            for iteration in range(self.config.max_iterations):
+                with lock:
+                    if method.finished(shared["state"]):
+                        break
+                posted = self._gather(inbox, active, last_heard, iteration)
+                cost = RoundCost(round=iteration)
+                replies = [r for r in (self._accept(p, cost) for p in posted) if r]
+                started = time.perf_counter()
+                with lock:
+                    shared["state"] = method.server_update(shared["state"], replies)
+                    shared["iteration"] = iteration + 1
+                cost.server_seconds = time.perf_counter() - started
+                cost.peak_rss_bytes = peak_rss_bytes()
+                rounds.append(cost)
+                for p in posted:
+                    last_heard[p.cid] = iteration
+                    consumed[p.cid].set()
+        finally:
+            stop.set()
+            for event in consumed.values():
+                event.set()
+            for worker in workers:
+                worker.join(timeout=60)
+        return RunOutcome(shared["state"], rounds)
+
+    # ------------------------------------------------------------------ server
+    def _gather(self, inbox: queue.Queue, active: int, last_heard: dict[int, int],
+                iteration: int) -> list[_Posted]:
+        """Block until `active` replies are in and no worker is `staleness` iterations behind."""
+        got: list[_Posted] = []
+        while True:
+            heard = {p.cid for p in got}
+            overdue = [cid for cid, last in last_heard.items()
+                       if iteration - last >= self.config.staleness and cid not in heard]
+            if len(got) >= active and not overdue:
+                return got
+            got.append(inbox.get())
+
+    @staticmethod
+    def _accept(posted: _Posted, cost: RoundCost) -> Reply | None:
+        cost.clients.append(posted.cid)
+        cost.client_seconds += posted.seconds
+        cost.bytes_down += posted.bytes_down
+        if isinstance(posted.content, Exception):
+            cost.rejected.append({"cid": posted.cid,
+                                  "reason": f"client failed: {posted.content!r}"})
+            return None
+        try:
+            check_reply(posted.content)
+        except InvalidReply as error:
+            log.warning("iteration %d: rejected worker %d: %s", cost.round, posted.cid, error)
+            cost.rejected.append({"cid": posted.cid, "reason": str(error)})
+            return None
+        cost.bytes_up += payload_bytes(posted.content)
+        return Reply(cid=posted.cid, content=posted.content, num_examples=posted.num_examples,
+                     staleness=cost.round - posted.issued_at)
+
+    # ------------------------------------------------------------------ worker
+    def _worker(self, method, client, shared, lock, inbox, stop, consumed) -> None:
+        """Step from the latest state, post the reply, wait until the server has used it."""
+        latencies = list(self.config.latency)
+        delay = latencies[client.cid] if client.cid < len(latencies) else 0.0
+        while not stop.is_set():
+            with lock:
+                if method.finished(shared["state"]):
+                    return
+                issued_at = shared["iteration"]
+                message = method.worker_message(shared["state"], client.cid, issued_at)
+            started = time.perf_counter()
+            try:
+                time.sleep(delay)  # the straggler's network / API latency
+                content: object = method.client_step(message, client)
+            except Exception as error:  # noqa: BLE001 - reported to the server, not lost
+                log.exception("worker %d failed", client.cid)
+                content = error
+            consumed[client.cid].clear()
+            inbox.put(_Posted(client.cid, content, time.perf_counter() - started, issued_at,
+                              payload_bytes(message), len(client.data)))
+            while not consumed[client.cid].wait(0.05):
+                if stop.is_set():  # the run ended before the server used this reply
+                    return

@@ -1,0 +1,279 @@
+"""AsynDBT (arXiv 2602.17694): asynchronous distributed bilevel tuning of prompts and demos.
+
+Workers tune, through a black box only, a discrete prompt (M positions × N candidate words,
+a categorical `p_i` per position) and one demonstration per class (a categorical `q_i`
+per slot over V of the worker's own examples, which never leave it: demonstrations are
+personalised). Prompts are tied to a global consensus `z` held by the server.
+
+What this module implements (K local steps per worker message, then one server update):
+
+- worker i:  p_i ← Π(p_i − η_p(ĝ_p + ρ_i + μ(p_i − z) + ψ·sign(p_i − z)))
+             q_i ← Π(q_i − η_p·ĝ_q)
+  where ĝ_p, ĝ_q are BDPL's variance-reduced policy gradients of the worker's loss over I
+  sampled (prompt, demonstrations) pairs, and ρ_i + μ(p_i − z) is the gradient of the
+  augmented Lagrangian ρ_iᵀ(p_i − z) + (μ/2)‖p_i − z‖²; ψ·sign(p_i − z) is the
+  subgradient of ψ‖p_i − z‖₁, the term that bounds the pull any one (Byzantine) worker
+  has on z (as in RSA, Li et al. 2019);
+- server, over the active set A of replies that have arrived:
+             z ← Π(z − η_z Σ_{i∈A} (−ρ_i − μ(p_i − z) + ψ·sign(z − p_i)))
+             ρ_i ← ρ_i + η_ρ (p_i − z)   for i ∈ A
+  (`consensus="sign"`); or, for comparison, z ← Π(rule({p_i})) with one of Flower's
+  aggregation rules over every worker's latest p_i (mean, median, trimmed-mean, krum).
+- Π is the per-position projection onto the simplex; the asynchronous runtime
+  (`federation/asynchronous.py`) supplies A: S fresh replies, no worker older than τ.
+
+Not implemented (yet): the paper's cutting planes, which approximate the lower level's
+optimality for the upper (demonstration) level; here the demonstrations follow the plain
+policy gradient of the same loss. Candidates are words of the server's held-out texts
+(public, as FedPT's transfer set), so every worker shares one prompt vocabulary.
+`sync-dbt` is the same with a barrier (S = all workers); `cen-dbt` one worker with all data.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+import numpy as np
+from flwr.app import Array, ArrayRecord, ConfigRecord, MetricRecord, RecordDict
+
+from fedsteer.blackbox import Usage
+from fedsteer.data import Example
+from fedsteer.eval.metrics import classification_metrics, summarize_clients
+from fedsteer.methods.aggregation import RULES
+from fedsteer.methods.base import Client, Environment, Reply, seeded_rng
+from fedsteer.methods.bdpl import (
+    BDPL,
+    AdamOnSimplex,
+    cross_entropy,
+    policy_gradient,
+    project_simplex,
+    prompt_prefix,
+    sample_prompts,
+    word_candidates,
+)
+
+ATTACKS = ("random", "sign-flip", "scale")
+
+
+def _array(value: np.ndarray) -> Array:
+    return Array(np.ascontiguousarray(value, dtype=np.float32))
+
+
+@dataclass
+class AsynDBT(BDPL):
+    name = "asyndbt"
+    centralized: ClassVar[bool] = False
+    asynchronous: ClassVar[bool] = True
+
+    demo_candidates: int = 8  # V: candidates per class slot, from the worker's own data
+    iterations: int = 20  # server updates (T)
+    mu: float = 1.0  # augmented-Lagrangian penalty
+    psi: float = 0.05  # weight of the sign (ℓ1) consensus term
+    lr_z: float = 1e-2
+    lr_dual: float = 1e-1
+    consensus: str = "sign"  # or a Flower rule over the workers' latest prompts
+    active: int = 2  # S: fresh replies per server update
+    staleness: int = 3  # τ
+    latency: tuple[float, ...] = ()  # simulated seconds per local round, per worker
+    byzantine: int = 0  # workers 0..byzantine-1 send corrupted prompts
+    attack: str = "sign-flip"
+
+    def __post_init__(self) -> None:
+        self.latency = tuple(self.latency)
+        if self.consensus != "sign" and self.consensus not in RULES:
+            raise ValueError(f"consensus must be 'sign' or one of {', '.join(RULES)}")
+        if self.attack not in ATTACKS:
+            raise ValueError(f"attack must be one of {', '.join(ATTACKS)}")
+
+    # ---------------------------------------------------------------- server
+    def initial_state(self, env: Environment) -> RecordDict:
+        if not env.transfer:
+            raise ValueError("AsynDBT draws its prompt vocabulary from held-out task texts, "
+                             "and this run has none")
+        words = word_candidates(env.transfer, self.candidates)
+        z = np.full((self.prompt_length, len(words)), 1.0 / len(words))
+        return RecordDict({
+            "z": ArrayRecord({"z": _array(z)}), "words": ConfigRecord({"words": words}),
+            "duals": ArrayRecord(), "latest": ArrayRecord(),
+            "progress": MetricRecord({"iteration": 0, "calls": 0}),
+        })
+
+    def configure_round(self, rnd: int, state: RecordDict) -> RecordDict | None:
+        raise TypeError("AsynDBT runs on the asynchronous runtime, not in rounds")
+
+    def finished(self, state: RecordDict) -> bool:
+        return int(state["progress"]["iteration"]) >= self.iterations
+
+    def worker_message(self, state: RecordDict, cid: int, iteration: int) -> RecordDict:
+        z = state["z"]["z"].numpy()
+        duals = state["duals"]
+        dual = duals[str(cid)].numpy() if str(cid) in duals else np.zeros_like(z)
+        return RecordDict({
+            "z": ArrayRecord({"z": _array(z), "dual": _array(dual)}),
+            "words": state["words"], "config": ConfigRecord({"iteration": iteration}),
+        })
+
+    def server_update(self, state: RecordDict, replies: Sequence[Reply]) -> RecordDict:
+        z = state["z"]["z"].numpy().astype(np.float64)
+        duals, latest = state["duals"], state["latest"]
+        prompts = {r.cid: r.content["prompt"]["p"].numpy().astype(np.float64) for r in replies}
+        for cid, p in prompts.items():
+            latest[str(cid)] = _array(p)
+        if self.consensus == "sign":
+            step = np.zeros_like(z)
+            for cid, p in prompts.items():
+                dual = duals[str(cid)].numpy() if str(cid) in duals else np.zeros_like(z)
+                step += -dual - self.mu * (p - z) + self.psi * np.sign(z - p)
+            z = project_simplex(z - self.lr_z * step)
+            for cid, p in prompts.items():
+                dual = duals[str(cid)].numpy() if str(cid) in duals else np.zeros_like(z)
+                duals[str(cid)] = _array(dual + self.lr_dual * (p - z))
+        elif latest:
+            results = [([latest[k].numpy().astype(np.float64)], 1) for k in latest]
+            z = project_simplex(RULES[self.consensus](results)[0])
+        calls = int(state["progress"]["calls"]) + sum(
+            int(r.content["metrics"]["calls"]) for r in replies)
+        state["z"] = ArrayRecord({"z": _array(z)})
+        state["progress"] = MetricRecord({
+            "iteration": int(state["progress"]["iteration"]) + 1, "calls": calls})
+        return state
+
+    # ---------------------------------------------------------------- worker
+    def client_step(self, message: RecordDict, client: Client) -> RecordDict:
+        env, box = client.env, client.env.blackbox(self.blackbox)
+        words = list(message["words"]["words"])
+        z, dual = message["z"]["z"].numpy(), message["z"]["dual"].numpy()
+        iteration = int(message["config"]["iteration"])
+        p, q, demos = self._local_variables(client, z)
+        meter = Usage()
+        p, q, loss = self.local_steps(box, env, self.training_set(client), words, demos,
+                                      p, q, z, dual, iteration, client.cid, meter)
+        client.state["mine"] = ArrayRecord({"p": _array(p), "q": _array(q)})
+        sent = self._corrupt(p, z, client.cid, iteration) if client.cid < self.byzantine else p
+        return RecordDict({
+            "prompt": ArrayRecord({"p": _array(sent)}),
+            "metrics": MetricRecord({"loss": loss, "calls": meter.calls}),
+        })
+
+    def _local_variables(self, client: Client, z: np.ndarray):
+        demos = self.demo_pool(client)
+        if "mine" in client.state:
+            mine = client.state["mine"]
+            return mine["p"].numpy().astype(np.float64), mine["q"].numpy().astype(
+                np.float64), demos
+        q = np.full((len(demos), self.demo_candidates), 0.0)
+        for slot, pool in enumerate(demos):
+            q[slot, : len(pool)] = 1.0 / len(pool)
+        return z.astype(np.float64).copy(), q, demos
+
+    def demo_pool(self, client: Client) -> list[list[Example]]:
+        """Per class, up to V of the worker's own examples (seeded): demonstration candidates."""
+        rng = seeded_rng(self.seed, "demo-pool", client.cid)
+        pool = []
+        for label in range(len(client.env.task.labels)):
+            rows = [ex for ex in client.data if ex.label == label]
+            if not rows:
+                rows = list(client.data)  # a class it lacks: any of its examples
+            take = min(self.demo_candidates, len(rows))
+            pool.append([rows[i] for i in sorted(rng.choice(len(rows), take, replace=False))])
+        return pool
+
+    def local_steps(self, box, env: Environment, train: list[Example], words: list[str],
+                    demos: list[list[Example]], p: np.ndarray, q: np.ndarray,
+                    z: np.ndarray, dual: np.ndarray, iteration: int, cid: int, meter: Usage):
+        rng = seeded_rng(self.seed, "asyndbt", iteration, cid)
+        opt_p, opt_q, losses = AdamOnSimplex(p, self.lr), AdamOnSimplex(q, self.lr), []
+        queries = [env.task.format_query(ex) for ex in train]
+        labels = np.array([ex.label for ex in train])
+        spec = env.task
+        for _ in range(self.steps_per_round):
+            batch = rng.choice(len(train), min(self.batch_size, len(train)), replace=False)
+            prompt_samples = sample_prompts(p, self.samples, rng)
+            demo_samples = [self._sample_demos(q, demos, rng) for _ in range(self.samples)]
+            step_losses = []
+            for prompt, chosen in zip(prompt_samples, demo_samples, strict=True):
+                demo_text = spec.demo_prefix([demos[s][j] for s, j in enumerate(chosen)])
+                prefix = prompt_prefix([words[j] for j in prompt], demo_text)
+                scores = box.label_logprobs([queries[i] for i in batch], spec.label_words,
+                                            prefix=prefix, meter=meter)
+                step_losses.append(cross_entropy(scores, labels[batch]))
+            consensus = dual + self.mu * (p - z) + self.psi * np.sign(p - z)
+            p = opt_p.step(policy_gradient(p, prompt_samples, step_losses) + consensus)
+            q = opt_q.step(policy_gradient(q, demo_samples, step_losses))
+            mask = self._valid_mask(demos)  # slots with fewer than V candidates stay so
+            q = q * mask + 1e-12 * mask
+            q = q / q.sum(axis=1, keepdims=True)
+            losses.append(float(np.mean(step_losses)))
+        return p, q, float(np.mean(losses))
+
+    def _valid_mask(self, demos: list[list[Example]]) -> np.ndarray:
+        mask = np.zeros((len(demos), self.demo_candidates))
+        for slot, pool in enumerate(demos):
+            mask[slot, : len(pool)] = 1.0
+        return mask
+
+    @staticmethod
+    def _sample_demos(q: np.ndarray, demos, rng) -> np.ndarray:
+        return sample_prompts(q, 1, rng)[0]
+
+    def _corrupt(self, p: np.ndarray, z: np.ndarray, cid: int, iteration: int) -> np.ndarray:
+        """What a Byzantine worker sends instead of its prompt."""
+        rng = seeded_rng(self.seed, "byzantine", cid, iteration)
+        if self.attack == "random":
+            return rng.dirichlet(np.ones(p.shape[1]), size=p.shape[0])
+        if self.attack == "sign-flip":
+            return project_simplex(z - 5.0 * (p - z))
+        return project_simplex(z + 10.0 * (p - z))  # scale
+
+    # ------------------------------------------------------------- evaluation
+    def evaluate_client(self, state: RecordDict, client: Client) -> dict[str, float]:
+        """The consensus prompt with this worker's own most likely demonstrations."""
+        env = client.env
+        words = list(state["words"]["words"])
+        prompt = [words[j] for j in state["z"]["z"].numpy().argmax(axis=1)]
+        demos = self.demo_pool(client)
+        chosen = (client.state["mine"]["q"].numpy().argmax(axis=1) if "mine" in client.state
+                  else np.zeros(len(demos), dtype=int))
+        prefix = prompt_prefix(prompt, env.task.demo_prefix(
+            [demos[s][min(j, len(demos[s]) - 1)] for s, j in enumerate(chosen)]))
+        scores = env.blackbox(self.blackbox).label_logprobs(
+            [env.task.format_query(ex) for ex in env.test], env.task.label_words, prefix=prefix)
+        return classification_metrics([ex.label for ex in env.test],
+                                      scores.argmax(axis=1).tolist(), len(env.task.labels))
+
+    def evaluate(self, state: RecordDict, env: Environment) -> dict[str, Any]:
+        """Mean over workers of their personalised accuracy (`evaluate_client`, recorded in
+        the state by the runtime as `client.<cid>`)."""
+        per_client = [{"cid": int(k.split(".")[1]), **dict(v)}
+                      for k, v in state.metric_records.items() if k.startswith("client.")]
+        if not per_client:
+            raise ValueError("no per-worker evaluation in the state")
+        words = list(state["words"]["words"])
+        prompt = [words[j] for j in state["z"]["z"].numpy().argmax(axis=1)]
+        metrics: dict[str, Any] = {
+            **summarize_clients(sorted(per_client, key=lambda c: c["cid"])),
+            "prompt": " ".join(prompt),
+            "api_training_calls": int(state["progress"]["calls"]),
+        }
+        usage = env.blackbox(self.blackbox).usage.to_dict()
+        metrics.update({f"api_{k}": v for k, v in usage.items()})
+        return metrics
+
+
+@dataclass
+class SyncDBT(AsynDBT):
+    """The synchronous baseline: the server waits for every worker each iteration."""
+
+    name = "sync-dbt"
+    active: int = 10**6
+
+
+@dataclass
+class CenDBT(AsynDBT):
+    """The centralized baseline: one worker holding all the data."""
+
+    name = "cen-dbt"
+    centralized: ClassVar[bool] = True
+    active: int = 1

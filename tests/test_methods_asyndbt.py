@@ -1,0 +1,128 @@
+"""AsynDBT: the asynchronous runtime's staleness bound, the consensus updates, a run."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import ClassVar
+
+import numpy as np
+import pytest
+from flwr.app import ArrayRecord, MetricRecord, RecordDict
+
+from fedsteer.data import Example, TaskSpec
+from fedsteer.experiment import RunConfig, run_experiment
+from fedsteer.federation.asynchronous import AsyncConfig, AsyncInProcessRuntime
+from fedsteer.methods import Client, Environment, Method, Reply
+from fedsteer.methods.asyndbt import AsynDBT, _array
+from fedsteer.methods.bdpl import project_simplex
+
+SPEC = TaskSpec(name="toy", labels=("negative", "positive"),
+                label_words=(" negative", " positive"), template="Review: {text}\nSentiment:")
+
+
+@dataclass
+class Counting(Method):
+    """Workers reply with nothing but who they are; the server counts its updates."""
+
+    name = "counting"
+    asynchronous: ClassVar[bool] = True
+    iterations: int = 12
+
+    def initial_state(self, env):
+        return RecordDict({"progress": MetricRecord({"iteration": 0})})
+
+    def configure_round(self, rnd, state):
+        return None
+
+    def finished(self, state):
+        return int(state["progress"]["iteration"]) >= self.iterations
+
+    def worker_message(self, state, cid, iteration):
+        return RecordDict({"progress": state["progress"]})
+
+    def client_step(self, message, client):
+        return RecordDict({"who": MetricRecord({"cid": client.cid})})
+
+    def server_update(self, state, replies):
+        state["progress"] = MetricRecord({"iteration": int(state["progress"]["iteration"]) + 1})
+        return state
+
+    def evaluate(self, state, env):
+        return {"accuracy": 0.0, "macro_f1": 0.0}
+
+
+def clients(n: int, env) -> list[Client]:
+    return [Client(cid=i, data=[Example(text="x", label=0)], env=env) for i in range(n)]
+
+
+def test_a_slow_worker_is_waited_for_within_the_staleness_bound():
+    env = Environment(task=SPEC, test=[], model_name="none")
+    config = AsyncConfig(active=1, staleness=2, latency=(0.0, 0.0, 0.25))
+    outcome = AsyncInProcessRuntime(config).run(Counting(), clients(3, env), env)
+    used = [set(r.clients) for r in outcome.rounds]
+    slow_rounds = [i for i, cids in enumerate(used) if 2 in cids]
+    gaps = np.diff([-1, *slow_rounds])
+    assert slow_rounds and gaps.max() <= 3  # never more than τ iterations without it
+    assert any(len(cids) < 3 for cids in used)  # and the server did not wait for everyone
+
+
+def test_the_synchronous_setting_is_a_barrier():
+    env = Environment(task=SPEC, test=[], model_name="none")
+    outcome = AsyncInProcessRuntime(AsyncConfig(active=3, latency=(0.0, 0.05, 0.1))).run(
+        Counting(iterations=4), clients(3, env), env)
+    assert [sorted(r.clients) for r in outcome.rounds] == [[0, 1, 2]] * 4
+
+
+def test_server_update_follows_the_equations():
+    method = AsynDBT(prompt_length=1, mu=0.5, psi=0.1, lr_z=0.2, lr_dual=0.3)
+    z = np.array([[0.5, 0.3, 0.2]])
+    dual = np.array([[0.01, -0.02, 0.01]])
+    p1, p2 = np.array([[0.6, 0.2, 0.2]]), np.array([[0.1, 0.8, 0.1]])
+    state = RecordDict({"z": ArrayRecord({"z": _array(z)}),
+                        "duals": ArrayRecord({"0": _array(dual)}), "latest": ArrayRecord(),
+                        "progress": MetricRecord({"iteration": 0, "calls": 0})})
+    replies = [Reply(cid, RecordDict({"prompt": ArrayRecord({"p": _array(p)}),
+                                      "metrics": MetricRecord({"calls": 4})}), 1)
+               for cid, p in ((0, p1), (1, p2))]
+    out = method.server_update(state, replies)
+    step = (-dual - 0.5 * (p1 - z) + 0.1 * np.sign(z - p1)) + (-0.5 * (p2 - z)
+                                                                + 0.1 * np.sign(z - p2))
+    new_z = project_simplex(z - 0.2 * step)
+    np.testing.assert_allclose(out["z"]["z"].numpy(), new_z, atol=1e-6)
+    np.testing.assert_allclose(out["duals"]["0"].numpy(), dual + 0.3 * (p1 - new_z), atol=1e-6)
+    np.testing.assert_allclose(out["duals"]["1"].numpy(), 0.3 * (p2 - new_z), atol=1e-6)
+    assert int(out["progress"]["calls"]) == 8 and int(out["progress"]["iteration"]) == 1
+
+
+def test_a_robust_rule_takes_the_median_of_the_latest_prompts():
+    method = AsynDBT(prompt_length=1, consensus="median")
+    prompts = [np.array([[0.6, 0.4]]), np.array([[0.5, 0.5]]), np.array([[0.0, 1.0]])]
+    state = RecordDict({"z": ArrayRecord({"z": _array(np.array([[0.5, 0.5]]))}),
+                        "duals": ArrayRecord(), "latest": ArrayRecord(),
+                        "progress": MetricRecord({"iteration": 0, "calls": 0})})
+    replies = [Reply(i, RecordDict({"prompt": ArrayRecord({"p": _array(p)}),
+                                    "metrics": MetricRecord({"calls": 0})}), 1)
+               for i, p in enumerate(prompts)]
+    out = method.server_update(state, replies)
+    np.testing.assert_allclose(out["z"]["z"].numpy(), [[0.5, 0.5]], atol=1e-6)
+
+
+def test_bad_settings_are_refused():
+    with pytest.raises(ValueError, match="consensus"):
+        AsynDBT(consensus="vote")
+    with pytest.raises(ValueError, match="attack"):
+        AsynDBT(attack="bribe")
+
+
+@pytest.mark.parametrize("method", ["asyndbt", "sync-dbt", "cen-dbt"])
+def test_dbt_runs_end_to_end_on_the_local_black_box(tmp_path, method):
+    options = {"prompt_length": 2, "candidates": 6, "samples": 2, "shots_per_class": 2,
+               "batch_size": 2, "steps_per_round": 1, "iterations": 3, "demo_candidates": 2,
+               "lr": 0.01, "byzantine": 1 if method == "asyndbt" else 0}
+    record = run_experiment(RunConfig(method, "sst2", "tiny-random", clients=3, test_size=6,
+                                      options=options), tmp_path)
+    metrics = record["metrics"]
+    assert 0.0 <= metrics["accuracy"] <= 1.0 and len(metrics["prompt"].split()) == 2
+    assert record["costs"]["num_rounds"] == 3
+    assert metrics["api_training_calls"] > 0 and metrics["api_calls"] > metrics[
+        "api_training_calls"]
