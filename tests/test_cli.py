@@ -121,6 +121,27 @@ def test_ifed_icl_saves_steering_and_eval_applies_it(tmp_path, tiny_lm):
     assert f"{100 * record['metrics']['accuracy']:.1f}" in output  # same rows, same steering
 
 
+@pytest.mark.parametrize("method, options, kind", [
+    ("fedavg-lora", ["-o", "rank=2", "-o", "local_examples=4", "--rounds", "1"], "lora"),
+    ("bdpl", ["-o", "prompt_length=2", "-o", "candidates=6", "-o", "samples=2",
+              "-o", "shots_per_class=2", "-o", "steps_per_round=1", "--rounds", "1"], "prompt"),
+])
+def test_saved_adapters_and_prompts_evaluate_to_the_runs_numbers(tmp_path, method, options,
+                                                                  kind):
+    out, saved = tmp_path / "run", tmp_path / "artifact"
+    invoke("run", method, "--model", "tiny-random", "--clients", "3", "--test-size", "10",
+           *options, "--out", str(out), "--save", str(saved))
+    record = json.loads((out / "result.json").read_text())
+    output = invoke("eval", "--artifact", str(saved), "--task", "sst2", "--test-size", "10")
+    assert kind in output and "tiny-random" in output
+    assert f"{100 * record['metrics']['accuracy']:.1f}" in output
+
+
+def test_eval_names_a_directory_that_holds_no_artifact(tmp_path):
+    result = runner.invoke(app, ["eval", "--artifact", str(tmp_path), "--task", "sst2"])
+    assert result.exit_code == 2 and "not a directory written by" in result.output
+
+
 def test_unknown_method_option_is_refused():
     result = runner.invoke(app, ["run", "zero-shot", "ifed-icl", "--model", "tiny-random",
                                  "-o", "local_epoch=2"])

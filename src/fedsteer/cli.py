@@ -291,29 +291,29 @@ def serve(
 
 @app.command("eval")
 def eval_cmd(
-    steering: Annotated[Path, typer.Option(help="a directory written by `run ... --save`")],
+    artifact: Annotated[Path, typer.Option(
+        "--artifact", "--steering",
+        help="a directory written by `run ... --save`: IFed-ICL steering, a LoRA adapter "
+             "or a learned prompt")],
     task: Annotated[str, typer.Option(help="built-in task name or a task spec file")],
     model: Annotated[str | None, typer.Option(help="default: the model it was made on")]
     = None,
     test_size: Annotated[int, typer.Option(help="test rows scored (0: all)")] = 300,
     test_seed: int = 0,
     batch_size: int = 16,
+    blackbox: Annotated[str, typer.Option(
+        help="prompts only: 'local' or 'openai:BASE_URL#MODEL'")] = "local",
 ) -> None:
-    """Apply saved steering (IFed-ICL vectors + coefficients) to a task's test inputs."""
-    from fedsteer.experiment import evaluation_rows
-    from fedsteer.methods import Environment
-    from fedsteer.methods.ifed_icl import evaluate_steering, load_steering
+    """Apply a saved artifact (steering, adapter or prompt) to a task's test inputs."""
+    from fedsteer.artifacts import evaluate_artifact
 
     _setup_logging(False)
     with _user_errors():
-        artifact = load_steering(steering)
         t = load_task(task)
-        name = model or artifact.config["model"]
-        env = Environment(task=t.spec, test=evaluation_rows(t, test_size or None, test_seed),
-                          model_name=name, batch_size=batch_size)
-        metrics = evaluate_steering(env, artifact.attn, artifact.mlp, artifact.coef)
-    table = Table("steering", "task", "model", "rows", "acc %", "macro-F1 %")
-    table.add_row(str(steering), t.name, name, str(len(env.test)),
+        kind, name, metrics, rows = evaluate_artifact(
+            artifact, t, model, test_size or None, test_seed, batch_size, blackbox)
+    table = Table("artifact", "kind", "task", "model", "rows", "acc %", "macro-F1 %")
+    table.add_row(str(artifact), kind, t.name, name, str(rows),
                   f"{100 * metrics['accuracy']:.1f}", f"{100 * metrics['macro_f1']:.1f}")
     console.print(table)
 

@@ -51,6 +51,7 @@ from fedsteer.methods.bdpl import (
     project_simplex,
     prompt_prefix,
     sample_prompts,
+    save_prompt,
     word_candidates,
 )
 
@@ -227,12 +228,20 @@ class AsynDBT(BDPL):
             return project_simplex(z - 5.0 * (p - z))
         return project_simplex(z + 10.0 * (p - z))  # scale
 
+    def best_prompt(self, state: RecordDict) -> list[str]:
+        words = list(state["words"]["words"])
+        return [words[j] for j in state["z"]["z"].numpy().argmax(axis=1)]
+
+    def save_artifact(self, state: RecordDict, directory, model_name: str, task_name: str):
+        """The consensus prompt (workers' demonstrations are theirs and stay with them)."""
+        return save_prompt(directory, self.best_prompt(state), model_name, task_name,
+                           self.name, list(state["words"]["words"]), state["z"]["z"].numpy())
+
     # ------------------------------------------------------------- evaluation
     def evaluate_client(self, state: RecordDict, client: Client) -> dict[str, float]:
         """The consensus prompt with this worker's own most likely demonstrations."""
         env = client.env
-        words = list(state["words"]["words"])
-        prompt = [words[j] for j in state["z"]["z"].numpy().argmax(axis=1)]
+        prompt = self.best_prompt(state)
         demos = self.demo_pool(client)
         chosen = (client.state["mine"]["q"].numpy().argmax(axis=1) if "mine" in client.state
                   else np.zeros(len(demos), dtype=int))
@@ -250,8 +259,7 @@ class AsynDBT(BDPL):
                       for k, v in state.metric_records.items() if k.startswith("client.")]
         if not per_client:
             raise ValueError("no per-worker evaluation in the state")
-        words = list(state["words"]["words"])
-        prompt = [words[j] for j in state["z"]["z"].numpy().argmax(axis=1)]
+        prompt = self.best_prompt(state)
         metrics: dict[str, Any] = {
             **summarize_clients(sorted(per_client, key=lambda c: c["cid"])),
             "prompt": " ".join(prompt),

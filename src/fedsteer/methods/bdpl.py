@@ -216,18 +216,48 @@ class BDPL(Method):
         state["api"] = MetricRecord({"calls": calls})
         return state
 
+    def save_artifact(self, state: RecordDict, directory, model_name: str, task_name: str):
+        """`prompt.json`: the learned words, the text put before each query, the policy."""
+        return save_prompt(directory, self.best_prompt(state), model_name, task_name,
+                           self.name, list(state["words"]["words"]),
+                           state["prompt"]["probs"].numpy())
+
     def best_prompt(self, state: RecordDict) -> list[str]:
         words = list(state["words"]["words"])
         return [words[j] for j in state["prompt"]["probs"].numpy().argmax(axis=1)]
 
     def evaluate(self, state: RecordDict, env: Environment) -> dict[str, Any]:
         words = self.best_prompt(state) if "prompt" in state else []
-        box = env.blackbox(self.blackbox)
-        scores = box.label_logprobs([env.task.format_query(ex) for ex in env.test],
-                                    env.task.label_words, prefix=prompt_prefix(words))
-        truth = [ex.label for ex in env.test]
-        metrics = classification_metrics(truth, scores.argmax(axis=1).tolist(),
-                                         len(env.task.labels))
+        metrics = evaluate_prefix(env, prompt_prefix(words), self.blackbox)
         metrics["prompt"] = " ".join(words)
-        metrics.update({f"api_{k}": v for k, v in box.usage.to_dict().items()})
         return metrics
+
+
+PROMPT_FILE = "prompt.json"
+
+
+def save_prompt(directory, words: list[str], model_name: str, task_name: str, method: str,
+                candidates: list[str], probs: np.ndarray):
+    import json
+    from pathlib import Path
+
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    (directory / PROMPT_FILE).write_text(json.dumps({
+        "method": method, "model": model_name, "task": task_name, "prompt": words,
+        "prefix": prompt_prefix(words), "candidates": candidates,
+        "probs": np.round(probs, 6).tolist(),
+    }, indent=2) + "\n")
+    return directory
+
+
+def evaluate_prefix(env: Environment, prefix: str, blackbox: str = "local") -> dict[str, Any]:
+    """Score the evaluation rows with `prefix` before each query, through the black box."""
+    box = env.blackbox(blackbox)
+    scores = box.label_logprobs([env.task.format_query(ex) for ex in env.test],
+                                env.task.label_words, prefix=prefix)
+    truth = [ex.label for ex in env.test]
+    metrics = classification_metrics(truth, scores.argmax(axis=1).tolist(),
+                                     len(env.task.labels))
+    metrics.update({f"api_{k}": v for k, v in box.usage.to_dict().items()})
+    return metrics
