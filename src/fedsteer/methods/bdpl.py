@@ -230,6 +230,7 @@ class BDPL(Method):
         words = self.best_prompt(state) if "prompt" in state else []
         metrics = evaluate_prefix(env, prompt_prefix(words), self.blackbox)
         metrics["prompt"] = " ".join(words)
+        metrics["api_training_calls"] = int(state["api"]["calls"]) if "api" in state else 0
         return metrics
 
 

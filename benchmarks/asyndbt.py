@@ -1,0 +1,153 @@
+"""AsynDBT vs sync-DBT, cen-DBT, BDPL and zero-shot through a local black box; Byzantine workers.
+
+Local black box on the default model. Workers get heterogeneous simulated latencies per
+local round (the first is fast, the last a straggler), so asynchrony has something to win.
+Budget (each part within 2 h here): M = 5 prompt words from N = 50 candidates, V = 4
+demonstration candidates per class, I = 4 samples, mini-batches of 8, 1 local step per
+message, 15 server iterations, 100 test rows; the paper's sizes (M = 75, N = 100, V = 50)
+are `PAPER` below, far beyond this machine.
+
+    nohup .venv/bin/python benchmarks/asyndbt.py > benchmarks/results/asyndbt.log 2>&1 &
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+from common import RESULTS, cell  # noqa: E402
+
+from fedsteer.data import load_task  # noqa: E402
+from fedsteer.eval.record import environment  # noqa: E402
+from fedsteer.experiment import RunConfig  # noqa: E402
+from fedsteer.models import DEFAULT_MODEL, load_model  # noqa: E402
+
+PAPER = {"prompt_length": 75, "candidates": 100, "demo_candidates": 50, "lr": 1e-4}
+BUDGET = {"prompt_length": 5, "candidates": 50, "demo_candidates": 4, "samples": 4,
+          "batch_size": 8, "steps_per_round": 1, "shots_per_class": 8, "lr": 0.05}
+METHODS = ("zero-shot", "bdpl", "cen-dbt", "sync-dbt", "asyndbt")
+
+
+def latencies(workers: int, slowest: float) -> list[float]:
+    """Heterogeneous per-worker latency: 0 for the first, `slowest` seconds for the last."""
+    return [slowest * i / max(workers - 1, 1) for i in range(workers)]
+
+
+def options_for(method: str, workers: int, args) -> dict:
+    if method == "zero-shot":
+        return {}
+    if method == "bdpl":
+        return {**BUDGET, "rounds": args.iterations, "api_budget": None}
+    return {**BUDGET, "iterations": args.iterations, "active": max(workers // 2, 1),
+            "staleness": 3, "latency": latencies(workers, args.slowest)}
+
+
+def grid(args, lm, cells: dict) -> None:
+    for task_name in args.tasks:
+        task = load_task(task_name)
+        for workers in args.workers:
+            for method in METHODS:
+                config = RunConfig(method, task_name, args.model, clients=workers,
+                                   test_size=args.test_size,
+                                   options=options_for(method, workers, args))
+                cells[(task_name, workers, method)] = cell(args.out / "grid", config, lm, task)
+
+
+def byzantine(args, lm, cells: dict) -> None:
+    """1 of 4 workers sends sign-flipped prompts: ψ vs mean and Flower's robust rules."""
+    task = load_task("sst2")
+    for consensus, bad in [("sign", 0), ("sign", 1), ("mean", 0), ("mean", 1),
+                           ("median", 1), ("trimmed-mean", 1), ("krum", 1)]:
+        options = {**options_for("asyndbt", 4, args), "consensus": consensus, "byzantine": bad,
+                   "attack": "sign-flip"}
+        config = RunConfig("asyndbt", "sst2", args.model, clients=4, test_size=args.test_size,
+                           options=options)
+        cells[(consensus, bad)] = cell(args.out / f"byzantine-{consensus}-{bad}", config, lm,
+                                       task)
+
+
+def row(record: dict) -> dict:
+    m = record["metrics"]
+    return {"accuracy": m["accuracy"], "wall_seconds": record["costs"]["wall_seconds"],
+            "api_calls": m.get("api_training_calls", m.get("api_calls", 0)),
+            "api_prompt_tokens": m.get("api_prompt_tokens", 0)}
+
+
+def markdown(grid_rows: dict, byz: dict, wall: float, args) -> str:
+    lines = [f"# AsynDBT through a local black box ({args.model})", "",
+             f"Budget: {json.dumps(BUDGET)}; {args.iterations} server iterations; "
+             f"{args.test_size} test rows; latencies 0…{args.slowest} s per local round.", "",
+             "| task | workers | " + " | ".join(METHODS) + " | async / sync wall |",
+             "|---|---:|" + "---:|" * (len(METHODS) + 1)]
+    for (task, workers) in sorted({(t, w) for t, w, _ in grid_rows}):
+        cells = [grid_rows[(task, workers, m)] for m in METHODS]
+        ratio = cells[4]["wall_seconds"] / max(cells[3]["wall_seconds"], 1e-9)
+        lines.append(f"| {task} | {workers} | " + " | ".join(
+            f"{100 * c['accuracy']:.1f} ({c['api_calls']} calls, {c['wall_seconds']:.0f} s)"
+            for c in cells) + f" | {ratio:.2f} |")
+    if byz:
+        lines += ["", "Byzantine (sst2, 4 workers, 1 sign-flipping):", "",
+                  "| consensus | honest | 1 Byzantine | accuracy lost |", "|---|---:|---:|---:|"]
+    for consensus in ("sign", "mean", "median", "trimmed-mean", "krum") if byz else ():
+        honest, bad = byz.get((consensus, 0)), byz[(consensus, 1)]
+        honest_text = f"{100 * honest['accuracy']:.1f}" if honest else "—"
+        lost = f"{100 * (honest['accuracy'] - bad['accuracy']):.1f}" if honest else "—"
+        lines.append(f"| {consensus} | {honest_text} | {100 * bad['accuracy']:.1f} | {lost} |")
+    lines += ["", f"Total wall time {wall / 60:.0f} min."]
+    return "\n".join(lines) + "\n"
+
+
+def plot(grid_rows: dict, path: Path) -> None:
+    fig, (left, right) = plt.subplots(1, 2, figsize=(10, 4))
+    for (task, workers, method), r in sorted(grid_rows.items()):
+        label = f"{task}/{workers}w {method}"
+        left.scatter(r["wall_seconds"], 100 * r["accuracy"], s=12)
+        right.scatter(max(r["api_calls"], 1), 100 * r["accuracy"], s=12)
+        left.annotate(label, (r["wall_seconds"], 100 * r["accuracy"]), fontsize=5)
+    left.set(xlabel="wall time (s)", ylabel="accuracy (%)", title="accuracy vs wall time")
+    right.set(xscale="log", xlabel="API calls (training)", title="accuracy vs API calls")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default=DEFAULT_MODEL)
+    parser.add_argument("--tasks", nargs="+", default=["sst2", "rte", "trec"])
+    parser.add_argument("--workers", nargs="+", type=int, default=[3, 6])
+    parser.add_argument("--iterations", type=int, default=15)
+    parser.add_argument("--test-size", type=int, default=100)
+    parser.add_argument("--slowest", type=float, default=6.0)
+    parser.add_argument("--skip-byzantine", action="store_true")
+    parser.add_argument("--out", type=Path, default=RESULTS / "asyndbt")
+    parser.add_argument("--report-dir", type=Path, default=RESULTS)
+    args = parser.parse_args()
+    started = time.time()
+    lm, cells, byz = load_model(args.model), {}, {}
+    grid(args, lm, cells)
+    if not args.skip_byzantine:
+        byzantine(args, lm, byz)
+    grid_rows = {k: row(v) for k, v in cells.items()}
+    byz_rows = {k: row(v) for k, v in byz.items()}
+    wall = time.time() - started
+    args.report_dir.mkdir(parents=True, exist_ok=True)
+    plot(grid_rows, args.report_dir / "asyndbt.png")
+    summary = {"grid": {"/".join(map(str, k)): v for k, v in grid_rows.items()},
+               "byzantine": {"/".join(map(str, k)): v for k, v in byz_rows.items()},
+               "wall_seconds": wall, "env": environment(),
+               "settings": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}}
+    (args.report_dir / "asyndbt.json").write_text(json.dumps(summary, indent=2))
+    text = markdown(grid_rows, byz_rows, wall, args)
+    (args.report_dir / "asyndbt.md").write_text(text)
+    print(text)
+
+
+if __name__ == "__main__":
+    main()
