@@ -11,6 +11,7 @@ import copy
 import json
 import os
 import time
+import uuid
 from pathlib import Path
 
 import numpy as np
@@ -46,7 +47,7 @@ class InlineGrid:
     """
 
     def __init__(self, run_config, partitions: int, silent=(), tamper=None,
-                 node_config=None, crash=()) -> None:
+                 node_config=None, crash=(), delays=None) -> None:
         extra = node_config or {}
         self.contexts = {
             100 + p: Context(run_id=1, node_id=100 + p, state=RecordDict(), run_config=run_config,
@@ -56,14 +57,40 @@ class InlineGrid:
         }
         self.silent, self.tamper, self.sent = set(silent), tamper, []
         self.crash, self.received = set(crash), []
+        self.delays, self.held = dict(delays or {}), []
 
     def get_node_ids(self):
         return list(self.contexts)
 
+    def push_messages(self, messages):
+        """Answer at once, but hold each reply back `delays[node]` pulls (a slow node)."""
+        ids = []
+        for message in messages:
+            message_id = uuid.uuid4().hex
+            message = copy.deepcopy(message)
+            message.metadata.__dict__["_message_id"] = message_id  # the SuperLink's job
+            (reply,) = self.send_and_receive([message])
+            self.held.append([self.delays.get(message.metadata.dst_node_id, 0), reply])
+            ids.append(message_id)
+        return ids
+
+    def pull_messages(self, message_ids):
+        wanted, ready = set(message_ids), []
+        for entry in list(self.held):
+            if entry[1].metadata.reply_to_message_id not in wanted:
+                continue
+            if entry[0] <= 0:
+                ready.append(entry[1])
+                self.held.remove(entry)
+            else:
+                entry[0] -= 1
+        return ready
+
     def send_and_receive(self, messages, *, timeout=None):
         replies = []
         for message in messages:
-            message = copy.deepcopy(message)  # each node gets its own copy, as over the wire
+            if not message.metadata.message_id:
+                message = copy.deepcopy(message)  # each node gets its own copy, as over the wire
             node = message.metadata.dst_node_id
             self.sent.append((node, message.metadata.message_type))
             if node in self.silent and message.metadata.message_type == "train":
@@ -194,6 +221,18 @@ def test_simulation_equals_in_process(tmp_path, no_leftover_processes, method):
 
 
 @pytest.mark.slow
+def test_asyndbt_runs_asynchronously_in_flower_simulation(tmp_path, no_leftover_processes):
+    options = {"prompt_length": 2, "candidates": 6, "samples": 2, "shots_per_class": 2,
+               "batch_size": 2, "steps_per_round": 1, "iterations": 4, "demo_candidates": 2,
+               "active": 2}
+    record = launch.run_on_flower(tiny_config(method="asyndbt", options=options),
+                                  tmp_path / "sim")
+    assert record["costs"]["num_rounds"] == 4
+    assert all(len(r["clients"]) >= 2 for r in record["costs"]["rounds"])
+    assert len(record["metrics"]["per_client"]) == 3
+
+
+@pytest.mark.slow
 def test_secure_aggregation_in_flower_simulation(tmp_path, no_leftover_processes):
     expected = run_experiment(tiny_config(), tmp_path / "inprocess")
     record = launch.run_on_flower(tiny_config(secagg=True), tmp_path / "sim")
@@ -298,3 +337,19 @@ def _assert_nothing_but_protocol_reached_the_server(grid) -> None:
 def test_secure_aggregation_refuses_a_method_that_is_not_a_mean(tmp_path, flower_identity):
     with pytest.raises(ValueError, match="local-icl does not aggregate by a mean"):
         serve_inline(tiny_config(method="local-icl", secagg=True), tmp_path)
+
+
+def test_asyndbt_on_flower_consumes_replies_as_they_arrive(tmp_path, flower_identity):
+    options = {"prompt_length": 2, "candidates": 6, "samples": 2, "shots_per_class": 2,
+               "batch_size": 2, "steps_per_round": 1, "iterations": 6, "demo_candidates": 2,
+               "active": 1, "staleness": 3}
+    config = tiny_config(method="asyndbt", options=options)
+    record, grid = serve_inline(config, tmp_path, delays={102: 4})  # node of worker 2 lags
+    rounds = record["costs"]["rounds"]
+    assert len(rounds) == 6 and all(not r["rejected"] for r in rounds)
+    used = [r["clients"] for r in rounds]
+    assert any(2 not in cids for cids in used)  # the server did not wait for the slow one
+    slow = [i for i, cids in enumerate(used) if 2 in cids]
+    assert slow and max(np.diff([-1, *slow])) <= 4  # ... beyond the staleness bound
+    assert {c["cid"] for c in record["metrics"]["per_client"]} == {0, 1, 2}
+    assert ("evaluate" in {kind for _, kind in grid.sent})

@@ -87,20 +87,24 @@ def transfer_rows(task: Task, evaluated: list[Example]) -> list[Example]:
 
 
 def run_asynchronous(method, clients, env: Environment):
-    """Asynchronous methods (AsynDBT) on their own runtime, then each worker's evaluation."""
+    """Asynchronous methods (AsynDBT) on the in-process asynchronous runtime, then each
+    worker's own evaluation (its personalised parts never leave it)."""
     from flwr.app import MetricRecord
 
-    from fedsteer.federation.asynchronous import AsyncConfig, AsyncInProcessRuntime
+    from fedsteer.federation.asynchronous import AsyncInProcessRuntime
 
-    if not isinstance(clients[0], Client):
-        raise ValueError(f"{method.name} runs in-process only for now")
-    config = AsyncConfig(active=method.active, staleness=method.staleness,
-                         latency=method.latency)
-    outcome = AsyncInProcessRuntime(config).run(method, clients, env)
+    outcome = AsyncInProcessRuntime(async_config(method)).run(method, clients, env)
     for client in clients:
         outcome.state[f"client.{client.cid}"] = MetricRecord(
             method.evaluate_client(outcome.state, client))
     return outcome
+
+
+def async_config(method):
+    from fedsteer.federation.asynchronous import AsyncConfig
+
+    return AsyncConfig(active=method.active, staleness=method.staleness,
+                       latency=method.latency)
 
 
 def runtime_config(config: RunConfig) -> RuntimeConfig:
@@ -148,16 +152,15 @@ def run_experiment(
         batch_size=config.batch_size, progress=progress, transfer=transfer_rows(task, test),
         _lm=lm,
     )
-    if runtime is None:
-        runtime = InProcessRuntime(
-            runtime_config(config), checkpoint_dir=out_dir / "checkpoint", progress=progress
-        )
-        clients = build_clients(config, task, env, method.centralized)
-    else:
-        clients = list(range(1 if method.centralized else config.clients))
+    hosted = runtime is None  # else the clients live elsewhere (Flower), known by id only
+    clients = (build_clients(config, task, env, method.centralized) if hosted
+               else list(range(1 if method.centralized else config.clients)))
     if getattr(method, "asynchronous", False):
-        outcome = run_asynchronous(method, clients, env)
+        outcome = (run_asynchronous(method, clients, env) if hosted
+                   else runtime.run(method, clients, env))
     else:
+        runtime = runtime or InProcessRuntime(
+            runtime_config(config), checkpoint_dir=out_dir / "checkpoint", progress=progress)
         outcome = runtime.run(
             method, clients, env, resume=resume,
             fingerprint={"config": dataclasses.asdict(config), "options": method.options()},

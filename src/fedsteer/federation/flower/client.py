@@ -18,7 +18,7 @@ from flwr.compat.common.recorddict_compat import fitres_to_recorddict
 from fedsteer.data import Task
 from fedsteer.data.loading import load_examples
 from fedsteer.eval.costs import peak_rss_bytes
-from fedsteer.experiment import build_clients, client_dp
+from fedsteer.experiment import build_clients, client_dp, evaluation_rows
 from fedsteer.federation.flower.config import FlowerRun, from_run_config, load_run_task
 from fedsteer.federation.flower.secagg import (
     MESSAGE_KEY,
@@ -78,9 +78,20 @@ def secagg_when_asked(message: Message, context: Context, call_next) -> Message:
     return call_next(message, context)
 
 
+def evaluate(message: Message, context: Context) -> Message:
+    """The run's result scored on this node with what only it holds (AsynDBT's demos)."""
+    run = from_run_config(dict(context.run_config))
+    host = _host(run)
+    client = host.client(_partition_id(context), context.node_config.get("data-file"))
+    client.state = context.state
+    metrics = host.method.evaluate_client(message.content, client)
+    return Message(content=RecordDict({"metrics": MetricRecord(metrics)}), reply_to=message)
+
+
 client_app = ClientApp(mods=[secagg_when_asked])
 client_app.query()(identify)
 client_app.train()(step)
+client_app.evaluate()(evaluate)
 
 
 def _keep_state(kept: RecordDict, new: RecordDict) -> None:
@@ -132,7 +143,9 @@ def _host(run: FlowerRun) -> _Host:
     if key not in _HOSTS:
         config = run.config
         task = load_run_task(config.task, run.data_dir)
-        env = Environment(task=task.spec, test=[], model_name=config.model, seed=config.seed,
+        # the run's evaluation rows too: asynchronous methods evaluate on the nodes
+        test = evaluation_rows(task, config.test_size, config.test_seed)
+        env = Environment(task=task.spec, test=test, model_name=config.model, seed=config.seed,
                           batch_size=config.batch_size)
         _HOSTS.clear()  # a new run: let the previous one's model go
         _HOSTS[key] = _Host(run, task, make_method(config.method, **config.method_options()), env)

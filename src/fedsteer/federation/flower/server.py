@@ -12,7 +12,8 @@ from flwr.app import Context, Message, MessageType, RecordDict
 from flwr.serverapp import Grid, ServerApp
 
 from fedsteer.eval.costs import RoundCost, payload_bytes
-from fedsteer.experiment import run_experiment, runtime_config
+from fedsteer.experiment import async_config, run_experiment, runtime_config
+from fedsteer.federation.flower.asynchronous import AsyncGridRuntime
 from fedsteer.federation.flower.client import CLIENT_INFO
 from fedsteer.federation.flower.config import from_run_config, load_run_task
 from fedsteer.federation.flower.secagg import SecureAggregationUnsupported, secure_round
@@ -149,8 +150,12 @@ def serve(grid: Grid, context: Context) -> None:
             f"{method.name} does not aggregate by a mean; secure aggregation would change it")
     wanted = 1 if method.centralized else config.clients
     nodes = discover_nodes(grid, wanted, run.node_wait) if _has_client_step(method) else {}
-    runtime = GridRuntime(grid, nodes, runtime_config(config), timeout=run.round_timeout,
-                          secure=config.secagg)
+    if getattr(method, "asynchronous", False):
+        runtime = AsyncGridRuntime(grid, {c: n.node_id for c, n in nodes.items()},
+                                   async_config(method), timeout=run.round_timeout)
+    else:
+        runtime = GridRuntime(grid, nodes, runtime_config(config), timeout=run.round_timeout,
+                              secure=config.secagg)
     out_dir = Path(run.out_dir) if run.out_dir else None
     record = run_experiment(config, out_dir, task=task, runtime=runtime,
                             save_dir=Path(run.save_dir) if run.save_dir else None)
