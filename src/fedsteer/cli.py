@@ -270,6 +270,51 @@ def _show(records: list[dict], out: Path, title: str) -> None:
 
 
 @app.command()
+def bench(
+    config: Annotated[Path, typer.Argument(help="a grid, e.g. benchmarks/quick.yaml")],
+    report_too: Annotated[bool, typer.Option("--report/--no-report")] = True,
+    verbose: bool = False,
+) -> None:
+    """Run a grid of methods × tasks × α × clients × seeds × models; resumable."""
+    from rich.progress import TimeRemainingColumn
+
+    from fedsteer.bench import BenchConfig, expand, run_grid
+    from fedsteer.eval.summary import write_report
+
+    _setup_logging(verbose)
+    with _user_errors():
+        grid = BenchConfig.load(config)
+        cells = expand(grid)
+        done = sum(c.done for c in cells)
+        console.print(f"[bold]{grid.name}[/]: {len(cells)} cells, {done} already done → "
+                      f"{grid.out}")
+        progress = Progress(TextColumn("{task.description}"), BarColumn(),
+                            MofNCompleteColumn(), TimeElapsedColumn(), TimeRemainingColumn(),
+                            console=console, transient=True)
+        with progress:
+            run_grid(grid, progress, on_cell=lambda cell, record: console.print(
+                f"{cell.path.relative_to(grid.out)}: acc "
+                f"{100 * record['metrics']['accuracy']:.1f} ({record['bench_seconds']:.0f} s)"))
+        if report_too:
+            md, page = write_report(grid.out, title=f"fedsteer bench: {grid.name}")
+            console.print(f"report: {md}  {page}")
+
+
+@app.command()
+def report(
+    results: Annotated[Path, typer.Argument(help="a directory of result.json files")],
+    out: Annotated[Path | None, typer.Option(help="where report.md/.html go")] = None,
+    title: str = "fedsteer report",
+) -> None:
+    """Tables per task and plots (accuracy vs bytes with the Pareto front, vs compute...)."""
+    from fedsteer.eval.summary import write_report
+
+    with _user_errors():
+        md, page = write_report(results, out, title)
+    console.print(f"report: {md}  {page}")
+
+
+@app.command()
 def serve(
     model: Annotated[str, typer.Option(help="registry name, local dir or HF id")] = DEFAULT_MODEL,
     host: str = "127.0.0.1",

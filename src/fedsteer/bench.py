@@ -1,0 +1,145 @@
+"""`fedsteer bench CONFIG.yaml`: a grid of runs, each cell a result.json, resumable.
+
+Every method is measured on the same data, partitions, seeds, test rows and model. A
+finished cell is never recomputed, so a killed grid continues where it stopped; a cell
+killed mid-run resumes from its last round's checkpoint. Models load once per model.
+
+    name: quick
+    out: benchmarks/results/quick          # relative to the config file
+    models: [qwen2.5-coder-0.5b]
+    tasks: [sst2]
+    methods: [zero-shot, local-icl, ifed-icl]
+    seeds: [0]
+    alphas: [0.5]                          # Dirichlet; "iid" for IID
+    clients: [10]
+    test_size: 100
+    run: {local-icl: {fraction: 0.5}}      # RunConfig fields, per method
+    options: {ifed-icl: {local_epochs: 1}} # method options, per method
+"""
+
+from __future__ import annotations
+
+import itertools
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from fedsteer.eval.record import RESULT_FILE, read_result
+from fedsteer.experiment import RunConfig, run_experiment
+from fedsteer.methods import METHODS, check_options
+
+KNOWN_KEYS = {"name", "out", "models", "tasks", "methods", "seeds", "alphas", "clients",
+              "test_size", "run", "options"}
+
+
+@dataclass
+class BenchConfig:
+    name: str
+    out: Path
+    models: list[str]
+    tasks: list[str]
+    methods: list[str]
+    seeds: list[int] = field(default_factory=lambda: [0])
+    alphas: list[float | str] = field(default_factory=lambda: [0.5])
+    clients: list[int] = field(default_factory=lambda: [10])
+    test_size: int | None = 300
+    run: dict[str, dict[str, Any]] = field(default_factory=dict)
+    options: dict[str, dict[str, Any]] = field(default_factory=dict)
+
+    @classmethod
+    def load(cls, path: Path) -> BenchConfig:
+        path = Path(path)
+        raw = yaml.safe_load(path.read_text()) or {}
+        unknown = sorted(set(raw) - KNOWN_KEYS)
+        if unknown:
+            raise ValueError(f"{path}: unknown key(s) {unknown}; known: {sorted(KNOWN_KEYS)}")
+        for key in ("models", "tasks", "methods"):
+            if not raw.get(key):
+                raise ValueError(f"{path}: '{key}' must list at least one entry")
+        bad = [m for m in raw["methods"] if m not in METHODS]
+        if bad:
+            raise ValueError(f"{path}: unknown method(s) {bad}; known: {', '.join(METHODS)}")
+        for method, options in (raw.get("options") or {}).items():
+            check_options([method], options)
+        out = Path(raw.get("out", f"runs/bench-{raw.get('name', path.stem)}"))
+        return cls(
+            name=raw.get("name", path.stem), out=out if out.is_absolute() else path.parent / out,
+            models=list(raw["models"]), tasks=list(raw["tasks"]), methods=list(raw["methods"]),
+            seeds=list(raw.get("seeds", [0])), alphas=list(raw.get("alphas", [0.5])),
+            clients=list(raw.get("clients", [10])), test_size=raw.get("test_size", 300),
+            run=dict(raw.get("run") or {}), options=dict(raw.get("options") or {}),
+        )
+
+
+@dataclass
+class Cell:
+    config: RunConfig
+    path: Path
+
+    @property
+    def done(self) -> bool:
+        return (self.path / RESULT_FILE).exists()
+
+
+def cell_dir(config: RunConfig) -> str:
+    skew = "iid" if config.partition == "iid" else f"alpha{config.alpha:g}"
+    return f"{skew}-clients{config.clients}-seed{config.seed}"
+
+
+def expand(bench: BenchConfig) -> list[Cell]:
+    """Every (model, task, method, α, clients, seed) cell, in the order they will run.
+
+    Methods that do not depend on the seed or the partition (zero-shot) get one cell.
+    """
+    cells, seen = [], set()
+    grid = itertools.product(bench.models, bench.tasks, bench.methods, bench.alphas,
+                             bench.clients, bench.seeds)
+    for model, task, method, alpha, clients, seed in grid:
+        partition = {"partition": "iid"} if str(alpha).lower() == "iid" else {"alpha": alpha}
+        if method == "zero-shot":  # deterministic: one cell per model and task
+            partition, clients, seed = {"alpha": 0.5}, 1, 0
+        config = RunConfig(method=method, task=task, model=model, clients=clients, seed=seed,
+                           test_size=bench.test_size, **partition, **bench.run.get(method, {}),
+                           options=dict(bench.options.get(method, {})))
+        path = bench.out / model / Path(task).stem / method / cell_dir(config)
+        if path not in seen:
+            seen.add(path)
+            cells.append(Cell(config, path))
+    return cells
+
+
+def run_grid(bench: BenchConfig, progress=None,
+             on_cell: Callable[[Cell, dict], None] | None = None) -> list[dict]:
+    """Run every unfinished cell (models loaded once each); return all the records."""
+    from fedsteer.data import load_task
+    from fedsteer.models import load_model
+
+    cells = expand(bench)
+    todo = [c for c in cells if not c.done]
+    bar = progress.add_task(f"bench {bench.name}", total=len(cells),
+                            completed=len(cells) - len(todo)) if progress else None
+    for model, group in _by_model(todo):
+        lm = load_model(model)
+        for cell in group:
+            started = time.perf_counter()
+            record = run_experiment(cell.config, cell.path, lm=lm,
+                                    task=load_task(cell.config.task), resume=True,
+                                    progress=progress)
+            record["bench_seconds"] = time.perf_counter() - started
+            if on_cell is not None:
+                on_cell(cell, record)
+            if bar is not None:
+                progress.advance(bar)
+        del lm
+    return [read_result(c.path) for c in cells]
+
+
+def _by_model(cells: list[Cell]) -> Iterator[tuple[str, list[Cell]]]:
+    order: dict[str, list[Cell]] = {}
+    for cell in cells:
+        order.setdefault(cell.config.model, []).append(cell)
+    yield from order.items()

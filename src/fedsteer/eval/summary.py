@@ -1,0 +1,227 @@
+"""`fedsteer report DIR`: every result.json under DIR as tables and plots a person can read.
+
+Rows are (model, task, method, skew, clients) with mean ± std over seeds. Plots: accuracy
+vs total bytes (log scale, the Pareto front drawn), accuracy vs client compute, training
+loss per round (the methods record loss, not accuracy, per round) and accuracy vs α.
+"""
+
+from __future__ import annotations
+
+import html
+import statistics
+from collections import defaultdict
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+from fedsteer.eval.papers import paper_rows  # noqa: E402
+from fedsteer.eval.record import RESULT_FILE, read_result  # noqa: E402
+from fedsteer.eval.report import human_bytes  # noqa: E402
+
+
+@dataclass
+class Row:
+    model: str
+    task: str
+    method: str
+    skew: str
+    clients: int
+    seeds: int
+    accuracy: float
+    accuracy_std: float
+    macro_f1: float
+    bytes_up_round: float
+    bytes_down_round: float
+    bytes_total: float
+    client_seconds: float
+    peak_rss: float
+    api_calls: float | None
+    train_loss: list[float]
+
+    @property
+    def label(self) -> str:
+        return f"{self.method} ({self.skew}, {self.clients} cl.)"
+
+
+def collect(results_dir: Path) -> list[dict]:
+    """Every result record under `results_dir` (cells of a bench grid, or any runs)."""
+    return [read_result(p.parent) for p in sorted(Path(results_dir).rglob(RESULT_FILE))]
+
+
+def _skew(config: dict) -> str:
+    return "iid" if config.get("partition") == "iid" else f"α={config.get('alpha', 0.5):g}"
+
+
+def summarize(records: Sequence[dict]) -> list[Row]:
+    groups: dict[tuple, list[dict]] = defaultdict(list)
+    for r in records:
+        config = r["config"]
+        key = (r["model"], r["task"], r["method"], _skew(config), r["metrics"]["num_clients"])
+        groups[key].append(r)
+    rows = []
+    for (model, task, method, skew, clients), recs in sorted(groups.items()):
+        acc = [r["metrics"]["accuracy"] for r in recs]
+        costs = [r["costs"] for r in recs]
+        api = [r["metrics"].get("api_training_calls", r["metrics"].get("api_calls"))
+               for r in recs]
+        losses = [r["metrics"].get("train_loss") for r in recs if r["metrics"].get("train_loss")]
+        rows.append(Row(
+            model, task, method, skew, clients, len(recs),
+            statistics.mean(acc), statistics.pstdev(acc),
+            statistics.mean(r["metrics"]["macro_f1"] for r in recs),
+            statistics.mean(c["bytes_up_per_round"] for c in costs),
+            statistics.mean(c["bytes_down_per_round"] for c in costs),
+            statistics.mean(c["bytes_up"] + c["bytes_down"] for c in costs),
+            statistics.mean(c["client_seconds"] for c in costs),
+            max(c["peak_rss_bytes"] for c in costs),
+            statistics.mean(api) if all(a is not None for a in api) else None,
+            [statistics.mean(x) for x in zip(*losses, strict=False)] if losses else [],
+        ))
+    return rows
+
+
+HEADER = ["model", "method", "skew", "clients", "seeds", "acc %", "macro-F1 %", "up/round",
+          "down/round", "bytes total", "client s", "peak mem", "API calls"]
+
+
+def _cells(r: Row) -> list[str]:
+    return [r.model, r.method, r.skew, str(r.clients), str(r.seeds),
+            f"{100 * r.accuracy:.1f} ± {100 * r.accuracy_std:.1f}", f"{100 * r.macro_f1:.1f}",
+            human_bytes(r.bytes_up_round), human_bytes(r.bytes_down_round),
+            human_bytes(r.bytes_total), f"{r.client_seconds:.0f}", human_bytes(r.peak_rss),
+            "—" if r.api_calls is None else f"{r.api_calls:.0f}"]
+
+
+def tables(rows: Sequence[Row]) -> dict[str, list[list[str]]]:
+    by_task: dict[str, list[list[str]]] = defaultdict(list)
+    for r in rows:
+        by_task[r.task].append(_cells(r))
+    return dict(by_task)
+
+
+def markdown(rows: Sequence[Row], plots: Sequence[Path], title: str) -> str:
+    lines = [f"# {title}", "", "Mean ± std over seeds; bytes are payloads as Flower "
+             "serializes them; client s is the summed compute of the clients.", ""]
+    for task, body in tables(rows).items():
+        lines += [f"## {task}", "", "| " + " | ".join(HEADER) + " |",
+                  "|" + "---|" * len(HEADER)]
+        lines += ["| " + " | ".join(cells) + " |" for cells in body]
+        lines.append("")
+    published = paper_rows({r.task for r in rows})
+    if published:
+        lines += ["## Published numbers (other models and setups — compare orderings, "
+                  "not values)", "", "| paper | model | task | method | acc % |",
+                  "|---|---|---|---|---:|"]
+        lines += [f"| {p['paper']} | {p['model']} | {p['task']} | {p['method']} | "
+                  f"{p['accuracy']:.1f} |" for p in published]
+        lines.append("")
+    lines += [f"![{p.stem}]({p.name})" for p in plots]
+    return "\n".join(lines) + "\n"
+
+
+def html_page(rows: Sequence[Row], plots: Sequence[Path], title: str) -> str:
+    parts = [f"<html><head><meta charset='utf-8'><title>{html.escape(title)}</title>"
+             "<style>body{font-family:sans-serif}td,th{padding:2px 8px;text-align:right}"
+             "td:first-child,th:first-child{text-align:left}</style></head><body>",
+             f"<h1>{html.escape(title)}</h1>"]
+    for task, body in tables(rows).items():
+        parts.append(f"<h2>{html.escape(task)}</h2><table><tr>"
+                     + "".join(f"<th>{html.escape(h)}</th>" for h in HEADER) + "</tr>")
+        parts += ["<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in cells) + "</tr>"
+                  for cells in body]
+        parts.append("</table>")
+    parts += [f"<p><img src='{p.name}' width='720'></p>" for p in plots]
+    return "\n".join(parts) + "</body></html>\n"
+
+
+# ------------------------------------------------------------------ plots
+def pareto_front(points: Sequence[tuple[float, float]]) -> list[int]:
+    """Indices of points no other point beats on both (fewer bytes, higher accuracy)."""
+    front = []
+    for i, (cost, acc) in enumerate(points):
+        dominated = any(c <= cost and a >= acc and (c, a) != (cost, acc) for c, a in points)
+        if not dominated:
+            front.append(i)
+    return sorted(front, key=lambda i: points[i][0])
+
+
+def plot_all(rows: Sequence[Row], out_dir: Path) -> list[Path]:
+    out_dir.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for task in sorted({r.task for r in rows}):
+        task_rows = [r for r in rows if r.task == task]
+        paths.append(_plot_cost(task_rows, out_dir / f"{task}-accuracy-vs-bytes.png", task,
+                                "bytes_total", "total bytes exchanged (log)", pareto=True))
+        paths.append(_plot_cost(task_rows, out_dir / f"{task}-accuracy-vs-compute.png", task,
+                                "client_seconds", "client compute, s (log)"))
+        if any(r.train_loss for r in task_rows):
+            paths.append(_plot_loss(task_rows, out_dir / f"{task}-loss-per-round.png", task))
+        if len({r.skew for r in task_rows}) > 1:
+            paths.append(_plot_alpha(task_rows, out_dir / f"{task}-accuracy-vs-alpha.png", task))
+    return paths
+
+
+def _plot_cost(rows, path: Path, task: str, attribute: str, xlabel: str,
+               pareto: bool = False) -> Path:
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    points = [(max(getattr(r, attribute), 1.0), 100 * r.accuracy) for r in rows]
+    for r, (x, y) in zip(rows, points, strict=True):
+        ax.errorbar(x, y, yerr=100 * r.accuracy_std, fmt="o", capsize=3)
+        ax.annotate(r.label, (x, y), fontsize=7, xytext=(4, 4), textcoords="offset points")
+    if pareto and points:
+        front = pareto_front(points)
+        ax.plot([points[i][0] for i in front], [points[i][1] for i in front], "--",
+                color="grey", label="Pareto front")
+        ax.legend(loc="lower right")
+    ax.set(xscale="log", xlabel=xlabel, ylabel="accuracy (%)", title=task)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def _plot_loss(rows, path: Path, task: str) -> Path:
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for r in rows:
+        if r.train_loss:
+            ax.plot(range(1, len(r.train_loss) + 1), r.train_loss, "o-", label=r.label)
+    ax.set(xlabel="round", ylabel="mean client training loss", title=f"{task}: loss per round")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def _plot_alpha(rows, path: Path, task: str) -> Path:
+    fig, ax = plt.subplots(figsize=(6, 4))
+    order = sorted({r.skew for r in rows}, key=lambda s: (s == "iid", s))
+    for method in sorted({r.method for r in rows}):
+        mine = {r.skew: r for r in rows if r.method == method}
+        xs = [s for s in order if s in mine]
+        ax.plot(xs, [100 * mine[s].accuracy for s in xs], "o-", label=method)
+    ax.set(xlabel="label skew", ylabel="accuracy (%)", title=f"{task}: accuracy vs α")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def write_report(results_dir: Path, out_dir: Path | None = None,
+                 title: str = "fedsteer report") -> tuple[Path, Path]:
+    """report.md and report.html (with their PNGs) for everything under `results_dir`."""
+    out_dir = Path(out_dir or results_dir)
+    rows = summarize(collect(results_dir))
+    if not rows:
+        raise FileNotFoundError(f"no {RESULT_FILE} under {results_dir}")
+    plots = plot_all(rows, out_dir)
+    md, page = out_dir / "report.md", out_dir / "report.html"
+    md.write_text(markdown(rows, plots, title))
+    page.write_text(html_page(rows, plots, title))
+    return md, page

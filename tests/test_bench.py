@@ -1,0 +1,76 @@
+"""`fedsteer bench` grids (expansion, resume) and `fedsteer report` (tables, plots)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+from fedsteer.bench import BenchConfig, expand, run_grid
+from fedsteer.eval.summary import collect, pareto_front, summarize, write_report
+
+TINY_IFED = {"rounds": 1, "local_epochs": 1, "demos_per_class": 1, "calibration_per_class": 1}
+
+
+def write_grid(tmp_path: Path, **overrides) -> Path:
+    grid = {"name": "t", "out": "cells", "models": ["tiny-random"], "tasks": ["sst2"],
+            "methods": ["zero-shot", "ifed-icl"], "seeds": [0, 1], "alphas": [0.5, "iid"],
+            "clients": [3], "test_size": 8, "options": {"ifed-icl": TINY_IFED}, **overrides}
+    path = tmp_path / "grid.yaml"
+    path.write_text(yaml.safe_dump(grid))
+    return path
+
+
+def test_the_grid_expands_every_cell_once(tmp_path):
+    bench = BenchConfig.load(write_grid(tmp_path))
+    cells = expand(bench)
+    # zero-shot once; ifed-icl for 2 skews x 2 seeds
+    assert len(cells) == 1 + 4
+    names = {c.path.relative_to(bench.out).as_posix() for c in cells}
+    assert "tiny-random/sst2/ifed-icl/iid-clients3-seed1" in names
+    assert "tiny-random/sst2/ifed-icl/alpha0.5-clients3-seed0" in names
+    ifed = [c for c in cells if c.config.method == "ifed-icl"]
+    assert all(c.config.options == TINY_IFED and c.config.test_size == 8 for c in ifed)
+    assert bench.out == tmp_path / "cells"  # relative to the config file
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"methods": ["zero-shot", "nope"]}, "unknown method"),
+    ({"colour": "red"}, "unknown key"),
+    ({"options": {"ifed-icl": {"local_epoch": 2}}}, "local_epoch"),
+    ({"tasks": []}, "'tasks' must list"),
+])
+def test_a_bad_grid_is_refused_with_the_reason(tmp_path, change, message):
+    with pytest.raises(ValueError, match=message):
+        BenchConfig.load(write_grid(tmp_path, **change))
+
+
+def test_a_finished_grid_runs_nothing_again_and_reports(tmp_path):
+    bench = BenchConfig.load(write_grid(tmp_path, alphas=[0.5], seeds=[0, 1]))
+    ran = []
+    records = run_grid(bench, on_cell=lambda cell, record: ran.append(cell.path))
+    assert len(ran) == len(records) == 3
+    ran.clear()
+    run_grid(bench, on_cell=lambda cell, record: ran.append(cell.path))
+    assert ran == []  # resumed: every cell was already done
+    rows = summarize(collect(bench.out))
+    ifed = [r for r in rows if r.method == "ifed-icl"]
+    assert len(ifed) == 1 and ifed[0].seeds == 2
+    md, page = write_report(bench.out, title="tiny")
+    text = md.read_text()
+    assert "## sst2" in text and "ifed-icl" in text and "zero-shot" in text
+    assert "<table>" in page.read_text()
+    pngs = sorted(bench.out.glob("*.png"))
+    assert pngs and all(p.stat().st_size > 5000 for p in pngs)
+    assert "Published numbers" in text  # I2CL reports sst2
+
+
+def test_the_pareto_front_keeps_only_undominated_points():
+    points = [(10, 80), (100, 85), (50, 70), (1000, 85), (5, 60)]
+    assert pareto_front(points) == [4, 0, 1]
+
+
+def test_report_refuses_an_empty_directory(tmp_path):
+    with pytest.raises(FileNotFoundError, match="no result.json"):
+        write_report(tmp_path)
