@@ -10,21 +10,12 @@ import torch
 from flwr.app import Array, RecordDict
 from safetensors.numpy import load_file
 
-from fedsteer.data import Example, TaskSpec
 from fedsteer.eval.costs import payload_bytes
 from fedsteer.federation import InProcessRuntime
 from fedsteer.methods import Client, Environment, Reply, make_method
 from fedsteer.methods.fedavg_lora import FedAvgLoRA, adapter_record
 from fedsteer.models.lora import lora_adapter
-
-SPEC = TaskSpec(name="toy-sentiment", labels=("negative", "positive"),
-                label_words=(" negative", " positive"), template="Review: {text}\nSentiment:")
-WORDS = ["great", "awful", "fine", "dull", "witty", "a mess", "lovely", "boring", "superb"]
-
-
-def examples(n: int, offset: int = 0) -> list[Example]:
-    return [Example(text=f"{WORDS[(i + offset) % len(WORDS)]} film {i}", label=(i + offset) % 2)
-            for i in range(n)]
+from toy import SPEC, examples
 
 
 def make_env(lm) -> Environment:

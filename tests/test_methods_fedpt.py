@@ -5,7 +5,6 @@ from __future__ import annotations
 import pytest
 import torch
 
-from fedsteer.data import Example, TaskSpec
 from fedsteer.federation import InProcessRuntime
 from fedsteer.methods import Client, Environment
 from fedsteer.methods.fedavg_lora import adapter_record
@@ -19,15 +18,7 @@ from fedsteer.models.proxy import (
     check_shared_vocabulary,
     proxy_logprobs,
 )
-
-SPEC = TaskSpec(name="toy-sentiment", labels=("negative", "positive"),
-                label_words=(" negative", " positive"), template="Review: {text}\nSentiment:")
-WORDS = ["great", "awful", "fine", "dull", "witty", "a mess", "lovely", "boring", "superb"]
-
-
-def examples(n: int, offset: int = 0) -> list[Example]:
-    return [Example(text=f"{WORDS[(i + offset) % len(WORDS)]} film {i}", label=(i + offset) % 2)
-            for i in range(n)]
+from toy import SPEC, examples
 
 
 @pytest.fixture(scope="module")

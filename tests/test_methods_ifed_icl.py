@@ -8,7 +8,7 @@ import torch
 from flwr.app import Array, ArrayRecord, ConfigRecord, MetricRecord, RecordDict
 from transformers import Gemma2Config, Gemma2ForCausalLM, GPT2Config, GPT2LMHeadModel
 
-from fedsteer.data import Example, Task, TaskSpec
+from fedsteer.data import Example, Task
 from fedsteer.eval.costs import payload_bytes
 from fedsteer.experiment import RunConfig, run_experiment
 from fedsteer.federation import InProcessRuntime, RuntimeConfig
@@ -23,18 +23,11 @@ from fedsteer.methods.ifed_icl import (
 from fedsteer.models.hooks import capture, initial_coefficients, inject
 from fedsteer.models.load import LoadedModel
 from fedsteer.models.scoring import LabelScorer
+from toy import SPEC, examples
 
 # Flower ships each array as .npy bytes (a 128-byte header) plus ~55 bytes of protobuf fields:
 # 183 bytes an array as measured; bound it at 200, plus 50 for a config or metric record.
 PER_ARRAY, PER_RECORD = 200, 50
-SPEC = TaskSpec(name="toy-sentiment", labels=("negative", "positive"),
-                label_words=(" negative", " positive"), template="Review: {text}\nSentiment:")
-WORDS = ["great", "awful", "fine", "dull", "witty", "a mess", "lovely", "boring", "superb"]
-
-
-def examples(n: int, offset: int = 0) -> list[Example]:
-    return [Example(text=f"{WORDS[(i + offset) % len(WORDS)]} film {i}", label=(i + offset) % 2)
-            for i in range(n)]
 
 
 def make_env(lm, test_size: int = 6) -> Environment:

@@ -9,7 +9,7 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 
 import numpy as np
-from flwr.app import Array, ArrayRecord
+from flwr.app import Array, ArrayRecord, MetricRecord, RecordDict
 from flwr.server.strategy import aggregate as flwr_aggregate
 
 from fedsteer.methods.base import Reply
@@ -70,3 +70,16 @@ def aggregate_arrays(
     return ArrayRecord(
         {n: Array(np.asarray(a, dtype=d)) for n, a, d in zip(names, combined, dtypes, strict=True)}
     )
+
+
+def record_train_loss(state: RecordDict, replies: Sequence[Reply]) -> RecordDict:
+    """Append the round's mean client loss to `state["train"]["loss"]`.
+
+    Replies without metrics (under client-level DP they are dropped, or under secure
+    aggregation only the mean arrives) leave the history as it is.
+    """
+    losses = [float(r.content["metrics"]["loss"]) for r in replies if "metrics" in r.content]
+    if losses:
+        history = list(state["train"]["loss"]) if "train" in state else []
+        state["train"] = MetricRecord({"loss": [*history, float(np.mean(losses))]})
+    return state

@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from flwr.app import Array, ArrayRecord, ConfigRecord, MetricRecord, RecordDict
 
-from fedsteer.methods.aggregation import aggregate_arrays
+from fedsteer.methods.aggregation import aggregate_arrays, record_train_loss
 from fedsteer.methods.base import Client, Environment, Method, Reply, seeded_rng
 from fedsteer.methods.icl import evaluate_prompting
 from fedsteer.models.lora import adapter_weights, initial_adapter, lora_adapter, lora_config
@@ -78,11 +78,7 @@ class FedAvgLoRA(Method):
 
     def aggregate(self, rnd: int, state: RecordDict, replies: Sequence[Reply]) -> RecordDict:
         state["adapter"] = aggregate_arrays(replies, "adapter", rule=self.rule, weighted=True)
-        losses = [float(r.content["metrics"]["loss"]) for r in replies if "metrics" in r.content]
-        if losses:
-            history = list(state["train"]["loss"]) if "train" in state else []
-            state["train"] = MetricRecord({"loss": [*history, float(np.mean(losses))]})
-        return state
+        return record_train_loss(state, replies)
 
     # ---------------------------------------------------------------- client
     def client_step(self, message: RecordDict, client: Client) -> RecordDict:

@@ -63,7 +63,7 @@ import torch.nn.functional as F
 from flwr.app import Array, ArrayRecord, ConfigRecord, MetricRecord, RecordDict
 
 from fedsteer.data import Example
-from fedsteer.methods.aggregation import aggregate_arrays
+from fedsteer.methods.aggregation import aggregate_arrays, record_train_loss
 from fedsteer.methods.base import Client, Environment, Method, Reply, seeded_rng
 from fedsteer.methods.icl import evaluate_prompting, select_demonstrations
 from fedsteer.models.hooks import COEF_ROWS, capture, initial_coefficients, inject
@@ -182,12 +182,7 @@ class IFedICL(Method):
             )
             return state
         state["coef"] = aggregate_arrays(replies, "coef", weighted=True)
-        # Under client-level DP the replies carry no metrics (they would leak).
-        losses = [float(r.content["metrics"]["loss"]) for r in replies if "metrics" in r.content]
-        if losses:
-            history = list(state["train"]["loss"]) if "train" in state else []
-            state["train"] = MetricRecord({"loss": [*history, float(np.mean(losses))]})
-        return state
+        return record_train_loss(state, replies)
 
     # ---------------------------------------------------------------- client
     def client_step(self, message: RecordDict, client: Client) -> RecordDict:
