@@ -128,6 +128,7 @@ def flower_processes(work_dir: Path) -> Iterator[Processes]:
         "RAY_TMPDIR": ray_tmp,
         "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}",
         "FLWR_DISABLE_UPDATE_CHECK": "1",
+        "RAY_USAGE_STATS_ENABLED": "0",  # no phoning home from a machine without internet
         "PYTHONUNBUFFERED": "1",
     }
     processes = Processes(work_dir, env)
