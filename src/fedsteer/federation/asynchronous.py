@@ -23,7 +23,7 @@ from dataclasses import dataclass
 
 from fedsteer.eval.costs import RoundCost, payload_bytes, peak_rss_bytes
 from fedsteer.federation.payloads import InvalidReply, check_reply
-from fedsteer.federation.runtime import RunOutcome
+from fedsteer.federation.runtime import RunOutcome, reject
 from fedsteer.methods.base import Client, Environment, Method, Reply
 
 log = logging.getLogger(__name__)
@@ -117,8 +117,7 @@ class AsyncInProcessRuntime:
         try:
             check_reply(posted.content)
         except InvalidReply as error:
-            log.warning("iteration %d: rejected worker %d: %s", cost.round, posted.cid, error)
-            cost.rejected.append({"cid": posted.cid, "reason": str(error)})
+            reject(cost, posted.cid, str(error))
             return None
         cost.bytes_up += payload_bytes(posted.content)
         return Reply(cid=posted.cid, content=posted.content, num_examples=posted.num_examples,

@@ -57,6 +57,12 @@ def sample_clients(config: RuntimeConfig, rnd: int, num_clients: int) -> list[in
     return sorted(int(c) for c in rng.choice(num_clients, size=wanted, replace=False))
 
 
+def reject(cost: RoundCost, cid: int, reason: str) -> None:
+    """Leave a reply out of the round: logged, and recorded with its reason in the costs."""
+    log.warning("round %d: rejected client %d: %s", cost.round, cid, reason)
+    cost.rejected.append({"cid": cid, "reason": reason})
+
+
 class Runtime(ABC):
     """The round loop; `clients` are whatever a subclass addresses them by, indexed by cid."""
 
@@ -141,8 +147,7 @@ class Runtime(ABC):
 
     @staticmethod
     def _reject(cost: RoundCost, cid: int, reason: str) -> None:
-        log.warning("round %d: rejected client %d: %s", cost.round, cid, reason)
-        cost.rejected.append({"cid": cid, "reason": reason})
+        reject(cost, cid, reason)
 
     def _max_norm(self, method: Method) -> float | None:
         return self.config.max_reply_norm or method.max_reply_norm

@@ -62,6 +62,11 @@ def _array(value: np.ndarray) -> Array:
     return Array(np.ascontiguousarray(value, dtype=np.float32))
 
 
+def _dual(duals: ArrayRecord, cid: int, like: np.ndarray) -> np.ndarray:
+    """Worker `cid`'s multipliers ρ_i (zero until the server first updates them)."""
+    return duals[str(cid)].numpy() if str(cid) in duals else np.zeros_like(like)
+
+
 @dataclass
 class AsynDBT(BDPL):
     name = "asyndbt"
@@ -109,8 +114,7 @@ class AsynDBT(BDPL):
 
     def worker_message(self, state: RecordDict, cid: int, iteration: int) -> RecordDict:
         z = state["z"]["z"].numpy()
-        duals = state["duals"]
-        dual = duals[str(cid)].numpy() if str(cid) in duals else np.zeros_like(z)
+        dual = _dual(state["duals"], cid, z)
         return RecordDict({
             "z": ArrayRecord({"z": _array(z), "dual": _array(dual)}),
             "words": state["words"], "config": ConfigRecord({"iteration": iteration}),
@@ -125,12 +129,10 @@ class AsynDBT(BDPL):
         if self.consensus == "sign":
             step = np.zeros_like(z)
             for cid, p in prompts.items():
-                dual = duals[str(cid)].numpy() if str(cid) in duals else np.zeros_like(z)
-                step += -dual - self.mu * (p - z) + self.psi * np.sign(z - p)
+                step += -_dual(duals, cid, z) - self.mu * (p - z) + self.psi * np.sign(z - p)
             z = project_simplex(z - self.lr_z * step)
             for cid, p in prompts.items():
-                dual = duals[str(cid)].numpy() if str(cid) in duals else np.zeros_like(z)
-                duals[str(cid)] = _array(dual + self.lr_dual * (p - z))
+                duals[str(cid)] = _array(_dual(duals, cid, z) + self.lr_dual * (p - z))
         elif latest:
             results = [([latest[k].numpy().astype(np.float64)], 1) for k in latest]
             z = project_simplex(RULES[self.consensus](results)[0])
@@ -192,7 +194,7 @@ class AsynDBT(BDPL):
         for _ in range(self.steps_per_round):
             batch = rng.choice(len(train), min(self.batch_size, len(train)), replace=False)
             prompt_samples = sample_prompts(p, self.samples, rng)
-            demo_samples = [self._sample_demos(q, demos, rng) for _ in range(self.samples)]
+            demo_samples = sample_prompts(q, self.samples, rng)
             step_losses = []
             for prompt, chosen in zip(prompt_samples, demo_samples, strict=True):
                 demo_text = spec.demo_prefix([demos[s][j] for s, j in enumerate(chosen)])
@@ -214,10 +216,6 @@ class AsynDBT(BDPL):
         for slot, pool in enumerate(demos):
             mask[slot, : len(pool)] = 1.0
         return mask
-
-    @staticmethod
-    def _sample_demos(q: np.ndarray, demos, rng) -> np.ndarray:
-        return sample_prompts(q, 1, rng)[0]
 
     def _corrupt(self, p: np.ndarray, z: np.ndarray, cid: int, iteration: int) -> np.ndarray:
         """What a Byzantine worker sends instead of its prompt."""

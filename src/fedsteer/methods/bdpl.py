@@ -138,9 +138,6 @@ class BDPL(Method):
     blackbox: str = "local"  # or "openai:BASE_URL#MODEL"
     seed: int = 0
 
-    def initial_state(self, env: Environment) -> RecordDict:
-        return RecordDict()
-
     def configure_round(self, rnd: int, state: RecordDict) -> RecordDict | None:
         if rnd >= self.rounds or self._budget_spent(state):
             return None

@@ -21,7 +21,7 @@ from fedsteer.eval.costs import RoundCost, payload_bytes, peak_rss_bytes
 from fedsteer.federation.asynchronous import AsyncConfig
 from fedsteer.federation.flower.client import CLIENT_INFO
 from fedsteer.federation.payloads import InvalidReply, check_reply
-from fedsteer.federation.runtime import RunOutcome
+from fedsteer.federation.runtime import RunOutcome, reject
 from fedsteer.methods import Environment, Method, Reply
 
 log = logging.getLogger(__name__)
@@ -121,8 +121,7 @@ class AsyncGridRuntime:
             except InvalidReply as error:
                 reason = str(error)
         if reason is not None:
-            log.warning("iteration %d: rejected worker %d: %s", cost.round, out.cid, reason)
-            cost.rejected.append({"cid": out.cid, "reason": reason})
+            reject(cost, out.cid, reason)
             return None
         cost.bytes_up += payload_bytes(content)
         return Reply(cid=out.cid, content=content, num_examples=int(info["num-examples"]),
