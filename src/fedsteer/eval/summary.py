@@ -166,6 +166,13 @@ def plot_all(rows: Sequence[Row], out_dir: Path) -> list[Path]:
     return paths
 
 
+def _save(fig, path: Path) -> Path:
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
 def _plot_cost(rows, path: Path, task: str, attribute: str, xlabel: str,
                pareto: bool = False) -> Path:
     fig, ax = plt.subplots(figsize=(7, 4.5))
@@ -179,10 +186,7 @@ def _plot_cost(rows, path: Path, task: str, attribute: str, xlabel: str,
                 color="grey", label="Pareto front")
         ax.legend(loc="lower right")
     ax.set(xscale="log", xlabel=xlabel, ylabel="accuracy (%)", title=task)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return _save(fig, path)
 
 
 def _plot_loss(rows, path: Path, task: str) -> Path:
@@ -192,10 +196,7 @@ def _plot_loss(rows, path: Path, task: str) -> Path:
             ax.plot(range(1, len(r.train_loss) + 1), r.train_loss, "o-", label=r.label)
     ax.set(xlabel="round", ylabel="mean client training loss", title=f"{task}: loss per round")
     ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return _save(fig, path)
 
 
 def _plot_alpha(rows, path: Path, task: str) -> Path:
@@ -207,10 +208,7 @@ def _plot_alpha(rows, path: Path, task: str) -> Path:
         ax.plot(xs, [100 * mine[s].accuracy for s in xs], "o-", label=method)
     ax.set(xlabel="label skew", ylabel="accuracy (%)", title=f"{task}: accuracy vs α")
     ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return _save(fig, path)
 
 
 def write_report(results_dir: Path, out_dir: Path | None = None,
