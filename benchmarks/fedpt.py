@@ -58,6 +58,13 @@ print(json.dumps({"model": model, "peak_rss_bytes": peak, "after_load_bytes": lo
 """
 
 
+def build_cache(model: str) -> None:
+    """Convert a model's GGUF once, in a process of its own, so no probe's peak includes it."""
+    code = ("import sys; from fedsteer.models.load import ensure_cached; "
+            "from fedsteer.models.registry import get_spec; ensure_cached(get_spec(sys.argv[1]))")
+    subprocess.run([sys.executable, "-c", code, model], check=True)
+
+
 def device_cost(model: str, task: str, options: dict) -> dict:
     """Peak memory and time of one device's local training, in a process of its own."""
     out = subprocess.run([sys.executable, "-c", DEVICE_PROBE, model, task, json.dumps(options)],
@@ -172,6 +179,8 @@ def main() -> None:
     fedpt = {**lora, "large": args.large, "distill_examples": args.distill_examples}
     common = dict(clients=args.clients, alpha=args.alpha, test_size=args.test_size)
 
+    build_cache(args.small)
+    build_cache(args.large)
     devices = {"small": device_cost(args.small, "sst2", lora),
                "large": device_cost(args.large, "sst2", lora)}
     print("device cost:", json.dumps(devices), flush=True)

@@ -126,3 +126,21 @@ def test_dbt_runs_end_to_end_on_the_local_black_box(tmp_path, method):
     assert record["costs"]["num_rounds"] == 3
     assert metrics["api_training_calls"] > 0 and metrics["api_calls"] > metrics[
         "api_training_calls"]
+
+
+def test_a_worker_keeps_its_cuts_across_messages():
+    from toy import SPEC as TOY
+    from toy import examples
+
+    env = Environment(task=TOY, test=[], model_name="tiny-random", transfer=examples(8))
+    method = AsynDBT(prompt_length=2, candidates=4, samples=2, shots_per_class=2, batch_size=2,
+                     steps_per_round=2, demo_candidates=2, cut_epsilon=-1.0, cut_refresh=0)
+    state = method.initial_state(env)
+    client = Client(cid=0, data=examples(6), env=env)
+    for iteration in range(2):
+        reply = method.client_step(method.worker_message(state, 0, iteration), client)
+        assert reply["metrics"]["cuts"] == 2 * (iteration + 1)  # ε < 0: a cut every step
+    assert "planes" in client.state
+    off = AsynDBT(**{**method.__dict__, "cutting_planes": False})
+    fresh = Client(cid=0, data=examples(6), env=env)
+    assert "cuts" not in off.client_step(off.worker_message(state, 0, 0), fresh)["metrics"]

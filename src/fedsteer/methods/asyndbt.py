@@ -22,10 +22,17 @@ What this module implements (K local steps per worker message, then one server u
 - Π is the per-position projection onto the simplex; the asynchronous runtime
   (`federation/asynchronous.py`) supplies A: S fresh replies, no worker older than τ.
 
-Not implemented (yet): the paper's cutting planes, which approximate the lower level's
-optimality for the upper (demonstration) level; here the demonstrations follow the plain
-policy gradient of the same loss. Candidates are words of the server's held-out texts
-(public, as FedPT's transfer set), so every worker shares one prompt vocabulary.
+- cutting planes (ADBO; `methods/cutting_planes.py`), kept by each worker: the lower
+  level's optimality is the gap h(q, p) = E_{p,q}[ℓ] − min_k ℓ_k between the expected loss
+  under the prompt distribution and the best of the I sampled prompts (estimated from the
+  same calls); where h > ε a cut h + a·(q − q_t) + b·(p − p_t) ≤ ε is added with a = ĝ_q,
+  b = ĝ_p (the policy-gradient estimates stand in for ∇h); the updates gain Σ λ_l a_l on q
+  and Σ λ_l b_l on p; λ_l ← [λ_l + η_λ·cut_l(q, p)]₊; every δ steps cuts with λ_l < γ go.
+  Upper and lower level share the worker's mini-batch loss (the paper splits it by level;
+  we have too little data per worker to split).
+
+Candidates are words of the server's held-out texts (public, as FedPT's transfer set), so
+every worker shares one prompt vocabulary.
 `sync-dbt` is the same with a barrier (S = all workers); `cen-dbt` one worker with all data.
 """
 
@@ -54,6 +61,7 @@ from fedsteer.methods.bdpl import (
     save_prompt,
     word_candidates,
 )
+from fedsteer.methods.cutting_planes import CuttingPlanes
 
 ATTACKS = ("random", "sign-flip", "scale")
 
@@ -85,6 +93,12 @@ class AsynDBT(BDPL):
     latency: tuple[float, ...] = ()  # simulated seconds per local round, per worker
     byzantine: int = 0  # workers 0..byzantine-1 send corrupted prompts
     attack: str = "sign-flip"
+    cutting_planes: bool = True
+    cut_epsilon: float = 0.1  # ε: the lower-level gap a cut enforces
+    cut_gamma: float = 1e-3  # γ: cuts whose multiplier falls below this are dropped
+    cut_refresh: int = 5  # δ: local steps between refreshes of the cut set
+    cut_lr: float = 0.1  # η_λ: multiplier step
+    cut_limit: int = 10  # most cuts a worker keeps
 
     def __post_init__(self) -> None:
         self.latency = tuple(self.latency)
@@ -150,15 +164,28 @@ class AsynDBT(BDPL):
         z, dual = message["z"]["z"].numpy(), message["z"]["dual"].numpy()
         iteration = int(message["config"]["iteration"])
         p, q, demos = self._local_variables(client, z)
+        planes = self._planes(client, q, p)
         meter = Usage()
         p, q, loss = self.local_steps(box, env, self.training_set(client), words, demos,
-                                      p, q, z, dual, iteration, client.cid, meter)
+                                      p, q, z, dual, iteration, client.cid, meter, planes)
         client.state["mine"] = ArrayRecord({"p": _array(p), "q": _array(q)})
+        metrics = {"loss": loss, "calls": meter.calls}
+        if planes is not None:
+            client.state["planes"] = planes.to_record()
+            metrics["cuts"] = len(planes)
         sent = self._corrupt(p, z, client.cid, iteration) if client.cid < self.byzantine else p
         return RecordDict({
             "prompt": ArrayRecord({"p": _array(sent)}),
-            "metrics": MetricRecord({"loss": loss, "calls": meter.calls}),
+            "metrics": MetricRecord(metrics),
         })
+
+    def _planes(self, client: Client, q: np.ndarray, p: np.ndarray) -> CuttingPlanes | None:
+        """This worker's cuts, kept across its messages (None when switched off)."""
+        if not self.cutting_planes:
+            return None
+        if "planes" in client.state:
+            return CuttingPlanes.from_record(client.state["planes"])
+        return CuttingPlanes(q_size=q.size, p_size=p.size)
 
     def _local_variables(self, client: Client, z: np.ndarray):
         demos = self.demo_pool(client)
@@ -185,7 +212,8 @@ class AsynDBT(BDPL):
 
     def local_steps(self, box, env: Environment, train: list[Example], words: list[str],
                     demos: list[list[Example]], p: np.ndarray, q: np.ndarray,
-                    z: np.ndarray, dual: np.ndarray, iteration: int, cid: int, meter: Usage):
+                    z: np.ndarray, dual: np.ndarray, iteration: int, cid: int, meter: Usage,
+                    planes: CuttingPlanes | None = None):
         rng = seeded_rng(self.seed, "asyndbt", iteration, cid)
         opt_p, opt_q, losses = AdamOnSimplex(p, self.lr), AdamOnSimplex(q, self.lr), []
         queries = [env.task.format_query(ex) for ex in train]
@@ -202,14 +230,29 @@ class AsynDBT(BDPL):
                 scores = box.label_logprobs([queries[i] for i in batch], spec.label_words,
                                             prefix=prefix, meter=meter)
                 step_losses.append(cross_entropy(scores, labels[batch]))
+            grad_p = policy_gradient(p, prompt_samples, step_losses)
+            grad_q = policy_gradient(q, demo_samples, step_losses)
+            cut_q, cut_p = self._cuts(planes, step_losses, grad_q, grad_p, q, p)
             consensus = dual + self.mu * (p - z) + self.psi * np.sign(p - z)
-            p = opt_p.step(policy_gradient(p, prompt_samples, step_losses) + consensus)
-            q = opt_q.step(policy_gradient(q, demo_samples, step_losses))
+            p = opt_p.step(grad_p + consensus + cut_p)
+            q = opt_q.step(grad_q + cut_q)
             mask = self._valid_mask(demos)  # slots with fewer than V candidates stay so
             q = q * mask + 1e-12 * mask
             q = q / q.sum(axis=1, keepdims=True)
+            if planes is not None:
+                planes.update_multipliers(q, p, self.cut_lr)
+                planes.refresh(self.cut_refresh, self.cut_gamma, self.cut_limit)
             losses.append(float(np.mean(step_losses)))
         return p, q, float(np.mean(losses))
+
+    def _cuts(self, planes: CuttingPlanes | None, step_losses: list[float], grad_q, grad_p,
+              q: np.ndarray, p: np.ndarray) -> tuple[np.ndarray | float, np.ndarray | float]:
+        """Cut here if the lower-level gap is too large; the cuts' pull on q and on p."""
+        if planes is None:
+            return 0.0, 0.0
+        gap = float(np.mean(step_losses) - np.min(step_losses))
+        planes.add(gap, grad_q, grad_p, q, p, self.cut_epsilon)
+        return planes.penalty_gradients(q.shape, p.shape)
 
     def _valid_mask(self, demos: list[list[Example]]) -> np.ndarray:
         mask = np.zeros((len(demos), self.demo_candidates))
