@@ -8,10 +8,9 @@ PYTHON ?= python3
 VENV   ?= .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.fedsteer-installed
-# local ICL is scored on a seeded half of the clients (--fraction); IFed-ICL always uses all
-# of them, here with 2 rounds of 1 local epoch (the paper: 10 x 10).
-DEMO_ARGS ?= --task sst2 --clients 10 --alpha 0.5 --test-size 200 --fraction 0.5 \
-	--rounds 2 -o local_epochs=1
+# The demo is the quick benchmark grid (every method on sst2, settings in the file), run into
+# runs/demo: a progress bar over the grid, a table at the end, report.md/.html and plots.
+DEMO_GRID ?= benchmarks/quick.yaml
 
 .PHONY: demo test test-fast lint install clean-venv
 
@@ -26,7 +25,7 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 demo: $(STAMP)
-	$(BIN)/fedsteer run zero-shot local-icl central-icl ifed-icl $(DEMO_ARGS) --out runs/demo
+	$(BIN)/fedsteer bench $(DEMO_GRID) --out runs/demo
 
 test: $(STAMP)
 	$(BIN)/pytest

@@ -21,7 +21,7 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
-from common import RESULTS, cell  # noqa: E402
+from common import RESULTS, cell, write_outputs  # noqa: E402
 
 from fedsteer.data import load_task  # noqa: E402
 from fedsteer.eval.record import environment  # noqa: E402
@@ -143,10 +143,8 @@ def main() -> None:
                "byzantine": {"/".join(map(str, k)): v for k, v in byz_rows.items()},
                "wall_seconds": wall, "env": environment(),
                "settings": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}}
-    (args.report_dir / "asyndbt.json").write_text(json.dumps(summary, indent=2))
     text = markdown(grid_rows, byz_rows, wall, args)
-    (args.report_dir / "asyndbt.md").write_text(text)
-    print(text)
+    write_outputs(args.report_dir, "asyndbt", summary, text)
 
 
 if __name__ == "__main__":

@@ -8,6 +8,7 @@ killed script continues where it stopped and scripts share cells they have in co
 from __future__ import annotations
 
 import argparse
+import json
 import statistics
 import time
 from pathlib import Path
@@ -102,3 +103,11 @@ def pct(row: dict | None, with_clients: bool = False) -> str:
         text += (f" (clients {100 * row['client_accuracy_min']:.0f}–"
                  f"{100 * row['client_accuracy_max']:.0f})")
     return text
+
+
+def write_outputs(report_dir: Path, name: str, summary: dict, text: str) -> None:
+    """`<name>.json` (the numbers, with settings and environment) and `<name>.md`; print it."""
+    report_dir.mkdir(parents=True, exist_ok=True)
+    (report_dir / f"{name}.json").write_text(json.dumps(summary, indent=2, default=str))
+    (report_dir / f"{name}.md").write_text(text)
+    print(text)

@@ -30,7 +30,7 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
-from common import RESULTS, cell  # noqa: E402
+from common import RESULTS, cell, write_outputs  # noqa: E402
 
 from fedsteer.data import load_task  # noqa: E402
 from fedsteer.eval.record import environment  # noqa: E402
@@ -208,10 +208,8 @@ def main() -> None:
     plot(rows, devices, args.report_dir / "fedpt.png")
     summary = {"rows": rows, "devices": devices, "wall_seconds": wall, "env": environment(),
                "settings": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}}
-    (args.report_dir / "fedpt.json").write_text(json.dumps(summary, indent=2))
     text = markdown(rows, devices, wall, args)
-    (args.report_dir / "fedpt.md").write_text(text)
-    print(text)
+    write_outputs(args.report_dir, "fedpt", summary, text)
 
 
 if __name__ == "__main__":

@@ -26,7 +26,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import torch  # noqa: E402
-from common import RESULTS, cell, grid_arguments, pct, summarize  # noqa: E402
+from common import RESULTS, cell, grid_arguments, pct, summarize, write_outputs  # noqa: E402
 
 from fedsteer.data import load_task  # noqa: E402
 from fedsteer.eval.record import environment  # noqa: E402
@@ -198,10 +198,8 @@ def main() -> None:
                "wall_seconds": wall, "env": environment(),
                "settings": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}}
     args.report_dir.mkdir(parents=True, exist_ok=True)
-    (args.report_dir / "ifed_icl.json").write_text(json.dumps(summary, indent=2))
     text = markdown(rows, records, overhead, sweep, wall, args)
-    (args.report_dir / "ifed_icl.md").write_text(text)
-    print(text)
+    write_outputs(args.report_dir, "ifed_icl", summary, text)
 
 
 if __name__ == "__main__":

@@ -17,7 +17,7 @@ import math
 import time
 from pathlib import Path
 
-from common import RESULTS
+from common import RESULTS, write_outputs
 
 from fedsteer.eval.record import RESULT_FILE, environment, read_result
 from fedsteer.experiment import RunConfig, run_experiment
@@ -128,10 +128,8 @@ def main() -> None:
                "settings": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
                "env": environment()}
     args.report_dir.mkdir(parents=True, exist_ok=True)
-    (args.report_dir / "runtimes.json").write_text(json.dumps(summary, indent=2))
     text = markdown(rows, dp_rows, args)
-    (args.report_dir / "runtimes.md").write_text(text)
-    print(text)
+    write_outputs(args.report_dir, "runtimes", summary, text)
 
 
 if __name__ == "__main__":

@@ -35,6 +35,12 @@ def test_the_grid_expands_every_cell_once(tmp_path):
     assert bench.out == tmp_path / "cells"  # relative to the config file
 
 
+def test_a_method_may_run_on_a_model_of_its_own(tmp_path):
+    bench = BenchConfig.load(write_grid(tmp_path, run={"ifed-icl": {"model": "tiny-other"}}))
+    models = {c.config.method: c.config.model for c in expand(bench)}
+    assert models == {"zero-shot": "tiny-random", "ifed-icl": "tiny-other"}
+
+
 @pytest.mark.parametrize("change, message", [
     ({"methods": ["zero-shot", "nope"]}, "unknown method"),
     ({"colour": "red"}, "unknown key"),
@@ -74,3 +80,11 @@ def test_the_pareto_front_keeps_only_undominated_points():
 def test_report_refuses_an_empty_directory(tmp_path):
     with pytest.raises(FileNotFoundError, match="no result.json"):
         write_report(tmp_path)
+
+
+@pytest.mark.parametrize("name", ["quick.yaml", "default.yaml"])
+def test_the_shipped_grids_load_and_expand(name):
+    """`make demo` and the README's table run these: a typo must fail here, not an hour in."""
+    bench = BenchConfig.load(Path(__file__).parents[1] / "benchmarks" / name)
+    cells = expand(bench)
+    assert {c.config.method for c in cells} == set(bench.methods)

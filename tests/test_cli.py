@@ -151,3 +151,18 @@ def test_unknown_method_option_is_refused():
 def test_models_lists_install_commands_verbatim():
     output = invoke("models")
     assert "fedsteer[default-model]" in output  # not swallowed as rich markup
+
+
+def test_bench_runs_a_grid_into_the_given_directory_and_ends_with_a_table(tmp_path, tiny_lm):
+    import yaml
+
+    grid = tmp_path / "grid.yaml"
+    grid.write_text(yaml.safe_dump({
+        "name": "tiny", "models": ["tiny-random"], "tasks": ["sst2"],
+        "methods": ["zero-shot", "central-icl"], "seeds": [0, 1], "clients": [3],
+        "test_size": 6}))
+    out = tmp_path / "elsewhere"
+    output = invoke("bench", str(grid), "--out", str(out))
+    assert len(list(out.rglob("result.json"))) == 3  # zero-shot once, central-icl per seed
+    assert "tiny: sst2" in output and "central-icl · seed 1" in output
+    assert (out / "report.md").is_file()

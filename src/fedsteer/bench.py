@@ -13,7 +13,7 @@ killed mid-run resumes from its last round's checkpoint. Models load once per mo
     alphas: [0.5]                          # Dirichlet; "iid" for IID
     clients: [10]
     test_size: 100
-    run: {local-icl: {fraction: 0.5}}      # RunConfig fields, per method
+    run: {local-icl: {fraction: 0.5}}      # RunConfig fields (even `model`), per method
     options: {ifed-icl: {local_epochs: 1}} # method options, per method
 """
 
@@ -102,8 +102,10 @@ def expand(bench: BenchConfig) -> list[Cell]:
         partition = {"partition": "iid"} if str(alpha).lower() == "iid" else {"alpha": alpha}
         if method == "zero-shot":  # deterministic: one cell per model and task
             partition, clients, seed = {"alpha": 0.5}, 1, 0
+        run = dict(bench.run.get(method, {}))
+        model = run.pop("model", model)  # a method's own model (e.g. FedPT's small device LM)
         config = RunConfig(method=method, task=task, model=model, clients=clients, seed=seed,
-                           test_size=bench.test_size, **partition, **bench.run.get(method, {}),
+                           test_size=bench.test_size, **partition, **run,
                            options=dict(bench.options.get(method, {})))
         path = bench.out / model / Path(task).stem / method / cell_dir(config)
         if path not in seen:

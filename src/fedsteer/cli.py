@@ -272,6 +272,8 @@ def _show(records: list[dict], out: Path, title: str) -> None:
 @app.command()
 def bench(
     config: Annotated[Path, typer.Argument(help="a grid, e.g. benchmarks/quick.yaml")],
+    out: Annotated[Path | None, typer.Option(
+        help="results directory [default: the config's `out`]")] = None,
     report_too: Annotated[bool, typer.Option("--report/--no-report")] = True,
     verbose: bool = False,
 ) -> None:
@@ -284,6 +286,8 @@ def bench(
     _setup_logging(verbose)
     with _user_errors():
         grid = BenchConfig.load(config)
+        if out is not None:
+            grid.out = out
         cells = expand(grid)
         done = sum(c.done for c in cells)
         console.print(f"[bold]{grid.name}[/]: {len(cells)} cells, {done} already done → "
@@ -292,12 +296,42 @@ def bench(
                             MofNCompleteColumn(), TimeElapsedColumn(), TimeRemainingColumn(),
                             console=console, transient=True)
         with progress:
-            run_grid(grid, progress, on_cell=lambda cell, record: console.print(
+            records = run_grid(grid, progress, on_cell=lambda cell, record: console.print(
                 f"{cell.path.relative_to(grid.out)}: acc "
                 f"{100 * record['metrics']['accuracy']:.1f} ({record['bench_seconds']:.0f} s)"))
+        for task, group in _by_task(records).items():
+            console.print(comparison_table(group, title=f"{grid.name}: {task}",
+                                           label=_cell_label(grid)))
         if report_too:
             md, page = write_report(grid.out, title=f"fedsteer bench: {grid.name}")
             console.print(f"report: {md}  {page}")
+
+
+def _cell_label(grid):
+    """A row's name in a grid's table: the method, plus whatever else varies in the grid."""
+
+    def label(record: dict) -> str:
+        config = RunConfig.from_record(record["config"])
+        parts = [record["method"]]
+        if record["model"] != grid.models[0] or len(grid.models) > 1:
+            parts.append(record["model"])
+        if record["method"] != "zero-shot":  # one cell, whatever the grid
+            if len(grid.alphas) > 1:
+                parts.append("iid" if config.partition == "iid" else f"α {config.alpha:g}")
+            if len(grid.clients) > 1:
+                parts.append(f"{config.clients} clients")
+            if len(grid.seeds) > 1:
+                parts.append(f"seed {config.seed}")
+        return " · ".join(parts)
+
+    return label
+
+
+def _by_task(records: list[dict]) -> dict[str, list[dict]]:
+    groups: dict[str, list[dict]] = {}
+    for record in records:
+        groups.setdefault(record["task"], []).append(record)
+    return groups
 
 
 @app.command()

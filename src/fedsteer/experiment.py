@@ -9,7 +9,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -52,6 +52,12 @@ class RunConfig:
     dp_record_clips: dict[str, float] = field(default_factory=dict)  # per-record clip norms
     secagg: bool = False  # Flower only: SecAgg+, the server sees only the mean of replies
     options: dict[str, Any] = field(default_factory=dict)  # method-specific extras
+
+    @classmethod
+    def from_record(cls, config: dict[str, Any]) -> RunConfig:
+        """The config a result record stores (which also lists derived values)."""
+        names = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in config.items() if k in names})
 
     def method_options(self) -> dict[str, Any]:
         return {"shots": self.shots, "seed": self.seed, "rounds": self.rounds, **self.options}

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from rich.table import Table
@@ -26,8 +26,12 @@ def _with_spread(metrics: dict[str, Any], key: str) -> str:
     return value
 
 
-def comparison_table(records: Sequence[dict[str, Any]], title: str = "") -> Table:
-    """One row per result record; percentages, bytes per round, seconds, peak memory."""
+def comparison_table(records: Sequence[dict[str, Any]], title: str = "",
+                     label: Callable[[dict[str, Any]], str] | None = None) -> Table:
+    """One row per result record; percentages, bytes per round, seconds, peak memory.
+
+    `label(record)` names a row (default: the method), e.g. to tell seeds apart.
+    """
     table = Table(title=title or None)
     table.add_column("method", no_wrap=True)
     private = any(rec.get("privacy") for rec in records)
@@ -37,7 +41,7 @@ def comparison_table(records: Sequence[dict[str, Any]], title: str = "") -> Tabl
     for rec in records:
         m, c = rec["metrics"], rec["costs"]
         table.add_row(
-            rec["method"],
+            label(rec) if label else rec["method"],
             _with_spread(m, "accuracy"),
             _with_spread(m, "macro_f1"),
             human_bytes(c["bytes_up_per_round"]),

@@ -1,0 +1,184 @@
+"""Performance and scale: the label scorer against a plain forward, and cost vs client count.
+
+1. Throughput (examples/s) on the same sst2 queries and batch size: a plain transformers
+   forward (tokenizer padding, full logits, log-softmax at the last position), fedsteer's
+   `LabelScorer`, and the scorer with IFed-ICL's 2·L vectors injected. Alternating, best of
+   `--repeats`, so slow drift in machine load hits all alike.
+2. Scale: IFed-ICL and FedAvg-LoRA with 10, 100 and 1,000 simulated clients on IID
+   partitions, each client using `--examples-per-client` of its rows (IFed-ICL: as
+   demonstrations and as calibration rows; LoRA: one local batch), one round, each run in
+   a fresh process:
+   wall time, peak RSS, bytes up per round. The in-process runtime shares one model among all
+   clients, so memory should stay flat while time and bytes grow with the client count.
+
+    nohup .venv/bin/python benchmarks/performance.py > benchmarks/results/performance.log 2>&1 &
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import torch  # noqa: E402
+from common import RESULTS, write_outputs  # noqa: E402
+
+from fedsteer.data import load_task  # noqa: E402
+from fedsteer.eval.record import environment  # noqa: E402
+from fedsteer.models import DEFAULT_MODEL, load_model  # noqa: E402
+from fedsteer.models.hooks import initial_coefficients, inject  # noqa: E402
+from fedsteer.models.scoring import LabelScorer  # noqa: E402
+
+SCALE_RUN = """
+import json, resource, sys, time
+from fedsteer.experiment import RunConfig, run_experiment
+config = RunConfig(**json.loads(sys.argv[1]))
+started = time.perf_counter()
+record = run_experiment(config, sys.argv[2])
+print(json.dumps({"wall_seconds": time.perf_counter() - started,
+                  "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+                  "bytes_up_per_round": record["costs"]["bytes_up_per_round"],
+                  "client_seconds": record["costs"]["client_seconds"],
+                  "accuracy": record["metrics"]["accuracy"]}))
+"""
+
+
+def plain_forward(lm, queries: list[str], label_ids: list[int], batch_size: int) -> torch.Tensor:
+    """What a user would write with transformers alone: pad left, forward, read the last row."""
+    tokenizer = lm.tokenizer
+    tokenizer.padding_side = "left"
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    out = []
+    with torch.no_grad():
+        for start in range(0, len(queries), batch_size):
+            inputs = tokenizer(queries[start:start + batch_size], return_tensors="pt",
+                               padding=True)
+            logits = lm.model(**inputs).logits[:, -1]
+            out.append(logits.float().log_softmax(-1)[:, label_ids])
+    return torch.cat(out)
+
+
+def throughput(lm, n: int, batch_size: int, repeats: int) -> dict:
+    task = load_task("sst2")
+    queries = [task.spec.format_query(ex) for ex in task.test[:n]]
+    scorer = LabelScorer(lm, task.spec.label_words, batch_size=batch_size)
+    label_ids = scorer.labels.first
+    layers, width = lm.num_layers, lm.hidden_size
+    attn, mlp = torch.randn(layers, width) * 0.1, torch.randn(layers, width) * 0.1
+    coef = initial_coefficients(layers, 0.1, 1.0)
+
+    def injected():
+        with inject(lm, attn, mlp, coef):
+            scorer.score(queries)
+
+    paths = {"plain transformers forward": lambda: plain_forward(lm, queries, label_ids,
+                                                                  batch_size),
+             "fedsteer LabelScorer": lambda: scorer.score(queries),
+             "LabelScorer + IFed-ICL injection": injected}
+    agreement = float((plain_forward(lm, queries[:32], label_ids, batch_size).argmax(-1)
+                       == scorer.score(queries[:32]).argmax(-1)).float().mean())
+    runs: dict[str, list[float]] = {name: [] for name in paths}
+    for _ in range(repeats):
+        for name, fn in paths.items():
+            started = time.perf_counter()
+            fn()
+            runs[name].append(time.perf_counter() - started)
+    plain = min(runs["plain transformers forward"])
+    return {"examples": n, "batch_size": batch_size, "agreement_on_32": agreement,
+            "paths": {name: {"best_s": min(t), "examples_per_s": n / min(t),
+                             "vs_plain": min(t) / plain, "runs_s": t}
+                      for name, t in runs.items()}}
+
+
+def scale_point(method: str, clients: int, args) -> dict:
+    per_class = max(args.examples_per_client // 2, 1)  # sst2 has 2 classes
+    options = ({"rounds": 1, "local_epochs": 1, "demos_per_class": per_class,
+                "calibration_per_class": per_class} if method == "ifed-icl"
+               else {"rounds": 1, "local_examples": args.examples_per_client,
+                     "batch_size": args.examples_per_client})
+    config = {"method": method, "task": "sst2", "model": args.scale_model, "clients": clients,
+              "partition": "iid", "test_size": args.scale_test_size, "options": options}
+    out = args.out / f"{method}-clients{clients}"
+    line = subprocess.run([sys.executable, "-c", SCALE_RUN, json.dumps(config), str(out)],
+                          capture_output=True, text=True, check=True).stdout.splitlines()[-1]
+    point = {"method": method, "clients": clients, **json.loads(line)}
+    print("scale:", json.dumps(point), flush=True)
+    return point
+
+
+def plot(points: list[dict], path: Path) -> None:
+    fig, axes = plt.subplots(1, 3, figsize=(11, 3.4))
+    panels = (("wall_seconds", "wall time (s)"), ("peak_rss_bytes", "peak RSS (GB)"),
+              ("bytes_up_per_round", "bytes up per round"))
+    for ax, (key, label) in zip(axes, panels, strict=True):
+        for method in sorted({p["method"] for p in points}):
+            mine = sorted((p for p in points if p["method"] == method), key=lambda p: p["clients"])
+            scale = 1e9 if key == "peak_rss_bytes" else 1
+            ax.plot([p["clients"] for p in mine], [p[key] / scale for p in mine], "o-",
+                    label=method)
+        ax.set(xscale="log", xlabel="clients", ylabel=label)
+        if key != "peak_rss_bytes":
+            ax.set_yscale("log")
+        ax.grid(alpha=0.3)
+    axes[0].legend()
+    fig.suptitle("Cost growth with the number of simulated clients (in-process runtime)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def markdown(speed: dict, points: list[dict], args) -> str:
+    lines = [f"# Performance: {args.model} scorer, {args.scale_model} at scale", "",
+             f"## Scoring throughput ({speed['examples']} sst2 queries, batch "
+             f"{speed['batch_size']}, best of {args.repeats})", "",
+             "| path | examples/s | time vs plain forward |", "|---|---:|---:|"]
+    for name, p in speed["paths"].items():
+        lines.append(f"| {name} | {p['examples_per_s']:.1f} | {p['vs_plain']:.3f}× |")
+    lines += ["", f"Predictions of the plain forward and the scorer agree on "
+              f"{100 * speed['agreement_on_32']:.0f} % of 32 queries.", "",
+              f"## Scale (IID, {args.examples_per_client} examples per client, one round, "
+              f"{args.scale_test_size} test rows, fresh process each)", "",
+              "| method | clients | wall s | peak RSS GB | bytes up/round | client s |",
+              "|---|---:|---:|---:|---:|---:|"]
+    for p in points:
+        lines.append(f"| {p['method']} | {p['clients']} | {p['wall_seconds']:.0f} | "
+                     f"{p['peak_rss_bytes'] / 1e9:.2f} | {p['bytes_up_per_round']:.0f} | "
+                     f"{p['client_seconds']:.0f} |")
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default=DEFAULT_MODEL)
+    parser.add_argument("--examples", type=int, default=256)
+    parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--scale-model", default="smollm2-135m")
+    parser.add_argument("--clients", nargs="+", type=int, default=[10, 100, 1000])
+    parser.add_argument("--methods", nargs="+", default=["ifed-icl", "fedavg-lora"])
+    parser.add_argument("--examples-per-client", type=int, default=4)
+    parser.add_argument("--scale-test-size", type=int, default=50)
+    parser.add_argument("--out", type=Path, default=RESULTS / "performance")
+    parser.add_argument("--report-dir", type=Path, default=RESULTS)
+    args = parser.parse_args()
+    started = time.time()
+    speed = throughput(load_model(args.model), args.examples, args.batch_size, args.repeats)
+    print("throughput:", json.dumps(speed), flush=True)
+    points = [scale_point(m, c, args) for m in args.methods for c in args.clients]
+    args.report_dir.mkdir(parents=True, exist_ok=True)
+    plot(points, args.report_dir / "performance_scale.png")
+    summary = {"throughput": speed, "scale": points, "wall_seconds": time.time() - started,
+               "env": environment(), "settings": vars(args)}
+    write_outputs(args.report_dir, "performance", summary, markdown(speed, points, args))
+
+
+if __name__ == "__main__":
+    main()
