@@ -21,7 +21,7 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
-from common import RESULTS, cell, write_outputs  # noqa: E402
+from common import cell, output_arguments, write_outputs  # noqa: E402
 
 from fedsteer.data import load_task  # noqa: E402
 from fedsteer.eval.record import environment  # noqa: E402
@@ -126,8 +126,7 @@ def main() -> None:
     parser.add_argument("--test-size", type=int, default=100)
     parser.add_argument("--slowest", type=float, default=6.0)
     parser.add_argument("--skip-byzantine", action="store_true")
-    parser.add_argument("--out", type=Path, default=RESULTS / "asyndbt")
-    parser.add_argument("--report-dir", type=Path, default=RESULTS)
+    output_arguments(parser, "asyndbt")
     args = parser.parse_args()
     started = time.time()
     lm, cells, byz = load_model(args.model), {}, {}

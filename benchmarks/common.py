@@ -33,6 +33,13 @@ def grid_arguments(parser: argparse.ArgumentParser, out: Path) -> argparse.Argum
     return parser
 
 
+def output_arguments(parser: argparse.ArgumentParser, name: str) -> argparse.ArgumentParser:
+    """Where a script's cells go (--out) and where its summary files go (--report-dir)."""
+    parser.add_argument("--out", type=Path, default=RESULTS / name)
+    parser.add_argument("--report-dir", type=Path, default=RESULTS)
+    return parser
+
+
 def cell_tag(config: RunConfig, default_clients: int = 10, default_alpha: float = 0.5) -> str:
     """`seed0`, plus the settings that differ from the benchmark's defaults."""
     tag = f"seed{config.seed}"

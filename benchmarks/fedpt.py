@@ -30,7 +30,7 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
-from common import RESULTS, cell, write_outputs  # noqa: E402
+from common import cell, output_arguments, write_outputs  # noqa: E402
 
 from fedsteer.data import load_task  # noqa: E402
 from fedsteer.eval.record import environment  # noqa: E402
@@ -171,8 +171,7 @@ def main() -> None:
     parser.add_argument("--local-examples", type=int, default=32)
     parser.add_argument("--rank", type=int, default=8)
     parser.add_argument("--distill-examples", type=int, default=64)
-    parser.add_argument("--out", type=Path, default=RESULTS / "fedpt")
-    parser.add_argument("--report-dir", type=Path, default=RESULTS)
+    output_arguments(parser, "fedpt")
     args = parser.parse_args()
     started = time.time()
     lora = {"rank": args.rank, "local_examples": args.local_examples, "rounds": args.rounds}

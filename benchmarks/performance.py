@@ -28,7 +28,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import torch  # noqa: E402
-from common import RESULTS, write_outputs  # noqa: E402
+from common import output_arguments, write_outputs  # noqa: E402
 
 from fedsteer.data import load_task  # noqa: E402
 from fedsteer.eval.record import environment  # noqa: E402
@@ -166,8 +166,7 @@ def main() -> None:
     parser.add_argument("--methods", nargs="+", default=["ifed-icl", "fedavg-lora"])
     parser.add_argument("--examples-per-client", type=int, default=4)
     parser.add_argument("--scale-test-size", type=int, default=50)
-    parser.add_argument("--out", type=Path, default=RESULTS / "performance")
-    parser.add_argument("--report-dir", type=Path, default=RESULTS)
+    output_arguments(parser, "performance")
     args = parser.parse_args()
     started = time.time()
     speed = throughput(load_model(args.model), args.examples, args.batch_size, args.repeats)

@@ -17,7 +17,7 @@ import math
 import time
 from pathlib import Path
 
-from common import RESULTS, write_outputs
+from common import output_arguments, write_outputs
 
 from fedsteer.eval.record import RESULT_FILE, environment, read_result
 from fedsteer.experiment import RunConfig, run_experiment
@@ -90,8 +90,7 @@ def main() -> None:
     parser.add_argument("--epsilons", nargs="+", type=float, default=[1.0, 8.0, math.inf])
     parser.add_argument("--clip", type=float, default=1.0, help="coefficient update clip norm")
     parser.add_argument("--vector-clip", type=float, default=60.0)
-    parser.add_argument("--out", type=Path, default=RESULTS / "runtimes")
-    parser.add_argument("--report-dir", type=Path, default=RESULTS)
+    output_arguments(parser, "runtimes")
     parser.add_argument("--skip-deployment", action="store_true")
     args = parser.parse_args()
     started = time.time()
