@@ -74,7 +74,10 @@ def byzantine(args, lm, cells: dict) -> None:
 
 def row(record: dict) -> dict:
     m = record["metrics"]
-    return {"accuracy": m["accuracy"], "wall_seconds": record["costs"]["wall_seconds"],
+    costs = record["costs"]
+    return {"accuracy": m["accuracy"], "wall_seconds": costs["wall_seconds"],
+            # training alone: every method's evaluation scores the same rows
+            "train_seconds": costs["wall_seconds"] - costs.get("eval_seconds", 0.0),
             "api_calls": m.get("api_training_calls", m.get("api_calls", 0)),
             "api_prompt_tokens": m.get("api_prompt_tokens", 0)}
 
@@ -83,13 +86,13 @@ def markdown(grid_rows: dict, byz: dict, wall: float, args) -> str:
     lines = [f"# AsynDBT through a local black box ({args.model})", "",
              f"Budget: {json.dumps(BUDGET)}; {args.iterations} server iterations; "
              f"{args.test_size} test rows; latencies 0…{args.slowest} s per local round.", "",
-             "| task | workers | " + " | ".join(METHODS) + " | async / sync wall |",
+             "| task | workers | " + " | ".join(METHODS) + " | async / sync training time |",
              "|---|---:|" + "---:|" * (len(METHODS) + 1)]
     for (task, workers) in sorted({(t, w) for t, w, _ in grid_rows}):
         cells = [grid_rows[(task, workers, m)] for m in METHODS]
-        ratio = cells[4]["wall_seconds"] / max(cells[3]["wall_seconds"], 1e-9)
+        ratio = cells[4]["train_seconds"] / max(cells[3]["train_seconds"], 1e-9)
         lines.append(f"| {task} | {workers} | " + " | ".join(
-            f"{100 * c['accuracy']:.1f} ({c['api_calls']} calls, {c['wall_seconds']:.0f} s)"
+            f"{100 * c['accuracy']:.1f} ({c['api_calls']} calls, {c['train_seconds']:.0f} s)"
             for c in cells) + f" | {ratio:.2f} |")
     if byz:
         lines += ["", "Byzantine (sst2, 4 workers, 1 sign-flipping):", "",
@@ -104,14 +107,28 @@ def markdown(grid_rows: dict, byz: dict, wall: float, args) -> str:
 
 
 def plot(grid_rows: dict, path: Path) -> None:
-    fig, (left, right) = plt.subplots(1, 2, figsize=(10, 4))
+    """Colour = method, marker = task, filled = fewest workers, hollow = most."""
+    from matplotlib.lines import Line2D
+
+    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4.2))
+    colours = dict(zip(METHODS, plt.cm.tab10.colors, strict=False))
+    tasks = sorted({t for t, _, _ in grid_rows})
+    markers = dict(zip(tasks, "osD^v", strict=False))
+    fewest = min(w for _, w, _ in grid_rows)
     for (task, workers, method), r in sorted(grid_rows.items()):
-        label = f"{task}/{workers}w {method}"
-        left.scatter(r["wall_seconds"], 100 * r["accuracy"], s=12)
-        right.scatter(max(r["api_calls"], 1), 100 * r["accuracy"], s=12)
-        left.annotate(label, (r["wall_seconds"], 100 * r["accuracy"]), fontsize=5)
-    left.set(xlabel="wall time (s)", ylabel="accuracy (%)", title="accuracy vs wall time")
+        style = {"marker": markers[task], "s": 36, "edgecolors": colours[method],
+                 "facecolors": colours[method] if workers == fewest else "none"}
+        left.scatter(r["train_seconds"], 100 * r["accuracy"], **style)
+        right.scatter(max(r["api_calls"], 1), 100 * r["accuracy"], **style)
+    left.set(xlabel="training wall time (s)", ylabel="accuracy (%)",
+             title="accuracy vs training time")
     right.set(xscale="log", xlabel="API calls (training)", title="accuracy vs API calls")
+    handles = [Line2D([], [], color=colours[m], marker="o", ls="", label=m) for m in METHODS]
+    handles += [Line2D([], [], color="grey", marker=markers[t], ls="", label=t) for t in tasks]
+    right.legend(handles=handles, fontsize=7, loc="lower right",
+                 title=f"filled: {fewest} workers", title_fontsize=7)
+    for ax in (left, right):
+        ax.grid(alpha=0.3)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
