@@ -144,3 +144,24 @@ def test_a_worker_keeps_its_cuts_across_messages():
     off = AsynDBT(**{**method.__dict__, "cutting_planes": False})
     fresh = Client(cid=0, data=examples(6), env=env)
     assert "cuts" not in off.client_step(off.worker_message(state, 0, 0), fresh)["metrics"]
+
+
+def test_each_worker_saves_the_consensus_prompt_with_its_own_demonstrations(tmp_path):
+    import json
+
+    from fedsteer.artifacts import evaluate_artifact
+    from fedsteer.data import load_task
+
+    options = {"prompt_length": 2, "candidates": 6, "samples": 2, "shots_per_class": 2,
+               "batch_size": 2, "steps_per_round": 1, "iterations": 2, "demo_candidates": 2}
+    run_experiment(RunConfig("asyndbt", "sst2", "tiny-random", clients=2, test_size=4,
+                             options=options), tmp_path / "run", save_dir=tmp_path / "saved")
+    shared = json.loads((tmp_path / "saved" / "prompt.json").read_text())
+    assert shared["demonstrations"] == []  # the server's copy holds no worker's rows
+    for cid in (0, 1):
+        mine = json.loads((tmp_path / "saved" / "clients" / str(cid) / "prompt.json").read_text())
+        assert mine["prompt"] == shared["prompt"] and len(mine["demonstrations"]) == 2
+        assert mine["demonstrations"][0]["text"] in mine["prefix"]
+    kind, _, metrics, rows = evaluate_artifact(tmp_path / "saved" / "clients" / "0",
+                                               load_task("sst2"), None, 4, 0, 4)
+    assert kind == "prompt" and rows == 4 and 0.0 <= metrics["accuracy"] <= 1.0

@@ -175,6 +175,8 @@ def run_experiment(
         saved = method.save_artifact(outcome.state, Path(save_dir), config.model, task.name)
         if saved is None:
             log.warning("%s has no artifact to save; --save ignored", method.name)
+        for client in clients if hosted else ():  # on Flower, the nodes keep theirs
+            method.save_client_artifact(outcome.state, client, Path(save_dir))
     eval_started = time.perf_counter()
     metrics = method.evaluate(outcome.state, env)
     eval_seconds = time.perf_counter() - eval_started

@@ -40,6 +40,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, ClassVar
 
 import numpy as np
@@ -278,16 +279,27 @@ class AsynDBT(BDPL):
         return save_prompt(directory, self.best_prompt(state), model_name, task_name,
                            self.name, list(state["words"]["words"]), state["z"]["z"].numpy())
 
+    def save_client_artifact(self, state: RecordDict, client: Client, directory):
+        """The consensus prompt with this worker's own demonstrations, kept by the worker."""
+        demos = self.chosen_demonstrations(client)
+        return save_prompt(Path(directory) / "clients" / str(client.cid), self.best_prompt(state),
+                           client.env.model_name, client.env.task.name, self.name,
+                           list(state["words"]["words"]), state["z"]["z"].numpy(),
+                           demonstrations=demos, demo_text=client.env.task.demo_prefix(demos))
+
+    def chosen_demonstrations(self, client: Client) -> list[Example]:
+        """Per class slot, this worker's most likely demonstration (the first before training)."""
+        demos = self.demo_pool(client)
+        chosen = (client.state["mine"]["q"].numpy().argmax(axis=1) if "mine" in client.state
+                  else np.zeros(len(demos), dtype=int))
+        return [demos[s][min(j, len(demos[s]) - 1)] for s, j in enumerate(chosen)]
+
     # ------------------------------------------------------------- evaluation
     def evaluate_client(self, state: RecordDict, client: Client) -> dict[str, float]:
         """The consensus prompt with this worker's own most likely demonstrations."""
         env = client.env
         prompt = self.best_prompt(state)
-        demos = self.demo_pool(client)
-        chosen = (client.state["mine"]["q"].numpy().argmax(axis=1) if "mine" in client.state
-                  else np.zeros(len(demos), dtype=int))
-        prefix = prompt_prefix(prompt, env.task.demo_prefix(
-            [demos[s][min(j, len(demos[s]) - 1)] for s, j in enumerate(chosen)]))
+        prefix = prompt_prefix(prompt, env.task.demo_prefix(self.chosen_demonstrations(client)))
         scores = env.blackbox(self.blackbox).label_logprobs(
             [env.task.format_query(ex) for ex in env.test], env.task.label_words, prefix=prefix)
         return classification_metrics([ex.label for ex in env.test],

@@ -165,6 +165,11 @@ class Method(ABC):
         """Write the adapted model (vectors, adapters, prompts) for reuse; None if none."""
         return None
 
+    def save_client_artifact(self, state: RecordDict, client: Client, directory):
+        """What one client keeps for itself (e.g. its own demonstrations), written on its side
+        under `directory/clients/<cid>/`; None if the method has nothing personal."""
+        return None
+
     def reply_shapes(self, message: RecordDict) -> dict[str, tuple[int, ...]] | None:
         """Expected `"record.array" -> shape` of a reply, so a runtime can reject bad ones."""
         return None

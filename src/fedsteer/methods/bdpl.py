@@ -235,16 +235,21 @@ PROMPT_FILE = "prompt.json"
 
 
 def save_prompt(directory, words: list[str], model_name: str, task_name: str, method: str,
-                candidates: list[str], probs: np.ndarray):
+                candidates: list[str], probs: np.ndarray,
+                demonstrations: Sequence[Example] = (), demo_text: str = ""):
+    """prompt.json: the words, the exact prefix to put before a query, and what chose them
+    (with a worker's own demonstrations when it saves its personal prompt)."""
     import json
+    from dataclasses import asdict
     from pathlib import Path
 
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     (directory / PROMPT_FILE).write_text(json.dumps({
         "method": method, "model": model_name, "task": task_name, "prompt": words,
-        "prefix": prompt_prefix(words), "candidates": candidates,
+        "prefix": prompt_prefix(words, demo_text), "candidates": candidates,
         "probs": np.round(probs, 6).tolist(),
+        "demonstrations": [asdict(ex) for ex in demonstrations],
     }, indent=2) + "\n")
     return directory
 
