@@ -53,7 +53,10 @@ def test_a_bad_grid_is_refused_with_the_reason(tmp_path, change, message):
 
 
 def test_a_finished_grid_runs_nothing_again_and_reports(tmp_path):
-    bench = BenchConfig.load(write_grid(tmp_path, alphas=[0.5], seeds=[0, 1]))
+    rounds = {**TINY_IFED, "rounds": 2}
+    bench = BenchConfig.load(write_grid(tmp_path, alphas=[0.5], seeds=[0, 1],
+                                        run={"ifed-icl": {"eval_every": 1}},
+                                        options={"ifed-icl": rounds}))
     ran = []
     records = run_grid(bench, on_cell=lambda cell, record: ran.append(cell.path))
     assert len(ran) == len(records) == 3
@@ -63,12 +66,14 @@ def test_a_finished_grid_runs_nothing_again_and_reports(tmp_path):
     rows = summarize(collect(bench.out))
     ifed = [r for r in rows if r.method == "ifed-icl"]
     assert len(ifed) == 1 and ifed[0].seeds == 2
+    assert len(ifed[0].round_accuracy) == 3  # the vectors' round, then 2 calibration rounds
     md, page = write_report(bench.out, title="tiny")
     text = md.read_text()
     assert "## sst2" in text and "ifed-icl" in text and "zero-shot" in text
     assert "<table>" in page.read_text()
     pngs = sorted(bench.out.glob("*.png"))
     assert pngs and all(p.stat().st_size > 5000 for p in pngs)
+    assert (bench.out / "sst2-accuracy-per-round.png") in pngs
     assert "Published numbers" in text  # I2CL reports sst2
 
 

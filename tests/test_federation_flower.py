@@ -118,9 +118,9 @@ def flower_identity():
     TaskIdentity._run_id, TaskIdentity._task_id, TaskIdentity._node_id = saved
 
 
-def serve_inline(config, out_dir: Path, save_dir: Path | None = None,
+def serve_inline(config, out_dir: Path, save_dir: Path | None = None, round_timeout: float = 5.0,
                  **grid_options) -> tuple[dict, InlineGrid]:
-    run_config = to_run_config(config, out_dir=out_dir, round_timeout=5.0, node_wait=0.1,
+    run_config = to_run_config(config, out_dir=out_dir, round_timeout=round_timeout, node_wait=0.1,
                                save_dir=save_dir)
     grid = InlineGrid(run_config, config.clients, **grid_options)
     serve(grid, Context(run_id=1, node_id=0, node_config={}, state=RecordDict(),
@@ -344,7 +344,8 @@ def test_asyndbt_on_flower_consumes_replies_as_they_arrive(tmp_path, flower_iden
                "batch_size": 2, "steps_per_round": 1, "iterations": 6, "demo_candidates": 2,
                "active": 1, "staleness": 3}
     config = tiny_config(method="asyndbt", options=options)
-    record, grid = serve_inline(config, tmp_path, delays={102: 4})  # node of worker 2 lags
+    # node of worker 2 lags 4 s; the timeout is far beyond, so waiting would show
+    record, grid = serve_inline(config, tmp_path, delays={102: 4}, round_timeout=60.0)
     rounds = record["costs"]["rounds"]
     assert len(rounds) == 6 and all(not r["rejected"] for r in rounds)
     used = [r["clients"] for r in rounds]

@@ -51,6 +51,7 @@ class RunConfig:
     dp_delta: float = 1e-5
     dp_record_clips: dict[str, float] = field(default_factory=dict)  # per-record clip norms
     secagg: bool = False  # Flower only: SecAgg+, the server sees only the mean of replies
+    eval_every: int = 0  # evaluate after every k-th round too (accuracy per round); 0: at the end
     options: dict[str, Any] = field(default_factory=dict)  # method-specific extras
 
     @classmethod
@@ -115,7 +116,8 @@ def async_config(method):
 
 def runtime_config(config: RunConfig) -> RuntimeConfig:
     return RuntimeConfig(fraction=config.fraction, seed=config.seed,
-                         max_reply_norm=config.max_reply_norm, dp=client_dp(config))
+                         max_reply_norm=config.max_reply_norm, dp=client_dp(config),
+                         eval_every=config.eval_every)
 
 
 def build_clients(config: RunConfig, task: Task, env: Environment, centralized: bool):

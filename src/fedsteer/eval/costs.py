@@ -39,6 +39,8 @@ class RoundCost:
     peak_rss_bytes: int = 0
     rejected: list[dict[str, Any]] = field(default_factory=list)
     array_records: int = 0  # per reply: what a DP accountant composes for the round
+    accuracy: float | None = None  # the global model's test accuracy after this round, when
+    eval_seconds: float = 0.0  # the run evaluates every round (`eval_every`)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

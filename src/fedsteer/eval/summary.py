@@ -42,6 +42,7 @@ class Row:
     peak_rss: float
     api_calls: float | None
     train_loss: list[float]
+    round_accuracy: list[float]  # after each round, when the runs evaluated every round
 
     @property
     def label(self) -> str:
@@ -70,6 +71,7 @@ def summarize(records: Sequence[dict]) -> list[Row]:
         api = [r["metrics"].get("api_training_calls", r["metrics"].get("api_calls"))
                for r in recs]
         losses = [r["metrics"].get("train_loss") for r in recs if r["metrics"].get("train_loss")]
+        curves = [_round_accuracy(c) for c in costs if _round_accuracy(c)]
         rows.append(Row(
             model, task, method, skew, clients, len(recs),
             statistics.mean(acc), statistics.pstdev(acc),
@@ -81,8 +83,15 @@ def summarize(records: Sequence[dict]) -> list[Row]:
             max(c["peak_rss_bytes"] for c in costs),
             statistics.mean(api) if all(a is not None for a in api) else None,
             [statistics.mean(x) for x in zip(*losses, strict=False)] if losses else [],
+            [statistics.mean(x) for x in zip(*curves, strict=False)] if curves else [],
         ))
     return rows
+
+
+def _round_accuracy(costs: dict) -> list[float]:
+    """Accuracy after each round, if every round was evaluated (`eval_every = 1`)."""
+    curve = [r.get("accuracy") for r in costs.get("rounds", [])]
+    return curve if curve and all(a is not None for a in curve) else []
 
 
 HEADER = ["model", "method", "skew", "clients", "seeds", "acc %", "macro-F1 %", "up/round",
@@ -159,6 +168,9 @@ def plot_all(rows: Sequence[Row], out_dir: Path) -> list[Path]:
                                 "bytes_total", "total bytes exchanged (log)", pareto=True))
         paths.append(_plot_cost(task_rows, out_dir / f"{task}-accuracy-vs-compute.png", task,
                                 "client_seconds", "client compute, s (log)"))
+        if any(r.round_accuracy for r in task_rows):
+            paths.append(_plot_rounds(task_rows, out_dir / f"{task}-accuracy-per-round.png",
+                                      task))
         if any(r.train_loss for r in task_rows):
             paths.append(_plot_loss(task_rows, out_dir / f"{task}-loss-per-round.png", task))
         if len({r.skew for r in task_rows}) > 1:
@@ -195,6 +207,23 @@ def _plot_loss(rows, path: Path, task: str) -> Path:
         if r.train_loss:
             ax.plot(range(1, len(r.train_loss) + 1), r.train_loss, "o-", label=r.label)
     ax.set(xlabel="round", ylabel="mean client training loss", title=f"{task}: loss per round")
+    ax.legend(fontsize=7)
+    return _save(fig, path)
+
+
+def _plot_rounds(rows, path: Path, task: str) -> Path:
+    """Accuracy after each round; methods without rounds as dotted lines at their level."""
+    fig, ax = plt.subplots(figsize=(6, 4))
+    longest = max(len(r.round_accuracy) for r in rows)
+    for r in rows:
+        if r.round_accuracy:
+            xs = range(1, len(r.round_accuracy) + 1)
+            ax.plot(xs, [100 * a for a in r.round_accuracy], "o-", label=r.label)
+        else:
+            ax.hlines(100 * r.accuracy, 1, max(longest, 2), linestyles=":", colors="grey")
+            ax.annotate(r.method, (1, 100 * r.accuracy), fontsize=7, xytext=(2, 2),
+                        textcoords="offset points", color="grey")
+    ax.set(xlabel="round", ylabel="accuracy (%)", title=f"{task}: accuracy per round")
     ax.legend(fontsize=7)
     return _save(fig, path)
 

@@ -36,6 +36,7 @@ class RuntimeConfig:
     max_rounds: int = 10_000  # a guard against a method that never finishes
     max_reply_norm: float | None = None  # overrides the method's own bound when set
     dp: ClientDP | None = None  # client-level DP on every reply (see privacy.py)
+    eval_every: int = 0  # also evaluate after every k-th round (accuracy per round); 0: never
 
 
 @dataclass
@@ -101,6 +102,8 @@ class Runtime(ABC):
             if message is None:
                 break
             state, cost = self._run_round(method, rnd, message, state, clients)
+            if self.config.eval_every and (rnd + 1) % self.config.eval_every == 0:
+                self._evaluate_round(method, state, env, cost)
             if ledger:
                 ledger.record_round(cost.array_records)
             rounds.append(cost)
@@ -117,6 +120,14 @@ class Runtime(ABC):
         """Deliver `message` to the sampled clients; return the replies that passed `_accept`."""
 
     # --------------------------------------------------------------- rounds
+    @staticmethod
+    def _evaluate_round(method: Method, state: RecordDict, env: Environment,
+                        cost: RoundCost) -> None:
+        """The global model's accuracy after this round, for the accuracy-per-round curve."""
+        started = time.perf_counter()
+        cost.accuracy = float(method.evaluate(state, env)["accuracy"])
+        cost.eval_seconds = time.perf_counter() - started
+
     def _run_round(self, method, rnd, message, state, clients):
         cost = RoundCost(round=rnd)
         chosen = (range(len(clients)) if method.every_client
