@@ -36,9 +36,11 @@ def test_the_grid_expands_every_cell_once(tmp_path):
 
 
 def test_a_method_may_run_on_a_model_of_its_own(tmp_path):
-    bench = BenchConfig.load(write_grid(tmp_path, run={"ifed-icl": {"model": "tiny-other"}}))
-    models = {c.config.method: c.config.model for c in expand(bench)}
-    assert models == {"zero-shot": "tiny-random", "ifed-icl": "tiny-other"}
+    bench = BenchConfig.load(write_grid(tmp_path, seeds=[0], alphas=[0.5], run={
+        "ifed-icl": {"model": "tiny-other", "clients": 5}}))
+    cells = {c.config.method: c.config for c in expand(bench)}
+    assert cells["zero-shot"].model == "tiny-random"
+    assert (cells["ifed-icl"].model, cells["ifed-icl"].clients) == ("tiny-other", 5)
 
 
 @pytest.mark.parametrize("change, message", [

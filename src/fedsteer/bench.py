@@ -102,11 +102,11 @@ def expand(bench: BenchConfig) -> list[Cell]:
         partition = {"partition": "iid"} if str(alpha).lower() == "iid" else {"alpha": alpha}
         if method == "zero-shot":  # deterministic: one cell per model and task
             partition, clients, seed = {"alpha": 0.5}, 1, 0
-        run = dict(bench.run.get(method, {}))
-        model = run.pop("model", model)  # a method's own model (e.g. FedPT's small device LM)
-        config = RunConfig(method=method, task=task, model=model, clients=clients, seed=seed,
-                           test_size=bench.test_size, **partition, **run,
-                           options=dict(bench.options.get(method, {})))
+        fields = {"method": method, "task": task, "model": model, "clients": clients,
+                  "seed": seed, "test_size": bench.test_size, **partition}
+        # a method's own settings win, even over the grid's (e.g. FedPT's small device model)
+        fields.update(bench.run.get(method, {}))
+        config = RunConfig(**fields, options=dict(bench.options.get(method, {})))
         path = bench.out / model / Path(task).stem / method / cell_dir(config)
         if path not in seen:
             seen.add(path)
