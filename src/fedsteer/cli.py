@@ -127,6 +127,8 @@ def run(
         help="a record's own clip norm, NAME=NORM (repeatable), e.g. vectors=60")] = None,
     secagg: Annotated[bool, typer.Option(
         help="Flower runtimes: SecAgg+, the server sees only the mean of the replies")] = False,
+    eval_every: Annotated[int, typer.Option(
+        help="also evaluate after every k-th round: accuracy per round (0: at the end)")] = 0,
     runtime: Annotated[str, typer.Option(
         help="inprocess; flower (Flower's simulation); flower-deployment (a SuperLink and "
              "one SuperNode per client on 127.0.0.1)")] = "inprocess",
@@ -164,7 +166,7 @@ def run(
                       test_size=test_size or None, shots=shots, batch_size=batch_size,
                       dp_clip=dp_clip, dp_noise=dp_noise, dp_delta=dp_delta,
                       dp_record_clips=_parse_options(dp_clip_record or []), secagg=secagg,
-                      options=options)
+                      eval_every=eval_every, options=options)
             for m in methods
         ]
         out = out or default_run_dir(configs[0])
