@@ -26,3 +26,23 @@ def test_table_shows_spread_and_costs():
     console.print(comparison_table([record]))
     text = console.export_text()
     assert "80.0 ± 5.0" in text and "70.0" in text and "380 B" in text and "3.1 GB" in text
+
+
+def test_the_comparison_plot_gains_a_panel_when_every_round_was_evaluated(tmp_path):
+    import matplotlib.pyplot as plt
+
+    from fedsteer.eval.costs import round_accuracy
+    from fedsteer.eval.plots import plot_comparison
+
+    def record(method: str, curve: list) -> dict:
+        return {"method": method, "metrics": {"accuracy": 0.8},
+                "costs": {"bytes_up_per_round": 100,
+                          "rounds": [{"round": i, "accuracy": a} for i, a in enumerate(curve)]}}
+
+    plain = [record("zero-shot", []), record("ifed-icl", [0.7, None])]  # not every round
+    assert round_accuracy(plain[1]["costs"]) == []
+    narrow = plt.imread(plot_comparison(plain, tmp_path / "a.png")).shape[1]
+    curves = [record("zero-shot", []), record("ifed-icl", [0.7, 0.75, 0.8])]
+    assert round_accuracy(curves[1]["costs"]) == [0.7, 0.75, 0.8]
+    wide = plt.imread(plot_comparison(curves, tmp_path / "b.png")).shape[1]
+    assert wide > 1.4 * narrow

@@ -62,3 +62,9 @@ def summarize_costs(rounds: list[RoundCost], setup_seconds: float = 0.0) -> dict
         "num_rounds": len(rounds),
         "rounds": [r.to_dict() for r in rounds],
     }
+
+
+def round_accuracy(costs: dict[str, Any]) -> list[float]:
+    """A record's accuracy after each round, if every round was evaluated (`eval_every=1`)."""
+    curve = [r.get("accuracy") for r in costs.get("rounds", [])]
+    return curve if curve and all(a is not None for a in curve) else []

@@ -11,16 +11,21 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
+from fedsteer.eval.costs import round_accuracy  # noqa: E402
 from fedsteer.eval.report import human_bytes  # noqa: E402
 
 
 def plot_comparison(records: Sequence[dict[str, Any]], path: Path, title: str = "") -> Path:
     """Left: accuracy per method (per-client dots where clients evaluated on their own).
-    Right: bytes uploaded per round (log scale): what each point of accuracy costs."""
+    Middle: bytes uploaded per round (log scale): what each point of accuracy costs.
+    Right, when runs evaluated every round (`--eval-every 1`): accuracy per round."""
     names = [r["method"] for r in records]
     accuracy = [100 * r["metrics"]["accuracy"] for r in records]
     upload = [r["costs"]["bytes_up_per_round"] for r in records]
-    fig, (left, right) = plt.subplots(1, 2, figsize=(10, 4))
+    curves = {r["method"]: round_accuracy(r["costs"]) for r in records}
+    curves = {name: curve for name, curve in curves.items() if curve}
+    fig, axes = plt.subplots(1, 3 if curves else 2, figsize=(15 if curves else 10, 4))
+    left, right = axes[0], axes[1]
     bars = left.bar(names, accuracy, color="#4C72B0", alpha=0.85)
     for i, rec in enumerate(records):
         clients = rec["metrics"].get("per_client") or []
@@ -38,9 +43,18 @@ def plot_comparison(records: Sequence[dict[str, Any]], path: Path, title: str = 
     right.set_title("communication")
     for axis in (left, right):
         axis.tick_params(axis="x", rotation=20)
+    if curves:
+        _plot_rounds(axes[2], curves)
     fig.suptitle(title)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=120)
     plt.close(fig)
     return path
+
+
+def _plot_rounds(axis, curves: dict[str, list[float]]) -> None:
+    for name, curve in curves.items():
+        axis.plot(range(1, len(curve) + 1), [100 * a for a in curve], "o-", label=name)
+    axis.set(xlabel="round", ylabel="accuracy (%)", title="accuracy per round")
+    axis.legend(fontsize=8)

@@ -19,6 +19,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
+from fedsteer.eval.costs import round_accuracy  # noqa: E402
 from fedsteer.eval.papers import paper_rows  # noqa: E402
 from fedsteer.eval.record import RESULT_FILE, read_result  # noqa: E402
 from fedsteer.eval.report import human_bytes  # noqa: E402
@@ -71,7 +72,7 @@ def summarize(records: Sequence[dict]) -> list[Row]:
         api = [r["metrics"].get("api_training_calls", r["metrics"].get("api_calls"))
                for r in recs]
         losses = [r["metrics"].get("train_loss") for r in recs if r["metrics"].get("train_loss")]
-        curves = [_round_accuracy(c) for c in costs if _round_accuracy(c)]
+        curves = [round_accuracy(c) for c in costs if round_accuracy(c)]
         rows.append(Row(
             model, task, method, skew, clients, len(recs),
             statistics.mean(acc), statistics.pstdev(acc),
@@ -87,11 +88,6 @@ def summarize(records: Sequence[dict]) -> list[Row]:
         ))
     return rows
 
-
-def _round_accuracy(costs: dict) -> list[float]:
-    """Accuracy after each round, if every round was evaluated (`eval_every = 1`)."""
-    curve = [r.get("accuracy") for r in costs.get("rounds", [])]
-    return curve if curve and all(a is not None for a in curve) else []
 
 
 HEADER = ["model", "method", "skew", "clients", "seeds", "acc %", "macro-F1 %", "up/round",
