@@ -50,8 +50,10 @@ print(json.dumps({"wall_seconds": time.perf_counter() - started,
 """
 
 
-def plain_forward(lm, queries: list[str], label_ids: list[int], batch_size: int) -> torch.Tensor:
-    """What a user would write with transformers alone: pad left, forward, read the last row."""
+def plain_forward(lm, queries: list[str], label_ids: list[int], batch_size: int,
+                  last_only: bool = False) -> torch.Tensor:
+    """What a user would write with transformers alone: pad left, forward, read the last row
+    (`last_only`: ask the model for the last position's logits only, as the scorer does)."""
     tokenizer = lm.tokenizer
     tokenizer.padding_side = "left"
     if tokenizer.pad_token is None:
@@ -61,7 +63,8 @@ def plain_forward(lm, queries: list[str], label_ids: list[int], batch_size: int)
         for start in range(0, len(queries), batch_size):
             inputs = tokenizer(queries[start:start + batch_size], return_tensors="pt",
                                padding=True)
-            logits = lm.model(**inputs).logits[:, -1]
+            extra = {"logits_to_keep": 1} if last_only else {}
+            logits = lm.model(**inputs, **extra).logits[:, -1]
             out.append(logits.float().log_softmax(-1)[:, label_ids])
     return torch.cat(out)
 
@@ -81,6 +84,8 @@ def throughput(lm, n: int, batch_size: int, repeats: int) -> dict:
 
     paths = {"plain transformers forward": lambda: plain_forward(lm, queries, label_ids,
                                                                   batch_size),
+             "plain forward, last position only": lambda: plain_forward(
+                 lm, queries, label_ids, batch_size, last_only=True),
              "fedsteer LabelScorer": lambda: scorer.score(queries),
              "LabelScorer + IFed-ICL injection": injected}
     checked = queries[:32]
