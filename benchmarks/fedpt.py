@@ -33,6 +33,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 from common import cell, output_arguments, write_outputs  # noqa: E402
+from matplotlib.lines import Line2D  # noqa: E402
 
 from fedsteer.data import load_task  # noqa: E402
 from fedsteer.eval.record import environment  # noqa: E402
@@ -141,20 +142,32 @@ def per_client(rows: list[dict], which: str, args) -> float:
     return rows[0][f"bytes_per_round_{which}"] / args.clients
 
 
-def plot(rows: list[dict], devices: dict, path: Path) -> None:
-    fig, ax = plt.subplots(figsize=(6, 4))
-    memory = {"small": devices["small"]["peak_rss_bytes"] / 1e9,
-              "large": devices["large"]["peak_rss_bytes"] / 1e9}
+def plot(rows: list[dict], devices: dict, args, path: Path) -> None:
+    """Accuracy vs a device's peak memory and vs its upload per round; colour = task."""
+    fig, (by_memory, by_bytes) = plt.subplots(1, 2, figsize=(11, 4.2), sharey=True)
+    memory = {k: devices[k]["peak_rss_bytes"] / 1e9 for k in ("small", "large")}
+    upload = {k: per_client(rows, k, args) for k in ("small", "large")}
+    methods = [("small FedAvg-LoRA", "small", "small_fedavg_lora", "s"),
+               ("FedPT (proxy-tuned large)", "small", "fedpt_proxy", "o"),
+               ("large FedAvg-LoRA (direct)", "large", "large_fedavg_lora", "^")]
+    colours = dict(zip([r["task"] for r in rows], plt.cm.tab10.colors, strict=False))
     for r in rows:
-        points = [("small FedAvg-LoRA", memory["small"], r["small_fedavg_lora"], "s"),
-                  ("FedPT (proxy)", memory["small"], r["fedpt_proxy"], "o"),
-                  ("large FedAvg-LoRA", memory["large"], r["large_fedavg_lora"], "^")]
-        for label, x, y, marker in points:
-            ax.scatter(x, 100 * y, marker=marker, label=f"{r['task']}: {label}")
-        ax.axhline(100 * r["large_zero_shot"], ls=":", lw=0.8, color="grey")
-    ax.set(xlabel="device peak memory (GB)", ylabel="accuracy (%)",
-           title="FedPT: accuracy vs device memory (dotted: large zero-shot)")
-    ax.legend(fontsize=6, ncol=2)
+        for _, device, key, marker in methods:
+            style = {"marker": marker, "s": 60, "color": colours[r["task"]]}
+            by_memory.scatter(memory[device], 100 * r[key], **style)
+            by_bytes.scatter(upload[device], 100 * r[key], **style)
+        for ax in (by_memory, by_bytes):
+            ax.axhline(100 * r["large_zero_shot"], ls=":", lw=1, color=colours[r["task"]])
+    by_memory.set(xlabel="device peak memory, one local round (GB)", ylabel="accuracy (%)")
+    by_bytes.set(xlabel="bytes one device uploads per round", xscale="log")
+    handles = [Line2D([], [], color="grey", marker=m, ls="", label=label)
+               for label, _, _, m in methods]
+    handles += [Line2D([], [], color=c, ls=":", label=f"{t} (dotted: large zero-shot)")
+                for t, c in colours.items()]
+    by_memory.legend(handles=handles, fontsize=7, loc="lower center")  # the empty middle
+    for ax in (by_memory, by_bytes):
+        ax.grid(alpha=0.3)
+    fig.suptitle(f"FedPT: {args.small} on devices, {args.large} at the server")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
@@ -174,7 +187,13 @@ def main() -> None:
     parser.add_argument("--rank", type=int, default=8)
     parser.add_argument("--distill-examples", type=int, default=32)
     output_arguments(parser, "fedpt")
+    parser.add_argument("--replot", action="store_true",
+                        help="redraw fedpt.png from the recorded fedpt.json, run nothing")
     args = parser.parse_args()
+    if args.replot:
+        saved = json.loads((args.report_dir / "fedpt.json").read_text())
+        plot(saved["rows"], saved["devices"], args, args.report_dir / "fedpt.png")
+        return
     started = time.time()
     lora = {"rank": args.rank, "local_examples": args.local_examples, "rounds": args.rounds}
     fedpt = {**lora, "large": args.large, "distill_examples": args.distill_examples}
@@ -206,7 +225,7 @@ def main() -> None:
     rows = summarize(cells, args)
     wall = time.time() - started
     args.report_dir.mkdir(parents=True, exist_ok=True)
-    plot(rows, devices, args.report_dir / "fedpt.png")
+    plot(rows, devices, args, args.report_dir / "fedpt.png")
     summary = {"rows": rows, "devices": devices, "wall_seconds": wall, "env": environment(),
                "settings": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}}
     text = markdown(rows, devices, wall, args)
