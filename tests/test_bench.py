@@ -41,6 +41,8 @@ def test_a_method_may_run_on_a_model_of_its_own(tmp_path):
     cells = {c.config.method: c.config for c in expand(bench)}
     assert cells["zero-shot"].model == "tiny-random"
     assert (cells["ifed-icl"].model, cells["ifed-icl"].clients) == ("tiny-other", 5)
+    paths = {c.config.method: c.path.relative_to(bench.out).parts[0] for c in expand(bench)}
+    assert paths["ifed-icl"] == "tiny-other"  # cells live under the model they ran
 
 
 @pytest.mark.parametrize("change, message", [

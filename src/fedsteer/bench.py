@@ -107,7 +107,7 @@ def expand(bench: BenchConfig) -> list[Cell]:
         # a method's own settings win, even over the grid's (e.g. FedPT's small device model)
         fields.update(bench.run.get(method, {}))
         config = RunConfig(**fields, options=dict(bench.options.get(method, {})))
-        path = bench.out / model / Path(task).stem / method / cell_dir(config)
+        path = bench.out / config.model / Path(task).stem / method / cell_dir(config)
         if path not in seen:
             seen.add(path)
             cells.append(Cell(config, path))

@@ -10,6 +10,7 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
+from matplotlib.ticker import MaxNLocator  # noqa: E402
 
 from fedsteer.eval.costs import round_accuracy  # noqa: E402
 from fedsteer.eval.report import human_bytes  # noqa: E402
@@ -57,4 +58,5 @@ def _plot_rounds(axis, curves: dict[str, list[float]]) -> None:
     for name, curve in curves.items():
         axis.plot(range(1, len(curve) + 1), [100 * a for a in curve], "o-", label=name)
     axis.set(xlabel="round", ylabel="accuracy (%)", title="accuracy per round")
+    axis.xaxis.set_major_locator(MaxNLocator(integer=True))
     axis.legend(fontsize=8)

@@ -18,6 +18,7 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
+from matplotlib.ticker import MaxNLocator  # noqa: E402
 
 from fedsteer.eval.costs import round_accuracy  # noqa: E402
 from fedsteer.eval.papers import paper_rows  # noqa: E402
@@ -192,7 +193,7 @@ def _plot_cost(rows, path: Path, task: str, attribute: str, xlabel: str,
         front = pareto_front(points)
         ax.plot([points[i][0] for i in front], [points[i][1] for i in front], "--",
                 color="grey", label="Pareto front")
-        ax.legend(loc="lower right")
+        ax.legend(loc="upper left")
     ax.set(xscale="log", xlabel=xlabel, ylabel="accuracy (%)", title=task)
     return _save(fig, path)
 
@@ -203,6 +204,7 @@ def _plot_loss(rows, path: Path, task: str) -> Path:
         if r.train_loss:
             ax.plot(range(1, len(r.train_loss) + 1), r.train_loss, "o-", label=r.label)
     ax.set(xlabel="round", ylabel="mean client training loss", title=f"{task}: loss per round")
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.legend(fontsize=7)
     return _save(fig, path)
 
@@ -220,6 +222,7 @@ def _plot_rounds(rows, path: Path, task: str) -> Path:
             ax.annotate(r.method, (1, 100 * r.accuracy), fontsize=7, xytext=(2, 2),
                         textcoords="offset points", color="grey")
     ax.set(xlabel="round", ylabel="accuracy (%)", title=f"{task}: accuracy per round")
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.legend(fontsize=7)
     return _save(fig, path)
 
