@@ -198,20 +198,25 @@ def _plot_cost(rows, path: Path, task: str, attribute: str, xlabel: str,
     return _save(fig, path)
 
 
-def _plot_loss(rows, path: Path, task: str) -> Path:
+def _per_round_axes(ylabel: str, title: str):
     fig, ax = plt.subplots(figsize=(6, 4))
+    ax.set(xlabel="round", ylabel=ylabel, title=title)
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    return fig, ax
+
+
+def _plot_loss(rows, path: Path, task: str) -> Path:
+    fig, ax = _per_round_axes("mean client training loss", f"{task}: loss per round")
     for r in rows:
         if r.train_loss:
             ax.plot(range(1, len(r.train_loss) + 1), r.train_loss, "o-", label=r.label)
-    ax.set(xlabel="round", ylabel="mean client training loss", title=f"{task}: loss per round")
-    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.legend(fontsize=7)
     return _save(fig, path)
 
 
 def _plot_rounds(rows, path: Path, task: str) -> Path:
     """Accuracy after each round; methods without rounds as dotted lines at their level."""
-    fig, ax = plt.subplots(figsize=(6, 4))
+    fig, ax = _per_round_axes("accuracy (%)", f"{task}: accuracy per round")
     longest = max(len(r.round_accuracy) for r in rows)
     for r in rows:
         if r.round_accuracy:
@@ -221,8 +226,6 @@ def _plot_rounds(rows, path: Path, task: str) -> Path:
             ax.hlines(100 * r.accuracy, 1, max(longest, 2), linestyles=":", colors="grey")
             ax.annotate(r.method, (1, 100 * r.accuracy), fontsize=7, xytext=(2, 2),
                         textcoords="offset points", color="grey")
-    ax.set(xlabel="round", ylabel="accuracy (%)", title=f"{task}: accuracy per round")
-    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.legend(fontsize=7)
     return _save(fig, path)
 
