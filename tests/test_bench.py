@@ -71,6 +71,8 @@ def test_a_finished_grid_runs_nothing_again_and_reports(tmp_path):
     ifed = [r for r in rows if r.method == "ifed-icl"]
     assert len(ifed) == 1 and ifed[0].seeds == 2
     assert len(ifed[0].round_accuracy) == 3  # the vectors' round, then 2 calibration rounds
+    for record in (r for r in records if r["method"] == "ifed-icl"):  # not evaluated twice
+        assert record["metrics"]["accuracy"] == record["costs"]["rounds"][-1]["accuracy"]
     md, page = write_report(bench.out, title="tiny")
     text = md.read_text()
     assert "## sst2" in text and "ifed-icl" in text and "zero-shot" in text

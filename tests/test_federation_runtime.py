@@ -167,3 +167,28 @@ def test_resume_refuses_a_different_run(tmp_path):
 
 def test_reply_dataclass_fields():
     assert Reply(cid=1, content=RecordDict(), num_examples=3).num_examples == 3
+
+
+@dataclass
+class Scored(ToyAverage):
+    """Accuracy is the first weight's sign; every evaluation is counted."""
+
+    evaluations: int = 0
+
+    def evaluate(self, state, env):
+        self.evaluations += 1
+        return {"accuracy": float(state["global"]["w"].numpy()[0] > 0), "macro_f1": 0.0}
+
+
+@pytest.mark.parametrize("every, expected", [(1, [True] * 4), (2, [False, True] * 2),
+                                             (3, [False, False, True, False])])
+def test_eval_every_records_accuracy_after_those_rounds(every, expected):
+    env, clients = make_clients()
+    method = Scored()
+    outcome = InProcessRuntime(RuntimeConfig(eval_every=every)).run(method, clients, env)
+    assert [r.accuracy is not None for r in outcome.rounds] == expected
+    assert method.evaluations == sum(expected)
+    # the final state's metrics come along only when its last round was the one evaluated
+    assert (outcome.metrics is not None) == expected[-1]
+    if expected[-1]:
+        assert outcome.metrics["accuracy"] == outcome.rounds[-1].accuracy

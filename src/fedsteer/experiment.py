@@ -179,9 +179,12 @@ def run_experiment(
             log.warning("%s has no artifact to save; --save ignored", method.name)
         for client in clients if hosted else ():  # on Flower, the nodes keep theirs
             method.save_client_artifact(outcome.state, client, Path(save_dir))
-    eval_started = time.perf_counter()
-    metrics = method.evaluate(outcome.state, env)
-    eval_seconds = time.perf_counter() - eval_started
+    if outcome.metrics is not None:  # the last round was evaluated: the same state
+        metrics, eval_seconds = outcome.metrics, outcome.rounds[-1].eval_seconds
+    else:
+        eval_started = time.perf_counter()
+        metrics = method.evaluate(outcome.state, env)
+        eval_seconds = time.perf_counter() - eval_started
     costs = summarize_costs(outcome.rounds)
     costs["eval_seconds"] = eval_seconds
     costs["wall_seconds"] = time.perf_counter() - started

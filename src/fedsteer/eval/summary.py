@@ -73,7 +73,7 @@ def summarize(records: Sequence[dict]) -> list[Row]:
         api = [r["metrics"].get("api_training_calls", r["metrics"].get("api_calls"))
                for r in recs]
         losses = [r["metrics"].get("train_loss") for r in recs if r["metrics"].get("train_loss")]
-        curves = [round_accuracy(c) for c in costs if round_accuracy(c)]
+        curves = [curve for curve in map(round_accuracy, costs) if curve]
         rows.append(Row(
             model, task, method, skew, clients, len(recs),
             statistics.mean(acc), statistics.pstdev(acc),
@@ -88,7 +88,6 @@ def summarize(records: Sequence[dict]) -> list[Row]:
             [statistics.mean(x) for x in zip(*curves, strict=False)] if curves else [],
         ))
     return rows
-
 
 
 HEADER = ["model", "method", "skew", "clients", "seeds", "acc %", "macro-F1 %", "up/round",

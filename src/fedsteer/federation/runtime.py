@@ -44,6 +44,9 @@ class RunOutcome:
     state: RecordDict
     rounds: list[RoundCost]
     privacy: dict[str, Any] | None = None  # epsilon, delta... when DP was on
+    #: the final state's metrics when its last round was evaluated (`eval_every`): no need to
+    #: evaluate the same state again
+    metrics: dict[str, Any] | None = None
 
 
 class CheckpointMismatch(RuntimeError):
@@ -97,18 +100,20 @@ class Runtime(ABC):
         ledger = PrivacyLedger(self.config.dp) if self.config.dp else None
         for cost in rounds if ledger else ():  # a resumed run has spent these already
             ledger.record_round(cost.array_records)
+        metrics = None
         for rnd in range(len(rounds), self.config.max_rounds):
             message = method.configure_round(rnd, state)
             if message is None:
                 break
             state, cost = self._run_round(method, rnd, message, state, clients)
+            metrics = None
             if self.config.eval_every and (rnd + 1) % self.config.eval_every == 0:
-                self._evaluate_round(method, state, env, cost)
+                metrics = self._evaluate_round(method, state, env, cost)
             if ledger:
                 ledger.record_round(cost.array_records)
             rounds.append(cost)
             self._checkpoint(state, clients, rounds, fingerprint)
-        return RunOutcome(state, rounds, ledger.summary() if ledger else None)
+        return RunOutcome(state, rounds, ledger.summary() if ledger else None, metrics)
 
     def sample_clients(self, rnd: int, num_clients: int) -> list[int]:
         return sample_clients(self.config, rnd, num_clients)
@@ -122,11 +127,13 @@ class Runtime(ABC):
     # --------------------------------------------------------------- rounds
     @staticmethod
     def _evaluate_round(method: Method, state: RecordDict, env: Environment,
-                        cost: RoundCost) -> None:
-        """The global model's accuracy after this round, for the accuracy-per-round curve."""
+                        cost: RoundCost) -> dict[str, Any]:
+        """The global model's metrics after this round (its accuracy: the per-round curve)."""
         started = time.perf_counter()
-        cost.accuracy = float(method.evaluate(state, env)["accuracy"])
+        metrics = method.evaluate(state, env)
+        cost.accuracy = float(metrics["accuracy"])
         cost.eval_seconds = time.perf_counter() - started
+        return metrics
 
     def _run_round(self, method, rnd, message, state, clients):
         cost = RoundCost(round=rnd)

@@ -27,7 +27,8 @@ from flwr.app import Array, ArrayRecord
 class CuttingPlanes:
     q_size: int
     p_size: int
-    a: np.ndarray = field(default=None)  # type: ignore[assignment]  # (L, q_size): ∇_q h at each cut's point
+    # None until __post_init__ sizes them from q_size and p_size
+    a: np.ndarray = field(default=None)  # type: ignore[assignment]  # (L, q_size): ∇_q h
     b: np.ndarray = field(default=None)  # (L, p_size): ∇_p h
     c: np.ndarray = field(default=None)  # (L,): so that a cut's value is a·q + b·p + c
     multipliers: np.ndarray = field(default=None)  # (L,): λ ≥ 0
