@@ -113,7 +113,8 @@ def pct(row: dict | None, with_clients: bool = False) -> str:
 
 
 def write_outputs(report_dir: Path, name: str, summary: dict, text: str) -> None:
-    """`<name>.json` (the numbers, with settings and environment) and `<name>.md`; print it."""
+    """`<name>.json` (the numbers, with settings and environment; paths as text) and
+    `<name>.md`; print it."""
     report_dir.mkdir(parents=True, exist_ok=True)
     (report_dir / f"{name}.json").write_text(json.dumps(summary, indent=2, default=str))
     (report_dir / f"{name}.md").write_text(text)

@@ -227,7 +227,7 @@ def main() -> None:
     args.report_dir.mkdir(parents=True, exist_ok=True)
     plot(rows, devices, args, args.report_dir / "fedpt.png")
     summary = {"rows": rows, "devices": devices, "wall_seconds": wall, "env": environment(),
-               "settings": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}}
+               "settings": vars(args)}
     text = markdown(rows, devices, wall, args)
     write_outputs(args.report_dir, "fedpt", summary, text)
 

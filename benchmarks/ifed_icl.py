@@ -196,7 +196,7 @@ def main() -> None:
         plot_sweeps(sweep, zero, args.report_dir / "ifed_icl_sweeps.png")
     summary = {"rows": rows, "injection_overhead": overhead, "sweeps": sweep,
                "wall_seconds": wall, "env": environment(),
-               "settings": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}}
+               "settings": vars(args)}
     args.report_dir.mkdir(parents=True, exist_ok=True)
     text = markdown(rows, records, overhead, sweep, wall, args)
     write_outputs(args.report_dir, "ifed_icl", summary, text)

@@ -124,7 +124,7 @@ def main() -> None:
         dp_rows.append({"target": f"{target:g}", "noise": noise, **row("dp", record)})
 
     summary = {"rows": rows, "dp": dp_rows, "wall_seconds": time.time() - started,
-               "settings": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
+               "settings": vars(args),
                "env": environment()}
     args.report_dir.mkdir(parents=True, exist_ok=True)
     text = markdown(rows, dp_rows, args)
