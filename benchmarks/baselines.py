@@ -20,7 +20,7 @@ import argparse
 import json
 import time
 
-from common import RESULTS, cell, grid_arguments, pct, summarize
+from common import RESULTS, cell, grid_arguments, pct, summarize, write_outputs
 
 from fedsteer.data import load_task
 from fedsteer.eval.record import environment
@@ -127,10 +127,8 @@ def main() -> None:
     rows = summarize(records)
     wall = time.time() - started
     summary = {"rows": rows, "scoring_cost": cost, "wall_seconds": wall, "env": environment(),
-               "settings": vars(args) | {"out": str(args.out)}}
-    (RESULTS / "baselines.json").write_text(json.dumps(summary, indent=2))
-    (RESULTS / "baselines.md").write_text(markdown(rows, cost, wall))
-    print(markdown(rows, cost, wall))
+               "settings": vars(args)}
+    write_outputs(RESULTS, "baselines", summary, markdown(rows, cost, wall))
 
 
 if __name__ == "__main__":
