@@ -48,6 +48,7 @@ def test_a_method_may_run_on_a_model_of_its_own(tmp_path):
 @pytest.mark.parametrize("change, message", [
     ({"methods": ["zero-shot", "nope"]}, "unknown method"),
     ({"colour": "red"}, "unknown key"),
+    ({"run": {"ifed-icl": {"modle": "x"}}}, r"run.ifed-icl: unknown RunConfig field"),
     ({"options": {"ifed-icl": {"local_epoch": 2}}}, "local_epoch"),
     ({"tasks": []}, "'tasks' must list"),
 ])

@@ -22,7 +22,7 @@ from __future__ import annotations
 import itertools
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -65,6 +65,12 @@ class BenchConfig:
             raise ValueError(f"{path}: unknown method(s) {bad}; known: {', '.join(METHODS)}")
         for method, options in (raw.get("options") or {}).items():
             check_options([method], options)
+        settable = {f.name for f in fields(RunConfig)} - {"method", "task", "options"}
+        for method, run in (raw.get("run") or {}).items():
+            wrong = sorted(set(run) - settable)
+            if wrong:
+                raise ValueError(f"{path}: run.{method}: unknown RunConfig field(s) {wrong}; "
+                                 f"known: {sorted(settable)}")
         out = Path(raw.get("out", f"runs/bench-{raw.get('name', path.stem)}"))
         return cls(
             name=raw.get("name", path.stem), out=out if out.is_absolute() else path.parent / out,
