@@ -51,6 +51,8 @@ def test_a_method_may_run_on_a_model_of_its_own(tmp_path):
     ({"run": {"ifed-icl": {"modle": "x"}}}, r"run.ifed-icl: unknown RunConfig field"),
     ({"options": {"ifed-icl": {"local_epoch": 2}}}, "local_epoch"),
     ({"tasks": []}, "'tasks' must list"),
+    ({"options": {"fedpt": {"rounds": 1}}}, r"options: \['fedpt'\] not in this grid"),
+    ({"run": {"bdpl": {"clients": 1}}}, r"run: \['bdpl'\] not in this grid"),
 ])
 def test_a_bad_grid_is_refused_with_the_reason(tmp_path, change, message):
     with pytest.raises(ValueError, match=message):
@@ -81,7 +83,8 @@ def test_a_finished_grid_runs_nothing_again_and_reports(tmp_path):
     pngs = sorted(bench.out.glob("*.png"))
     assert pngs and all(p.stat().st_size > 5000 for p in pngs)
     assert (bench.out / "sst2-accuracy-per-round.png") in pngs
-    assert "Published numbers" in text  # I2CL reports sst2
+    assert "Published numbers" in text  # I2CL reports sst2 ...
+    assert "Published numbers" in page.read_text()  # ... in both reports
 
 
 def test_the_pareto_front_keeps_only_undominated_points():

@@ -354,3 +354,16 @@ def test_asyndbt_on_flower_consumes_replies_as_they_arrive(tmp_path, flower_iden
     assert slow and max(np.diff([-1, *slow])) <= 4  # ... beyond the staleness bound
     assert {c["cid"] for c in record["metrics"]["per_client"]} == {0, 1, 2}
     assert ("evaluate" in {kind for _, kind in grid.sent})
+
+
+def test_asyndbt_on_flower_asks_a_silent_worker_again_once_per_timeout(tmp_path, flower_identity):
+    options = {"prompt_length": 2, "candidates": 6, "samples": 2, "shots_per_class": 2,
+               "batch_size": 2, "steps_per_round": 1, "iterations": 5, "demo_candidates": 2,
+               "active": 1, "staleness": 2}
+    config = tiny_config(method="asyndbt", options=options)
+    record, grid = serve_inline(config, tmp_path, silent={101}, round_timeout=0.5)
+    given_up = sum(1 for r in record["costs"]["rounds"] for rej in r["rejected"]
+                   if rej["cid"] == 1)
+    asked = sum(1 for node, kind in grid.sent if node == 101 and kind == "train")
+    assert given_up >= 1
+    assert asked <= given_up + 1  # one message in flight at a time, never two

@@ -73,3 +73,11 @@ def test_a_dp_run_records_its_epsilon(tmp_path):
     # Three rounds (vectors, then coefficients twice), one array record per reply each.
     assert privacy["rounds_accounted"] == 3
     assert privacy["epsilon"] == pytest.approx(epsilon_for([1.0] * 3, 1e-5))
+
+
+@pytest.mark.parametrize("method", ["local-icl", "bdpl"])
+def test_dp_is_refused_for_a_method_that_reports_through_metrics(tmp_path, method):
+    config = RunConfig(method=method, model="tiny-random", clients=3, test_size=10, dp_clip=1.0)
+    with pytest.raises(ValueError, match=f"{method} reports through metrics.*fedavg-lora"):
+        run_experiment(config, tmp_path)
+    assert not (tmp_path / "result.json").exists()

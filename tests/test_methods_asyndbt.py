@@ -165,3 +165,32 @@ def test_each_worker_saves_the_consensus_prompt_with_its_own_demonstrations(tmp_
     kind, _, metrics, rows = evaluate_artifact(tmp_path / "saved" / "clients" / "0",
                                                load_task("sst2"), None, 4, 0, 4)
     assert kind == "prompt" and rows == 4 and 0.0 <= metrics["accuracy"] <= 1.0
+
+
+@dataclass
+class BrokenMessages(Counting):
+    """Building worker 1's message fails: outside its client step, where nothing catches it."""
+
+    def worker_message(self, state, cid, iteration):
+        if cid == 1:
+            raise KeyError("no message for worker 1")
+        return super().worker_message(state, cid, iteration)
+
+
+def test_a_worker_that_dies_outside_its_step_is_reported_and_no_longer_waited_for():
+    env = Environment(task=SPEC, test=[], model_name="none")
+    outcome = AsyncInProcessRuntime(AsyncConfig(active=3, staleness=1)).run(
+        BrokenMessages(iterations=4), clients(3, env), env)
+    assert len(outcome.rounds) == 4
+    rejected = [r for cost in outcome.rounds for r in cost.rejected]
+    assert [r["cid"] for r in rejected] == [1] and "no message for worker 1" in rejected[0][
+        "reason"]
+    assert all(sorted(set(cost.clients) - {1}) == [0, 2] for cost in outcome.rounds)
+
+
+@pytest.mark.parametrize("setting", [{"eval_every": 1}, {"fraction": 0.5}])
+def test_settings_the_asynchronous_runtime_would_ignore_are_refused(tmp_path, setting):
+    config = RunConfig("asyndbt", "sst2", "tiny-random", clients=3, test_size=6, **setting)
+    (name,) = setting
+    with pytest.raises(ValueError, match=f"asynchronous runtime, which has no {name}"):
+        run_experiment(config, tmp_path)

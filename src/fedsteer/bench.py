@@ -5,7 +5,7 @@ finished cell is never recomputed, so a killed grid continues where it stopped; 
 killed mid-run resumes from its last round's checkpoint. Models load once per model.
 
     name: quick
-    out: benchmarks/results/quick          # relative to the config file
+    out: results/quick                     # relative to the config file
     models: [qwen2.5-coder-0.5b]
     tasks: [sst2]
     methods: [zero-shot, local-icl, ifed-icl]
@@ -63,6 +63,11 @@ class BenchConfig:
         bad = [m for m in raw["methods"] if m not in METHODS]
         if bad:
             raise ValueError(f"{path}: unknown method(s) {bad}; known: {', '.join(METHODS)}")
+        for section in ("options", "run"):
+            strays = sorted(set(raw.get(section) or {}) - set(raw["methods"]))
+            if strays:
+                raise ValueError(f"{path}: {section}: {strays} not in this grid's methods "
+                                 f"{raw['methods']}")
         for method, options in (raw.get("options") or {}).items():
             check_options([method], options)
         settable = {f.name for f in fields(RunConfig)} - {"method", "task", "options"}

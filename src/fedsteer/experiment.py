@@ -21,7 +21,7 @@ from fedsteer.eval.costs import summarize_costs
 from fedsteer.eval.record import environment, write_result
 from fedsteer.federation import InProcessRuntime, Runtime, RuntimeConfig
 from fedsteer.federation.privacy import ClientDP
-from fedsteer.methods import Client, Environment, make_method, seeded_rng
+from fedsteer.methods import METHODS, Client, Environment, make_method, seeded_rng
 from fedsteer.models import DEFAULT_MODEL
 
 log = logging.getLogger(__name__)
@@ -93,6 +93,23 @@ def transfer_rows(task: Task, evaluated: list[Example]) -> list[Example]:
     return [ex for ex in task.test if id(ex) not in held]
 
 
+def check_settings(config: RunConfig, method, resume: bool = False) -> None:
+    """Refuse run settings this method's runtime would ignore, before any work is done."""
+    if config.dp_clip is not None and not method.supports_client_dp:
+        private = sorted(n for n, cls in METHODS.items() if cls.supports_client_dp)
+        raise ValueError(f"{method.name} reports through metrics, which client-level DP drops; "
+                         f"dp_clip applies to {', '.join(private)}")
+    if not getattr(method, "asynchronous", False):
+        return
+    ignored = {"dp_clip": config.dp_clip is not None, "eval_every": config.eval_every > 0,
+               "fraction": config.fraction < 1, "resume": resume}
+    named = [name for name, is_set in ignored.items() if is_set]
+    if named:
+        raise ValueError(f"{method.name} runs on the asynchronous runtime, which has no "
+                         f"{', '.join(named)}: its workers are chosen by `active` and "
+                         "`staleness`, and a run starts afresh")
+
+
 def run_asynchronous(method, clients, env: Environment):
     """Asynchronous methods (AsynDBT) on the in-process asynchronous runtime, then each
     worker's own evaluation (its personalised parts never leave it)."""
@@ -154,6 +171,7 @@ def run_experiment(
     out_dir = Path(out_dir) if out_dir else default_run_dir(config)
     task = task or load_task(config.task)
     method = make_method(config.method, **config.method_options())
+    check_settings(config, method, resume)
     test = evaluation_rows(task, config.test_size, config.test_seed)
     env = Environment(
         task=task.spec, test=test, model_name=config.model, seed=config.seed,

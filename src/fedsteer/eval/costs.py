@@ -46,7 +46,7 @@ class RoundCost:
         return asdict(self)
 
 
-def summarize_costs(rounds: list[RoundCost], setup_seconds: float = 0.0) -> dict[str, Any]:
+def summarize_costs(rounds: list[RoundCost]) -> dict[str, Any]:
     """Totals and per-round means for the result record's `costs` block."""
     n = max(len(rounds), 1)
     up = sum(r.bytes_up for r in rounds)
@@ -57,7 +57,7 @@ def summarize_costs(rounds: list[RoundCost], setup_seconds: float = 0.0) -> dict
         "bytes_up_per_round": up / n if rounds else 0,
         "bytes_down_per_round": down / n if rounds else 0,
         "client_seconds": sum(r.client_seconds for r in rounds),
-        "server_seconds": sum(r.server_seconds for r in rounds) + setup_seconds,
+        "server_seconds": sum(r.server_seconds for r in rounds),
         "peak_rss_bytes": max([peak_rss_bytes(), *(r.peak_rss_bytes for r in rounds)]),
         "num_rounds": len(rounds),
         "rounds": [r.to_dict() for r in rounds],

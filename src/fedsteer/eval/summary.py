@@ -1,8 +1,8 @@
 """`fedsteer report DIR`: every result.json under DIR as tables and plots a person can read.
 
 Rows are (model, task, method, skew, clients) with mean ± std over seeds. Plots: accuracy
-vs total bytes (log scale, the Pareto front drawn), accuracy vs client compute, training
-loss per round (the methods record loss, not accuracy, per round) and accuracy vs α.
+vs total bytes (log scale, the Pareto front drawn), accuracy vs client compute, accuracy
+per round (cells run with `eval_every`), training loss per round and accuracy vs α.
 """
 
 from __future__ import annotations
@@ -109,21 +109,30 @@ def tables(rows: Sequence[Row]) -> dict[str, list[list[str]]]:
     return dict(by_task)
 
 
-def markdown(rows: Sequence[Row], plots: Sequence[Path], title: str) -> str:
-    lines = [f"# {title}", "", "Mean ± std over seeds; bytes are payloads as Flower "
-             "serializes them; client s is the summed compute of the clients.", ""]
-    for task, body in tables(rows).items():
-        lines += [f"## {task}", "", "| " + " | ".join(HEADER) + " |",
-                  "|" + "---|" * len(HEADER)]
-        lines += ["| " + " | ".join(cells) + " |" for cells in body]
-        lines.append("")
+SUBTITLE = ("Mean ± std over seeds; bytes are payloads as Flower serializes them; client s "
+            "is the summed compute of the clients.")
+PAPERS_TITLE = "Published numbers (other models and setups — compare orderings, not values)"
+PAPER_HEADER = ("paper", "model", "task", "method", "acc %")
+
+
+def sections(rows: Sequence[Row]) -> list[tuple[str, Sequence[str], list[list[str]]]]:
+    """(title, header, body) of every table a report shows: one per task, then the papers'
+    published numbers in a block of their own."""
+    out = [(task, HEADER, body) for task, body in tables(rows).items()]
     published = paper_rows({r.task for r in rows})
     if published:
-        lines += ["## Published numbers (other models and setups — compare orderings, "
-                  "not values)", "", "| paper | model | task | method | acc % |",
-                  "|---|---|---|---|---:|"]
-        lines += [f"| {p['paper']} | {p['model']} | {p['task']} | {p['method']} | "
-                  f"{p['accuracy']:.1f} |" for p in published]
+        out.append((PAPERS_TITLE, PAPER_HEADER, [
+            [p["paper"], p["model"], p["task"], p["method"], f"{p['accuracy']:.1f}"]
+            for p in published]))
+    return out
+
+
+def markdown(rows: Sequence[Row], plots: Sequence[Path], title: str) -> str:
+    lines = [f"# {title}", "", SUBTITLE, ""]
+    for heading, header, body in sections(rows):
+        lines += [f"## {heading}", "", "| " + " | ".join(header) + " |",
+                  "|" + "---|" * len(header)]
+        lines += ["| " + " | ".join(cells) + " |" for cells in body]
         lines.append("")
     lines += [f"![{p.stem}]({p.name})" for p in plots]
     return "\n".join(lines) + "\n"
@@ -133,10 +142,10 @@ def html_page(rows: Sequence[Row], plots: Sequence[Path], title: str) -> str:
     parts = [f"<html><head><meta charset='utf-8'><title>{html.escape(title)}</title>"
              "<style>body{font-family:sans-serif}td,th{padding:2px 8px;text-align:right}"
              "td:first-child,th:first-child{text-align:left}</style></head><body>",
-             f"<h1>{html.escape(title)}</h1>"]
-    for task, body in tables(rows).items():
-        parts.append(f"<h2>{html.escape(task)}</h2><table><tr>"
-                     + "".join(f"<th>{html.escape(h)}</th>" for h in HEADER) + "</tr>")
+             f"<h1>{html.escape(title)}</h1><p>{html.escape(SUBTITLE)}</p>"]
+    for heading, header, body in sections(rows):
+        parts.append(f"<h2>{html.escape(heading)}</h2><table><tr>"
+                     + "".join(f"<th>{html.escape(h)}</th>" for h in header) + "</tr>")
         parts += ["<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in cells) + "</tr>"
                   for cells in body]
         parts.append("</table>")

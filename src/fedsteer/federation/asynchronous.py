@@ -37,6 +37,10 @@ class AsyncConfig:
     max_iterations: int = 10_000
 
 
+class WorkerDied(RuntimeError):
+    """A worker failed outside its client step (e.g. building its message) and stopped."""
+
+
 @dataclass
 class _Posted:
     cid: int
@@ -82,7 +86,8 @@ class AsyncInProcessRuntime:
                 cost.peak_rss_bytes = peak_rss_bytes()
                 rounds.append(cost)
                 for p in posted:
-                    last_heard[p.cid] = iteration
+                    if not isinstance(p.content, WorkerDied):  # the dead are waited for no more
+                        last_heard[p.cid] = iteration
                     consumed[p.cid].set()
         finally:
             stop.set()
@@ -95,15 +100,24 @@ class AsyncInProcessRuntime:
     # ------------------------------------------------------------------ server
     def _gather(self, inbox: queue.Queue, active: int, last_heard: dict[int, int],
                 iteration: int) -> list[_Posted]:
-        """Block until `active` replies are in and no worker is `staleness` iterations behind."""
+        """Block until `active` replies are in and no worker is `staleness` iterations behind.
+
+        A worker that died is no longer waited for (it leaves `last_heard`); its last post
+        is still returned, so the round records why it is gone."""
         got: list[_Posted] = []
         while True:
             heard = {p.cid for p in got}
             overdue = [cid for cid, last in last_heard.items()
                        if iteration - last >= self.config.staleness and cid not in heard]
-            if len(got) >= active and not overdue:
+            fresh = sum(1 for p in got if p.cid in last_heard)  # replies of living workers
+            if fresh >= min(active, len(last_heard)) and not overdue:
                 return got
-            got.append(inbox.get())
+            posted = inbox.get()
+            if isinstance(posted.content, WorkerDied):
+                last_heard.pop(posted.cid, None)
+                if not last_heard:
+                    raise RuntimeError("every worker has died; see the log for why")
+            got.append(posted)
 
     @staticmethod
     def _accept(posted: _Posted, cost: RoundCost) -> Reply | None:
@@ -125,6 +139,16 @@ class AsyncInProcessRuntime:
 
     # ------------------------------------------------------------------ worker
     def _worker(self, method, client, shared, lock, inbox, stop, consumed) -> None:
+        """Run `_work`; if it fails outside a client step, tell the server instead of leaving
+        it waiting for a reply that will never come."""
+        try:
+            self._work(method, client, shared, lock, inbox, stop, consumed)
+        except Exception as error:  # noqa: BLE001 - reported to the server, not lost
+            log.exception("worker %d died", client.cid)
+            inbox.put(_Posted(client.cid, WorkerDied(repr(error)), 0.0, shared["iteration"],
+                              0, len(client.data)))
+
+    def _work(self, method, client, shared, lock, inbox, stop, consumed) -> None:
         """Step from the latest state, post the reply, wait until the server has used it."""
         latencies = list(self.config.latency)
         delay = latencies[client.cid] if client.cid < len(latencies) else 0.0

@@ -11,6 +11,7 @@ way out, even when the run fails.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 import os
 import re
@@ -243,6 +244,8 @@ def run_on_flower(
     from fedsteer.methods import make_method
 
     out_dir = Path(out_dir).resolve()
+    if Path(config.task).is_file():  # a user's spec file: Flower's processes run elsewhere
+        config = dataclasses.replace(config, task=str(Path(config.task).resolve()))
     run_config = to_run_config(
         config, out_dir=out_dir, save_dir=save_dir.resolve() if save_dir else "",
         data_dir=_data_dir_or_blank(), round_timeout=round_timeout,

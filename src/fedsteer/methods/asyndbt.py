@@ -125,7 +125,10 @@ class AsynDBT(BDPL):
         raise TypeError("AsynDBT runs on the asynchronous runtime, not in rounds")
 
     def finished(self, state: RecordDict) -> bool:
-        return int(state["progress"]["iteration"]) >= self.iterations
+        """After `iterations` server updates, or once the workers' calls spend `api_budget`."""
+        progress = state["progress"]
+        spent = self.api_budget is not None and int(progress["calls"]) >= self.api_budget
+        return int(progress["iteration"]) >= self.iterations or spent
 
     def worker_message(self, state: RecordDict, cid: int, iteration: int) -> RecordDict:
         z = state["z"]["z"].numpy()

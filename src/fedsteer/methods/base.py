@@ -137,6 +137,10 @@ class Method(ABC):
     #: True when `aggregate` of the replies equals `aggregate` of one reply holding their
     #: (weighted) mean: then secure aggregation, which reveals only that mean, is exact.
     secure_mean: ClassVar[bool] = False
+    #: True when a reply's content is its arrays: client-level DP clips and noises arrays and
+    #: drops metrics, so a method that reports through metrics (local ICL's accuracies, BDPL's
+    #: call counts) cannot run under it.
+    supports_client_dp: ClassVar[bool] = False
     #: Reject replies whose arrays' global L2 norm exceeds this (None: no bound).
     max_reply_norm: ClassVar[float | None] = None
 

@@ -121,7 +121,7 @@ class AdamOnSimplex:
 # ------------------------------------------------------------------ the method
 @dataclass
 class BDPL(Method):
-    """Centralized BDPL: one party holds the data; rounds are epochs of PG steps."""
+    """Centralized BDPL: one party holds the data; a round is `steps_per_round` PG steps."""
 
     name = "bdpl"
     centralized: ClassVar[bool] = True
@@ -180,9 +180,8 @@ class BDPL(Method):
         return picked
 
     def train(self, box, env: Environment, train: list[Example], words: list[str],
-              probs: np.ndarray, rnd: int, cid: int,
-              pull=None) -> tuple[np.ndarray, float]:
-        """`steps_per_round` policy-gradient steps; `pull(probs)` adds a consensus term."""
+              probs: np.ndarray, rnd: int, cid: int) -> tuple[np.ndarray, float]:
+        """`steps_per_round` policy-gradient steps on the prompt distribution."""
         rng = seeded_rng(self.seed, "bdpl", rnd, cid)
         optimizer, losses = AdamOnSimplex(probs, self.lr), []
         queries = [env.task.format_query(ex) for ex in train]
@@ -192,17 +191,11 @@ class BDPL(Method):
             samples = sample_prompts(probs, self.samples, rng)
             step_losses = [cross_entropy(box.label_logprobs(
                 [queries[i] for i in batch], env.task.label_words,
-                prefix=prompt_prefix([words[j] for j in s]) + self.demo_text(env)),
+                prefix=prompt_prefix([words[j] for j in s])),
                 labels[batch]) for s in samples]
-            grad = policy_gradient(probs, samples, step_losses)
-            if pull is not None:
-                grad = grad + pull(probs)
-            probs = optimizer.step(grad)
+            probs = optimizer.step(policy_gradient(probs, samples, step_losses))
             losses.append(float(np.mean(step_losses)))
         return probs, float(np.mean(losses)) if losses else float("nan")
-
-    def demo_text(self, env: Environment) -> str:
-        return ""
 
     def aggregate(self, rnd: int, state: RecordDict, replies: Sequence[Reply]) -> RecordDict:
         (reply,) = replies  # centralized: one party

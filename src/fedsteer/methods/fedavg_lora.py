@@ -40,6 +40,7 @@ class FedAvgLoRA(Method):
 
     name = "fedavg-lora"
     secure_mean: ClassVar[bool] = True
+    supports_client_dp: ClassVar[bool] = True
 
     rank: int = 8
     lora_alpha: float = 16.0

@@ -90,6 +90,11 @@ class FedPT(FedAvgLoRA):
                 base = vocab_logprobs(scorer, queries, env.batch_size)
         return tuned, base
 
+    def small_tuned(self, env: Environment, adapter, queries: list[str]) -> torch.Tensor:
+        """The small model's log-probs with the adapter only (its base is known already)."""
+        with lora_adapter(env.lm, self.config, record_weights(adapter)):
+            return vocab_logprobs(env.scorer(), queries, env.batch_size)
+
     def distill(self, adapter, env: Environment, rnd: int):
         """Train the averaged adapter towards the proxy-tuned large model (KL, temperature T)."""
         queries = self.transfer_queries(env, rnd)
@@ -139,7 +144,8 @@ class FedPT(FedAvgLoRA):
         large = self.large_scores(env).next_token_logprobs(queries)
         averaged = state["fedavg_adapter"] if "fedavg_adapter" in state else state["adapter"]
         tuned, base = self.small_pair(env, averaged, queries)
-        distilled, _ = self.small_pair(env, state["adapter"], queries)
+        distilled = (tuned if state["adapter"] is averaged  # no distillation ran
+                     else self.small_tuned(env, state["adapter"], queries))
         result = metrics(proxy_logprobs(large, tuned, base, self.alpha, vocab))
         result["proxy_distilled_accuracy"] = metrics(
             proxy_logprobs(large, distilled, base, self.alpha, vocab))["accuracy"]

@@ -40,9 +40,9 @@ wrapper.py; METHODS.md §1 summarises the IFed-ICL paper):
 * `shots` (which RunConfig always passes) is accepted and ignored: the vectors' demo count
   is `demos_per_class`, fixed by I2CL, not the ICL baselines' `shots`.
 
-Randomness (demo choice, batch order, noise) is seeded by (seed, round, cid), so a resumed
-run repeats the same numbers. The vectors reach clients once; clients keep them in their
-persistent state, so every client takes part in every round (`every_client`, the paper's
+Randomness is seeded: demo choice by (seed, cid), batch order and noise by (seed, round, cid),
+so a resumed run repeats the same numbers. The vectors reach clients once; clients keep them
+in their persistent state, so every client takes part in every round (`every_client`, the paper's
 setting): runtimes ignore a smaller `fraction` for this method, with a warning. A client
 that still misses round 1 (it failed) cannot calibrate later: it raises
 `MissingContextVectors` and the runtime leaves it out.
@@ -118,6 +118,7 @@ class IFedICL(Method):
     # set RuntimeConfig.max_reply_norm when it knows its model.
     max_reply_norm: ClassVar[float | None] = None
     every_client: ClassVar[bool] = True  # the vectors are sent once, to everyone
+    supports_client_dp: ClassVar[bool] = True
     secure_mean: ClassVar[bool] = True  # both aggregates are (weighted) means
 
     demos_per_class: int = 5

@@ -37,7 +37,6 @@ class LayerModules:
     attention: nn.Module
     mlp: nn.Module
     attention_returns_tuple: bool
-    layer: nn.Module | None = None
 
     def __repr__(self) -> str:  # module reprs are pages long; the types are what matter
         return (
@@ -130,7 +129,7 @@ def layer_modules(model: nn.Module) -> list[LayerModules]:
             raise UnknownArchitectureError(
                 f"layer {i} of {model.config.model_type} lacks {spec.attention!r} or {spec.mlp!r}"
             )
-        result.append(LayerModules(i, attention, mlp, spec.attention_returns_tuple, layer))
+        result.append(LayerModules(i, attention, mlp, spec.attention_returns_tuple))
     return result
 
 

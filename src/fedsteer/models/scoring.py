@@ -114,9 +114,6 @@ class LabelScorer:
         scores[torch.tensor(order)] = torch.cat(out)
         return scores
 
-    def predict(self, queries: Sequence[str], prefix: str = "") -> torch.Tensor:
-        return self.score(queries, prefix).argmax(dim=-1)
-
     def logprobs(self, queries: Sequence[str]) -> torch.Tensor:
         """Full-vocabulary log-probs `[N, V]` at each query's answer position, as one batch.
 

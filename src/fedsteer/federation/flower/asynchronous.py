@@ -54,7 +54,7 @@ class AsyncGridRuntime:
         last_heard, arrived, rounds = {cid: 0 for cid in cids}, [], []
         while not method.finished(state) and len(rounds) < self.config.max_iterations:
             iteration = len(rounds)
-            arrived += self._pull(outstanding, method, state, iteration)
+            arrived += self._pull(outstanding)
             heard = {out.cid for out, _ in arrived}
             overdue = [c for c, last in last_heard.items()
                        if iteration - last >= self.config.staleness and c not in heard]
@@ -85,7 +85,9 @@ class AsyncGridRuntime:
         (message_id,) = list(self.grid.push_messages([message]))
         outstanding[message_id] = _Out(cid, iteration, payload_bytes(content), time.monotonic())
 
-    def _pull(self, outstanding: dict[str, _Out], method, state, iteration: int):
+    def _pull(self, outstanding: dict[str, _Out]):
+        """Replies that came in, and the messages given up on (answer None): the update
+        that counts them asks those workers again, as it does every worker it heard from."""
         got = []
         if outstanding:
             for answer in self.grid.pull_messages(list(outstanding)):
@@ -94,10 +96,9 @@ class AsyncGridRuntime:
                     got.append((out, answer))
         now = time.monotonic()
         for message_id, out in list(outstanding.items()):
-            if now - out.sent_at > self.timeout:  # given up: count it, ask again
+            if now - out.sent_at > self.timeout:
                 del outstanding[message_id]
                 got.append((out, None))
-                self._push(method, state, out.cid, iteration, outstanding)
         return got
 
     def _accept(self, out: _Out, answer: Message | None, cost: RoundCost) -> Reply | None:
