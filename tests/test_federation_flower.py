@@ -69,8 +69,8 @@ class InlineGrid:
             message_id = uuid.uuid4().hex
             message = copy.deepcopy(message)
             message.metadata.__dict__["_message_id"] = message_id  # the SuperLink's job
-            (reply,) = self.send_and_receive([message])
-            self.held.append([self.delays.get(message.metadata.dst_node_id, 0), reply])
+            for reply in self.send_and_receive([message]):  # none from a silent node
+                self.held.append([self.delays.get(message.metadata.dst_node_id, 0), reply])
             ids.append(message_id)
         return ids
 
