@@ -70,3 +70,13 @@ def test_label_words_must_differ_in_first_token(tiny_lm):
 
 def test_empty_query_list(tiny_lm):
     assert LabelScorer(tiny_lm, WORDS).score([]).shape == (0, 2)
+
+
+def test_vocabulary_scores_batched_by_length_come_back_in_input_order(tiny_lm):
+    queries = [QUERIES[2], QUERIES[1], QUERIES[0], QUERIES[1]]  # lengths: long, short, mid
+    scorer = LabelScorer(tiny_lm, WORDS, batch_size=2)
+    got = scorer.next_token_logprobs(queries)
+    want = torch.cat([scorer.logprobs([q]) for q in queries]).detach()
+    torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
+    first = [tiny_lm.tokenizer(w, add_special_tokens=False)["input_ids"][0] for w in WORDS]
+    torch.testing.assert_close(got[:, first], scorer.score(queries), atol=1e-4, rtol=1e-4)

@@ -35,7 +35,6 @@ from fedsteer.models.proxy import (
     LocalVocabScores,
     check_shared_vocabulary,
     proxy_logprobs,
-    vocab_logprobs,
 )
 
 
@@ -85,15 +84,15 @@ class FedPT(FedAvgLoRA):
         """The small model's log-probs with the adapter, and without (its base)."""
         scorer = env.scorer()
         with lora_adapter(env.lm, self.config, record_weights(adapter)) as peft_model:
-            tuned = vocab_logprobs(scorer, queries, env.batch_size)
+            tuned = scorer.next_token_logprobs(queries)
             with peft_model.disable_adapter():
-                base = vocab_logprobs(scorer, queries, env.batch_size)
+                base = scorer.next_token_logprobs(queries)
         return tuned, base
 
     def small_tuned(self, env: Environment, adapter, queries: list[str]) -> torch.Tensor:
         """The small model's log-probs with the adapter only (its base is known already)."""
         with lora_adapter(env.lm, self.config, record_weights(adapter)):
-            return vocab_logprobs(env.scorer(), queries, env.batch_size)
+            return env.scorer().next_token_logprobs(queries)
 
     def distill(self, adapter, env: Environment, rnd: int):
         """Train the averaged adapter towards the proxy-tuned large model (KL, temperature T)."""

@@ -39,18 +39,10 @@ class LocalVocabScores:
         self.lm, self.name, self.batch_size = lm, lm.name, batch_size
         self.scorer = LabelScorer(lm, label_words, batch_size=batch_size)
 
-    @torch.no_grad()
     def next_token_logprobs(self, queries: Sequence[str]) -> torch.Tensor:
-        return vocab_logprobs(self.scorer, queries, self.batch_size)
+        return self.scorer.next_token_logprobs(queries)
 
 
-def vocab_logprobs(scorer: LabelScorer, queries: Sequence[str], batch_size: int
-                   ) -> torch.Tensor:
-    """The scorer's full-vocabulary log-probs, batch by batch (no gradients)."""
-    with torch.no_grad():
-        parts = [scorer.logprobs(list(queries[i : i + batch_size]))
-                 for i in range(0, len(queries), batch_size)]
-    return torch.cat(parts) if parts else torch.empty(0)
 
 
 def check_shared_vocabulary(small, large) -> int:

@@ -100,19 +100,37 @@ class LabelScorer:
         if not query_ids:
             return torch.empty(0, len(self.labels.ids))
         cache = self._prefix_cache(prefix_ids) if (prefix_ids and reuse_prefix) else None
-        # Batch queries of similar length together (less padding), then restore the order.
-        order = sorted(range(len(query_ids)), key=lambda i: len(query_ids[i]))
+
+        def score_batch(batch: list[list[int]]) -> torch.Tensor:
+            if cache is None:
+                return self._score_batch([prefix_ids + q for q in batch], None, 0)
+            return self._score_batch(batch, cache, len(prefix_ids))
+
+        return self._by_length(query_ids, score_batch, on_batch)
+
+    @torch.no_grad()
+    def next_token_logprobs(self, queries: Sequence[str]) -> torch.Tensor:
+        """Full-vocabulary log-probs `[N, V]` at each answer position, without gradients:
+        the numbers `logprobs` gives, batched by length as `score` is (FedPT's proxy)."""
+        ids = [self._encode(q, first=True) for q in queries]
+        if not ids:
+            return torch.empty(0)
+        return self._by_length(ids, self._vocab_batch)
+
+    def _by_length(self, seqs: list[list[int]], run: Callable[[list[list[int]]], torch.Tensor],
+                   on_batch: Callable[[int], None] | None = None) -> torch.Tensor:
+        """`run` over batches of similar length (less padding), rows back in input order."""
+        order = sorted(range(len(seqs)), key=lambda i: len(seqs[i]))
         out = []
         for start in range(0, len(order), self.batch_size):
-            batch = [query_ids[i] for i in order[start : start + self.batch_size]]
-            if cache is None:
-                batch = [prefix_ids + q for q in batch]
-            out.append(self._score_batch(batch, cache, len(prefix_ids) if cache else 0))
+            batch = [seqs[i] for i in order[start : start + self.batch_size]]
+            out.append(run(batch))
             if on_batch is not None:
                 on_batch(len(batch))
-        scores = torch.empty(len(order), len(self.labels.ids))
-        scores[torch.tensor(order)] = torch.cat(out)
-        return scores
+        rows = torch.cat(out)
+        result = torch.empty_like(rows)
+        result[torch.tensor(order)] = rows
+        return result
 
     def logprobs(self, queries: Sequence[str]) -> torch.Tensor:
         """Full-vocabulary log-probs `[N, V]` at each query's answer position, as one batch.
@@ -121,14 +139,17 @@ class LabelScorer:
         through it to steering coefficients in forward hooks. Same padding and positions as
         `score`, so `logprobs(q)[:, labels.first]` equals `score(q)` for first-token scoring.
         """
-        ids, mask = self._left_pad([self._encode(q, first=True) for q in queries])
-        logits = self._forward(ids, mask, None, 0, keep=1).logits[:, -1]
-        return logits.float().log_softmax(-1)
+        return self._vocab_batch([self._encode(q, first=True) for q in queries])
 
     # ---------------------------------------------------------------- helpers
     def _encode(self, text: str, first: bool) -> list[int]:
         """Special tokens (a BOS) only at the very start of the whole prompt."""
         return self.lm.tokenizer(text, add_special_tokens=first)["input_ids"]
+
+    def _vocab_batch(self, seqs: list[list[int]]) -> torch.Tensor:
+        ids, mask = self._left_pad(seqs)
+        logits = self._forward(ids, mask, None, 0, keep=1).logits[:, -1]
+        return logits.float().log_softmax(-1)
 
     def _prefix_cache(self, prefix_ids: list[int]) -> DynamicCache:
         ids = torch.tensor([prefix_ids])
