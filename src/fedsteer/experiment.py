@@ -21,7 +21,8 @@ from fedsteer.eval.costs import summarize_costs
 from fedsteer.eval.record import environment, write_result
 from fedsteer.federation import InProcessRuntime, Runtime, RuntimeConfig
 from fedsteer.federation.privacy import ClientDP
-from fedsteer.methods import METHODS, Client, Environment, make_method, seeded_rng
+from fedsteer.methods import METHODS, Client, Environment, make_method
+from fedsteer.methods.base import seeded_subset
 from fedsteer.models import DEFAULT_MODEL
 
 log = logging.getLogger(__name__)
@@ -71,10 +72,7 @@ def default_run_dir(config: RunConfig) -> Path:
 
 def evaluation_rows(task: Task, size: int | None, seed: int) -> list[Example]:
     """A seeded subset of the test split (all of it when `size` is None or larger)."""
-    if size is None or size >= len(task.test):
-        return list(task.test)
-    picks = seeded_rng(seed, "test", task.name).choice(len(task.test), size, replace=False)
-    return [task.test[i] for i in sorted(picks)]
+    return seeded_subset(task.test, size, seed, "test", task.name)
 
 
 def client_dp(config: RunConfig) -> ClientDP | None:

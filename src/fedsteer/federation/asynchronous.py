@@ -37,6 +37,14 @@ class AsyncConfig:
     max_iterations: int = 10_000
 
 
+def overdue_workers(last_heard: dict[int, int], heard: set[int], iteration: int,
+                    staleness: int) -> list[int]:
+    """Workers unheard for `staleness` server iterations: the bound τ makes the server wait
+    for them (both asynchronous runtimes apply this one rule)."""
+    return [cid for cid, last in last_heard.items()
+            if iteration - last >= staleness and cid not in heard]
+
+
 class WorkerDied(RuntimeError):
     """A worker failed outside its client step (e.g. building its message) and stopped."""
 
@@ -106,9 +114,8 @@ class AsyncInProcessRuntime:
         is still returned, so the round records why it is gone."""
         got: list[_Posted] = []
         while True:
-            heard = {p.cid for p in got}
-            overdue = [cid for cid, last in last_heard.items()
-                       if iteration - last >= self.config.staleness and cid not in heard]
+            overdue = overdue_workers(last_heard, {p.cid for p in got}, iteration,
+                                      self.config.staleness)
             fresh = sum(1 for p in got if p.cid in last_heard)  # replies of living workers
             if fresh >= min(active, len(last_heard)) and not overdue:
                 return got

@@ -24,18 +24,29 @@ from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from functools import cached_property
-from typing import Any, ClassVar
+from typing import Any, ClassVar, TypeVar
 
 import numpy as np
 from flwr.app import RecordDict
 
 from fedsteer.data import Example, TaskSpec
 
+T = TypeVar("T")
+
 
 def seeded_rng(*keys: int | str) -> np.random.Generator:
     """A generator fixed by its keys (seed, round, client id...), so a resumed run repeats."""
     digest = hashlib.sha256(repr(keys).encode()).digest()
     return np.random.default_rng(int.from_bytes(digest[:8], "little"))
+
+
+def seeded_subset(rows: Sequence[T], size: int | None, *keys: int | str) -> list[T]:
+    """`size` of `rows` drawn by `seeded_rng(*keys)`, in their original order (all of them
+    when `size` is None or not smaller)."""
+    if size is None or size >= len(rows):
+        return list(rows)
+    picks = seeded_rng(*keys).choice(len(rows), size, replace=False)
+    return [rows[i] for i in sorted(picks)]
 
 
 @dataclass

@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from flwr.app import Array, ArrayRecord, ConfigRecord, MetricRecord, RecordDict
 
 from fedsteer.methods.aggregation import aggregate_arrays, record_train_loss
-from fedsteer.methods.base import Client, Environment, Method, Reply, seeded_rng
+from fedsteer.methods.base import Client, Environment, Method, Reply, seeded_rng, seeded_subset
 from fedsteer.methods.icl import evaluate_prompting
 from fedsteer.models.lora import adapter_weights, initial_adapter, lora_adapter, lora_config
 
@@ -117,11 +117,8 @@ class FedAvgLoRA(Method):
     def local_sample(self, client: Client, rnd: int):
         if not client.data:
             raise ValueError(f"client {client.cid} holds no examples")
-        if self.local_examples is None or self.local_examples >= len(client.data):
-            return list(client.data)
-        picks = seeded_rng(self.seed, "local", rnd, client.cid).choice(
-            len(client.data), self.local_examples, replace=False)
-        return [client.data[i] for i in sorted(picks)]
+        return seeded_subset(client.data, self.local_examples, self.seed, "local", rnd,
+                             client.cid)
 
     # ------------------------------------------------------------- evaluation
     def evaluate(self, state: RecordDict, env: Environment) -> dict[str, Any]:

@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from flwr.app import RecordDict
 
 from fedsteer.eval.metrics import classification_metrics
-from fedsteer.methods.base import Environment, Reply, seeded_rng
+from fedsteer.methods.base import Environment, Reply, seeded_rng, seeded_subset
 from fedsteer.methods.fedavg_lora import FedAvgLoRA, adapter_record, record_weights
 from fedsteer.models.lora import adapter_weights, lora_adapter
 from fedsteer.models.proxy import (
@@ -122,11 +122,7 @@ class FedPT(FedAvgLoRA):
         if not env.transfer:
             raise ValueError("FedPT distils on held-out task texts, and this run has none: "
                              "use a task with a dev split or a test_size below the test split")
-        rows = env.transfer
-        if len(rows) > self.distill_examples:
-            picks = seeded_rng(self.seed, "transfer", rnd).choice(
-                len(rows), self.distill_examples, replace=False)
-            rows = [rows[i] for i in sorted(picks)]
+        rows = seeded_subset(env.transfer, self.distill_examples, self.seed, "transfer", rnd)
         return [env.task.format_query(ex) for ex in rows]  # text only; labels unused
 
     # ------------------------------------------------------------- evaluation

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from flwr.app import ConfigRecord, Message, MessageType, MetricRecord
 
 from fedsteer.eval.costs import RoundCost, payload_bytes, peak_rss_bytes
-from fedsteer.federation.asynchronous import AsyncConfig
+from fedsteer.federation.asynchronous import AsyncConfig, overdue_workers
 from fedsteer.federation.flower.client import CLIENT_INFO
 from fedsteer.federation.payloads import InvalidReply, check_reply
 from fedsteer.federation.runtime import RunOutcome, reject
@@ -55,9 +55,8 @@ class AsyncGridRuntime:
         while not method.finished(state) and len(rounds) < self.config.max_iterations:
             iteration = len(rounds)
             arrived += self._pull(outstanding)
-            heard = {out.cid for out, _ in arrived}
-            overdue = [c for c, last in last_heard.items()
-                       if iteration - last >= self.config.staleness and c not in heard]
+            overdue = overdue_workers(last_heard, {out.cid for out, _ in arrived}, iteration,
+                                      self.config.staleness)
             if len(arrived) < active or overdue:
                 time.sleep(self.poll)
                 continue
