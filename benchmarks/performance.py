@@ -136,7 +136,9 @@ def plot(points: list[dict], path: Path) -> None:
             ax.plot([p["clients"] for p in mine], [p[key] / scale for p in mine], "o-",
                     label=method)
         ax.set(xscale="log", xlabel="clients", ylabel=label)
-        if key != "peak_rss_bytes":
+        if key == "peak_rss_bytes":
+            ax.set_ylim(bottom=0)  # flat or not, seen from zero
+        else:
             ax.set_yscale("log")
         ax.grid(alpha=0.3)
     axes[0].legend()
