@@ -194,3 +194,11 @@ def test_settings_the_asynchronous_runtime_would_ignore_are_refused(tmp_path, se
     (name,) = setting
     with pytest.raises(ValueError, match=f"asynchronous runtime, which has no {name}"):
         run_experiment(config, tmp_path)
+
+
+def test_a_grid_asking_to_resume_an_asynchronous_run_starts_it_afresh(tmp_path):
+    options = {"prompt_length": 2, "candidates": 6, "samples": 2, "shots_per_class": 2,
+               "batch_size": 2, "steps_per_round": 1, "iterations": 2, "demo_candidates": 2}
+    config = RunConfig("asyndbt", "sst2", "tiny-random", clients=2, test_size=4, options=options)
+    record = run_experiment(config, tmp_path, resume=True)  # as `fedsteer bench` asks
+    assert record["costs"]["num_rounds"] == 2

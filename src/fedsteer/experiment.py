@@ -100,12 +100,15 @@ def check_settings(config: RunConfig, method, resume: bool = False) -> None:
     if not getattr(method, "asynchronous", False):
         return
     ignored = {"dp_clip": config.dp_clip is not None, "eval_every": config.eval_every > 0,
-               "fraction": config.fraction < 1, "resume": resume}
+               "fraction": config.fraction < 1}
     named = [name for name, is_set in ignored.items() if is_set]
     if named:
         raise ValueError(f"{method.name} runs on the asynchronous runtime, which has no "
                          f"{', '.join(named)}: its workers are chosen by `active` and "
-                         "`staleness`, and a run starts afresh")
+                         "`staleness`")
+    if resume:  # `bench` resumes every cell it can; this one cannot, and says so
+        log.warning("%s runs on the asynchronous runtime, which keeps no checkpoint: "
+                    "the run starts afresh", method.name)
 
 
 def run_asynchronous(method, clients, env: Environment):
