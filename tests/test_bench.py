@@ -8,7 +8,14 @@ import pytest
 import yaml
 
 from fedsteer.bench import BenchConfig, expand, run_grid
-from fedsteer.eval.summary import collect, pareto_front, summarize, write_report
+from fedsteer.eval.summary import (
+    Row,
+    alpha_lines,
+    collect,
+    pareto_front,
+    summarize,
+    write_report,
+)
 
 TINY_IFED = {"rounds": 1, "local_epochs": 1, "demos_per_class": 1, "calibration_per_class": 1}
 
@@ -103,3 +110,18 @@ def test_the_shipped_grids_load_and_expand(name):
     bench = BenchConfig.load(Path(__file__).parents[1] / "benchmarks" / name)
     cells = expand(bench)
     assert {c.config.method for c in cells} == set(bench.methods)
+
+
+def _row(model: str, method: str, skew: str, accuracy: float, clients: int = 10) -> Row:
+    return Row(model, "sst2", method, skew, clients, 1, accuracy, 0.0, accuracy, 0, 0, 0, 0,
+               0, None, [], [])
+
+
+def test_accuracy_vs_alpha_keeps_models_apart_and_orders_skew_from_strongest():
+    rows = [_row("big", "ifed-icl", "iid", 0.82), _row("big", "ifed-icl", "α=0.5", 0.81),
+            _row("big", "ifed-icl", "α=10", 0.80), _row("big", "ifed-icl", "α=0.1", 0.75),
+            _row("small", "ifed-icl", "α=0.5", 0.60)]
+    lines = alpha_lines(rows)
+    assert lines["ifed-icl, 10 cl. (big)"] == [("α=0.1", 75.0), ("α=0.5", 81.0),
+                                              ("α=10", 80.0), ("iid", 82.0)]
+    assert "ifed-icl, 10 cl. (small)" not in lines  # one skew: nothing to say about α

@@ -178,7 +178,7 @@ def plot_all(rows: Sequence[Row], out_dir: Path) -> list[Path]:
                                       task))
         if any(r.train_loss for r in task_rows):
             paths.append(_plot_loss(task_rows, out_dir / f"{task}-loss-per-round.png", task))
-        if len({r.skew for r in task_rows}) > 1:
+        if alpha_lines(task_rows):
             paths.append(_plot_alpha(task_rows, out_dir / f"{task}-accuracy-vs-alpha.png", task))
     return paths
 
@@ -238,14 +238,32 @@ def _plot_rounds(rows, path: Path, task: str) -> Path:
     return _save(fig, path)
 
 
+def skew_order(skew: str) -> float:
+    """Strongest label skew first, IID last: α=0.1 < α=0.5 < α=1 < α=10 < iid."""
+    return float("inf") if skew == "iid" else float(skew.removeprefix("α="))
+
+
+def alpha_lines(rows: Sequence[Row]) -> dict[str, list[tuple[str, float]]]:
+    """One line per (model, method, clients) measured at two skews or more: accuracy at each,
+    strongest skew first. Keyed by model too, so two models' rows never overwrite each other;
+    a single point says nothing about α and is left to the tables."""
+    models = {r.model for r in rows}
+    lines: dict[str, list[tuple[str, float]]] = defaultdict(list)
+    for r in sorted(rows, key=lambda r: skew_order(r.skew)):
+        name = f"{r.method}, {r.clients} cl." + (f" ({r.model})" if len(models) > 1 else "")
+        lines[name].append((r.skew, 100 * r.accuracy))
+    return {name: points for name, points in lines.items() if len(points) > 1}
+
+
 def _plot_alpha(rows, path: Path, task: str) -> Path:
     fig, ax = plt.subplots(figsize=(6, 4))
-    order = sorted({r.skew for r in rows}, key=lambda s: (s == "iid", s))
-    for method in sorted({r.method for r in rows}):
-        mine = {r.skew: r for r in rows if r.method == method}
-        xs = [s for s in order if s in mine]
-        ax.plot(xs, [100 * mine[s].accuracy for s in xs], "o-", label=method)
-    ax.set(xlabel="label skew", ylabel="accuracy (%)", title=f"{task}: accuracy vs α")
+    order = sorted({r.skew for r in rows}, key=skew_order)
+    position = {skew: i for i, skew in enumerate(order)}
+    for name, points in alpha_lines(rows).items():
+        ax.plot([position[s] for s, _ in points], [a for _, a in points], "o-", label=name)
+    ax.set_xticks(range(len(order)), order)
+    ax.set(xlabel="label skew (Dirichlet α; iid = none)", ylabel="accuracy (%)",
+           title=f"{task}: accuracy vs α")
     ax.legend(fontsize=7)
     return _save(fig, path)
 
