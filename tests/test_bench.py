@@ -13,6 +13,7 @@ from fedsteer.eval.summary import (
     alpha_lines,
     collect,
     pareto_front,
+    point_labels,
     summarize,
     write_report,
 )
@@ -125,3 +126,10 @@ def test_accuracy_vs_alpha_keeps_models_apart_and_orders_skew_from_strongest():
     assert lines["ifed-icl, 10 cl. (big)"] == [("α=0.1", 75.0), ("α=0.5", 81.0),
                                               ("α=10", 80.0), ("iid", 82.0)]
     assert "ifed-icl, 10 cl. (small)" not in lines  # one skew: nothing to say about α
+
+
+def test_plot_labels_name_only_what_tells_a_method_s_points_apart():
+    rows = [_row("big", "ifed-icl", "α=0.5", 0.8), _row("big", "ifed-icl", "α=0.5", 0.8, 30),
+            _row("big", "zero-shot", "α=0.5", 0.7, 1), _row("small", "zero-shot", "α=0.5", 0.6, 1)]
+    assert point_labels(rows) == ["ifed-icl (10 cl.)", "ifed-icl (30 cl.)",
+                                  "zero-shot (big)", "zero-shot (small)"]

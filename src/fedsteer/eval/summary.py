@@ -46,10 +46,6 @@ class Row:
     train_loss: list[float]
     round_accuracy: list[float]  # after each round, when the runs evaluated every round
 
-    @property
-    def label(self) -> str:
-        return f"{self.method} ({self.skew}, {self.clients} cl.)"
-
 
 def collect(results_dir: Path) -> list[dict]:
     """Every result record under `results_dir` (cells of a bench grid, or any runs)."""
@@ -170,7 +166,8 @@ def plot_all(rows: Sequence[Row], out_dir: Path) -> list[Path]:
     for task in sorted({r.task for r in rows}):
         task_rows = [r for r in rows if r.task == task]
         paths.append(_plot_cost(task_rows, out_dir / f"{task}-accuracy-vs-bytes.png", task,
-                                "bytes_total", "total bytes exchanged (log)", pareto=True))
+                                "bytes_total", "total bytes exchanged (log; none drawn at 1)",
+                                pareto=True))
         paths.append(_plot_cost(task_rows, out_dir / f"{task}-accuracy-vs-compute.png", task,
                                 "client_seconds", "client compute, s (log)"))
         if any(r.round_accuracy for r in task_rows):
@@ -183,6 +180,22 @@ def plot_all(rows: Sequence[Row], out_dir: Path) -> list[Path]:
     return paths
 
 
+MARKERS = "osD^v"  # ten colours per marker: up to fifty points stay distinguishable
+
+
+def point_labels(rows: Sequence[Row]) -> list[str]:
+    """Each row's method, plus only what tells it apart from the plot's other rows of that
+    method (skew, client count, model): short labels that do not pile onto each other."""
+    labels = []
+    for r in rows:
+        same = [o for o in rows if o.method == r.method]
+        extra = [text for attribute, text in (("skew", r.skew), ("clients", f"{r.clients} cl."),
+                                              ("model", r.model))
+                 if len({getattr(o, attribute) for o in same}) > 1]
+        labels.append(r.method + (f" ({', '.join(extra)})" if extra else ""))
+    return labels
+
+
 def _save(fig, path: Path) -> Path:
     fig.tight_layout()
     fig.savefig(path, dpi=120)
@@ -192,16 +205,24 @@ def _save(fig, path: Path) -> Path:
 
 def _plot_cost(rows, path: Path, task: str, attribute: str, xlabel: str,
                pareto: bool = False) -> Path:
-    fig, ax = plt.subplots(figsize=(7, 4.5))
+    labels = point_labels(rows)
+    crowded = len(rows) > 10 or max(map(len, labels)) > 24  # a legend, not piled-up notes
+    fig, ax = plt.subplots(figsize=(10 if crowded else 7, 4.5))
     points = [(max(getattr(r, attribute), 1.0), 100 * r.accuracy) for r in rows]
-    for r, (x, y) in zip(rows, points, strict=True):
-        ax.errorbar(x, y, yerr=100 * r.accuracy_std, fmt="o", capsize=3)
-        ax.annotate(r.label, (x, y), fontsize=7, xytext=(4, 4), textcoords="offset points")
+    for i, (r, label, (x, y)) in enumerate(zip(rows, labels, points, strict=True)):
+        ax.errorbar(x, y, yerr=100 * r.accuracy_std, fmt=MARKERS[i // 10 % len(MARKERS)],
+                    capsize=3, label=label if crowded else None)
+        if not crowded:
+            ax.annotate(label, (x, y), fontsize=7, xytext=(4, 4), textcoords="offset points")
     if pareto and points:
         front = pareto_front(points)
         ax.plot([points[i][0] for i in front], [points[i][1] for i in front], "--",
                 color="grey", label="Pareto front")
-        ax.legend(loc="upper left")
+    if crowded:
+        ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1), fontsize=7)
+    elif pareto and points:
+        ax.legend(loc="best", fontsize=8)
+    ax.margins(x=0.2, y=0.08)  # room for the rightmost point's label
     ax.set(xscale="log", xlabel=xlabel, ylabel="accuracy (%)", title=task)
     return _save(fig, path)
 
@@ -215,9 +236,9 @@ def _per_round_axes(ylabel: str, title: str):
 
 def _plot_loss(rows, path: Path, task: str) -> Path:
     fig, ax = _per_round_axes("mean client training loss", f"{task}: loss per round")
-    for r in rows:
+    for r, label in zip(rows, point_labels(rows), strict=True):
         if r.train_loss:
-            ax.plot(range(1, len(r.train_loss) + 1), r.train_loss, "o-", label=r.label)
+            ax.plot(range(1, len(r.train_loss) + 1), r.train_loss, "o-", label=label)
     ax.legend(fontsize=7)
     return _save(fig, path)
 
@@ -226,10 +247,10 @@ def _plot_rounds(rows, path: Path, task: str) -> Path:
     """Accuracy after each round; methods without rounds as dotted lines at their level."""
     fig, ax = _per_round_axes("accuracy (%)", f"{task}: accuracy per round")
     longest = max(len(r.round_accuracy) for r in rows)
-    for r in rows:
+    for r, label in zip(rows, point_labels(rows), strict=True):
         if r.round_accuracy:
             xs = range(1, len(r.round_accuracy) + 1)
-            ax.plot(xs, [100 * a for a in r.round_accuracy], "o-", label=r.label)
+            ax.plot(xs, [100 * a for a in r.round_accuracy], "o-", label=label)
         else:
             ax.hlines(100 * r.accuracy, 1, max(longest, 2), linestyles=":", colors="grey")
             ax.annotate(r.method, (1, 100 * r.accuracy), fontsize=7, xytext=(2, 2),
