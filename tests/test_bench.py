@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from fedsteer.bench import BenchConfig, expand, run_grid
+from fedsteer.bench import BenchConfig, StaleCell, expand, run_grid
 from fedsteer.eval.summary import (
     Row,
     alpha_lines,
@@ -133,3 +133,15 @@ def test_plot_labels_name_only_what_tells_a_method_s_points_apart():
             _row("big", "zero-shot", "α=0.5", 0.7, 1), _row("small", "zero-shot", "α=0.5", 0.6, 1)]
     assert point_labels(rows) == ["ifed-icl (10 cl.)", "ifed-icl (30 cl.)",
                                   "zero-shot (big)", "zero-shot (small)"]
+
+
+def test_a_finished_cell_run_with_other_settings_is_refused_not_reused(tmp_path):
+    only_zero_shot = {"methods": ["zero-shot"], "options": {}}
+    run_grid(BenchConfig.load(write_grid(tmp_path, **only_zero_shot)))
+    result = next((tmp_path / "cells").rglob("result.json"))
+    before = result.read_text()
+    edited = BenchConfig.load(write_grid(tmp_path, **only_zero_shot, test_size=6))
+    with pytest.raises(StaleCell, match=r"result\.json was run with other settings "
+                                        r"\(test_size: recorded 8, asked 6\)"):
+        run_grid(edited)
+    assert result.read_text() == before  # nothing lost

@@ -2,7 +2,9 @@
 
 Every method is measured on the same data, partitions, seeds, test rows and model. A
 finished cell is never recomputed, so a killed grid continues where it stopped; a cell
-killed mid-run resumes from its last round's checkpoint. Models load once per model.
+killed mid-run resumes from its last round's checkpoint. Models load once per model. A
+finished cell recorded with other settings than the grid now asks for is refused by name,
+never silently reused.
 
     name: quick
     out: results/quick                     # relative to the config file
@@ -19,7 +21,9 @@ killed mid-run resumes from its last round's checkpoint. Models load once per mo
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
+import json
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field, fields
@@ -96,6 +100,33 @@ class Cell:
         return (self.path / RESULT_FILE).exists()
 
 
+class StaleCell(ValueError):
+    """A finished cell's result was recorded with settings the grid no longer asks for."""
+
+
+def recorded_differences(cell: Cell) -> dict[str, tuple[Any, Any]]:
+    """{field: (recorded, asked)} where a finished cell's record disagrees with its config.
+
+    Fields the record lacks (added to RunConfig after it was written) are not counted."""
+    recorded = read_result(cell.path)["config"]
+    asked = json.loads(json.dumps(dataclasses.asdict(cell.config)))  # compare as it reads back
+    return {key: (recorded[key], value) for key, value in asked.items()
+            if key in recorded and recorded[key] != value}
+
+
+def check_finished(cells: list[Cell]) -> None:
+    """Refuse a grid whose finished cells were run with other settings: their numbers would
+    be reported as if the grid had produced them."""
+    stale = [(cell, diff) for cell in cells if cell.done and (diff := recorded_differences(cell))]
+    if stale:
+        cell, diff = stale[0]
+        changes = "; ".join(f"{key}: recorded {old!r}, asked {new!r}"
+                            for key, (old, new) in diff.items())
+        raise StaleCell(f"{cell.path / RESULT_FILE} was run with other settings ({changes}); "
+                        f"{len(stale)} finished cell(s) differ. Move them away or set another "
+                        "`out` to run the grid as written.")
+
+
 def cell_dir(config: RunConfig) -> str:
     skew = "iid" if config.partition == "iid" else f"alpha{config.alpha:g}"
     return f"{skew}-clients{config.clients}-seed{config.seed}"
@@ -132,6 +163,7 @@ def run_grid(bench: BenchConfig, progress=None,
     from fedsteer.models import load_model
 
     cells = expand(bench)
+    check_finished(cells)
     todo = [c for c in cells if not c.done]
     bar = progress.add_task(f"bench {bench.name}", total=len(cells),
                             completed=len(cells) - len(todo)) if progress else None
