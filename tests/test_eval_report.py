@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
+import pytest
 from rich.console import Console
 
+from fedsteer.eval.costs import peak_rss_bytes, reset_peak_rss
 from fedsteer.eval.report import comparison_table, human_bytes
 
 
@@ -46,3 +50,13 @@ def test_the_comparison_plot_gains_a_panel_when_every_round_was_evaluated(tmp_pa
     assert round_accuracy(curves[1]["costs"]) == [0.7, 0.75, 0.8]
     wide = plt.imread(plot_comparison(curves, tmp_path / "b.png")).shape[1]
     assert wide > 1.4 * narrow
+
+
+@pytest.mark.skipif(not Path("/proc/self/clear_refs").exists(), reason="Linux only")
+def test_peak_memory_restarts_per_run_so_a_bench_s_cells_report_their_own():
+    ballast = bytearray(300 * 2**20)
+    ballast[::4096] = b"x" * len(ballast[::4096])  # touch every page: resident
+    with_ballast = peak_rss_bytes()
+    del ballast
+    assert reset_peak_rss()
+    assert peak_rss_bytes() < with_ballast - 200 * 2**20

@@ -17,7 +17,7 @@ from typing import Any
 from rich.progress import Progress
 
 from fedsteer.data import Example, Task, load_task, partition
-from fedsteer.eval.costs import summarize_costs
+from fedsteer.eval.costs import reset_peak_rss, summarize_costs
 from fedsteer.eval.record import environment, write_result
 from fedsteer.federation import InProcessRuntime, Runtime, RuntimeConfig
 from fedsteer.federation.privacy import ClientDP
@@ -169,6 +169,7 @@ def run_experiment(
     live elsewhere (Flower) is passed in and addresses them by id, holding none of their data.
     """
     started = time.perf_counter()
+    reset_peak_rss()  # this run's peak, not the one of a bench's earlier cells
     out_dir = Path(out_dir) if out_dir else default_run_dir(config)
     task = task or load_task(config.task)
     method = make_method(config.method, **config.method_options())

@@ -6,9 +6,11 @@ in-process runtime reports is what the Flower runtime would send.
 
 from __future__ import annotations
 
+import re
 import resource
 import sys
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import Any
 
 from flwr.app import RecordDict
@@ -20,8 +22,28 @@ def payload_bytes(content: RecordDict) -> int:
     return recorddict_to_proto(content).ByteSize()
 
 
+PROC = Path("/proc/self")
+
+
+def reset_peak_rss() -> bool:
+    """Start a new peak, so each of the runs a bench makes in one process reports its own
+    (Linux's clear_refs). Elsewhere, or if refused, the peak stays the process's so far."""
+    try:
+        (PROC / "clear_refs").write_text("5")
+    except OSError:
+        return False
+    return True
+
+
 def peak_rss_bytes() -> int:
-    """The process's peak resident memory so far (Linux reports KiB, macOS bytes)."""
+    """Peak resident memory since the last `reset_peak_rss` (Linux: VmHWM), else since the
+    process started (ru_maxrss: Linux reports KiB, macOS bytes)."""
+    try:
+        status = (PROC / "status").read_text()
+    except OSError:
+        status = ""
+    if match := re.search(r"^VmHWM:\s+(\d+) kB", status, re.MULTILINE):
+        return int(match.group(1)) * 1024
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return int(peak if sys.platform == "darwin" else peak * 1024)
 
