@@ -175,8 +175,8 @@ def plot_all(rows: Sequence[Row], out_dir: Path) -> list[Path]:
                                       task))
         if any(r.train_loss for r in task_rows):
             paths.append(_plot_loss(task_rows, out_dir / f"{task}-loss-per-round.png", task))
-        if alpha_lines(task_rows):
-            paths.append(_plot_alpha(task_rows, out_dir / f"{task}-accuracy-vs-alpha.png", task))
+        if lines := alpha_lines(task_rows):
+            paths.append(_plot_alpha(lines, out_dir / f"{task}-accuracy-vs-alpha.png", task))
     return paths
 
 
@@ -276,11 +276,11 @@ def alpha_lines(rows: Sequence[Row]) -> dict[str, list[tuple[str, float]]]:
     return {name: points for name, points in lines.items() if len(points) > 1}
 
 
-def _plot_alpha(rows, path: Path, task: str) -> Path:
+def _plot_alpha(lines: dict[str, list[tuple[str, float]]], path: Path, task: str) -> Path:
     fig, ax = plt.subplots(figsize=(6, 4))
-    order = sorted({r.skew for r in rows}, key=skew_order)
+    order = sorted({skew for points in lines.values() for skew, _ in points}, key=skew_order)
     position = {skew: i for i, skew in enumerate(order)}
-    for name, points in alpha_lines(rows).items():
+    for name, points in lines.items():
         ax.plot([position[s] for s, _ in points], [a for _, a in points], "o-", label=name)
     ax.set_xticks(range(len(order)), order)
     ax.set(xlabel="label skew (Dirichlet α; iid = none)", ylabel="accuracy (%)",

@@ -81,13 +81,10 @@ class FedPT(FedAvgLoRA):
         return proxy_logprobs(large, tuned, base, self.alpha, self.vocabulary(env))
 
     def small_pair(self, env: Environment, adapter, queries: list[str]):
-        """The small model's log-probs with the adapter, and without (its base)."""
-        scorer = env.scorer()
-        with lora_adapter(env.lm, self.config, record_weights(adapter)) as peft_model:
-            tuned = scorer.next_token_logprobs(queries)
-            with peft_model.disable_adapter():
-                base = scorer.next_token_logprobs(queries)
-        return tuned, base
+        """The small model's log-probs with the adapter, and without (its base: the adapter
+        is removed when `small_tuned` returns)."""
+        return (self.small_tuned(env, adapter, queries),
+                env.scorer().next_token_logprobs(queries))
 
     def small_tuned(self, env: Environment, adapter, queries: list[str]) -> torch.Tensor:
         """The small model's log-probs with the adapter only (its base is known already)."""

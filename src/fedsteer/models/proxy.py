@@ -36,13 +36,11 @@ class LocalVocabScores:
     """`VocabScores` of a model loaded here, batched, without gradients."""
 
     def __init__(self, lm, label_words: Sequence[str], batch_size: int = 16) -> None:
-        self.lm, self.name, self.batch_size = lm, lm.name, batch_size
+        self.lm, self.name = lm, lm.name
         self.scorer = LabelScorer(lm, label_words, batch_size=batch_size)
 
     def next_token_logprobs(self, queries: Sequence[str]) -> torch.Tensor:
         return self.scorer.next_token_logprobs(queries)
-
-
 
 
 def check_shared_vocabulary(small, large) -> int:
