@@ -145,3 +145,45 @@ def test_a_finished_cell_run_with_other_settings_is_refused_not_reused(tmp_path)
                                         r"\(test_size: recorded 8, asked 6\)"):
         run_grid(edited)
     assert result.read_text() == before  # nothing lost
+
+
+def test_cell_folders_are_portable_names_and_old_records_stay_readable(tmp_path):
+    bench = BenchConfig.load(write_grid(tmp_path, seeds=[0], alphas=[0.5], methods=["fedpt"],
+                                        options={}, run={"fedpt": {
+                                            "model": "emulator:2:tiny-random"}}))
+    (cell,) = expand(bench)
+    assert ":" not in str(cell.path.relative_to(bench.out))
+    assert cell.path.relative_to(bench.out).parts[0] == "emulator-2-tiny-random"
+    rest = cell.path.relative_to(bench.out / "emulator-2-tiny-random")
+    legacy = bench.out / "emulator:2:tiny-random" / rest
+    legacy.mkdir(parents=True)
+    (legacy / "result.json").write_text("{}")
+    (again,) = expand(bench)
+    assert again.path == legacy  # a record written before the rename is still found
+
+
+@pytest.mark.parametrize("name, folder", [
+    ("qwen2.5-coder-0.5b", "qwen2.5-coder-0.5b"),
+    ("emulator:12:qwen2.5-coder-0.5b", "emulator-12-qwen2.5-coder-0.5b"),
+    ("/home/me/models/my llama", "home-me-models-my-llama"),
+    (r"C:\models\x", "C-models-x"),
+])
+def test_path_component_keeps_only_portable_characters(name, folder):
+    from fedsteer.bench import path_component
+
+    assert path_component(name) == folder
+
+
+def test_the_bench_command_prints_each_cell_row_then_takeaways_and_the_report_path(tmp_path):
+    from typer.testing import CliRunner
+
+    from fedsteer.cli import app
+
+    grid = write_grid(tmp_path, seeds=[0], alphas=[0.5])
+    result = CliRunner().invoke(app, ["bench", str(grid)], catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    text = " ".join(result.output.split())
+    assert "zero-shot on sst2: acc" in text and "ifed-icl on sst2: acc" in text
+    assert text.index("zero-shot on sst2: acc") < text.index("Most accurate:")
+    assert "Bytes moved:" in text and "Client compute:" in text
+    assert str((tmp_path / "cells" / "report.html").resolve()) in result.output.replace("\n", "")

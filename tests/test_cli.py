@@ -14,16 +14,6 @@ from fedsteer.eval.record import REQUIRED_KEYS
 runner = CliRunner()
 
 
-@pytest.fixture(autouse=True)
-def _skip_without_data():
-    from fedsteer.settings import data_dir
-
-    try:
-        data_dir()
-    except FileNotFoundError:
-        pytest.skip("no task data directory")
-
-
 def invoke(*args):
     result = runner.invoke(app, list(args), catch_exceptions=False)
     assert result.exit_code == 0, result.output

@@ -25,13 +25,8 @@ NUM_LABELS = {"sst2": 2, "mr": 2, "sst5": 5, "subj": 2, "trec": 6, "agnews": 4, 
 
 
 def _real_data_dir() -> Path:
-    try:
-        path = settings.data_dir()
-    except FileNotFoundError:
-        pytest.skip("no real data dir")
-    if not (path / "sst2" / "meta.json").is_file():
-        pytest.skip("no real data dir")
-    return path
+    """The package's own copy: present in every clone and every installed wheel."""
+    return settings.BUILTIN_DATA_DIR
 
 
 def _write(path: Path, text: str | bytes) -> Path:
@@ -88,6 +83,42 @@ def test_builtin_uses_same_validation(tmp_path: Path) -> None:
     _jsonl(task_dir / "train.jsonl", [{"text": "ok", "label": 1}])
     _jsonl(task_dir / "test.jsonl", [{"text": "ok", "label": 7}])
     with pytest.raises(DataError, match=r"test\.jsonl, line 1, field 'label'"):
+        load_task("sst2", data_dir=tmp_path)
+
+
+def test_a_users_copy_may_be_plain_or_gzipped(tmp_path: Path) -> None:
+    import gzip
+
+    task_dir = tmp_path / "sst2"
+    task_dir.mkdir()
+    _write(task_dir / "meta.json", json.dumps({"name": "sst2", "labels": list(LABELS)}))
+    _jsonl(task_dir / "train.jsonl", [{"text": "ok", "label": 1}])
+    _write(task_dir / "test.jsonl.gz", gzip.compress(b'{"text": "bad", "label": 0}\n'))
+    task = load_task("sst2", data_dir=tmp_path)
+    assert [ex.text for ex in task.test] == ["bad"] and task.dev is None
+
+
+def test_a_corrupt_gzip_names_its_file(tmp_path: Path) -> None:
+    task_dir = tmp_path / "sst2"
+    task_dir.mkdir()
+    _write(task_dir / "meta.json", json.dumps({"name": "sst2", "labels": list(LABELS)}))
+    _jsonl(task_dir / "train.jsonl", [{"text": "ok", "label": 1}])
+    _write(task_dir / "test.jsonl.gz", b"\x1f\x8b not really gzip")
+    with pytest.raises(DataError, match=r"test\.jsonl\.gz.*gzip"):
+        load_task("sst2", data_dir=tmp_path)
+
+
+def test_a_missing_task_names_the_folder_it_tried(tmp_path: Path) -> None:
+    with pytest.raises(DataError, match=str(tmp_path / "trec")):
+        load_task("trec", data_dir=tmp_path)
+
+
+def test_a_missing_split_names_the_file_it_tried(tmp_path: Path) -> None:
+    task_dir = tmp_path / "sst2"
+    task_dir.mkdir()
+    _write(task_dir / "meta.json", json.dumps({"name": "sst2", "labels": list(LABELS)}))
+    _jsonl(task_dir / "train.jsonl", [{"text": "ok", "label": 1}])
+    with pytest.raises(DataError, match=r"test\.jsonl.*file not found"):
         load_task("sst2", data_dir=tmp_path)
 
 

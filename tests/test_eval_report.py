@@ -60,3 +60,43 @@ def test_peak_memory_restarts_per_run_so_a_bench_s_cells_report_their_own():
     del ballast
     assert reset_peak_rss()
     assert peak_rss_bytes() < with_ballast - 200 * 2**20
+
+
+def test_wilson_interval_matches_the_closed_form():
+    from math import sqrt
+
+    from fedsteer.eval.metrics import wilson_interval
+
+    k, n, z = 81, 100, 1.959963984540054
+    p = k / n
+    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
+    half = z * sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
+    low, high = wilson_interval(k, n)
+    assert abs(low - (centre - half)) < 1e-9 and abs(high - (centre + half)) < 1e-9
+
+
+def _record(method, accuracy, up, seconds, n=100, per_client=None):
+    metrics = {"accuracy": accuracy, "macro_f1": accuracy, "num_test": n}
+    if per_client:
+        metrics["per_client"] = per_client
+    return {"method": method, "metrics": metrics,
+            "costs": {"bytes_up": up, "bytes_down": up, "client_seconds": seconds}}
+
+
+def test_takeaways_name_the_best_with_its_interval_and_the_cost_ranges():
+    from fedsteer.eval.report import takeaways
+
+    lines = takeaways([_record("zero-shot", 0.78, 0, 0.0), _record("ifed-icl", 0.83, 1000, 40.0),
+                       _record("fedavg-lora", 0.80, 5_000_000, 120.0)])
+    assert len(lines) == 3
+    assert lines[0].startswith("Most accurate: ifed-icl at 83.0 % (95 % interval 74–89 on 100")
+    assert "vs zero-shot 78.0 %" in lines[0]
+    assert "2.0 KB (ifed-icl)" in lines[1] and "10.0 MB (fedavg-lora)" in lines[1]
+    assert "0 s (zero-shot)" in lines[2] and "120 s (fedavg-lora)" in lines[2]
+
+
+def test_a_per_client_mean_gets_no_single_run_interval():
+    from fedsteer.eval.report import takeaways
+
+    (line, *_) = takeaways([_record("local-icl", 0.8, 10, 1.0, per_client=[{}, {}])])
+    assert "mean of 2 clients, each on 100 rows" in line and "95 % interval" not in line

@@ -192,3 +192,16 @@ def test_eval_every_records_accuracy_after_those_rounds(every, expected):
     assert (outcome.metrics is not None) == expected[-1]
     if expected[-1]:
         assert outcome.metrics["accuracy"] == outcome.rounds[-1].accuracy
+
+
+def test_a_round_is_labelled_with_method_phase_and_round_of_planned():
+    from flwr.app import ConfigRecord, RecordDict
+
+    from fedsteer.federation.runtime import round_label
+    from fedsteer.methods import make_method
+
+    ifed = make_method("ifed-icl", rounds=3)
+    message = RecordDict({"config": ConfigRecord({"phase": "calibrate", "round": 2})})
+    assert round_label(ifed, message, 2) == "ifed-icl · calibrate · round 3/4 · clients"
+    lora = make_method("fedavg-lora", rounds=2)
+    assert round_label(lora, RecordDict(), 0) == "fedavg-lora · round 1/2 · clients"

@@ -24,6 +24,7 @@ from __future__ import annotations
 import dataclasses
 import itertools
 import json
+import re
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field, fields
@@ -127,6 +128,30 @@ def check_finished(cells: list[Cell]) -> None:
                         "`out` to run the grid as written.")
 
 
+def path_component(name: str) -> str:
+    """`name` as one folder name any file system and tool accepts: a model such as
+    `emulator:12:qwen2.5-coder-0.5b` or a local path becomes `emulator-12-qwen2.5-coder-0.5b`."""
+    return re.sub(r"[^A-Za-z0-9._+-]+", "-", name).strip("-.") or "model"
+
+
+def cell_path(out: Path, config: RunConfig) -> Path:
+    """Where a cell's result lives; a record written before names were made portable (the
+    raw model name as a folder) is still found there, so old grids stay readable."""
+    rest = Path(Path(config.task).stem) / config.method / cell_dir(config)
+    path = out / path_component(config.model) / rest
+    legacy = out / config.model / rest
+    if not (path / RESULT_FILE).exists() and _is_file(legacy / RESULT_FILE):
+        return legacy
+    return path
+
+
+def _is_file(path: Path) -> bool:
+    try:
+        return path.is_file()
+    except (OSError, ValueError):  # a name this file system cannot even hold
+        return False
+
+
 def cell_dir(config: RunConfig) -> str:
     skew = "iid" if config.partition == "iid" else f"alpha{config.alpha:g}"
     return f"{skew}-clients{config.clients}-seed{config.seed}"
@@ -149,7 +174,7 @@ def expand(bench: BenchConfig) -> list[Cell]:
         # a method's own settings win, even over the grid's (e.g. FedPT's small device model)
         fields.update(bench.run.get(method, {}))
         config = RunConfig(**fields, options=dict(bench.options.get(method, {})))
-        path = bench.out / config.model / Path(task).stem / method / cell_dir(config)
+        path = cell_path(bench.out, config)
         if path not in seen:
             seen.add(path)
             cells.append(Cell(config, path))
@@ -170,6 +195,8 @@ def run_grid(bench: BenchConfig, progress=None,
     for model, group in _by_model(todo):
         lm = load_model(model)
         for cell in group:
+            if bar is not None:
+                progress.update(bar, description=f"bench {bench.name} · {cell_label(cell)}")
             started = time.perf_counter()
             record = run_experiment(cell.config, cell.path, lm=lm,
                                     task=load_task(cell.config.task), resume=True,
@@ -181,6 +208,12 @@ def run_grid(bench: BenchConfig, progress=None,
                 progress.advance(bar)
         del lm
     return [read_result(c.path) for c in cells]
+
+
+def cell_label(cell: Cell) -> str:
+    """A cell as a progress line names it: "ifed-icl on sst2 (seed 0)"."""
+    config = cell.config
+    return f"{config.method} on {Path(config.task).stem} (seed {config.seed})"
 
 
 def _by_model(cells: list[Cell]) -> Iterator[tuple[str, list[Cell]]]:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import os
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -15,9 +16,17 @@ import yaml
 from rich.console import Console
 from rich.logging import RichHandler
 from rich.markup import escape
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    TextColumn,
+    TimeElapsedColumn,
+    TimeRemainingColumn,
+)
 from rich.table import Table
 
+from fedsteer import settings
 from fedsteer.data import (
     DataError,
     builtin_task_names,
@@ -28,7 +37,7 @@ from fedsteer.data import (
 )
 from fedsteer.eval.plots import plot_comparison
 from fedsteer.eval.record import RESULT_FILE, read_result
-from fedsteer.eval.report import comparison_table
+from fedsteer.eval.report import comparison_table, human_bytes, takeaways
 from fedsteer.experiment import RunConfig, default_run_dir, run_experiment
 from fedsteer.federation import CheckpointMismatch
 from fedsteer.federation.checkpoint import atomic_write_json
@@ -50,6 +59,19 @@ app = typer.Typer(
 console = Console(width=None if Console().is_terminal else 120)  # logs: no 80-col wrap
 RUN_CONFIG_FILE = "run.json"
 RUNTIMES = ("inprocess", "flower", "flower-deployment")
+
+
+@app.callback()
+def _global_options(
+    data_dir: Annotated[Path | None, typer.Option(
+        "--data-dir", envvar=settings.DATA_DIR_ENV, show_envvar=True,
+        help="your own copy of the built-in tasks (<task>/meta.json + splits) "
+             "[default: the copy shipped inside fedsteer]")] = None,
+) -> None:
+    """Options for every command; the data directory goes into the environment so Flower's
+    processes, started later, read the same copy."""
+    if data_dir is not None:
+        os.environ[settings.DATA_DIR_ENV] = str(data_dir.expanduser().resolve())
 
 
 def _setup_logging(verbose: bool) -> None:
@@ -79,9 +101,12 @@ def _user_errors() -> Iterator[None]:
 
 
 def _progress() -> Progress:
+    """One live line per phase (a grid, a round's clients, a scoring pass): what it is, how
+    far, how long so far and how long still to go."""
     return Progress(
         TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
-        TimeElapsedColumn(), console=console, transient=True,
+        TimeElapsedColumn(), TextColumn("eta"), TimeRemainingColumn(),
+        console=console, transient=True,
     )
 
 
@@ -280,8 +305,6 @@ def bench(
     verbose: bool = False,
 ) -> None:
     """Run a grid of methods × tasks × α × clients × seeds × models; resumable."""
-    from rich.progress import TimeRemainingColumn
-
     from fedsteer.bench import BenchConfig, expand, run_grid
     from fedsteer.eval.summary import write_report
 
@@ -294,19 +317,26 @@ def bench(
         done = sum(c.done for c in cells)
         console.print(f"[bold]{grid.name}[/]: {len(cells)} cells, {done} already done → "
                       f"{grid.out}")
-        progress = Progress(TextColumn("{task.description}"), BarColumn(),
-                            MofNCompleteColumn(), TimeElapsedColumn(), TimeRemainingColumn(),
-                            console=console, transient=True)
-        with progress:
-            records = run_grid(grid, progress, on_cell=lambda cell, record: console.print(
-                f"{cell.path.relative_to(grid.out)}: acc "
-                f"{100 * record['metrics']['accuracy']:.1f} ({record['bench_seconds']:.0f} s)"))
+        with _progress() as progress:
+            records = run_grid(grid, progress, on_cell=_print_cell)
         for task, group in _by_task(records).items():
             console.print(comparison_table(group, title=f"{grid.name}: {task}",
                                            label=_cell_label(grid)))
+            for line in takeaways(group):
+                console.print(f"  {line}")
         if report_too:
             md, page = write_report(grid.out, title=f"fedsteer bench: {grid.name}")
-            console.print(f"report: {md}  {page}")
+            console.print(f"report: [bold]{page.resolve()}[/]  (markdown: {md})")
+
+
+def _print_cell(cell, record: dict) -> None:
+    """A finished cell's row as soon as it exists, not only in the final table."""
+    m, c = record["metrics"], record["costs"]
+    console.print(
+        f"[bold]{cell.config.method}[/] on {Path(cell.config.task).stem}: "
+        f"acc {100 * m['accuracy']:.1f} %, macro-F1 {100 * m['macro_f1']:.1f} %, "
+        f"{human_bytes(c['bytes_up'] + c['bytes_down'])} moved, "
+        f"client {c['client_seconds']:.0f} s, cell {record['bench_seconds']:.0f} s")
 
 
 def _cell_label(grid):
@@ -402,11 +432,13 @@ def eval_cmd(
 @app.command()
 def tasks() -> None:
     """List the built-in tasks with their labels and split sizes."""
-    table = Table("task", "labels", "train", "test", "source")
-    for name in builtin_task_names():
-        t = load_task(name)
-        table.add_row(name, ", ".join(t.spec.labels), str(len(t.train)), str(len(t.test)),
-                      t.source)
+    table = Table("task", "labels", "train", "test", "source",
+                  title=f"built-in tasks in {settings.data_dir()}")
+    with _user_errors():
+        for name in builtin_task_names():
+            t = load_task(name)
+            table.add_row(name, ", ".join(t.spec.labels), str(len(t.train)), str(len(t.test)),
+                          t.source)
     console.print(table)
 
 

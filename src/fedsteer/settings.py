@@ -11,18 +11,19 @@ DATA_DIR_ENV = "FEDSTEER_DATA_DIR"
 CACHE_DIR_ENV = "FEDSTEER_CACHE_DIR"
 
 
+BUILTIN_DATA_DIR = Path(__file__).parent / "data" / "builtin"
+
+
 def data_dir() -> Path:
-    """The built-in tasks' directory: `$FEDSTEER_DATA_DIR`, else `../shared/data` if present."""
+    """Where built-in task names are looked up: `$FEDSTEER_DATA_DIR` (a user's own copy,
+    e.g. the full splits) if set, else the copy shipped inside the package.
+
+    Never relative to the working directory or the checkout: a run means the same thing
+    wherever it is started from.
+    """
     if env := os.environ.get(DATA_DIR_ENV):
-        return Path(env)
-    repo = Path(__file__).parents[2]  # src/fedsteer/settings.py -> the checkout
-    for candidate in (Path.cwd() / "../shared/data", repo / "../shared/data"):
-        if candidate.is_dir():
-            return candidate.resolve()
-    raise FileNotFoundError(
-        f"No task data found: set {DATA_DIR_ENV} to a folder holding <task>/train.jsonl, "
-        "or run from a checkout with ../shared/data beside it."
-    )
+        return Path(env).expanduser()
+    return BUILTIN_DATA_DIR
 
 
 def cache_dir() -> Path:

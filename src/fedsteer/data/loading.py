@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import gzip
 import io
 import json
 import warnings
@@ -13,7 +14,15 @@ from typing import Any
 from fedsteer.data.errors import DataError
 from fedsteer.data.schema import Example
 
-SUFFIXES = (".jsonl", ".csv")
+SUFFIXES = (".jsonl", ".csv")  # each may also be gzip-compressed (.jsonl.gz, .csv.gz)
+
+
+def file_kind(path: Path) -> str:
+    """".jsonl" or ".csv" for a data file, looking through a trailing .gz."""
+    suffixes = [s.lower() for s in path.suffixes]
+    if suffixes and suffixes[-1] == ".gz":
+        suffixes = suffixes[:-1]
+    return suffixes[-1] if suffixes else ""
 
 
 def load_examples(
@@ -29,9 +38,10 @@ def load_examples(
         raise ValueError(f"max_chars must be >= 1, got {max_chars}")
     if not path.is_file():
         raise DataError("file not found", path)
-    suffix = path.suffix.lower()
+    suffix = file_kind(path)
     if suffix not in SUFFIXES:
-        raise DataError(f"unsupported file type {suffix!r} (use .jsonl or .csv)", path)
+        raise DataError(
+            f"unsupported file type {suffix!r} (use .jsonl or .csv, optionally .gz)", path)
     rows = _jsonl_rows(path) if suffix == ".jsonl" else _csv_rows(path, pair)
     examples, truncated = [], 0
     for line, row in rows:
@@ -50,7 +60,7 @@ def load_examples(
 
 def _decoded_lines(path: Path) -> list[str]:
     """Decode line by line so a non-UTF-8 byte is reported at its own line."""
-    raw_lines = path.read_bytes().split(b"\n")
+    raw_lines = _read_bytes(path).split(b"\n")
     lines = []
     for number, raw in enumerate(raw_lines, start=1):
         try:
@@ -63,6 +73,16 @@ def _decoded_lines(path: Path) -> list[str]:
             ) from None
         lines.append(text.lstrip("\ufeff") if number == 1 else text)
     return lines
+
+
+def _read_bytes(path: Path) -> bytes:
+    if path.suffix.lower() != ".gz":
+        return path.read_bytes()
+    try:
+        return gzip.decompress(path.read_bytes())
+    except (OSError, EOFError) as err:
+        raise DataError(f"not a readable gzip file ({err}); re-copy or decompress it",
+                        path) from None
 
 
 def _jsonl_rows(path: Path) -> Iterator[tuple[int, Any]]:

@@ -70,7 +70,10 @@ def _load_builtin(name: str, data_dir: Path | None, max_chars: int) -> Task:
     task_dir = Path(data_dir if data_dir is not None else settings.data_dir()) / name
     meta_path = task_dir / "meta.json"
     if not meta_path.is_file():
-        raise DataError(f"task {name!r} not found (no meta.json in {task_dir})", meta_path)
+        raise DataError(
+            f"task {name!r} not found (no meta.json in {task_dir}; "
+            f"{settings.DATA_DIR_ENV} / --data-dir must hold <task>/meta.json and its splits)",
+            meta_path)
     meta = json.loads(meta_path.read_text(encoding="utf-8"))
     template, words = BUILTIN_SPECS[name]
     labels = meta.get("labels")
@@ -80,7 +83,7 @@ def _load_builtin(name: str, data_dir: Path | None, max_chars: int) -> Task:
             field="labels",
         )
     spec = TaskSpec(name=name, labels=tuple(labels), label_words=words, template=template)
-    splits = {s: task_dir / f"{s}.jsonl" for s in ("train", "test", "dev")}
+    splits = {s: _split_file(task_dir, s) for s in ("train", "test", "dev")}
     loaded = {
         split: load_examples(path, spec.labels, pair=spec.is_pair, max_chars=max_chars)
         for split, path in splits.items()
@@ -88,6 +91,14 @@ def _load_builtin(name: str, data_dir: Path | None, max_chars: int) -> Task:
     }
     _check_split_sizes(meta, loaded, meta_path)
     return Task(spec, loaded["train"], loaded["test"], loaded.get("dev"), meta.get("source", ""))
+
+
+def _split_file(task_dir: Path, split: str) -> Path:
+    """`<split>.jsonl`, else the compressed `<split>.jsonl.gz` the package ships; when neither
+    exists, the plain name, so the error names a file a user could put there."""
+    plain = task_dir / f"{split}.jsonl"
+    packed = task_dir / f"{split}.jsonl.gz"
+    return packed if not plain.is_file() and packed.is_file() else plain
 
 
 def _check_split_sizes(meta: dict, loaded: dict[str, list[Example]], meta_path: Path) -> None:

@@ -6,6 +6,7 @@ from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
+from scipy.stats import binomtest
 from sklearn.metrics import accuracy_score, f1_score
 
 
@@ -37,3 +38,11 @@ def summarize_clients(per_client: Sequence[dict[str, Any]]) -> dict[str, Any]:
         out[f"{key}_max"] = float(values.max())
     out["per_client"] = list(per_client)
     return out
+
+
+def wilson_interval(correct: int, total: int, confidence: float = 0.95) -> tuple[float, float]:
+    """The Wilson score interval of an accuracy of `correct` out of `total` rows."""
+    if total < 1:
+        raise ValueError("an interval needs at least one row")
+    ci = binomtest(int(correct), int(total)).proportion_ci(confidence, method="wilson")
+    return float(ci.low), float(ci.high)

@@ -60,3 +60,36 @@ def _epsilon(privacy: dict[str, Any] | None) -> str:
     if not privacy:
         return "—"
     return f"{privacy['epsilon']:.2f} ({privacy['delta']:.0e})"
+
+
+def takeaways(records: Sequence[dict[str, Any]]) -> list[str]:
+    """Three lines a person reads after a grid: who is most accurate and how sure that is,
+    what the accuracy cost in bytes, and what it cost in client compute."""
+    from fedsteer.eval.metrics import wilson_interval
+
+    if not records:
+        return []
+    best = max(records, key=lambda r: r["metrics"]["accuracy"])
+    m = best["metrics"]
+    n = int(m["num_test"])
+    if "per_client" in m:
+        sure = f"the mean of {len(m['per_client'])} clients, each on {n} rows"
+    else:
+        low, high = wilson_interval(round(m["accuracy"] * n), n)
+        sure = f"95 % interval {100 * low:.0f}–{100 * high:.0f} on {n} rows"
+    zero = [r for r in records if r["method"] == "zero-shot"]
+    versus = f" vs zero-shot {100 * zero[0]['metrics']['accuracy']:.1f} %" if zero else ""
+    lines = [f"Most accurate: {best['method']} at {100 * m['accuracy']:.1f} % ({sure}){versus};"
+             " overlapping intervals mean no difference is shown."]
+    total = {id(r): r["costs"]["bytes_up"] + r["costs"]["bytes_down"] for r in records}
+    moved = [r for r in records if total[id(r)] > 0]
+    if moved:
+        low_b, high_b = (min(moved, key=lambda r: total[id(r)]),
+                         max(moved, key=lambda r: total[id(r)]))
+        lines.append(f"Bytes moved: from {human_bytes(total[id(low_b)])} ({low_b['method']}) "
+                     f"to {human_bytes(total[id(high_b)])} ({high_b['method']}), whole run.")
+    compute = sorted(records, key=lambda r: r["costs"]["client_seconds"])
+    lines.append(f"Client compute: from {compute[0]['costs']['client_seconds']:.0f} s "
+                 f"({compute[0]['method']}) to {compute[-1]['costs']['client_seconds']:.0f} s "
+                 f"({compute[-1]['method']}).")
+    return lines

@@ -13,7 +13,7 @@ import time
 from fedsteer.eval.costs import RoundCost, payload_bytes
 from fedsteer.federation.checkpoint import load_recorddict, save_recorddict
 from fedsteer.federation.privacy import privatize_reply
-from fedsteer.federation.runtime import Runtime
+from fedsteer.federation.runtime import Runtime, round_label
 from fedsteer.methods.base import Client, Method, Reply
 
 log = logging.getLogger(__name__)
@@ -22,7 +22,7 @@ log = logging.getLogger(__name__)
 class InProcessRuntime(Runtime):
     def _collect(self, method, message, sampled: list[Client], cost: RoundCost) -> list[Reply]:
         down = payload_bytes(message)
-        task = self._progress_task(f"round {cost.round + 1}", len(sampled))
+        task = self._progress_task(round_label(method, message, cost.round), len(sampled))
         replies = []
         for client in sampled:
             cost.clients.append(client.cid)

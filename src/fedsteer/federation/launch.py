@@ -248,7 +248,7 @@ def run_on_flower(
         config = dataclasses.replace(config, task=str(Path(config.task).resolve()))
     run_config = to_run_config(
         config, out_dir=out_dir, save_dir=save_dir.resolve() if save_dir else "",
-        data_dir=_data_dir_or_blank(), round_timeout=round_timeout,
+        data_dir=_absolute_data_dir(), round_timeout=round_timeout,
     )
     centralized = make_method(config.method, **config.method_options()).centralized
     nodes = 1 if centralized else config.clients
@@ -261,9 +261,6 @@ def run_on_flower(
     return read_result(out_dir)
 
 
-def _data_dir_or_blank() -> str:
+def _absolute_data_dir() -> str:
     """Pass the data directory on absolute, so Flower's processes find it from any cwd."""
-    try:
-        return str(settings.data_dir().resolve())
-    except FileNotFoundError:
-        return ""
+    return str(settings.data_dir().resolve())

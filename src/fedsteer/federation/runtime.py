@@ -61,6 +61,15 @@ def sample_clients(config: RuntimeConfig, rnd: int, num_clients: int) -> list[in
     return sorted(int(c) for c in rng.choice(num_clients, size=wanted, replace=False))
 
 
+def round_label(method: Method, message: RecordDict, rnd: int) -> str:
+    """What a progress line says of a round: "ifed-icl · calibrate · round 2/3 · clients"."""
+    planned = method.planned_rounds()
+    config = message["config"] if "config" in message.config_records else {}
+    phase = f" · {config['phase']}" if "phase" in config else ""
+    of = f"/{planned}" if planned else ""
+    return f"{method.name}{phase} · round {rnd + 1}{of} · clients"
+
+
 def reject(cost: RoundCost, cid: int, reason: str) -> None:
     """Leave a reply out of the round: logged, and recorded with its reason in the costs."""
     log.warning("round %d: rejected client %d: %s", cost.round, cid, reason)

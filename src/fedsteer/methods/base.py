@@ -166,6 +166,11 @@ class Method(ABC):
     def configure_round(self, rnd: int, state: RecordDict) -> RecordDict | None:
         """The message for round `rnd` (0-based), or None when the method is finished."""
 
+    def planned_rounds(self) -> int | None:
+        """How many rounds `configure_round` hands out when nothing stops it early, for a
+        progress line's "round r/N"; None when a method cannot tell."""
+        return None
+
     def client_step(self, message: RecordDict, client: Client) -> RecordDict:
         raise NotImplementedError(f"{self.name} has no client step")
 

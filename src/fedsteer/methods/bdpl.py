@@ -138,6 +138,9 @@ class BDPL(Method):
     blackbox: str = "local"  # or "openai:BASE_URL#MODEL"
     seed: int = 0
 
+    def planned_rounds(self) -> int:
+        return self.rounds
+
     def configure_round(self, rnd: int, state: RecordDict) -> RecordDict | None:
         if rnd >= self.rounds or self._budget_spent(state):
             return None

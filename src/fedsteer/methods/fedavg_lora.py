@@ -69,6 +69,9 @@ class FedAvgLoRA(Method):
         weights = initial_adapter(env.lm, self.config, self.seed)
         return RecordDict({"adapter": adapter_record(weights)})
 
+    def planned_rounds(self) -> int:
+        return self.rounds
+
     def configure_round(self, rnd: int, state: RecordDict) -> RecordDict | None:
         if rnd >= self.rounds:
             return None

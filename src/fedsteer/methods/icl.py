@@ -59,7 +59,7 @@ def scoring_progress(env: Environment, total: int) -> Iterator[Callable[[int], N
     if env.progress is None:
         yield None
         return
-    task = env.progress.add_task(f"scoring {total} queries", total=total)
+    task = env.progress.add_task(f"scoring {total} queries", total=total)  # phase: evaluation
     try:
         yield lambda n: env.progress.advance(task, n)
     finally:
@@ -84,6 +84,9 @@ class LocalICL(Method):
     name = "local-icl"
     shots: int = 4
     seed: int = 0
+
+    def planned_rounds(self) -> int:
+        return 1
 
     def configure_round(self, rnd: int, state: RecordDict) -> RecordDict | None:
         if rnd > 0:

@@ -150,6 +150,9 @@ class IFedICL(Method):
         coef = initial_coefficients(dims["num_layers"], self.init_lambda, self.init_beta)
         return RecordDict({"dims": ConfigRecord(dims), "coef": _record(coef=coef)})
 
+    def planned_rounds(self) -> int:
+        return self.rounds + 1  # round 0 extracts the context vectors
+
     def configure_round(self, rnd: int, state: RecordDict) -> RecordDict | None:
         if rnd == 0:
             return RecordDict({"config": ConfigRecord({"phase": EXTRACT, "round": 0,

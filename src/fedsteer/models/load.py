@@ -151,14 +151,22 @@ def _load_gguf(gguf: Path) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
 
 def ensure_cached(spec: ModelSpec) -> Path:
     """Build the safetensors cache for `spec` once (atomically) and return its directory."""
+    from fedsteer.eval.report import human_bytes
+
     final = model_cache_dir(spec.name)
     if _is_cached(spec.name):
         return final
     final.parent.mkdir(parents=True, exist_ok=True)
-    log.info("building cache for %s from GGUF (~40 s, once) in %s", spec.name, final)
     with tempfile.TemporaryDirectory(prefix=f".{spec.name}.", dir=final.parent) as tmp:
         workdir = Path(tmp)
-        model, tokenizer = _load_gguf(_gguf_for(spec, workdir))
+        gguf = _gguf_for(spec, workdir)
+        log.warning(  # a first run's long silence, explained before it starts
+            "first use of %s: building its float32 cache from the %s GGUF in pip package(s) "
+            "%s into %s — about %s on disk, ~1 min on 2 cores, once",
+            spec.name, human_bytes(gguf.stat().st_size), ", ".join(spec.packages[:1])
+            + (" …" if len(spec.packages) > 1 else ""), final,
+            human_bytes(float32_bytes(gguf)))
+        model, tokenizer = _load_gguf(gguf)
         (workdir / GGUF_NAME).unlink(missing_ok=True)
         out = workdir / "out"
         model.save_pretrained(out)
@@ -168,8 +176,16 @@ def ensure_cached(spec: ModelSpec) -> Path:
         if final.exists():  # a stale, incomplete leftover
             shutil.rmtree(final)
         os.replace(out, final)
-    log.info("cached %s", spec.name)
+    log.warning("cached %s: %s in %s", spec.name,
+                human_bytes(sum(f.stat().st_size for f in final.iterdir())), final)
     return final
+
+
+def float32_bytes(gguf: Path) -> int:
+    """What the GGUF's tensors take dequantized to float32 (read from its header only)."""
+    from gguf import GGUFReader
+
+    return 4 * sum(int(t.n_elements) for t in GGUFReader(str(gguf)).tensors)
 
 
 def _from_dir(path: str | Path, name: str, dtype: torch.dtype) -> LoadedModel:
