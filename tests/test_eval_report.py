@@ -91,6 +91,7 @@ def test_takeaways_name_the_best_with_its_interval_and_the_cost_ranges():
     assert len(lines) == 3
     assert lines[0].startswith("Most accurate: ifed-icl at 83.0 % (95 % interval 74–89 on 100")
     assert "vs zero-shot 78.0 %" in lines[0]
+    assert lines[0].endswith("; 2 of the other 2 fall inside that interval.")
     assert "2.0 KB (ifed-icl)" in lines[1] and "10.0 MB (fedavg-lora)" in lines[1]
     assert "0 s (zero-shot)" in lines[2] and "120 s (fedavg-lora)" in lines[2]
 

@@ -6,6 +6,7 @@ import dataclasses
 import json
 import logging
 import os
+import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -82,6 +83,12 @@ def _setup_logging(verbose: bool) -> None:
     )
     for noisy in ("transformers", "flwr", "httpx", "matplotlib"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
+    # Our own progress lines say what is happening; transformers' per-load bars and its
+    # deprecation notices about its own internals are noise in a user's terminal.
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+    warnings.filterwarnings("ignore", category=FutureWarning, module=r"transformers\.")
 
 
 #: Errors a user can fix from the message alone: printed plainly, no traceback.

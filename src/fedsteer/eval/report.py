@@ -72,15 +72,19 @@ def takeaways(records: Sequence[dict[str, Any]]) -> list[str]:
     best = max(records, key=lambda r: r["metrics"]["accuracy"])
     m = best["metrics"]
     n = int(m["num_test"])
+    zero = [r for r in records if r["method"] == "zero-shot"]
+    versus = f" vs zero-shot {100 * zero[0]['metrics']['accuracy']:.1f} %" if zero else ""
     if "per_client" in m:
         sure = f"the mean of {len(m['per_client'])} clients, each on {n} rows"
+        inside = ""
     else:
         low, high = wilson_interval(round(m["accuracy"] * n), n)
         sure = f"95 % interval {100 * low:.0f}–{100 * high:.0f} on {n} rows"
-    zero = [r for r in records if r["method"] == "zero-shot"]
-    versus = f" vs zero-shot {100 * zero[0]['metrics']['accuracy']:.1f} %" if zero else ""
-    lines = [f"Most accurate: {best['method']} at {100 * m['accuracy']:.1f} % ({sure}){versus};"
-             " overlapping intervals mean no difference is shown."]
+        others = [r for r in records if r is not best]
+        within = sum(low <= r["metrics"]["accuracy"] <= high for r in others)
+        inside = f"; {within} of the other {len(others)} fall inside that interval"
+    lines = [f"Most accurate: {best['method']} at {100 * m['accuracy']:.1f} % ({sure})"
+             f"{versus}{inside}."]
     total = {id(r): r["costs"]["bytes_up"] + r["costs"]["bytes_down"] for r in records}
     moved = [r for r in records if total[id(r)] > 0]
     if moved:

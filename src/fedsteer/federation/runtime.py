@@ -200,7 +200,7 @@ class Runtime(ABC):
     def _restore(self, clients, fingerprint):
         progress_file = self.checkpoint_dir / "progress.json" if self.checkpoint_dir else None
         if progress_file is None or not progress_file.exists():
-            log.info("no checkpoint to resume from; starting afresh")
+            log.debug("no checkpoint to resume from; starting afresh")
             return None
         saved = json.loads(progress_file.read_text())
         if saved["fingerprint"] != fingerprint:
