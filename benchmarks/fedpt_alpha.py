@@ -20,7 +20,7 @@ from fedsteer.data import load_task
 from fedsteer.eval.metrics import classification_metrics
 from fedsteer.eval.record import environment, read_result
 from fedsteer.experiment import evaluation_rows
-from fedsteer.federation.checkpoint import load_recorddict
+from fedsteer.federation.checkpoint import latest_round, load_recorddict
 from fedsteer.methods import Environment, make_method
 from fedsteer.models import load_model
 from fedsteer.models.proxy import proxy_logprobs
@@ -35,7 +35,10 @@ def sweep(cell_dir, small, task_name: str, alphas) -> dict[float, float]:
     test = evaluation_rows(task, config["test_size"], config["test_seed"])
     env = Environment(task=task.spec, test=test, model_name=config["model"], _lm=small)
     method = make_method("fedpt", **config["method_options"])
-    state = load_recorddict(cell_dir / "checkpoint" / "server")
+    folder = latest_round(cell_dir / "checkpoint")
+    if folder is None:  # recorded before checkpoints became round folders
+        folder = cell_dir / "checkpoint"
+    state = load_recorddict(folder / "server")
     queries = [task.spec.format_query(ex) for ex in test]
     truth = [ex.label for ex in test]
     label_ids = env.scorer().labels.first

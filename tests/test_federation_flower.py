@@ -283,8 +283,32 @@ def test_a_server_app_exception_in_the_flwr_log_is_found():
     log_text = ("INFO : Start `flwr-serverapp` process\nERROR : ServerApp raised an exception\n"
                 "Traceback (most recent call last):\n  File \"x.py\", line 1\n"
                 "RuntimeError: no Flower node holds partition(s) [1]\nERROR : Exit Code: 201\n")
-    assert launch._server_failure(log_text) == "RuntimeError: no Flower node holds partition(s) [1]"
-    assert launch._server_failure("INFO : run finished\n") is None
+    assert launch.app_failure(log_text) == "RuntimeError: no Flower node holds partition(s) [1]"
+    assert launch.app_failure("INFO : run finished\n") is None
+
+
+def test_a_simulation_exception_is_found_too_and_the_first_error_is_named(tmp_path):
+    """The simulation engine logs "Simulation raised an exception" (was missed: exit 0)."""
+    log_text = ("ERROR : Simulation raised an exception\nTraceback (most recent call last):\n"
+                "DataError: /x/sst2/meta.json: task 'sst2' not found\n"
+                "RuntimeError: Simulation failed\n")
+    assert launch.app_failure(log_text) == "DataError: /x/sst2/meta.json: task 'sst2' not found"
+    (tmp_path / "flwr-run.log").write_text("INFO : ok\n")
+    (tmp_path / "superlink.log").write_text(log_text)
+    assert launch.first_failure(tmp_path) == (
+        tmp_path / "superlink.log", "DataError: /x/sst2/meta.json: task 'sst2' not found")
+
+
+def test_a_missing_task_fails_before_any_flower_process_starts(tmp_path, monkeypatch):
+    from fedsteer import settings
+    from fedsteer.data import DataError
+
+    monkeypatch.setenv(settings.DATA_DIR_ENV, str(tmp_path / "empty"))
+    started = []
+    monkeypatch.setattr(launch, "simulate", lambda *a, **k: started.append(1))
+    with pytest.raises(DataError, match="empty/sst2"):
+        launch.run_on_flower(tiny_config(), tmp_path / "out")
+    assert not started
 
 
 def test_client_level_dp_is_the_same_on_flower_as_in_process(tmp_path, flower_identity):

@@ -149,7 +149,7 @@ def test_resume_after_a_kill_gives_the_uninterrupted_result(tmp_path):
     runtime = InProcessRuntime(checkpoint_dir=tmp_path)
     with pytest.raises(KeyboardInterrupt):
         runtime.run(Sabotaged(kill_at_round=2), clients, env)
-    assert (tmp_path / "progress.json").exists()
+    assert (tmp_path / "round-0002" / "progress.json").exists()
 
     resumed = runtime.run(ToyAverage(), clients, env, resume=True,
                           fingerprint={"method": "toy-average", "options": {"rounds": 4}})

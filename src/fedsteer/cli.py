@@ -26,6 +26,7 @@ from rich.progress import (
     TimeRemainingColumn,
 )
 from rich.table import Table
+from safetensors import SafetensorError
 
 from fedsteer import settings
 from fedsteer.data import (
@@ -41,8 +42,8 @@ from fedsteer.eval.record import RESULT_FILE, read_result
 from fedsteer.eval.report import comparison_table, human_bytes, takeaways
 from fedsteer.experiment import RunConfig, default_run_dir, run_experiment
 from fedsteer.federation import CheckpointMismatch
-from fedsteer.federation.checkpoint import atomic_write_json
-from fedsteer.methods import METHODS, check_options
+from fedsteer.federation.checkpoint import CheckpointError, atomic_write_json
+from fedsteer.methods import METHODS, OptionTypeError, check_options
 from fedsteer.models import (
     DEFAULT_MODEL,
     ModelNotInstalledError,
@@ -68,9 +69,11 @@ def _global_options(
         "--data-dir", envvar=settings.DATA_DIR_ENV, show_envvar=True,
         help="your own copy of the built-in tasks (<task>/meta.json + splits) "
              "[default: the copy shipped inside fedsteer]")] = None,
+    debug: Annotated[bool, typer.Option(help="show the traceback of a user error")] = False,
 ) -> None:
     """Options for every command; the data directory goes into the environment so Flower's
     processes, started later, read the same copy."""
+    _DEBUG["on"] = debug
     if data_dir is not None:
         os.environ[settings.DATA_DIR_ENV] = str(data_dir.expanduser().resolve())
 
@@ -94,15 +97,20 @@ def _setup_logging(verbose: bool) -> None:
 #: Errors a user can fix from the message alone: printed plainly, no traceback.
 USER_ERRORS = (
     DataError, ModelNotInstalledError, UnknownModelError, UnknownArchitectureError,
-    LabelWordError, CheckpointMismatch, FileNotFoundError, ValueError,
+    LabelWordError, CheckpointMismatch, CheckpointError, OptionTypeError, SafetensorError,
+    OSError, ValueError,
 )
+_DEBUG = {"on": False}  # --debug: user errors keep their traceback
 
 
 @contextmanager
 def _user_errors() -> Iterator[None]:
+    """A user error is one line and exit code 2; `--debug` shows where it came from."""
     try:
         yield
     except USER_ERRORS as error:
+        if _DEBUG["on"]:
+            raise
         console.print(f"[bold red]error:[/] {escape(str(error))}")
         raise typer.Exit(code=2) from error
 
@@ -117,22 +125,38 @@ def _progress() -> Progress:
     )
 
 
+def _positive(value: float | None) -> float | None:
+    if value is not None and not value > 0:
+        raise typer.BadParameter(f"{value} is not > 0")
+    return value
+
+
+def _share(value: float) -> float:
+    if not 0 < value <= 1:
+        raise typer.BadParameter(f"{value} is not in (0, 1]")
+    return value
+
+
 @app.command()
 def run(
+    ctx: typer.Context,
     methods: Annotated[list[str], typer.Argument(help=f"one or more of: {', '.join(METHODS)}")]
     = None,  # type: ignore[assignment]
     task: Annotated[str | None, typer.Option(
         help="built-in task name or a task spec file [default: sst2]")] = None,
     model: Annotated[str, typer.Option(help="registry name, local dir or HF id")] = DEFAULT_MODEL,
-    clients: int = 10,
-    alpha: Annotated[float, typer.Option(help="Dirichlet concentration over labels")] = 0.5,
+    clients: Annotated[int, typer.Option(min=1)] = 10,
+    alpha: Annotated[float, typer.Option(
+        help="Dirichlet concentration over labels", callback=_positive)] = 0.5,
     partition_scheme: Annotated[str, typer.Option("--partition")] = "dirichlet",
-    rounds: Annotated[int | None, typer.Option(help="rounds (default: the method's)")] = None,
-    fraction: Annotated[float, typer.Option(help="share of clients sampled per round")] = 1.0,
+    rounds: Annotated[int | None, typer.Option(
+        help="rounds (default: the method's)", min=1)] = None,
+    fraction: Annotated[float, typer.Option(
+        help="share of clients sampled per round, in (0, 1]", callback=_share)] = 1.0,
     seed: int = 0,
-    test_size: Annotated[int, typer.Option(help="test rows scored (0: all)")] = 300,
-    shots: Annotated[int, typer.Option(help="demonstrations for ICL methods")] = 4,
-    batch_size: int = 16,
+    test_size: Annotated[int, typer.Option(help="test rows scored (0: all)", min=0)] = 300,
+    shots: Annotated[int, typer.Option(help="demonstrations for ICL methods", min=0)] = 4,
+    batch_size: Annotated[int, typer.Option(min=1)] = 16,
     train: Annotated[Path | None, typer.Option(help="your own task: training JSONL/CSV")]
     = None,
     test: Annotated[Path | None, typer.Option(help="your own task: test JSONL/CSV")] = None,
@@ -160,7 +184,17 @@ def run(
     secagg: Annotated[bool, typer.Option(
         help="Flower runtimes: SecAgg+, the server sees only the mean of the replies")] = False,
     eval_every: Annotated[int, typer.Option(
-        help="also evaluate after every k-th round: accuracy per round (0: at the end)")] = 0,
+        help="also evaluate after every k-th round: accuracy per round (0: at the end)",
+        min=0)] = 0,
+    max_reply_norm: Annotated[float | None, typer.Option(
+        help="reject a reply whose arrays' L2 norm exceeds this", callback=_positive)]
+    = None,
+    reply_norm_factor: Annotated[float, typer.Option(
+        help="reject a reply with a record's norm above k × the round's median (0: off)",
+        min=0)] = 10.0,
+    max_client_weight: Annotated[float | None, typer.Option(
+        help="cap on one reply's aggregation weight [default: 10 × the round's median]",
+        callback=_positive)] = None,
     runtime: Annotated[str, typer.Option(
         help="inprocess; flower (Flower's simulation); flower-deployment (a SuperLink and "
              "one SuperNode per client on 127.0.0.1)")] = "inprocess",
@@ -179,6 +213,17 @@ def run(
                                  "client state lives in the nodes", param_hint="--runtime")
     if resume is not None:
         out, configs = resume, _load_run_configs(resume)
+        asked = _explicit_flags(ctx, {
+            "task": task, "model": model, "clients": clients, "alpha": alpha,
+            "partition": partition_scheme, "rounds": rounds, "fraction": fraction, "seed": seed,
+            "test_size": test_size or None, "shots": shots, "batch_size": batch_size,
+            "dp_clip": dp_clip, "dp_noise": dp_noise, "dp_delta": dp_delta,
+            "dp_record_clips": _parse_options(dp_clip_record or []), "secagg": secagg,
+            "eval_every": eval_every, "max_reply_norm": max_reply_norm,
+            "reply_norm_factor": reply_norm_factor, "max_client_weight": max_client_weight,
+            "options": _parse_options(option or []),
+        })
+        _refuse_changes_on_resume(resume, configs, methods, asked)
     else:
         if not methods:
             raise typer.BadParameter("name at least one method", param_hint="METHODS")
@@ -198,7 +243,9 @@ def run(
                       test_size=test_size or None, shots=shots, batch_size=batch_size,
                       dp_clip=dp_clip, dp_noise=dp_noise, dp_delta=dp_delta,
                       dp_record_clips=_parse_options(dp_clip_record or []), secagg=secagg,
-                      eval_every=eval_every, options=options)
+                      eval_every=eval_every, max_reply_norm=max_reply_norm,
+                      reply_norm_factor=reply_norm_factor, max_client_weight=max_client_weight,
+                      options=options)
             for m in methods
         ]
         out = out or default_run_dir(configs[0])
@@ -209,6 +256,40 @@ def run(
         else:
             records = _run_all_on_flower(configs, out, runtime == "flower-deployment", save)
     _show(records, out, title=f"{configs[0].task} · {configs[0].model}")
+
+
+#: `run`'s parameter name where it differs from the RunConfig field it sets
+_FLAG_OF_FIELD = {"partition": "partition_scheme", "dp_record_clips": "dp_clip_record",
+                  "options": "option"}
+
+
+def _explicit_flags(ctx: typer.Context, values: dict) -> dict:
+    """The RunConfig fields the user typed a flag for (not the flags' defaults)."""
+    from click.core import ParameterSource
+
+    def typed(field: str) -> bool:
+        source = ctx.get_parameter_source(_FLAG_OF_FIELD.get(field, field))
+        return source not in (None, ParameterSource.DEFAULT)
+
+    return {field: value for field, value in values.items() if typed(field)}
+
+
+def _refuse_changes_on_resume(run_dir: Path, configs: list[RunConfig], methods, asked) -> None:
+    """A resume continues the recorded run; a flag asking for something else is an error,
+    never silently dropped."""
+    recorded_methods = [c.method for c in configs]
+    if methods and list(methods) != recorded_methods:
+        raise typer.BadParameter(
+            f"{run_dir / RUN_CONFIG_FILE} records methods {recorded_methods}, asked {methods}; "
+            "drop them to resume, or start a new run with --out", param_hint="METHODS")
+    recorded = dataclasses.asdict(configs[0])
+    for field, value in asked.items():
+        if recorded[field] != value:
+            flag = "--" + _FLAG_OF_FIELD.get(field, field).replace("_", "-")
+            raise typer.BadParameter(
+                f"{field}: recorded {recorded[field]!r} in {run_dir / RUN_CONFIG_FILE}, asked "
+                f"{value!r}; drop {flag} to resume, or start a new run with --out",
+                param_hint=flag)
 
 
 def _parse_options(pairs: list[str]) -> dict:

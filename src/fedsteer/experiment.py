@@ -46,7 +46,9 @@ class RunConfig:
     test_seed: int = 0  # fixed apart from `seed`, so every method sees the same test rows
     shots: int = 4
     batch_size: int = 16
-    max_reply_norm: float | None = None
+    max_reply_norm: float | None = None  # absolute bound on any reply record's L2 norm
+    reply_norm_factor: float = 10.0  # reject a reply record > k × the round's median; 0: off
+    max_client_weight: float | None = None  # cap on one reply's weight; None: 10 × median
     dp_clip: float | None = None  # client-level DP: clip each reply record to this L2 norm
     dp_noise: float = 0.0  # ... and add N(0, (dp_noise * dp_clip)^2) noise to it
     dp_delta: float = 1e-5
@@ -73,6 +75,16 @@ def default_run_dir(config: RunConfig) -> Path:
 def evaluation_rows(task: Task, size: int | None, seed: int) -> list[Example]:
     """A seeded subset of the test split (all of it when `size` is None or larger)."""
     return seeded_subset(task.test, size, seed, "test", task.name)
+
+
+def test_set_warnings(test: list[Example], labels: tuple[str, ...]) -> list[str]:
+    """What makes a score mislead: macro-F1 over labels the rows never show."""
+    present = sorted({ex.label for ex in test})
+    if len(present) < len(labels):
+        missing = [labels[i] for i in range(len(labels)) if i not in present]
+        return [f"the {len(test)} test rows hold {len(present)} of {len(labels)} labels "
+                f"(none of {', '.join(missing)}): macro-F1 counts those labels as 0"]
+    return []
 
 
 def client_dp(config: RunConfig) -> ClientDP | None:
@@ -135,6 +147,8 @@ def async_config(method):
 def runtime_config(config: RunConfig) -> RuntimeConfig:
     return RuntimeConfig(fraction=config.fraction, seed=config.seed,
                          max_reply_norm=config.max_reply_norm, dp=client_dp(config),
+                         reply_norm_factor=config.reply_norm_factor,
+                         max_client_weight=config.max_client_weight,
                          eval_every=config.eval_every)
 
 
@@ -175,6 +189,9 @@ def run_experiment(
     method = make_method(config.method, **config.method_options())
     check_settings(config, method, resume)
     test = evaluation_rows(task, config.test_size, config.test_seed)
+    warnings = test_set_warnings(test, task.spec.labels)
+    for warning in warnings:
+        log.warning("%s", warning)
     env = Environment(
         task=task.spec, test=test, model_name=config.model, seed=config.seed,
         batch_size=config.batch_size, progress=progress, transfer=transfer_rows(task, test),
@@ -216,6 +233,7 @@ def run_experiment(
         "metrics": {**metrics, "num_test": len(env.test), "num_clients": len(clients)},
         "costs": costs,
         "privacy": outcome.privacy,
+        "warnings": warnings,
         "env": environment(),
     }
     write_result(record, out_dir)

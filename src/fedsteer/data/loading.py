@@ -106,6 +106,10 @@ def _csv_rows(path: Path, pair: bool) -> Iterator[tuple[int, dict[str, str]]]:
         header = [name.strip() for name in next(reader)]
     except StopIteration:
         raise DataError("empty CSV file (expected a header text,label)", path) from None
+    twice = sorted({name for name in header if header.count(name) > 1})
+    if twice:
+        raise DataError(f"CSV header names a column twice (header: {','.join(header)})",
+                        path, 1, twice[0])
     required = ["text", "label"] + (["text_pair"] if pair else [])
     for name in required:
         if name not in header:

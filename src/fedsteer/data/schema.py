@@ -39,6 +39,9 @@ class TaskSpec:
         object.__setattr__(self, "label_words", tuple(self.label_words))
         if len(self.labels) < 2:
             raise ValueError(f"task {self.name!r}: needs at least 2 labels, got {len(self.labels)}")
+        if len(set(self.labels)) != len(self.labels):
+            twice = sorted({label for label in self.labels if self.labels.count(label) > 1})
+            raise ValueError(f"task {self.name!r}: label names must differ; twice: {twice}")
         if len(self.label_words) != len(self.labels):
             raise ValueError(
                 f"task {self.name!r}: {len(self.labels)} labels but "

@@ -180,6 +180,19 @@ def _load_spec_file(path: Path, max_chars: int) -> Task:
     return task_from_spec(_read_spec(path), path, max_chars)
 
 
+def _data_path(spec_path: Path, value: str, split: str) -> Path:
+    """A relative data path stays inside the spec's folder (a shared spec must not reach
+    elsewhere on the reader's disk); an absolute path is the user's explicit choice."""
+    if Path(value).is_absolute():
+        return Path(value)
+    folder = spec_path.parent.resolve()
+    data_path = (folder / value).resolve()
+    if not data_path.is_relative_to(folder):
+        raise DataError(f"{value!r} leaves the spec's folder {folder}; move the file beside "
+                        "the spec or give an absolute path", spec_path, field=split)
+    return data_path
+
+
 def task_from_spec(raw: dict[str, Any], path: Path, max_chars: int = 2000) -> Task:
     """A user's task from spec keys (as in a spec file); data paths are relative to
     `path`'s folder, and `path` is what errors name (the spec file, or where flags came from).
@@ -197,7 +210,7 @@ def task_from_spec(raw: dict[str, Any], path: Path, max_chars: int = 2000) -> Ta
     splits = {}
     for split in ("train", "test", "dev"):
         if split in raw:
-            data_path = (path.parent / raw[split]).resolve()
+            data_path = _data_path(path, raw[split], split)
             splits[split] = load_examples(
                 data_path, labels, pair=spec.is_pair, max_chars=max_chars
             )

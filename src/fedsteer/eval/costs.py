@@ -60,6 +60,7 @@ class RoundCost:
     server_seconds: float = 0.0
     peak_rss_bytes: int = 0
     rejected: list[dict[str, Any]] = field(default_factory=list)
+    capped: list[dict[str, Any]] = field(default_factory=list)  # weights cut to the cap
     array_records: int = 0  # per reply: what a DP accountant composes for the round
     accuracy: float | None = None  # the global model's test accuracy after this round, when
     eval_seconds: float = 0.0  # the run evaluates every round (`eval_every`)
@@ -82,6 +83,7 @@ def summarize_costs(rounds: list[RoundCost]) -> dict[str, Any]:
         "server_seconds": sum(r.server_seconds for r in rounds),
         "peak_rss_bytes": max([peak_rss_bytes(), *(r.peak_rss_bytes for r in rounds)]),
         "num_rounds": len(rounds),
+        "rejected": sum(len(r.rejected) for r in rounds),
         "rounds": [r.to_dict() for r in rounds],
     }
 

@@ -54,7 +54,11 @@ def write_result(record: dict[str, Any], out_dir: Path) -> Path:
 
 def read_result(path: Path) -> dict[str, Any]:
     path = path / RESULT_FILE if path.is_dir() else path
-    record = json.loads(path.read_text())
+    try:
+        record = json.loads(path.read_text())
+    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise ValueError(f"{path}: not readable JSON ({err}); rerun the run that wrote it"
+                         ) from None
     missing = [k for k in REQUIRED_KEYS if k not in record]
     if missing:
         raise ValueError(f"{path}: not a fedsteer result record (lacks {missing})")

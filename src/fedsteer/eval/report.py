@@ -32,11 +32,13 @@ def comparison_table(records: Sequence[dict[str, Any]], title: str = "",
 
     `label(record)` names a row (default: the method), e.g. to tell seeds apart.
     """
-    table = Table(title=title or None)
+    warnings = sorted({w for rec in records for w in rec.get("warnings") or ()})
+    table = Table(title=title or None,
+                  caption="\n".join(f"warning: {w}" for w in warnings) or None)
     table.add_column("method", no_wrap=True)
     private = any(rec.get("privacy") for rec in records)
     for name in ("acc %", "macro-F1 %", "up/round", "down/round", "rounds", "client s",
-                 "eval s", "peak mem", *(["ε (δ)"] if private else [])):
+                 "eval s", "peak mem", "rejected", *(["ε (δ)"] if private else [])):
         table.add_column(name, justify="right", no_wrap=True)
     for rec in records:
         m, c = rec["metrics"], rec["costs"]
@@ -50,9 +52,17 @@ def comparison_table(records: Sequence[dict[str, Any]], title: str = "",
             f"{c['client_seconds']:.1f}",
             f"{c.get('eval_seconds', 0.0):.1f}",
             human_bytes(c["peak_rss_bytes"]),
+            str(rejected_replies(c)),
             *([_epsilon(rec.get("privacy"))] if private else []),
         )
     return table
+
+
+def rejected_replies(costs: dict[str, Any]) -> int:
+    """Replies (and aggregates) refused over the run; older records lack the total."""
+    if "rejected" in costs:
+        return int(costs["rejected"])
+    return sum(len(r.get("rejected", [])) for r in costs.get("rounds", []))
 
 
 def _epsilon(privacy: dict[str, Any] | None) -> str:
@@ -72,7 +82,7 @@ def takeaways(records: Sequence[dict[str, Any]]) -> list[str]:
     best = max(records, key=lambda r: r["metrics"]["accuracy"])
     m = best["metrics"]
     n = int(m["num_test"])
-    zero = [r for r in records if r["method"] == "zero-shot"]
+    zero = [r for r in records if r["method"] == "zero-shot" and r is not best]
     versus = f" vs zero-shot {100 * zero[0]['metrics']['accuracy']:.1f} %" if zero else ""
     if "per_client" in m:
         sure = f"the mean of {len(m['per_client'])} clients, each on {n} rows"

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import time
+from pathlib import Path
 
 from fedsteer.eval.costs import RoundCost, payload_bytes
 from fedsteer.federation.checkpoint import load_recorddict, save_recorddict
@@ -55,16 +56,17 @@ class InProcessRuntime(Runtime):
             return None
         return self.progress.add_task(label, total=total)
 
-    def _save_clients(self, clients: list[Client]) -> None:
+    def _save_clients(self, clients: list[Client], folder: Path) -> None:
         for client in clients:
             if len(client.state):
-                save_recorddict(client.state, self._client_path(client))
+                save_recorddict(client.state, self._client_path(client, folder))
 
-    def _restore_clients(self, clients: list[Client]) -> None:
+    def _restore_clients(self, clients: list[Client], folder: Path) -> None:
         for client in clients:
-            path = self._client_path(client)
+            path = self._client_path(client, folder)
             if path.with_suffix(".json").exists():
                 client.state = load_recorddict(path)
 
-    def _client_path(self, client: Client):
-        return self.checkpoint_dir / "clients" / f"client{client.cid}"
+    @staticmethod
+    def _client_path(client: Client, folder: Path) -> Path:
+        return folder / "clients" / f"client{client.cid}"

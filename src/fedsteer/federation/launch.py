@@ -194,19 +194,34 @@ def submit(processes: Processes, app_dir: Path, federation_config: str | None,
             on_wait()
         with contextlib.suppress(subprocess.TimeoutExpired):
             process.wait(1.0)
-    failure = _server_failure(log_path.read_text(errors="replace"))
+    failure = app_failure(log_path.read_text(errors="replace"))
     if process.returncode != 0 or failure:
         raise FlowerRunFailed(f"flwr run failed (exit {process.returncode}): {failure or '?'}; "
                               f"see {log_path}")
 
 
-def _server_failure(log_text: str) -> str | None:
-    """`flwr run` exits 0 even when the ServerApp raised: find the exception in its log."""
-    if "ServerApp raised an exception" not in log_text:
+def app_failure(log_text: str) -> str | None:
+    """`flwr run` exits 0 even when the app raised ("ServerApp raised an exception" in a
+    deployment, "Simulation raised an exception" in the simulation): the first error line."""
+    if "raised an exception" not in log_text:
         return None
-    lines = [line for line in log_text.splitlines() if line.strip()]
+    return _first_error_line(log_text) or "an app raised an exception"
+
+
+def _first_error_line(text: str) -> str | None:
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
     errors = [line for line in lines if re.match(r"^[\w.]+(Error|Exception|Mismatch)\b", line)]
-    return errors[-1] if errors else "the ServerApp raised an exception"
+    return errors[0] if errors else None
+
+
+def first_failure(work_dir: Path) -> tuple[Path, str] | None:
+    """The first error in any of Flower's logs under `work_dir`, with the log's path: what
+    to show when a run ended without its result."""
+    for log_path in sorted(work_dir.glob("*.log")):
+        line = _first_error_line(log_path.read_text(errors="replace"))
+        if line:
+            return log_path, line
+    return None
 
 
 def simulate(run_config: dict[str, Any], supernodes: int, work_dir: Path,
@@ -239,7 +254,8 @@ def run_on_flower(
     The ServerApp writes the same `result.json` as an in-process run, into `out_dir`;
     Flower's own logs and state go to `out_dir/flower/`.
     """
-    from fedsteer.eval.record import read_result
+    from fedsteer.data import load_task
+    from fedsteer.eval.record import RESULT_FILE, read_result
     from fedsteer.federation.flower import to_run_config
     from fedsteer.methods import make_method
 
@@ -250,6 +266,7 @@ def run_on_flower(
         config, out_dir=out_dir, save_dir=save_dir.resolve() if save_dir else "",
         data_dir=_absolute_data_dir(), round_timeout=round_timeout,
     )
+    load_task(config.task)  # a missing or malformed task fails here, before Flower starts
     centralized = make_method(config.method, **config.method_options()).centralized
     nodes = 1 if centralized else config.clients
     work_dir = out_dir / "flower"
@@ -258,6 +275,9 @@ def run_on_flower(
         deploy(run_config, node_configs, work_dir, on_wait=on_wait)
     else:
         simulate(run_config, nodes, work_dir, on_wait=on_wait)
+    if not (out_dir / RESULT_FILE).is_file():
+        where, line = first_failure(work_dir) or (work_dir, "no error found in Flower's logs")
+        raise FlowerRunFailed(f"Flower finished without a {RESULT_FILE}: {line}; see {where}")
     return read_result(out_dir)
 
 

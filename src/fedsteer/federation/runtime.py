@@ -7,8 +7,10 @@ reaches the sampled clients and how their answers come back (`_collect`).
 
 from __future__ import annotations
 
+import copy
 import json
 import logging
+import math
 import time
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
@@ -16,16 +18,25 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 from flwr.app import RecordDict
 from rich.progress import Progress
 
 from fedsteer.eval.costs import RoundCost, payload_bytes, peak_rss_bytes
-from fedsteer.federation.checkpoint import atomic_write_json, load_recorddict, save_recorddict
+from fedsteer.federation.checkpoint import (
+    CheckpointError,
+    atomic_write_json,
+    commit_round,
+    latest_round,
+    load_recorddict,
+    save_recorddict,
+)
 from fedsteer.federation.payloads import InvalidReply, check_reply
 from fedsteer.federation.privacy import ClientDP, PrivacyLedger
 from fedsteer.methods.base import Environment, Method, Reply, seeded_rng
 
 log = logging.getLogger(__name__)
+PROGRESS_FILE = "progress.json"
 
 
 @dataclass
@@ -34,7 +45,13 @@ class RuntimeConfig:
     min_clients: int = 1
     seed: int = 0
     max_rounds: int = 10_000  # a guard against a method that never finishes
-    max_reply_norm: float | None = None  # overrides the method's own bound when set
+    max_reply_norm: float | None = None  # absolute bound; overrides the method's own when set
+    #: reject a reply any of whose array records has a norm above k × that record's (lower)
+    #: median over the round's replies: one party cannot outweigh the rest. 0: off.
+    reply_norm_factor: float = 10.0
+    #: cap on one reply's aggregation weight (its example count, self-reported on Flower);
+    #: None: 10 × the round's (lower) median weight. What a server can verify stops here.
+    max_client_weight: float | None = None
     dp: ClientDP | None = None  # client-level DP on every reply (see privacy.py)
     eval_every: int = 0  # also evaluate after every k-th round (accuracy per round); 0: never
 
@@ -68,6 +85,74 @@ def round_label(method: Method, message: RecordDict, rnd: int) -> str:
     phase = f" · {config['phase']}" if "phase" in config else ""
     of = f"/{planned}" if planned else ""
     return f"{method.name}{phase} · round {rnd + 1}{of} · clients"
+
+
+def record_norms(content: RecordDict) -> dict[str, float]:
+    """The L2 norm of each array record of a reply (all its arrays together)."""
+    norms = {}
+    for name, record in content.array_records.items():
+        squared = sum(float(np.sum(np.square(a.numpy(), dtype=np.float64)))
+                      for a in record.values())
+        norms[name] = math.sqrt(squared)
+    return norms
+
+
+def lower_median(values: Sequence[float]) -> float:
+    """The median that is always one of the values (the lower middle for an even count), so
+    with two replies the honest one, not their mean, sets the scale."""
+    ordered = sorted(values)
+    return ordered[(len(ordered) - 1) // 2]
+
+
+def screen_outliers(replies: list[Reply], factor: float, cost: RoundCost) -> list[Reply]:
+    """Drop replies with a record whose norm exceeds `factor` × that record's lower median."""
+    if not factor or len(replies) < 2:
+        return replies
+    norms = [record_norms(r.content) for r in replies]
+    scale = {name: lower_median([n[name] for n in norms if name in n])
+             for name in set().union(*norms)}
+    kept = []
+    for reply, norm in zip(replies, norms, strict=True):
+        over = [f"{name} norm {value:.4g} > {factor:g} × median {scale[name]:.4g}"
+                for name, value in norm.items() if value > factor * scale[name]]
+        if over:
+            reject(cost, reply.cid, "; ".join(over))
+        else:
+            kept.append(reply)
+    return kept
+
+
+def cap_weights(replies: list[Reply], cap: float | None, cost: RoundCost) -> list[Reply]:
+    """No reply weighs more than `cap` examples (default 10 × the lower median weight)."""
+    if not replies:
+        return replies
+    limit = cap if cap is not None else 10 * lower_median([r.num_examples for r in replies])
+    for reply in replies:
+        if reply.num_examples > limit:
+            log.warning("round %d: client %s claims %d examples; weighed as %d",
+                        cost.round, reply.cid, reply.num_examples, int(limit))
+            cost.capped.append({"cid": reply.cid, "claimed": reply.num_examples,
+                                "weight": int(limit)})
+            reply.num_examples = int(limit)
+    return replies
+
+
+def aggregate_problem(state: RecordDict, replies: Sequence[Reply], max_norm: float | None,
+                      factor: float) -> str | None:
+    """Why a new global state must not replace the old one (NaN/Inf, or a record beyond the
+    bound its replies were held to), or None."""
+    bounds = {}
+    if factor and replies:
+        norms = [record_norms(r.content) for r in replies]
+        for name in set().union(*norms):
+            bounds[name] = factor * lower_median([n[name] for n in norms if name in n])
+    for name, norm in record_norms(state).items():
+        if not math.isfinite(norm):
+            return f"record {name!r} holds NaN or Inf"
+        limits = [b for b in (bounds.get(name), max_norm) if b is not None]
+        if limits and norm > min(limits) * (1 + 1e-6):
+            return f"record {name!r} norm {norm:.4g} exceeds {min(limits):.4g}"
+    return None
 
 
 def reject(cost: RoundCost, cid: int, reason: str) -> None:
@@ -150,11 +235,21 @@ class Runtime(ABC):
                   else self.sample_clients(rnd, len(clients)))
         sampled = [clients[cid] for cid in chosen]
         replies = self._collect(method, message, sampled, cost)
+        replies = screen_outliers(replies, self.config.reply_norm_factor, cost)
+        replies = cap_weights(replies, self.config.max_client_weight, cost)
         cost.array_records = max((len(r.content.array_records) for r in replies), default=0)
         if sampled and not replies:
             raise RuntimeError(f"round {rnd}: every client failed or was rejected: {cost.rejected}")
         started = time.perf_counter()
-        state = method.aggregate(rnd, state, replies)
+        previous = copy.deepcopy(state)  # aggregate may change the state in place
+        candidate = method.aggregate(rnd, state, replies)
+        problem = aggregate_problem(candidate, replies, self._max_norm(method),
+                                    self.config.reply_norm_factor)
+        if problem:
+            log.warning("round %d: aggregate refused, previous state kept: %s", rnd, problem)
+            cost.rejected.append({"cid": "aggregate", "reason": problem})
+            candidate = previous
+        state = candidate
         cost.server_seconds = time.perf_counter() - started
         cost.peak_rss_bytes = max(cost.peak_rss_bytes, peak_rss_bytes())
         return state, cost
@@ -181,33 +276,43 @@ class Runtime(ABC):
 
     # ---------------------------------------------------------- checkpoints
     def _checkpoint(self, state, clients, rounds: list[RoundCost], fingerprint) -> None:
+        """The server's state, the clients' and the progress so far, as one committed unit."""
         if self.checkpoint_dir is None:
             return
-        save_recorddict(state, self.checkpoint_dir / "server")
-        self._save_clients(clients)
-        # progress.json is written last: it is what marks the checkpoint complete.
-        atomic_write_json(
-            self.checkpoint_dir / "progress.json",
-            {"fingerprint": fingerprint, "rounds": [r.to_dict() for r in rounds]},
-        )
 
-    def _save_clients(self, clients) -> None:  # noqa: B027 - optional hook
-        """Client state lives with the clients; runtimes that host them save it here."""
+        def write(folder: Path) -> None:
+            save_recorddict(state, folder / "server")
+            self._save_clients(clients, folder)
+            atomic_write_json(folder / PROGRESS_FILE,
+                              {"fingerprint": fingerprint, "rounds": [r.to_dict() for r in rounds]})
 
-    def _restore_clients(self, clients) -> None:  # noqa: B027 - optional hook
+        commit_round(self.checkpoint_dir, len(rounds), write)
+
+    def _save_clients(self, clients, folder: Path) -> None:  # noqa: B027 - optional hook
+        """Client state lives with the clients; runtimes that host them save it in `folder`."""
+
+    def _restore_clients(self, clients, folder: Path) -> None:  # noqa: B027 - optional hook
         """Counterpart of `_save_clients`."""
 
     def _restore(self, clients, fingerprint):
-        progress_file = self.checkpoint_dir / "progress.json" if self.checkpoint_dir else None
-        if progress_file is None or not progress_file.exists():
+        folder = latest_round(self.checkpoint_dir) if self.checkpoint_dir else None
+        if folder is None:
+            if self.checkpoint_dir and (self.checkpoint_dir / PROGRESS_FILE).exists():
+                raise CheckpointError(
+                    f"{self.checkpoint_dir} was written by an older fedsteer (no round folders); "
+                    "remove it to start the run afresh")
             log.debug("no checkpoint to resume from; starting afresh")
             return None
-        saved = json.loads(progress_file.read_text())
+        progress_file = folder / PROGRESS_FILE
+        try:
+            saved = json.loads(progress_file.read_text())
+        except (OSError, ValueError) as err:
+            raise CheckpointError(f"{progress_file}: unreadable ({err})") from None
         if saved["fingerprint"] != fingerprint:
             raise CheckpointMismatch(
                 f"{progress_file} was written by {saved['fingerprint']}, not {fingerprint}"
             )
-        self._restore_clients(clients)
+        self._restore_clients(clients, folder)
         rounds = [RoundCost(**r) for r in saved["rounds"]]
-        log.info("resuming after round %d from %s", len(rounds), self.checkpoint_dir)
-        return load_recorddict(self.checkpoint_dir / "server"), rounds
+        log.info("resuming after round %d from %s", len(rounds), folder)
+        return load_recorddict(folder / "server"), rounds

@@ -201,18 +201,38 @@ def _offline() -> bool:
     return env or bool(getattr(constants, "HF_HUB_OFFLINE", False))
 
 
+HUB_HOST = ("huggingface.co", 443)
+
+
+def hub_reachable(timeout: float = 3.0) -> bool:
+    """One TCP connect to the hub: with no network, transformers would retry for a minute."""
+    import socket
+
+    try:
+        with socket.create_connection(HUB_HOST, timeout=timeout):
+            return True
+    except OSError:
+        return False
+
+
+def _not_offline_model(model_id: str, why: str) -> UnknownModelError:
+    return UnknownModelError(
+        f"{model_id!r} is not a registry model nor a local directory, and {why}. "
+        f"Offline models: {', '.join(REGISTRY)}, {TINY_RANDOM} (`fedsteer models`); or pass "
+        "the path of a local folder holding config.json and the weights (save_pretrained)."
+    )
+
+
 def _from_hub(model_id: str, dtype: torch.dtype) -> LoadedModel:
+    if _offline():
+        raise _not_offline_model(model_id, "HF_HUB_OFFLINE is set, so the hub is not asked")
+    if not hub_reachable():
+        raise _not_offline_model(model_id, f"{HUB_HOST[0]} cannot be reached from here")
     log.info("loading %s through Hugging Face from_pretrained", model_id)
     try:
         return _from_dir(model_id, model_id, dtype)
     except OSError as err:
-        if not _offline():
-            raise
-        raise UnknownModelError(
-            f"{model_id!r} is not a registry model, nor a local directory, and HF_HUB_OFFLINE "
-            f"is set so it cannot be fetched from the hub. Offline models: "
-            f"{', '.join(REGISTRY)}, {TINY_RANDOM}."
-        ) from err
+        raise _not_offline_model(model_id, f"the hub did not serve it ({err})") from err
 
 
 def load_model(

@@ -1,0 +1,235 @@
+"""Nothing bad gets in, nothing is lost: each case a hostile or careless user found, pinned.
+
+Runtime cases use a toy method on numpy (no model); CLI cases the tiny random model.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass
+
+import numpy as np
+import pytest
+from flwr.app import Array, ArrayRecord
+from typer.testing import CliRunner
+
+from fedsteer.cli import app
+from fedsteer.data import DataError, Example, TaskSpec, load_examples, task_from_spec
+from fedsteer.federation import InProcessRuntime, RuntimeConfig
+from fedsteer.federation.runtime import lower_median
+from fedsteer.methods import Client
+from test_federation_runtime import ToyAverage, final_w, make_clients
+
+runner = CliRunner()
+
+
+@dataclass
+class Unbounded(ToyAverage):
+    """A method that declares no norm bound of its own, as every real method does."""
+
+    name = "unbounded"
+    max_reply_norm = None
+    attacker: int = -1
+    attack: str = "none"
+
+    def client_step(self, message, client):
+        reply = super().client_step(message, client)
+        w = reply["update"]["w"].numpy()
+        if client.cid == self.attacker:
+            w = {"huge": np.full_like(w, 1e30 / np.sqrt(w.size)), "scaled": w * 1e6,
+                 "nan": np.full_like(w, np.nan)}[self.attack]
+        reply["update"]["w"] = Array(w.astype(np.float32))
+        return reply
+
+
+def _honest(n=10):
+    env, clients = make_clients(n)
+    return final_w(InProcessRuntime().run(Unbounded(), [c for c in clients if c.cid != 3], env))
+
+
+@pytest.mark.parametrize("attack", ["huge", "scaled"])
+def test_one_finite_huge_reply_is_rejected_by_the_default_bound(attack):
+    env, clients = make_clients(10)
+    outcome = InProcessRuntime().run(Unbounded(attacker=3, attack=attack), clients, env)
+    rejected = [x for r in outcome.rounds for x in r.rejected]
+    assert [x["cid"] for x in rejected] == [3] * 4 and "× median" in rejected[0]["reason"]
+    np.testing.assert_allclose(final_w(outcome), _honest(), rtol=1e-6)
+
+
+def test_the_bound_can_be_switched_off_and_an_absolute_one_set():
+    env, clients = make_clients(10)
+    off = InProcessRuntime(RuntimeConfig(reply_norm_factor=0)).run(
+        Unbounded(attacker=3, attack="scaled"), clients, env)
+    assert not any(r.rejected for r in off.rounds)
+    absolute = InProcessRuntime(RuntimeConfig(reply_norm_factor=0, max_reply_norm=50.0)).run(
+        Unbounded(attacker=3, attack="scaled"), clients, env)
+    assert all(r.rejected for r in absolute.rounds)
+
+
+def test_with_two_replies_the_honest_one_sets_the_scale():
+    assert lower_median([1.0, 1e30]) == 1.0
+    env, clients = make_clients(2)
+    outcome = InProcessRuntime().run(Unbounded(attacker=1, attack="scaled"), clients, env)
+    assert all(r.rejected and r.rejected[0]["cid"] == 1 for r in outcome.rounds)
+
+
+@dataclass
+class BrokenAggregate(ToyAverage):
+    """The server's own step goes wrong in round 2 (NaN): the state must not take it."""
+
+    name = "broken-aggregate"
+
+    def aggregate(self, rnd, state, replies):
+        state = super().aggregate(rnd, state, replies)
+        if rnd == 2:
+            state["global"] = ArrayRecord({"w": Array(np.full(8, np.nan, np.float32))})
+        return state
+
+
+def test_a_bad_aggregate_keeps_the_previous_state_and_is_logged():
+    env, clients = make_clients(5)
+    outcome = InProcessRuntime().run(BrokenAggregate(), clients, env)
+    assert np.all(np.isfinite(final_w(outcome)))
+    assert outcome.rounds[2].rejected == [
+        {"cid": "aggregate", "reason": "record 'global' holds NaN or Inf"}]
+
+
+def test_no_client_weighs_more_than_ten_times_the_median():
+    env, clients = make_clients(5)
+    clients[4] = Client(cid=4, data=[Example("x", 0)] * 100_000, env=env)  # claims 100k rows
+    outcome = InProcessRuntime().run(ToyAverage(rounds=1), clients, env)
+    (capped,) = outcome.rounds[0].capped
+    sizes = sorted(len(c.data) for c in clients)
+    assert capped == {"cid": 4, "claimed": 100_000, "weight": 10 * sizes[(5 - 1) // 2]}
+
+
+# --- data oddities -----------------------------------------------------------------------
+
+
+def test_a_csv_naming_a_column_twice_is_refused(tmp_path):
+    path = tmp_path / "x.csv"
+    path.write_text("text,label,label\nhello,0,1\n")
+    with pytest.raises(DataError, match=r"x\.csv, line 1, field 'label'.*twice"):
+        load_examples(path, ("a", "b"), pair=False, max_chars=100)
+
+
+def test_duplicate_label_names_are_refused(tmp_path):
+    with pytest.raises(ValueError, match="label names must differ; twice: \\['a'\\]"):
+        TaskSpec("t", ("a", "a"), (" x", " y"), "{text}:")
+
+
+def test_a_spec_cannot_reach_outside_its_folder(tmp_path):
+    (tmp_path / "elsewhere").mkdir()
+    (tmp_path / "elsewhere" / "x.jsonl").write_text('{"text": "a", "label": 0}\n')
+    (tmp_path / "spec").mkdir()
+    spec = {"name": "t", "labels": ["a", "b"], "train": "../elsewhere/x.jsonl",
+            "test": "../elsewhere/x.jsonl"}
+    with pytest.raises(DataError, match="field 'train'.*leaves the spec's folder"):
+        task_from_spec(spec, tmp_path / "spec" / "t.yaml")
+    absolute = {**spec, "train": str(tmp_path / "elsewhere" / "x.jsonl"),
+                "test": str(tmp_path / "elsewhere" / "x.jsonl")}
+    assert task_from_spec(absolute, tmp_path / "spec" / "t.yaml").train
+
+
+def test_a_one_class_test_set_warns_in_the_record_and_the_table(tmp_path, tiny_lm):
+    for name in ("train", "test"):
+        label = "b" if name == "test" else None
+        rows = [{"text": f"t{i}", "label": label or "ab"[i % 2]} for i in range(8)]
+        (tmp_path / f"{name}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    out = tmp_path / "run"
+    result = runner.invoke(app, ["run", "zero-shot", "--model", "tiny-random", "--clients", "2",
+                                 "--train",
+                                 str(tmp_path / "train.jsonl"), "--test",
+                                 str(tmp_path / "test.jsonl"), "--labels", "a,b", "--out",
+                                 str(out)], catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    record = json.loads((out / "result.json").read_text())
+    assert record["warnings"] == ["the 8 test rows hold 1 of 2 labels (none of a): macro-F1 "
+                                  "counts those labels as 0"]
+    assert "warning: the 8 test rows hold 1 of 2 labels" in " ".join(result.output.split())
+
+
+# --- the command line ---------------------------------------------------------------------
+
+
+def _fails_cleanly(args, *needles):
+    result = runner.invoke(app, args)
+    assert result.exit_code == 2, result.output
+    text = " ".join(result.output.split())
+    assert "Traceback" not in text
+    for needle in needles:
+        assert needle in text, (needle, text)
+    return text
+
+
+@pytest.mark.parametrize("flag, value", [("--fraction", "-3"), ("--fraction", "1.5"),
+                                         ("--test-size", "-1"), ("--clients", "0"),
+                                         ("--batch-size", "0"), ("--rounds", "0")])
+def test_out_of_range_numbers_are_refused_by_name(flag, value):
+    _fails_cleanly(["run", "zero-shot", "--model", "tiny-random", flag, value], flag)
+
+
+@pytest.mark.parametrize("option, expected", [
+    ("rank=abc", "option rank of fedavg-lora expects int"),
+    ("lr=abc", "option lr of fedavg-lora expects float"),
+])
+def test_method_options_are_type_checked_before_anything_runs(option, expected):
+    _fails_cleanly(["run", "fedavg-lora", "--model", "tiny-random", "-o", option], expected)
+
+
+def test_resume_refuses_flags_that_differ_from_the_recorded_run(tmp_path, tiny_lm):
+    out = tmp_path / "run"
+    result = runner.invoke(app, ["run", "zero-shot", "--task", "trec", "--model", "tiny-random",
+                                 "--clients", "3", "--test-size", "8", "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    _fails_cleanly(["run", "--resume", str(out), "--task", "sst2"],
+                   "task: recorded 'trec'", "asked 'sst2'")
+    _fails_cleanly(["run", "--resume", str(out), "--clients", "5"],
+                   "clients: recorded 3", "asked 5")
+    _fails_cleanly(["run", "ifed-icl", "--resume", str(out)],
+                   "records methods ['zero-shot'], asked ['ifed-icl']")
+    same = runner.invoke(app, ["run", "--resume", str(out), "--clients", "3"])
+    assert same.exit_code == 0, same.output  # asking for what was recorded is fine
+
+
+def test_a_damaged_checkpoint_is_one_line_and_debug_shows_the_traceback(tmp_path, tiny_lm):
+    out = tmp_path / "run"
+    args = ["run", "ifed-icl", "--model", "tiny-random", "--clients", "2", "--test-size", "4",
+            "-o", "demos_per_class=1", "-o", "calibration_per_class=1", "--rounds", "1"]
+    assert runner.invoke(app, [*args, "--out", str(out)]).exit_code == 0
+    (out / "result.json").unlink()  # as if killed after its last round
+    server = sorted((out / "checkpoint").glob("round-*"))[-1] / "server.safetensors"
+    server.write_bytes(server.read_bytes()[:10])
+    _fails_cleanly(["run", "--resume", str(out)], str(server), "the previous complete round")
+    debug = runner.invoke(app, ["--debug", "run", "--resume", str(out)])
+    assert debug.exit_code != 0 and debug.exception is not None  # the traceback is kept
+
+
+def test_an_unknown_model_offline_fails_at_once_with_the_known_names(monkeypatch):
+    from fedsteer.models import UnknownModelError, load_model
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    started = time.monotonic()
+    with pytest.raises(UnknownModelError, match="qwen2.5-coder-0.5b.*local folder"):
+        load_model("no-such-org/no-such-model")
+    assert time.monotonic() - started < 5
+
+
+def test_an_unknown_model_without_network_fails_at_once(monkeypatch):
+    from fedsteer.models import UnknownModelError, load_model
+    from fedsteer.models import load as load_module
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "0")
+    monkeypatch.setattr(load_module, "_offline", lambda: False)
+    monkeypatch.setattr(load_module, "hub_reachable", lambda timeout=3.0: False)
+    with pytest.raises(UnknownModelError, match="cannot be reached"):
+        load_model("no-such-org/no-such-model")
+
+
+def test_a_truncated_result_json_is_named(tmp_path):
+    from fedsteer.eval.record import read_result
+
+    (tmp_path / "result.json").write_text('{"method": ')
+    with pytest.raises(ValueError, match=r"result\.json: not readable JSON"):
+        read_result(tmp_path)
