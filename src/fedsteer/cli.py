@@ -570,7 +570,9 @@ def show(run_dir: Path) -> None:
     paths = sorted(run_dir.rglob(RESULT_FILE))
     if not paths:
         raise typer.BadParameter(f"no {RESULT_FILE} under {run_dir}")
-    console.print(comparison_table([read_result(p) for p in paths]))
+    with _user_errors():
+        records = [read_result(p) for p in paths]
+    console.print(comparison_table(records))
 
 
 if __name__ == "__main__":
