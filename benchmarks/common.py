@@ -13,7 +13,7 @@ import statistics
 import time
 from pathlib import Path
 
-from fedsteer.eval.record import RESULT_FILE, read_result
+from fedsteer.bench import reuse_finished
 from fedsteer.experiment import RunConfig, run_experiment
 
 RESULTS = Path(__file__).parent / "results"
@@ -55,8 +55,9 @@ def cell_tag(config: RunConfig, default_clients: int = 10, default_alpha: float 
 def cell(out: Path, config: RunConfig, lm, task) -> dict:
     """Run one cell unless its result is already recorded; print one line when it ran."""
     path = out / config.model / config.task / f"{config.method}-{cell_tag(config)}"
-    if (path / RESULT_FILE).exists():
-        return read_result(path)
+    finished = reuse_finished(path, config)  # refuses a record of other settings, by name
+    if finished is not None:
+        return finished
     started = time.time()
     # resume=True: a cell killed mid-run continues from its last round's checkpoint
     record = run_experiment(config, path, lm=lm, task=task, resume=True)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import pytest
@@ -187,3 +188,19 @@ def test_the_bench_command_prints_each_cell_row_then_takeaways_and_the_report_pa
     assert text.index("zero-shot on sst2: acc") < text.index("Most accurate:")
     assert "Bytes moved:" in text and "Client compute:" in text
     assert str((tmp_path / "cells" / "report.html").resolve()) in result.output.replace("\n", "")
+
+
+def test_benchmark_scripts_reuse_a_cell_only_when_its_settings_match(tmp_path):
+    """benchmarks/common.py's cells: a record of other settings is refused, not reused."""
+    from fedsteer.bench import reuse_finished
+    from fedsteer.eval.record import write_result
+    from fedsteer.experiment import RunConfig
+
+    asked = RunConfig(method="zero-shot", task="sst2", model="tiny-random", test_size=500)
+    assert reuse_finished(tmp_path, asked) is None
+    recorded = {"method": "zero-shot", "task": "sst2", "model": "tiny-random", "metrics": {},
+                "costs": {}, "env": {}, "config": {**dataclasses.asdict(asked), "test_size": 300}}
+    write_result(recorded, tmp_path)
+    with pytest.raises(StaleCell, match="test_size: recorded 300, asked 500"):
+        reuse_finished(tmp_path, asked)
+    assert reuse_finished(tmp_path, dataclasses.replace(asked, test_size=300))["task"] == "sst2"

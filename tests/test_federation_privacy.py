@@ -60,7 +60,9 @@ def test_epsilon_matches_dp_accounting_directly():
 
 def test_noise_for_epsilon_spends_the_target():
     for target in (1.0, 8.0):
-        z = noise_for_epsilon(target, 1e-5, rounds=4)
+        z = noise_for_epsilon(target, 1e-5, rounds=4)  # replace-one: z/2 per round
+        assert epsilon_for([z / 2] * 4, 1e-5) == pytest.approx(target, rel=1e-2)
+        z = noise_for_epsilon(target, 1e-5, rounds=4, adjacency="add-remove")
         assert epsilon_for([z] * 4, 1e-5) == pytest.approx(target, rel=1e-2)
     assert noise_for_epsilon(math.inf, 1e-5, 4) == 0.0
 
@@ -72,7 +74,26 @@ def test_a_dp_run_records_its_epsilon(tmp_path):
     privacy = run_experiment(config, tmp_path)["privacy"]
     # Three rounds (vectors, then coefficients twice), one array record per reply each.
     assert privacy["rounds_accounted"] == 3
-    assert privacy["epsilon"] == pytest.approx(epsilon_for([1.0] * 3, 1e-5))
+    # replace-one adjacency: sensitivity 2·clip, so each round is a Gaussian of z/2 = 0.5
+    reference = rdp.RdpAccountant()
+    reference.compose(dp_accounting.GaussianDpEvent(0.5), 3)
+    assert privacy["epsilon"] == pytest.approx(reference.get_epsilon(1e-5))
+    assert privacy["adjacency"] == "replace-one"
+
+
+def test_add_remove_adjacency_halves_the_sensitivity_and_needs_secagg(tmp_path):
+    from fedsteer.federation.privacy import PrivacyLedger
+
+    ledger = PrivacyLedger(ClientDP(clip=1.0, noise_multiplier=1.0, adjacency="add-remove"))
+    for _ in range(3):
+        ledger.record_round(1)
+    reference = rdp.RdpAccountant()
+    reference.compose(dp_accounting.GaussianDpEvent(1.0), 3)
+    assert ledger.epsilon() == pytest.approx(reference.get_epsilon(1e-5))
+    config = RunConfig(method="ifed-icl", model="tiny-random", clients=3, test_size=10,
+                       dp_clip=1.0, dp_noise=1.0, dp_adjacency="add-remove")
+    with pytest.raises(ValueError, match="add-remove holds only when the server sees"):
+        run_experiment(config, tmp_path)
 
 
 @pytest.mark.parametrize("method", ["local-icl", "bdpl"])

@@ -129,17 +129,32 @@ def test_bad_reply_is_rejected_and_round_goes_on(reply, reason, caplog):
     assert outcome.rounds[0].bytes_up < healthy.rounds[0].bytes_up * 5 / 4 + 1
 
 
-def test_a_failing_client_is_logged_and_skipped(caplog):
-    class Crashing(ToyAverage):
-        def client_step(self, message, client):
-            if client.cid == 0:
-                raise RuntimeError("disk full")
-            return super().client_step(message, client)
+class Crashing(ToyAverage):
+    def __init__(self, error):
+        super().__init__()
+        self.error = error
 
+    def client_step(self, message, client):
+        if client.cid == 0:
+            raise self.error
+        return super().client_step(message, client)
+
+
+def test_a_client_whose_machine_fails_is_logged_and_skipped(caplog):
     env, clients = make_clients()
-    outcome = InProcessRuntime().run(Crashing(), clients, env)
+    outcome = InProcessRuntime().run(Crashing(OSError(28, "disk full")), clients, env)
     assert "disk full" in outcome.rounds[0].rejected[0]["reason"]
     assert len(outcome.rounds) == 4
+
+
+def test_a_bug_in_a_client_step_fails_the_run_unless_tolerated():
+    env, clients = make_clients()
+    bug = TypeError("unsupported operand type(s) for +: 'NoneType' and 'int'")
+    with pytest.raises(TypeError, match="unsupported operand"):
+        InProcessRuntime().run(Crashing(bug), clients, env)
+    tolerant = InProcessRuntime(RuntimeConfig(tolerate_client_errors=True))
+    outcome = tolerant.run(Crashing(bug), clients, env)
+    assert all("TypeError" in r.rejected[0]["reason"] for r in outcome.rounds)
 
 
 def test_resume_after_a_kill_gives_the_uninterrupted_result(tmp_path):

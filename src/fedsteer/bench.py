@@ -121,11 +121,26 @@ def check_finished(cells: list[Cell]) -> None:
     stale = [(cell, diff) for cell in cells if cell.done and (diff := recorded_differences(cell))]
     if stale:
         cell, diff = stale[0]
-        changes = "; ".join(f"{key}: recorded {old!r}, asked {new!r}"
-                            for key, (old, new) in diff.items())
-        raise StaleCell(f"{cell.path / RESULT_FILE} was run with other settings ({changes}); "
-                        f"{len(stale)} finished cell(s) differ. Move them away or set another "
-                        "`out` to run the grid as written.")
+        raise StaleCell(f"{cell.path / RESULT_FILE} was run with other settings "
+                        f"({describe(diff)}); {len(stale)} finished cell(s) differ. Move them "
+                        "away or set another `out` to run the grid as written.")
+
+
+def reuse_finished(path: Path, config: RunConfig) -> dict | None:
+    """The record at `path` if it was run with `config`, None if there is none; a record of
+    other settings is refused by name (benchmark scripts share cells, never blindly)."""
+    cell = Cell(config, path)
+    if not cell.done:
+        return None
+    diff = recorded_differences(cell)
+    if diff:
+        raise StaleCell(f"{path / RESULT_FILE} was run with other settings ({describe(diff)}); "
+                        "move it away to rerun the cell as asked")
+    return read_result(path)
+
+
+def describe(diff: dict[str, tuple[Any, Any]]) -> str:
+    return "; ".join(f"{key}: recorded {old!r}, asked {new!r}" for key, (old, new) in diff.items())
 
 
 def path_component(name: str) -> str:

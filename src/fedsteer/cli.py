@@ -181,6 +181,9 @@ def run(
     dp_delta: Annotated[float, typer.Option(help="δ at which ε is reported")] = 1e-5,
     dp_clip_record: Annotated[list[str] | None, typer.Option(
         help="a record's own clip norm, NAME=NORM (repeatable), e.g. vectors=60")] = None,
+    dp_adjacency: Annotated[str, typer.Option(
+        help="what ε protects: replace-one (a client's data swapped; sensitivity 2·clip) or "
+             "add-remove (sensitivity clip; only with --secagg)")] = "replace-one",
     secagg: Annotated[bool, typer.Option(
         help="Flower runtimes: SecAgg+, the server sees only the mean of the replies")] = False,
     eval_every: Annotated[int, typer.Option(
@@ -195,6 +198,9 @@ def run(
     max_client_weight: Annotated[float | None, typer.Option(
         help="cap on one reply's aggregation weight [default: 10 × the round's median]",
         callback=_positive)] = None,
+    tolerate_client_errors: Annotated[bool, typer.Option(
+        help="leave out a client whose step raised any error (default: only OS, memory and "
+             "timeout faults; anything else is a bug and fails the run)")] = False,
     runtime: Annotated[str, typer.Option(
         help="inprocess; flower (Flower's simulation); flower-deployment (a SuperLink and "
              "one SuperNode per client on 127.0.0.1)")] = "inprocess",
@@ -211,43 +217,26 @@ def run(
     if resume is not None and runtime != "inprocess":
         raise typer.BadParameter("--resume works with the in-process runtime only: on Flower, "
                                  "client state lives in the nodes", param_hint="--runtime")
+    fields = {  # RunConfig's fields as the flags set them (task: below, for a new run)
+        "task": task, "model": model, "clients": clients, "alpha": alpha,
+        "partition": partition_scheme, "rounds": rounds, "fraction": fraction, "seed": seed,
+        "test_size": test_size or None, "shots": shots, "batch_size": batch_size,
+        "dp_clip": dp_clip, "dp_noise": dp_noise, "dp_delta": dp_delta,
+        "dp_record_clips": _parse_options(dp_clip_record or []), "dp_adjacency": dp_adjacency,
+        "secagg": secagg, "eval_every": eval_every, "max_reply_norm": max_reply_norm,
+        "reply_norm_factor": reply_norm_factor, "max_client_weight": max_client_weight,
+        "tolerate_client_errors": tolerate_client_errors, "options": _parse_options(option or []),
+    }
     if resume is not None:
         out, configs = resume, _load_run_configs(resume)
-        asked = _explicit_flags(ctx, {
-            "task": task, "model": model, "clients": clients, "alpha": alpha,
-            "partition": partition_scheme, "rounds": rounds, "fraction": fraction, "seed": seed,
-            "test_size": test_size or None, "shots": shots, "batch_size": batch_size,
-            "dp_clip": dp_clip, "dp_noise": dp_noise, "dp_delta": dp_delta,
-            "dp_record_clips": _parse_options(dp_clip_record or []), "secagg": secagg,
-            "eval_every": eval_every, "max_reply_norm": max_reply_norm,
-            "reply_norm_factor": reply_norm_factor, "max_client_weight": max_client_weight,
-            "options": _parse_options(option or []),
-        })
-        _refuse_changes_on_resume(resume, configs, methods, asked)
+        _refuse_changes_on_resume(resume, configs, methods, _explicit_flags(ctx, fields))
     else:
-        if not methods:
-            raise typer.BadParameter("name at least one method", param_hint="METHODS")
-        unknown = [m for m in methods if m not in METHODS]
-        if unknown:
-            raise typer.BadParameter(f"unknown {unknown}; known: {', '.join(METHODS)}")
-        options = _parse_options(option or [])
-        with _user_errors():
-            check_options(methods, options)
+        _check_methods(methods, fields["options"])
         if train is not None:
             out = out or default_run_dir(RunConfig(method=methods[0], task=train.stem))
             task = str(_write_task_spec(out, task, train, test, labels, label_words, template))
-        task = task or "sst2"
-        configs = [
-            RunConfig(method=m, task=task, model=model, clients=clients, alpha=alpha,
-                      partition=partition_scheme, rounds=rounds, fraction=fraction, seed=seed,
-                      test_size=test_size or None, shots=shots, batch_size=batch_size,
-                      dp_clip=dp_clip, dp_noise=dp_noise, dp_delta=dp_delta,
-                      dp_record_clips=_parse_options(dp_clip_record or []), secagg=secagg,
-                      eval_every=eval_every, max_reply_norm=max_reply_norm,
-                      reply_norm_factor=reply_norm_factor, max_client_weight=max_client_weight,
-                      options=options)
-            for m in methods
-        ]
+        fields["task"] = task or "sst2"
+        configs = [RunConfig(method=m, **fields) for m in methods]
         out = out or default_run_dir(configs[0])
         atomic_write_json(out / RUN_CONFIG_FILE, [dataclasses.asdict(c) for c in configs])
     with _user_errors():
@@ -256,6 +245,16 @@ def run(
         else:
             records = _run_all_on_flower(configs, out, runtime == "flower-deployment", save)
     _show(records, out, title=f"{configs[0].task} · {configs[0].model}")
+
+
+def _check_methods(methods: list[str] | None, options: dict) -> None:
+    if not methods:
+        raise typer.BadParameter("name at least one method", param_hint="METHODS")
+    unknown = [m for m in methods if m not in METHODS]
+    if unknown:
+        raise typer.BadParameter(f"unknown {unknown}; known: {', '.join(METHODS)}")
+    with _user_errors():
+        check_options(methods, options)
 
 
 #: `run`'s parameter name where it differs from the RunConfig field it sets
@@ -314,8 +313,13 @@ def _write_task_spec(out, name, train, test, labels, label_words, template) -> P
     if template:
         spec["template"] = template.encode().decode("unicode_escape")  # let "\n" mean newline
     path = out / "task.yaml"
-    with _user_errors():
+    try:
         task_from_spec(spec, path)  # validate before anything runs
+    except DataError as error:
+        if error.path != path:  # a data file's own error names that file
+            with _user_errors():
+                raise
+        raise typer.BadParameter(error.message, param_hint="--train/--test/--labels") from None
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(yaml.safe_dump(spec, sort_keys=False))
     return path

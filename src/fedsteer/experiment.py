@@ -49,10 +49,12 @@ class RunConfig:
     max_reply_norm: float | None = None  # absolute bound on any reply record's L2 norm
     reply_norm_factor: float = 10.0  # reject a reply record > k × the round's median; 0: off
     max_client_weight: float | None = None  # cap on one reply's weight; None: 10 × median
+    tolerate_client_errors: bool = False  # leave out a client whose step raised anything
     dp_clip: float | None = None  # client-level DP: clip each reply record to this L2 norm
     dp_noise: float = 0.0  # ... and add N(0, (dp_noise * dp_clip)^2) noise to it
     dp_delta: float = 1e-5
     dp_record_clips: dict[str, float] = field(default_factory=dict)  # per-record clip norms
+    dp_adjacency: str = "replace-one"  # what ε protects: a client replaced (or added/removed)
     secagg: bool = False  # Flower only: SecAgg+, the server sees only the mean of replies
     eval_every: int = 0  # evaluate after every k-th round too (accuracy per round); 0: at the end
     options: dict[str, Any] = field(default_factory=dict)  # method-specific extras
@@ -90,8 +92,12 @@ def test_set_warnings(test: list[Example], labels: tuple[str, ...]) -> list[str]
 def client_dp(config: RunConfig) -> ClientDP | None:
     if config.dp_clip is None:
         return None
+    if config.dp_adjacency == "add-remove" and not config.secagg:
+        raise ValueError("dp adjacency add-remove holds only when the server sees no more than "
+                         "the sum of the replies (--secagg on Flower); the server here sees "
+                         "each reply, so one client's replacement is the unit: replace-one")
     return ClientDP(clip=config.dp_clip, noise_multiplier=config.dp_noise, delta=config.dp_delta,
-                    record_clips=dict(config.dp_record_clips))
+                    record_clips=dict(config.dp_record_clips), adjacency=config.dp_adjacency)
 
 
 def transfer_rows(task: Task, evaluated: list[Example]) -> list[Example]:
@@ -149,6 +155,7 @@ def runtime_config(config: RunConfig) -> RuntimeConfig:
                          max_reply_norm=config.max_reply_norm, dp=client_dp(config),
                          reply_norm_factor=config.reply_norm_factor,
                          max_client_weight=config.max_client_weight,
+                         tolerate_client_errors=config.tolerate_client_errors,
                          eval_every=config.eval_every)
 
 

@@ -14,7 +14,7 @@ from pathlib import Path
 from fedsteer.eval.costs import RoundCost, payload_bytes
 from fedsteer.federation.checkpoint import load_recorddict, save_recorddict
 from fedsteer.federation.privacy import privatize_reply
-from fedsteer.federation.runtime import Runtime, round_label
+from fedsteer.federation.runtime import Runtime, round_label, tolerated
 from fedsteer.methods.base import Client, Method, Reply
 
 log = logging.getLogger(__name__)
@@ -43,7 +43,9 @@ class InProcessRuntime(Runtime):
             content = privatize_reply(self.config.dp, method.client_step(message, client),
                                       message, seed=self.config.seed, rnd=cost.round,
                                       cid=client.cid)
-        except Exception as error:  # one failing party must not stop the federation
+        except Exception as error:
+            if not tolerated(error, self.config.tolerate_client_errors):
+                raise  # a bug in a step must not pass as one party's bad day
             log.exception("round %d: client %d failed", cost.round, client.cid)
             cost.rejected.append({"cid": client.cid, "reason": f"client failed: {error!r}"})
             return None

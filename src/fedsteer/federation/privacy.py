@@ -10,6 +10,12 @@ is one client's whole dataset.
 - Each array record is clipped to L2 norm `clip` and gets N(0, (z·clip)²) noise on every
   coordinate, so a reply with k array records is a Gaussian mechanism of noise multiplier
   z/√k; numbers in metric records are dropped (they would leak unprotected).
+- Adjacency: two federations that differ in one client's whole dataset (replace-one). The
+  server sees each client's reply, so replacing a client can move its clipped update from
+  any point of the clip ball to any other: sensitivity 2·clip, and each round is accounted as
+  a Gaussian mechanism of noise multiplier z/(2√k). Add/remove adjacency (sensitivity clip,
+  z/√k) holds only when the server sees no more than the sum (SecAgg+), and is refused
+  otherwise. The record states which was used (`privacy.adjacency`).
 - ε at δ comes from Google's `dp_accounting` (Rényi DP), composed over the rounds that
   actually ran; `noise_for_epsilon` calibrates z for a target ε with the same library.
 """
@@ -24,6 +30,9 @@ import numpy as np
 from dp_accounting import rdp
 from flwr.app import Array, ArrayRecord, RecordDict
 
+#: adjacency -> L2 sensitivity of one client's clipped reply, in units of its clip norm
+SENSITIVITY = {"replace-one": 2.0, "add-remove": 1.0}
+
 
 @dataclass
 class ClientDP:
@@ -37,8 +46,16 @@ class ClientDP:
     noise_multiplier: float
     delta: float = 1e-5
     record_clips: dict[str, float] = field(default_factory=dict)
+    adjacency: str = "replace-one"  # or "add-remove" (only when the server sees just the sum)
+
+    @property
+    def sensitivity(self) -> float:
+        """How far one client can move its reply, in units of the clip norm."""
+        return SENSITIVITY[self.adjacency]
 
     def __post_init__(self) -> None:
+        if self.adjacency not in SENSITIVITY:
+            raise ValueError(f"dp adjacency {self.adjacency!r}: use one of {list(SENSITIVITY)}")
         if self.clip <= 0 or any(c <= 0 for c in self.record_clips.values()):
             raise ValueError(f"dp clip norms must be > 0, got {self.clip}, {self.record_clips}")
         if self.noise_multiplier < 0:
@@ -98,8 +115,9 @@ class PrivacyLedger:
     noise_multipliers: list[float] = field(default_factory=list)
 
     def record_round(self, array_records: int) -> None:
-        if array_records:
-            self.noise_multipliers.append(self.dp.noise_multiplier / math.sqrt(array_records))
+        if array_records:  # k records, each its own clip: one mechanism of z/(s·√k)
+            self.noise_multipliers.append(
+                self.dp.noise_multiplier / (self.dp.sensitivity * math.sqrt(array_records)))
 
     def epsilon(self) -> float:
         return epsilon_for(self.noise_multipliers, self.dp.delta)
@@ -109,6 +127,7 @@ class PrivacyLedger:
         return {"epsilon": self.epsilon(), "delta": self.dp.delta, "clip": self.dp.clip,
                 "record_clips": self.dp.record_clips,
                 "noise_multiplier": self.dp.noise_multiplier,
+                "adjacency": self.dp.adjacency, "sensitivity_in_clips": self.dp.sensitivity,
                 "rounds_accounted": len(self.noise_multipliers)}
 
 
@@ -124,11 +143,13 @@ def epsilon_for(noise_multipliers: list[float], delta: float) -> float:
     return float(accountant.get_epsilon(delta))
 
 
-def noise_for_epsilon(epsilon: float, delta: float, rounds: int) -> float:
-    """The noise multiplier z whose `rounds`-fold composition spends exactly ε at δ."""
+def noise_for_epsilon(epsilon: float, delta: float, rounds: int,
+                      adjacency: str = "replace-one") -> float:
+    """The noise multiplier z (in units of the clip) whose `rounds`-fold composition spends
+    exactly ε at δ under `adjacency` (one array record per reply)."""
     if math.isinf(epsilon):
         return 0.0
-    return float(dp_accounting.calibrate_dp_mechanism(
+    return SENSITIVITY[adjacency] * float(dp_accounting.calibrate_dp_mechanism(
         rdp.RdpAccountant,
         lambda z: dp_accounting.SelfComposedDpEvent(dp_accounting.GaussianDpEvent(z), rounds),
         epsilon, delta,

@@ -54,6 +54,9 @@ class RuntimeConfig:
     max_client_weight: float | None = None
     dp: ClientDP | None = None  # client-level DP on every reply (see privacy.py)
     eval_every: int = 0  # also evaluate after every k-th round (accuracy per round); 0: never
+    #: leave out a client whose step raised anything; by default only what a party's machine
+    #: or link causes (ENVIRONMENT_FAULTS) is left out, and a bug fails the run
+    tolerate_client_errors: bool = False
 
 
 @dataclass
@@ -76,6 +79,15 @@ def sample_clients(config: RuntimeConfig, rnd: int, num_clients: int) -> list[in
     wanted = min(wanted, num_clients)
     rng = seeded_rng(config.seed, "sample", rnd)
     return sorted(int(c) for c in rng.choice(num_clients, size=wanted, replace=False))
+
+
+#: What one party's machine or link can cause (disk full, out of memory, a dropped link):
+#: such a client is left out of the round. Anything else is taken for a bug.
+ENVIRONMENT_FAULTS: tuple[type[BaseException], ...] = (OSError, MemoryError, TimeoutError)
+
+
+def tolerated(error: BaseException, tolerate_all: bool) -> bool:
+    return tolerate_all or isinstance(error, ENVIRONMENT_FAULTS)
 
 
 def round_label(method: Method, message: RecordDict, rnd: int) -> str:
