@@ -88,6 +88,7 @@ def test_a_finished_grid_runs_nothing_again_and_reports(tmp_path):
     md, page = write_report(bench.out, title="tiny")
     text = md.read_text()
     assert "## sst2" in text and "ifed-icl" in text and "zero-shot" in text
+    assert "| 95 % CI | vs zero-shot |" in text  # intervals and the paired test in the report
     assert "<table>" in page.read_text()
     pngs = sorted(bench.out.glob("*.png"))
     assert pngs and all(p.stat().st_size > 5000 for p in pngs)

@@ -101,3 +101,55 @@ def test_a_per_client_mean_gets_no_single_run_interval():
 
     (line, *_) = takeaways([_record("local-icl", 0.8, 10, 1.0, per_client=[{}, {}])])
     assert "mean of 2 clients, each on 100 rows" in line and "95 % interval" not in line
+
+
+def test_mcnemar_exact_counts_only_the_rows_the_methods_disagree_on():
+    from scipy.stats import binomtest
+
+    from fedsteer.eval.metrics import mcnemar_exact
+
+    a = [1] * 50 + [1] * 12 + [0] * 3 + [0] * 35
+    b = [1] * 50 + [0] * 12 + [1] * 3 + [0] * 35
+    only_a, only_b, p = mcnemar_exact(a, b)
+    assert (only_a, only_b) == (12, 3)
+    assert p == pytest.approx(binomtest(12, 15, 0.5).pvalue) and p < 0.05
+    assert mcnemar_exact([1, 0], [1, 0]) == (0, 0, 1.0)
+    with pytest.raises(ValueError, match="paired test on 2 vs 3 rows"):
+        mcnemar_exact([1, 0], [1, 0, 1])
+
+
+def _scored(method, correct, model="m"):
+    n = len(correct)
+    return {"method": method, "model": model, "task": "sst2",
+            "config": {"test_size": n, "test_seed": 0},
+            "metrics": {"accuracy": sum(correct) / n, "macro_f1": 0.0, "num_test": n},
+            "per_row": {"correct": correct},
+            "costs": {"bytes_up_per_round": 0, "bytes_down_per_round": 0, "num_rounds": 1,
+                      "client_seconds": 0.0, "peak_rss_bytes": 0}}
+
+
+def test_the_table_marks_a_difference_from_zero_shot_only_where_the_paired_test_does():
+    zero = _scored("zero-shot", [1] * 50 + [0] * 50)
+    better = _scored("ifed-icl", [1] * 50 + [1] * 15 + [0] * 35)  # 15 rows gained, none lost
+    noise = _scored("bdpl", [1] * 48 + [0] * 2 + [1] * 3 + [0] * 47)  # +1 row net
+    other_model = _scored("central-icl", [1] * 100, model="other")  # no zero-shot to pair
+    from fedsteer.eval.report import versus_zero_shot
+
+    assert versus_zero_shot([zero, better, noise, other_model]) == [
+        "—", "+15.0 (p=6.1e-05) *", "+1.0 (p=1)", "—"]
+    console = Console(width=200, record=True)
+    console.print(comparison_table([zero, better]))
+    text = console.export_text()
+    assert "65.0 (55–74)" in text and "+15.0 (p=6.1e-05) *" in text
+
+
+def test_every_result_records_its_interval_and_rows(tmp_path, tiny_lm):
+    from fedsteer.eval.metrics import wilson_interval
+    from fedsteer.experiment import RunConfig, run_experiment
+
+    record = run_experiment(RunConfig(method="zero-shot", model="tiny-random", test_size=30),
+                            tmp_path, lm=tiny_lm)
+    m = record["metrics"]
+    assert len(record["per_row"]["correct"]) == 30 and "correct" not in m
+    assert sum(record["per_row"]["correct"]) == round(m["accuracy"] * 30)
+    assert m["accuracy_ci95"] == list(wilson_interval(round(m["accuracy"] * 30), 30))

@@ -58,7 +58,7 @@ from fedsteer.models.scoring import LabelWordError
 app = typer.Typer(
     help="Steer a frozen LLM with federated data: run methods, compare accuracy and cost.",
     no_args_is_help=True, add_completion=False)
-console = Console(width=None if Console().is_terminal else 120)  # logs: no 80-col wrap
+console = Console(width=None if Console().is_terminal else 170)  # logs: no 80-col wrap
 RUN_CONFIG_FILE = "run.json"
 RUNTIMES = ("inprocess", "flower", "flower-deployment")
 

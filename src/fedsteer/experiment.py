@@ -18,6 +18,7 @@ from rich.progress import Progress
 
 from fedsteer.data import Example, Task, load_task, partition
 from fedsteer.eval.costs import reset_peak_rss, summarize_costs
+from fedsteer.eval.metrics import accuracy_interval
 from fedsteer.eval.record import environment, write_result
 from fedsteer.federation import InProcessRuntime, Runtime, RuntimeConfig
 from fedsteer.federation.privacy import ClientDP
@@ -229,6 +230,10 @@ def run_experiment(
         eval_started = time.perf_counter()
         metrics = method.evaluate(outcome.state, env)
         eval_seconds = time.perf_counter() - eval_started
+    metrics = dict(metrics)
+    correct = metrics.pop("correct", None)
+    metrics["num_test"] = len(env.test)
+    metrics["accuracy_ci95"] = list(accuracy_interval(metrics))
     costs = summarize_costs(outcome.rounds)
     costs["eval_seconds"] = eval_seconds
     costs["wall_seconds"] = time.perf_counter() - started
@@ -237,7 +242,10 @@ def run_experiment(
         "task": task.name,
         "model": config.model,
         "config": {**dataclasses.asdict(config), "method_options": method.options()},
-        "metrics": {**metrics, "num_test": len(env.test), "num_clients": len(clients)},
+        "metrics": {**metrics, "num_clients": len(clients)},
+        #: each test row's correctness, in row order (the rows: task, test_size, test_seed),
+        #: so two records on the same rows can be compared pairwise (`eval.metrics.mcnemar_exact`)
+        "per_row": {"correct": correct} if correct is not None else None,
         "costs": costs,
         "privacy": outcome.privacy,
         "warnings": warnings,

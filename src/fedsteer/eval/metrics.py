@@ -7,13 +7,15 @@ from typing import Any
 
 import numpy as np
 from scipy.stats import binomtest
+from scipy.stats import t as t_dist
 from sklearn.metrics import accuracy_score, f1_score
 
 
 def classification_metrics(
     y_true: Sequence[int], y_pred: Sequence[int], num_labels: int
 ) -> dict[str, float]:
-    """Accuracy and macro-F1 over *all* labels (a label never predicted scores F1 = 0)."""
+    """Accuracy and macro-F1 over *all* labels (a label never predicted scores F1 = 0), and
+    each row's correctness (`correct`, 0/1 in row order) for paired tests between methods."""
     if len(y_true) == 0:
         raise ValueError("cannot compute metrics on an empty evaluation set")
     return {
@@ -22,6 +24,7 @@ def classification_metrics(
             f1_score(y_true, y_pred, labels=list(range(num_labels)), average="macro",
                      zero_division=0)
         ),
+        "correct": [int(t == p) for t, p in zip(y_true, y_pred, strict=True)],
     }
 
 
@@ -29,6 +32,7 @@ def summarize_clients(per_client: Sequence[dict[str, Any]]) -> dict[str, Any]:
     """Mean, spread and the list itself when each client evaluated on its own."""
     if len(per_client) == 1:
         return {k: v for k, v in per_client[0].items() if k != "cid"}
+    per_client = [{k: v for k, v in c.items() if k != "correct"} for c in per_client]
     out: dict[str, Any] = {}
     for key in ("accuracy", "macro_f1"):
         values = np.array([c[key] for c in per_client], dtype=float)
@@ -46,3 +50,34 @@ def wilson_interval(correct: int, total: int, confidence: float = 0.95) -> tuple
         raise ValueError("an interval needs at least one row")
     ci = binomtest(int(correct), int(total)).proportion_ci(confidence, method="wilson")
     return float(ci.low), float(ci.high)
+
+
+def mean_interval(values: Sequence[float], confidence: float = 0.95) -> tuple[float, float]:
+    """Student-t interval of the mean of independent values (seeds, clients)."""
+    values = np.asarray(values, dtype=float)
+    if len(values) < 2:
+        return float(values.mean()), float(values.mean())
+    half = t_dist.ppf(0.5 + confidence / 2, len(values) - 1) * values.std(ddof=1) / np.sqrt(
+        len(values))
+    return float(values.mean() - half), float(values.mean() + half)
+
+
+def accuracy_interval(metrics: dict[str, Any]) -> tuple[float, float]:
+    """95 % interval of a record's accuracy: Wilson over its rows for one evaluation, a
+    t-interval over clients where each client evaluated on its own (local ICL)."""
+    if "per_client" in metrics:
+        return mean_interval([c["accuracy"] for c in metrics["per_client"]])
+    n = int(metrics["num_test"])
+    return wilson_interval(round(metrics["accuracy"] * n), n)
+
+
+def mcnemar_exact(a_correct: Sequence[int], b_correct: Sequence[int]) -> tuple[int, int, float]:
+    """Exact McNemar test of two methods scored on the same rows: (rows only `a` gets right,
+    rows only `b` gets right, two-sided p). Rows both get right or wrong say nothing."""
+    if len(a_correct) != len(b_correct):
+        raise ValueError(f"paired test on {len(a_correct)} vs {len(b_correct)} rows")
+    only_a = sum(1 for x, y in zip(a_correct, b_correct, strict=True) if x and not y)
+    only_b = sum(1 for x, y in zip(a_correct, b_correct, strict=True) if y and not x)
+    if only_a + only_b == 0:
+        return 0, 0, 1.0
+    return only_a, only_b, float(binomtest(only_a, only_a + only_b, 0.5).pvalue)

@@ -26,6 +26,46 @@ def _with_spread(metrics: dict[str, Any], key: str) -> str:
     return value
 
 
+def with_interval(metrics: dict[str, Any]) -> str:
+    """"81.0 (72–88)": the accuracy and its 95 % interval (older records: computed here)."""
+    from fedsteer.eval.metrics import accuracy_interval
+
+    value = _with_spread(metrics, "accuracy")  # ± the clients' spread where they scored alone
+    interval = metrics.get("accuracy_ci95")
+    if interval is None and ("per_client" in metrics or "num_test" in metrics):
+        interval = accuracy_interval(metrics)
+    if interval is None:
+        return value
+    return f"{value} ({100 * interval[0]:.0f}–{100 * interval[1]:.0f})"
+
+
+def same_rows(record: dict[str, Any]) -> tuple:
+    """Records with the same key were scored on the same test rows by the same model."""
+    config = record.get("config", {})
+    return (record.get("model"), record.get("task"), config.get("test_size"),
+            config.get("test_seed", 0))
+
+
+def versus_zero_shot(records: Sequence[dict[str, Any]]) -> list[str]:
+    """Per record: its accuracy minus zero-shot's on the same rows, with the exact McNemar p
+    ("*" where p < 0.05); "—" where there is no zero-shot or no per-row result to pair."""
+    from fedsteer.eval.metrics import mcnemar_exact
+
+    zero = {same_rows(r): r for r in records
+            if r["method"] == "zero-shot" and (r.get("per_row") or {}).get("correct")}
+    out = []
+    for rec in records:
+        base = zero.get(same_rows(rec))
+        mine = (rec.get("per_row") or {}).get("correct")
+        if rec["method"] == "zero-shot" or base is None or not mine:
+            out.append("—")
+            continue
+        _, _, p = mcnemar_exact(mine, base["per_row"]["correct"])
+        delta = 100 * (rec["metrics"]["accuracy"] - base["metrics"]["accuracy"])
+        out.append(f"{delta:+.1f} (p={p:.2g}){' *' if p < 0.05 else ''}")
+    return out
+
+
 def comparison_table(records: Sequence[dict[str, Any]], title: str = "",
                      label: Callable[[dict[str, Any]], str] | None = None) -> Table:
     """One row per result record; percentages, bytes per round, seconds, peak memory.
@@ -37,14 +77,16 @@ def comparison_table(records: Sequence[dict[str, Any]], title: str = "",
                   caption="\n".join(f"warning: {w}" for w in warnings) or None)
     table.add_column("method", no_wrap=True)
     private = any(rec.get("privacy") for rec in records)
-    for name in ("acc %", "macro-F1 %", "up/round", "down/round", "rounds", "client s",
-                 "eval s", "peak mem", "rejected", *(["ε (δ)"] if private else [])):
+    for name in ("acc % (95 % CI)", "vs zero-shot", "macro-F1 %", "up/round", "down/round",
+                 "rounds", "client s", "eval s", "peak mem", "rejected",
+                 *(["ε (δ)"] if private else [])):
         table.add_column(name, justify="right", no_wrap=True)
-    for rec in records:
+    for rec, versus in zip(records, versus_zero_shot(records), strict=True):
         m, c = rec["metrics"], rec["costs"]
         table.add_row(
             label(rec) if label else rec["method"],
-            _with_spread(m, "accuracy"),
+            with_interval(m),
+            versus,
             _with_spread(m, "macro_f1"),
             human_bytes(c["bytes_up_per_round"]),
             human_bytes(c["bytes_down_per_round"]),

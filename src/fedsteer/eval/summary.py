@@ -21,9 +21,10 @@ import matplotlib.pyplot as plt  # noqa: E402
 from matplotlib.ticker import MaxNLocator  # noqa: E402
 
 from fedsteer.eval.costs import round_accuracy  # noqa: E402
+from fedsteer.eval.metrics import accuracy_interval, mean_interval  # noqa: E402
 from fedsteer.eval.papers import paper_rows  # noqa: E402
 from fedsteer.eval.record import RESULT_FILE, read_result  # noqa: E402
-from fedsteer.eval.report import human_bytes  # noqa: E402
+from fedsteer.eval.report import human_bytes, versus_zero_shot  # noqa: E402
 
 
 @dataclass
@@ -45,6 +46,8 @@ class Row:
     api_calls: float | None
     train_loss: list[float]
     round_accuracy: list[float]  # after each round, when the runs evaluated every round
+    ci95: tuple[float, float] | None = None  # Wilson for one run, t over seeds for several
+    versus_zero_shot: str = "—"  # Δ accuracy and the exact McNemar p, for one-seed rows
 
 
 def collect(results_dir: Path) -> list[dict]:
@@ -62,9 +65,13 @@ def summarize(records: Sequence[dict]) -> list[Row]:
         config = r["config"]
         key = (r["model"], r["task"], r["method"], _skew(config), r["metrics"]["num_clients"])
         groups[key].append(r)
+    versus = dict(zip(map(id, records), versus_zero_shot(records), strict=True))
     rows = []
     for (model, task, method, skew, clients), recs in sorted(groups.items()):
         acc = [r["metrics"]["accuracy"] for r in recs]
+        one = recs[0]["metrics"]
+        ci95 = (mean_interval(acc) if len(recs) > 1
+                else tuple(one.get("accuracy_ci95") or accuracy_interval(one)))
         costs = [r["costs"] for r in recs]
         api = [r["metrics"].get("api_training_calls", r["metrics"].get("api_calls"))
                for r in recs]
@@ -82,17 +89,21 @@ def summarize(records: Sequence[dict]) -> list[Row]:
             statistics.mean(api) if all(a is not None for a in api) else None,
             [statistics.mean(x) for x in zip(*losses, strict=False)] if losses else [],
             [statistics.mean(x) for x in zip(*curves, strict=False)] if curves else [],
+            ci95, versus[id(recs[0])] if len(recs) == 1 else "—",
         ))
     return rows
 
 
-HEADER = ["model", "method", "skew", "clients", "seeds", "acc %", "macro-F1 %", "up/round",
-          "down/round", "bytes total", "client s", "peak mem", "API calls"]
+HEADER = ["model", "method", "skew", "clients", "seeds", "acc %", "95 % CI", "vs zero-shot",
+          "macro-F1 %", "up/round", "down/round", "bytes total", "client s", "peak mem",
+          "API calls"]
 
 
 def _cells(r: Row) -> list[str]:
+    interval = "—" if r.ci95 is None else f"{100 * r.ci95[0]:.1f}–{100 * r.ci95[1]:.1f}"
     return [r.model, r.method, r.skew, str(r.clients), str(r.seeds),
-            f"{100 * r.accuracy:.1f} ± {100 * r.accuracy_std:.1f}", f"{100 * r.macro_f1:.1f}",
+            f"{100 * r.accuracy:.1f} ± {100 * r.accuracy_std:.1f}", interval,
+            r.versus_zero_shot, f"{100 * r.macro_f1:.1f}",
             human_bytes(r.bytes_up_round), human_bytes(r.bytes_down_round),
             human_bytes(r.bytes_total), f"{r.client_seconds:.0f}", human_bytes(r.peak_rss),
             "—" if r.api_calls is None else f"{r.api_calls:.0f}"]
@@ -105,8 +116,11 @@ def tables(rows: Sequence[Row]) -> dict[str, list[list[str]]]:
     return dict(by_task)
 
 
-SUBTITLE = ("Mean ± std over seeds; bytes are payloads as Flower serializes them; client s "
-            "is the summed compute of the clients.")
+SUBTITLE = ("Mean ± std over seeds; the 95 % CI is Wilson's over the test rows for one "
+            "run, Student's t over seeds for several; \"vs zero-shot\" is the accuracy "
+            "difference on the same rows with the exact McNemar p (* where p < 0.05; one-seed "
+            "rows only). Bytes are payloads as Flower serializes them; client s is the summed "
+            "compute of the clients.")
 PAPERS_TITLE = "Published numbers (other models and setups — compare orderings, not values)"
 PAPER_HEADER = ("paper", "model", "task", "method", "acc %")
 

@@ -98,6 +98,8 @@ class LocalICL(Method):
         rng = seeded_rng(self.seed, "demos", client.cid)
         demos = select_demonstrations(client.data, shots, rng)
         metrics = evaluate_prompting(client.env, client.env.task.demo_prefix(demos))
+        if not self.centralized:  # per-row results stay with the client; the mean travels
+            metrics.pop("correct")
         return RecordDict({"metrics": MetricRecord({**metrics, "num_demos": len(demos)})})
 
     def aggregate(self, rnd: int, state: RecordDict, replies: Sequence[Reply]) -> RecordDict:
@@ -105,6 +107,9 @@ class LocalICL(Method):
         for key in ("accuracy", "macro_f1"):
             columns[key] = [float(r.content["metrics"][key]) for r in replies]
         state["clients"] = MetricRecord(columns)
+        if self.centralized:  # the one client holding all data: its rows, for paired tests
+            correct = list(replies[0].content["metrics"]["correct"])
+            state["rows"] = MetricRecord({"correct": correct})
         return state
 
     def evaluate(self, state: RecordDict, env: Environment) -> dict[str, Any]:
@@ -115,6 +120,8 @@ class LocalICL(Method):
             {"cid": int(c), "accuracy": a, "macro_f1": f}
             for c, a, f in zip(cols["cid"], cols["accuracy"], cols["macro_f1"], strict=True)
         ]
+        if "rows" in state:
+            rows[0]["correct"] = [int(x) for x in state["rows"]["correct"]]
         return summarize_clients(rows)
 
 
