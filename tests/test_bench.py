@@ -205,3 +205,19 @@ def test_benchmark_scripts_reuse_a_cell_only_when_its_settings_match(tmp_path):
     with pytest.raises(StaleCell, match="test_size: recorded 300, asked 500"):
         reuse_finished(tmp_path, asked)
     assert reuse_finished(tmp_path, dataclasses.replace(asked, test_size=300))["task"] == "sst2"
+
+
+def test_a_cell_recorded_before_an_option_existed_is_stale(tmp_path):
+    """ICL's `shots` became per class: a record without `per_class` must not pass as new."""
+    from fedsteer.bench import Cell, recorded_differences
+    from fedsteer.eval.record import write_result
+    from fedsteer.experiment import RunConfig
+
+    config = RunConfig(method="central-icl", task="trec", model="tiny-random")
+    old_options = {"shots": 4, "seed": 0}  # as written before per_class existed
+    write_result({"method": "central-icl", "task": "trec", "model": "tiny-random",
+                  "metrics": {}, "costs": {}, "env": {},
+                  "config": {**dataclasses.asdict(config), "method_options": old_options}},
+                 tmp_path)
+    assert recorded_differences(Cell(config, tmp_path)) == {
+        "method_options.per_class": ("(absent)", True)}

@@ -233,3 +233,15 @@ def test_a_truncated_result_json_is_named(tmp_path):
     (tmp_path / "result.json").write_text('{"method": ')
     with pytest.raises(ValueError, match=r"result\.json: not readable JSON"):
         read_result(tmp_path)
+
+
+@pytest.mark.parametrize("per_class, expected", [(True, 6), (False, 1)])
+def test_icl_shows_shots_per_class_so_every_trec_label_appears(tmp_path, tiny_lm, per_class,
+                                                              expected):
+    from fedsteer.experiment import RunConfig, run_experiment
+
+    config = RunConfig(method="central-icl", task="trec", model="tiny-random", shots=1,
+                       test_size=6, options={"per_class": per_class})
+    record = run_experiment(config, tmp_path, lm=tiny_lm)
+    assert record["metrics"]["demonstrations"] == expected
+    assert record["config"]["method_options"]["per_class"] is per_class

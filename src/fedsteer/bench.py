@@ -35,7 +35,7 @@ import yaml
 
 from fedsteer.eval.record import RESULT_FILE, read_result
 from fedsteer.experiment import RunConfig, run_experiment
-from fedsteer.methods import METHODS, check_options
+from fedsteer.methods import METHODS, check_options, make_method
 
 KNOWN_KEYS = {"name", "out", "models", "tasks", "methods", "seeds", "alphas", "clients",
               "test_size", "run", "options"}
@@ -108,11 +108,24 @@ class StaleCell(ValueError):
 def recorded_differences(cell: Cell) -> dict[str, tuple[Any, Any]]:
     """{field: (recorded, asked)} where a finished cell's record disagrees with its config.
 
-    Fields the record lacks (added to RunConfig after it was written) are not counted."""
+    RunConfig fields the record lacks (added after it was written) are not counted; a method
+    option it lacks is (a new option may change what the old name meant, as ICL's `shots`
+    becoming per class did)."""
     recorded = read_result(cell.path)["config"]
     asked = json.loads(json.dumps(dataclasses.asdict(cell.config)))  # compare as it reads back
-    return {key: (recorded[key], value) for key, value in asked.items()
+    diff = {key: (recorded[key], value) for key, value in asked.items()
             if key in recorded and recorded[key] != value}
+    if "method_options" in recorded:  # every option of the method as it ran, defaults too
+        options = make_method(cell.config.method, **cell.config.method_options()).options()
+        options = json.loads(json.dumps(options))
+        diff.update({f"method_options.{key}": (recorded["method_options"].get(key, ABSENT), value)
+                     for key, value in options.items()
+                     if recorded["method_options"].get(key, ABSENT) != value})
+    return diff
+
+
+#: what a record lacks: an option added since it was written (its meaning may have changed)
+ABSENT = "(absent)"
 
 
 def check_finished(cells: list[Cell]) -> None:

@@ -155,7 +155,8 @@ def run(
         help="share of clients sampled per round, in (0, 1]", callback=_share)] = 1.0,
     seed: int = 0,
     test_size: Annotated[int, typer.Option(help="test rows scored (0: all)", min=0)] = 300,
-    shots: Annotated[int, typer.Option(help="demonstrations for ICL methods", min=0)] = 4,
+    shots: Annotated[int, typer.Option(
+        help="ICL demonstrations per class (-o per_class=false: in all)", min=0)] = 4,
     batch_size: Annotated[int, typer.Option(min=1)] = 16,
     train: Annotated[Path | None, typer.Option(help="your own task: training JSONL/CSV")]
     = None,

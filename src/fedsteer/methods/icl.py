@@ -84,6 +84,9 @@ class LocalICL(Method):
     name = "local-icl"
     shots: int = 4
     seed: int = 0
+    #: `shots` per class, as IFed-ICL counts its demonstrations (a holder lacking a label
+    #: shows more of the others, up to shots × labels); False: `shots` in all
+    per_class: bool = True
 
     def planned_rounds(self) -> int:
         return 1
@@ -93,10 +96,13 @@ class LocalICL(Method):
             return None
         return RecordDict({"config": ConfigRecord({"phase": "evaluate", "shots": self.shots})})
 
-    def client_step(self, message: RecordDict, client: Client) -> RecordDict:
+    def _total(self, message: RecordDict, client: Client) -> int:
         shots = int(message["config"]["shots"])
+        return shots * len(client.env.task.labels) if self.per_class else shots
+
+    def client_step(self, message: RecordDict, client: Client) -> RecordDict:
         rng = seeded_rng(self.seed, "demos", client.cid)
-        demos = select_demonstrations(client.data, shots, rng)
+        demos = select_demonstrations(client.data, self._total(message, client), rng)
         metrics = evaluate_prompting(client.env, client.env.task.demo_prefix(demos))
         if not self.centralized:  # per-row results stay with the client; the mean travels
             metrics.pop("correct")
@@ -104,7 +110,7 @@ class LocalICL(Method):
 
     def aggregate(self, rnd: int, state: RecordDict, replies: Sequence[Reply]) -> RecordDict:
         columns = {"cid": [r.cid for r in replies]}
-        for key in ("accuracy", "macro_f1"):
+        for key in ("accuracy", "macro_f1", "num_demos"):
             columns[key] = [float(r.content["metrics"][key]) for r in replies]
         state["clients"] = MetricRecord(columns)
         if self.centralized:  # the one client holding all data: its rows, for paired tests
@@ -122,7 +128,12 @@ class LocalICL(Method):
         ]
         if "rows" in state:
             rows[0]["correct"] = [int(x) for x in state["rows"]["correct"]]
-        return summarize_clients(rows)
+        metrics = summarize_clients(rows)
+        demos = [int(d) for d in cols["num_demos"]] if "num_demos" in cols else []
+        if demos:  # the budget each client spent in context, for the tables
+            metrics["demonstrations"] = demos[0] if len(demos) == 1 else {
+                "mean": sum(demos) / len(demos), "min": min(demos), "max": max(demos)}
+        return metrics
 
 
 @dataclass
