@@ -202,3 +202,45 @@ def test_a_grid_asking_to_resume_an_asynchronous_run_starts_it_afresh(tmp_path):
     config = RunConfig("asyndbt", "sst2", "tiny-random", clients=2, test_size=4, options=options)
     record = run_experiment(config, tmp_path, resume=True)  # as `fedsteer bench` asks
     assert record["costs"]["num_rounds"] == 2
+
+
+def test_two_messages_of_one_step_equal_one_message_of_two_steps(monkeypatch):
+    """A worker's Adam state survives between messages: not a fresh first step each time."""
+    import fedsteer.methods.asyndbt as asyndbt_module
+    from toy import SPEC as TOY
+    from toy import examples
+
+    env = Environment(task=TOY, test=[], model_name="tiny-random", transfer=examples(8))
+    settings = dict(prompt_length=2, candidates=4, samples=2, shots_per_class=2, batch_size=2,
+                    demo_candidates=2, cutting_planes=False, lr=0.05)
+    real = asyndbt_module.seeded_rng
+
+    def final_p(steps_per_round: int, messages: int) -> np.ndarray:
+        shared = real(0, "one stream")  # every call continues the same draws
+        monkeypatch.setattr(asyndbt_module, "seeded_rng",
+                            lambda *key: shared if key[1] == "asyndbt" else real(*key))
+        method = AsynDBT(steps_per_round=steps_per_round, **settings)
+        state = method.initial_state(env)
+        client = Client(cid=0, data=examples(6), env=env)
+        for _ in range(messages):
+            reply = method.client_step(method.worker_message(state, 0, 0), client)
+        assert float(client.state["adam_p"]["step"].numpy()[0]) == 2
+        return reply["prompt"]["p"].numpy()
+
+    np.testing.assert_allclose(final_p(1, 2), final_p(2, 1), atol=1e-6)
+
+
+def test_bdpl_keeps_its_optimizer_across_rounds():
+    from fedsteer.methods.bdpl import AdamOnSimplex
+
+    probs = np.full((2, 4), 0.25)
+    grads = [np.array([[1.0, -1, 0.5, 0], [0, 0, 1, -1]]), np.array([[0.2, 0, -1, 0.1]] * 2)]
+    straight = AdamOnSimplex(probs, 0.05)
+    for grad in grads:
+        expected = straight.step(grad)
+    first = AdamOnSimplex(probs, 0.05)
+    first.step(grads[0])
+    second = AdamOnSimplex(first.probs, 0.05, first.to_record())
+    np.testing.assert_allclose(second.step(grads[1]), expected, atol=1e-12)
+    fresh = AdamOnSimplex(first.probs, 0.05)  # what every message did before
+    assert not np.allclose(fresh.step(grads[1]), expected)

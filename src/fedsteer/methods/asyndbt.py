@@ -60,6 +60,7 @@ from fedsteer.methods.bdpl import (
     prompt_prefix,
     sample_prompts,
     save_prompt,
+    saved_optimizer,
     word_candidates,
 )
 from fedsteer.methods.cutting_planes import CuttingPlanes
@@ -170,9 +171,12 @@ class AsynDBT(BDPL):
         p, q, demos = self._local_variables(client, z)
         planes = self._planes(client, q, p)
         meter = Usage()
+        opt_p = AdamOnSimplex(p, self.lr, saved_optimizer(client, "adam_p"))
+        opt_q = AdamOnSimplex(q, self.lr, saved_optimizer(client, "adam_q"))
         p, q, loss = self.local_steps(box, env, self.training_set(client), words, demos,
-                                      p, q, z, dual, iteration, client.cid, meter, planes)
+                                      opt_p, opt_q, z, dual, iteration, client.cid, meter, planes)
         client.state["mine"] = ArrayRecord({"p": _array(p), "q": _array(q)})
+        client.state["adam_p"], client.state["adam_q"] = opt_p.to_record(), opt_q.to_record()
         metrics = {"loss": loss, "calls": meter.calls}
         if planes is not None:
             client.state["planes"] = planes.to_record()
@@ -215,11 +219,12 @@ class AsynDBT(BDPL):
         return pool
 
     def local_steps(self, box, env: Environment, train: list[Example], words: list[str],
-                    demos: list[list[Example]], p: np.ndarray, q: np.ndarray,
+                    demos: list[list[Example]], opt_p: AdamOnSimplex, opt_q: AdamOnSimplex,
                     z: np.ndarray, dual: np.ndarray, iteration: int, cid: int, meter: Usage,
                     planes: CuttingPlanes | None = None):
+        """`steps_per_round` steps of p and q, continuing the worker's own optimizers."""
         rng = seeded_rng(self.seed, "asyndbt", iteration, cid)
-        opt_p, opt_q, losses = AdamOnSimplex(p, self.lr), AdamOnSimplex(q, self.lr), []
+        p, q, losses = opt_p.probs, opt_q.probs, []
         queries = [env.task.format_query(ex) for ex in train]
         labels = np.array([ex.label for ex in train])
         spec = env.task
@@ -243,6 +248,7 @@ class AsynDBT(BDPL):
             mask = self._valid_mask(demos)  # slots with fewer than V candidates stay so
             q = q * mask + 1e-12 * mask
             q = q / q.sum(axis=1, keepdims=True)
+            opt_q.set(q)  # the optimizer continues from the policy actually used
             if planes is not None:
                 planes.update_multipliers(q, p, self.cut_lr)
                 planes.refresh(self.cut_refresh, self.cut_gamma, self.cut_limit)

@@ -104,11 +104,42 @@ def cross_entropy(scores: np.ndarray, labels: np.ndarray) -> float:
 
 
 class AdamOnSimplex:
-    """Adam on the probabilities (as BDPL), each row projected back after the step."""
+    """Adam on the probabilities (as BDPL), each row projected back after the step.
 
-    def __init__(self, probs: np.ndarray, lr: float) -> None:
+    Its moments and step count travel in a party's state (`to_record` / `saved`), so a
+    policy that is stepped once per message keeps being Adam, not Adam's first step
+    (±lr·sign(g)) over and over.
+    """
+
+    def __init__(self, probs: np.ndarray, lr: float, saved: ArrayRecord | None = None) -> None:
         self.param = torch.nn.Parameter(torch.tensor(probs, dtype=torch.float64))
         self.optimizer = torch.optim.Adam([self.param], lr=lr)
+        if saved is not None and saved["exp_avg"].shape == tuple(self.param.shape):
+            self.optimizer.state[self.param] = {
+                "step": torch.tensor(float(saved["step"].numpy()[0])),
+                "exp_avg": torch.from_numpy(saved["exp_avg"].numpy().astype(np.float64)),
+                "exp_avg_sq": torch.from_numpy(saved["exp_avg_sq"].numpy().astype(np.float64)),
+            }
+
+    @property
+    def probs(self) -> np.ndarray:
+        return self.param.detach().numpy().copy()
+
+    def set(self, probs: np.ndarray) -> None:
+        """Move the parameter to a policy changed outside the optimizer (e.g. masked)."""
+        with torch.no_grad():
+            self.param.copy_(torch.from_numpy(np.asarray(probs, dtype=np.float64)))
+
+    def to_record(self) -> ArrayRecord:
+        """The moments and step count (empty before the first step)."""
+        state = self.optimizer.state.get(self.param)
+        if not state:
+            return ArrayRecord()
+        return ArrayRecord({
+            "step": Array(np.array([float(state["step"])], dtype=np.float64)),
+            "exp_avg": Array(state["exp_avg"].numpy().copy()),
+            "exp_avg_sq": Array(state["exp_avg_sq"].numpy().copy()),
+        })
 
     def step(self, grad: np.ndarray) -> np.ndarray:
         self.param.grad = torch.tensor(grad, dtype=torch.float64)
@@ -116,6 +147,11 @@ class AdamOnSimplex:
         with torch.no_grad():
             self.param.copy_(torch.from_numpy(project_simplex(self.param.numpy())))
         return self.param.detach().numpy().copy()
+
+
+def saved_optimizer(client: Client, key: str) -> ArrayRecord | None:
+    """A party's optimizer state from its earlier messages, if it has one."""
+    return client.state[key] if key in client.state.array_records else None
 
 
 # ------------------------------------------------------------------ the method
@@ -161,7 +197,9 @@ class BDPL(Method):
                  else np.full((self.prompt_length, len(words)), 1.0 / len(words)))
         box = client.env.blackbox(self.blackbox)
         start = box.usage.calls
-        probs, loss = self.train(box, client.env, train, words, probs, rnd, client.cid)
+        optimizer = AdamOnSimplex(probs, self.lr, saved_optimizer(client, "adam"))
+        probs, loss = self.train(box, client.env, train, words, optimizer, rnd, client.cid)
+        client.state["adam"] = optimizer.to_record()
         return RecordDict({
             "prompt": ArrayRecord({"probs": Array(probs.astype(np.float32))}),
             "words": ConfigRecord({"words": words}),
@@ -183,10 +221,10 @@ class BDPL(Method):
         return picked
 
     def train(self, box, env: Environment, train: list[Example], words: list[str],
-              probs: np.ndarray, rnd: int, cid: int) -> tuple[np.ndarray, float]:
+              optimizer: AdamOnSimplex, rnd: int, cid: int) -> tuple[np.ndarray, float]:
         """`steps_per_round` policy-gradient steps on the prompt distribution."""
         rng = seeded_rng(self.seed, "bdpl", rnd, cid)
-        optimizer, losses = AdamOnSimplex(probs, self.lr), []
+        probs, losses = optimizer.probs, []
         queries = [env.task.format_query(ex) for ex in train]
         labels = np.array([ex.label for ex in train])
         for _ in range(self.steps_per_round):
