@@ -244,3 +244,67 @@ def test_bdpl_keeps_its_optimizer_across_rounds():
     np.testing.assert_allclose(second.step(grads[1]), expected, atol=1e-12)
     fresh = AdamOnSimplex(first.probs, 0.05)  # what every message did before
     assert not np.allclose(fresh.step(grads[1]), expected)
+
+
+def _state(z):
+    return RecordDict({"z": ArrayRecord({"z": _array(z)}), "duals": ArrayRecord(),
+                       "latest": ArrayRecord(),
+                       "progress": MetricRecord({"iteration": 0, "calls": 0})})
+
+
+def _replies(prompts):
+    return [Reply(cid, RecordDict({"prompt": ArrayRecord({"p": _array(p)}),
+                                   "metrics": MetricRecord({"calls": 1})}), 1)
+            for cid, p in enumerate(prompts)]
+
+
+def test_under_robust_sign_one_attacker_moves_z_by_at_most_lr_z_times_psi_per_step():
+    rng = np.random.default_rng(0)
+    z = project_simplex(rng.dirichlet(np.ones(6), size=3))
+    honest = [project_simplex(z + rng.normal(0, 0.02, z.shape)) for _ in range(3)]
+    far = np.zeros_like(z)
+    far[np.arange(3), z.argmin(axis=1)] = 1.0  # the simplex point farthest from z
+    lr_z, psi = 0.1, 0.05
+    for consensus, bounded in (("robust-sign", True), ("sign", False)):
+        method = AsynDBT(prompt_length=3, lr_z=lr_z, psi=psi, mu=1.0, consensus=consensus)
+        clean = method.server_update(_state(z), _replies(honest))["z"]["z"].numpy()
+        attacked = method.server_update(_state(z), _replies([*honest, far]))["z"]["z"].numpy()
+        pull = np.linalg.norm(attacked - clean)  # the projection is non-expansive
+        limit = lr_z * psi * np.sqrt(z.size)
+        assert bool(pull <= limit + 1e-6) is bounded, (consensus, pull, limit)
+
+
+@pytest.mark.parametrize("p, reason", [
+    (np.array([[0.5, 0.6], [0.5, 0.5]]), "rows sum to"),
+    (np.array([[1.2, -0.2], [0.5, 0.5]]), "negative"),
+    (np.array([[0.5, 0.5]]), "shape"),
+])
+def test_a_reply_that_is_not_a_distribution_is_rejected(p, reason):
+    method = AsynDBT(prompt_length=2)
+    (reply,) = _replies([p])
+    assert reason in method.reply_problem(reply.content)
+    assert method.reply_problem(_replies([np.full((2, 2), 0.5)])[0].content) is None
+
+
+def test_the_asynchronous_runtime_rejects_a_non_distribution_and_goes_on():
+    from toy import SPEC as TOY
+    from toy import examples
+
+    env = Environment(task=TOY, test=[], model_name="tiny-random", transfer=examples(8))
+
+    class Sloppy(AsynDBT):
+        def client_step(self, message, client):
+            reply = super().client_step(message, client)
+            if client.cid == 1:
+                reply["prompt"] = ArrayRecord({"p": _array(reply["prompt"]["p"].numpy() * 3)})
+            return reply
+
+    method = Sloppy(prompt_length=2, candidates=4, samples=2, shots_per_class=2, batch_size=2,
+                    steps_per_round=1, demo_candidates=2, iterations=3, active=2,
+                    cutting_planes=False)
+    workers = [Client(cid=i, data=examples(6, offset=i), env=env) for i in range(2)]
+    outcome = AsyncInProcessRuntime(AsyncConfig(active=2)).run(method, workers, env)
+    rejected = [x for r in outcome.rounds for x in r.rejected]
+    assert rejected and {x["cid"] for x in rejected} == {1}
+    assert all("rows sum to" in x["reason"] for x in rejected)
+    assert np.allclose(outcome.state["z"]["z"].numpy().sum(axis=1), 1.0, atol=1e-5)

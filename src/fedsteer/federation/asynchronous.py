@@ -85,7 +85,7 @@ class AsyncInProcessRuntime:
                         break
                 posted = self._gather(inbox, active, last_heard, iteration)
                 cost = RoundCost(round=iteration)
-                replies = [r for r in (self._accept(p, cost) for p in posted) if r]
+                replies = [r for r in (self._accept(method, p, cost) for p in posted) if r]
                 started = time.perf_counter()
                 with lock:
                     shared["state"] = method.server_update(shared["state"], replies)
@@ -127,7 +127,7 @@ class AsyncInProcessRuntime:
             got.append(posted)
 
     @staticmethod
-    def _accept(posted: _Posted, cost: RoundCost) -> Reply | None:
+    def _accept(method: Method, posted: _Posted, cost: RoundCost) -> Reply | None:
         cost.clients.append(posted.cid)
         cost.client_seconds += posted.seconds
         cost.bytes_down += posted.bytes_down
@@ -139,6 +139,10 @@ class AsyncInProcessRuntime:
             check_reply(posted.content)
         except InvalidReply as error:
             reject(cost, posted.cid, str(error))
+            return None
+        problem = method.reply_problem(posted.content)
+        if problem:
+            reject(cost, posted.cid, problem)
             return None
         cost.bytes_up += payload_bytes(posted.content)
         return Reply(cid=posted.cid, content=posted.content, num_examples=posted.num_examples,

@@ -276,6 +276,10 @@ class Runtime(ABC):
         except InvalidReply as error:
             self._reject(cost, cid, str(error))
             return None
+        problem = method.reply_problem(content)
+        if problem:
+            self._reject(cost, cid, problem)
+            return None
         cost.bytes_up += payload_bytes(content)
         return Reply(cid=cid, content=content, num_examples=num_examples)
 

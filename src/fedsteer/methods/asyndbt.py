@@ -12,13 +12,17 @@ What this module implements (K local steps per worker message, then one server u
   where ĝ_p, ĝ_q are BDPL's variance-reduced policy gradients of the worker's loss over I
   sampled (prompt, demonstrations) pairs, and ρ_i + μ(p_i − z) is the gradient of the
   augmented Lagrangian ρ_iᵀ(p_i − z) + (μ/2)‖p_i − z‖²; ψ·sign(p_i − z) is the
-  subgradient of ψ‖p_i − z‖₁, the term that bounds the pull any one (Byzantine) worker
-  has on z (as in RSA, Li et al. 2019);
+  subgradient of ψ‖p_i − z‖₁;
 - server, over the active set A of replies that have arrived:
              z ← Π(z − η_z Σ_{i∈A} (−ρ_i − μ(p_i − z) + ψ·sign(z − p_i)))
              ρ_i ← ρ_i + η_ρ (p_i − z)   for i ∈ A
-  (`consensus="sign"`); or, for comparison, z ← Π(rule({p_i})) with one of Flower's
-  aggregation rules over every worker's latest p_i (mean, median, trimmed-mean, krum).
+  (`consensus="sign"`, the paper's rule). It does *not* bound a bad worker: the μ(p_i − z)
+  term pulls z in proportion to the worker's distance, and ρ_i grows without bound.
+  `consensus="robust-sign"` is RSA's update (Li et al. 2019): z ← Π(z − η_z·ψ Σ_{i∈A}
+  sign(z − p_i)) and workers keep only ψ·sign(p_i − z), so no worker moves any coordinate
+  of z by more than η_z·ψ a step. Or, for comparison, z ← Π(rule({p_i})) with one of
+  Flower's aggregation rules over every worker's latest p_i (mean, median, trimmed-mean,
+  krum). Every reply must be a distribution per position (`reply_problem`), else rejected.
 - Π is the per-position projection onto the simplex; the asynchronous runtime
   (`federation/asynchronous.py`) supplies A: S fresh replies, no worker older than τ.
 
@@ -65,7 +69,12 @@ from fedsteer.methods.bdpl import (
 )
 from fedsteer.methods.cutting_planes import CuttingPlanes
 
-ATTACKS = ("random", "sign-flip", "scale")
+ATTACKS = ("random", "sign-flip", "scale", "farthest")
+#: "sign": the paper's rule (duals, penalty and ψ·sign; a far worker pulls in proportion to
+#: its distance). "robust-sign": RSA's (Li et al. 2019) — z moves by ψ·Σ sign(z − p_i) only,
+#: so no worker can pull any coordinate by more than η_z·ψ a step.
+CONSENSUS = ("sign", "robust-sign")
+SIMPLEX_TOLERANCE = 1e-3
 
 
 def _array(value: np.ndarray) -> Array:
@@ -104,8 +113,8 @@ class AsynDBT(BDPL):
 
     def __post_init__(self) -> None:
         self.latency = tuple(self.latency)
-        if self.consensus != "sign" and self.consensus not in RULES:
-            raise ValueError(f"consensus must be 'sign' or one of {', '.join(RULES)}")
+        if self.consensus not in CONSENSUS and self.consensus not in RULES:
+            raise ValueError(f"consensus must be one of {', '.join(CONSENSUS + tuple(RULES))}")
         if self.attack not in ATTACKS:
             raise ValueError(f"attack must be one of {', '.join(ATTACKS)}")
 
@@ -145,7 +154,10 @@ class AsynDBT(BDPL):
         prompts = {r.cid: r.content["prompt"]["p"].numpy().astype(np.float64) for r in replies}
         for cid, p in prompts.items():
             latest[str(cid)] = _array(p)
-        if self.consensus == "sign":
+        if self.consensus == "robust-sign":
+            step = self.psi * sum(np.sign(z - p) for p in prompts.values())
+            z = project_simplex(z - self.lr_z * step)
+        elif self.consensus == "sign":
             step = np.zeros_like(z)
             for cid, p in prompts.items():
                 step += -_dual(duals, cid, z) - self.mu * (p - z) + self.psi * np.sign(z - p)
@@ -242,7 +254,9 @@ class AsynDBT(BDPL):
             grad_p = policy_gradient(p, prompt_samples, step_losses)
             grad_q = policy_gradient(q, demo_samples, step_losses)
             cut_q, cut_p = self._cuts(planes, step_losses, grad_q, grad_p, q, p)
-            consensus = dual + self.mu * (p - z) + self.psi * np.sign(p - z)
+            consensus = self.psi * np.sign(p - z)
+            if self.consensus != "robust-sign":  # the augmented Lagrangian's pull as well
+                consensus = consensus + dual + self.mu * (p - z)
             p = opt_p.step(grad_p + consensus + cut_p)
             q = opt_q.step(grad_q + cut_q)
             mask = self._valid_mask(demos)  # slots with fewer than V candidates stay so
@@ -277,7 +291,25 @@ class AsynDBT(BDPL):
             return rng.dirichlet(np.ones(p.shape[1]), size=p.shape[0])
         if self.attack == "sign-flip":
             return project_simplex(z - 5.0 * (p - z))
+        if self.attack == "farthest":  # the simplex vertex farthest from z, per position
+            far = np.zeros_like(z)
+            far[np.arange(z.shape[0]), z.argmin(axis=1)] = 1.0
+            return far
         return project_simplex(z + 10.0 * (p - z))  # scale
+
+    def reply_problem(self, content: RecordDict) -> str | None:
+        """A prompt reply must be a distribution per position: the server's update assumes it."""
+        if "prompt" not in content.array_records or "p" not in content["prompt"]:
+            return "reply carries no prompt distribution 'prompt.p'"
+        p = content["prompt"]["p"].numpy()
+        if p.ndim != 2 or p.shape[0] != self.prompt_length:
+            return f"prompt has shape {p.shape}, expected ({self.prompt_length}, candidates)"
+        if not np.all(np.isfinite(p)) or p.min() < -SIMPLEX_TOLERANCE:
+            return "prompt holds negative or non-finite probabilities"
+        sums = p.sum(axis=1)
+        if np.max(np.abs(sums - 1.0)) > SIMPLEX_TOLERANCE:
+            return f"prompt rows sum to {sums.min():.4g}..{sums.max():.4g}, not 1"
+        return None
 
     def best_prompt(self, state: RecordDict) -> list[str]:
         words = list(state["words"]["words"])

@@ -194,6 +194,11 @@ class Method(ABC):
         """Expected `"record.array" -> shape` of a reply, so a runtime can reject bad ones."""
         return None
 
+    def reply_problem(self, content: RecordDict) -> str | None:
+        """What is wrong with a reply's values beyond shapes and NaN/Inf (e.g. a policy that is
+        not a distribution), or None; runtimes reject such a reply like any malformed one."""
+        return None
+
     def secure_weighting(self, message: RecordDict) -> str:
         """How a secure mean weighs this round's replies: "examples" or "uniform"."""
         return "examples"

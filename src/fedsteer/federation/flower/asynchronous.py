@@ -61,8 +61,8 @@ class AsyncGridRuntime:
                 time.sleep(self.poll)
                 continue
             cost = RoundCost(round=iteration)
-            replies = [r for r in (self._accept(out, answer, cost) for out, answer in arrived)
-                       if r is not None]
+            replies = [r for r in (self._accept(method, out, answer, cost)
+                                   for out, answer in arrived) if r is not None]
             started = time.perf_counter()
             state = method.server_update(state, replies)
             cost.server_seconds = time.perf_counter() - started
@@ -100,7 +100,8 @@ class AsyncGridRuntime:
                 got.append((out, None))
         return got
 
-    def _accept(self, out: _Out, answer: Message | None, cost: RoundCost) -> Reply | None:
+    def _accept(self, method: Method, out: _Out, answer: Message | None,
+                cost: RoundCost) -> Reply | None:
         cost.clients.append(out.cid)
         cost.bytes_down += out.bytes_down
         reason = None
@@ -120,6 +121,7 @@ class AsyncGridRuntime:
                 check_reply(content)
             except InvalidReply as error:
                 reason = str(error)
+            reason = reason or method.reply_problem(content)
         if reason is not None:
             reject(cost, out.cid, reason)
             return None
