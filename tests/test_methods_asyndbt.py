@@ -308,3 +308,31 @@ def test_the_asynchronous_runtime_rejects_a_non_distribution_and_goes_on():
     assert rejected and {x["cid"] for x in rejected} == {1}
     assert all("rows sum to" in x["reason"] for x in rejected)
     assert np.allclose(outcome.state["z"]["z"].numpy().sum(axis=1), 1.0, atol=1e-5)
+
+
+def test_calls_are_billed_from_the_black_box_and_unused_steps_commit_nothing():
+    """Workers mid-step when the run ends finish, but neither their state nor (only) the
+    replies' counts decide what evaluation sees and what is billed."""
+    from toy import SPEC as TOY
+    from toy import examples
+
+    from fedsteer.experiment import run_asynchronous
+
+    env = Environment(task=TOY, test=examples(4), model_name="tiny-random",
+                      transfer=examples(8))
+    method = AsynDBT(prompt_length=2, candidates=4, samples=2, shots_per_class=2, batch_size=2,
+                     steps_per_round=1, demo_candidates=2, iterations=3, active=1,
+                     latency=(0.0, 0.3, 0.6), cutting_planes=False)
+    workers = [Client(cid=i, data=examples(6, offset=i), env=env) for i in range(3)]
+    box = env.blackbox("local")
+    before = box.usage.calls
+    outcome = run_asynchronous(method, workers, env)
+    billed = int(outcome.state["billing"]["training_calls"])
+    evaluation = sum(len(env.test) for _ in workers)  # each worker scores the test rows
+    assert billed == box.usage.calls - before - evaluation
+    assert billed >= int(outcome.state["progress"]["calls"])  # in-flight calls included
+    used = {w.cid: sum(c == w.cid for r in outcome.rounds for c in r.clients) for w in workers}
+    for worker in workers:  # one Adam step per *used* reply, none for a discarded one
+        steps = (float(worker.state["adam_p"]["step"].numpy()[0])
+                 if "adam_p" in worker.state else 0.0)
+        assert steps == used[worker.cid], (worker.cid, steps, used)

@@ -137,7 +137,11 @@ def run_asynchronous(method, clients, env: Environment):
 
     from fedsteer.federation.asynchronous import AsyncInProcessRuntime
 
+    box = env.blackbox(method.blackbox)
+    before = box.usage.calls
     outcome = AsyncInProcessRuntime(async_config(method)).run(method, clients, env)
+    # The bill is what the black box served, in-flight replies the server never used included
+    outcome.state["billing"] = MetricRecord({"training_calls": box.usage.calls - before})
     for client in clients:
         outcome.state[f"client.{client.cid}"] = MetricRecord(
             method.evaluate_client(outcome.state, client))

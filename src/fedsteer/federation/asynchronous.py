@@ -14,6 +14,8 @@ replies, client seconds, which workers were used and how stale each reply was.
 
 from __future__ import annotations
 
+import copy
+import dataclasses
 import logging
 import queue
 import threading
@@ -57,6 +59,7 @@ class _Posted:
     issued_at: int  # the server iteration whose state the worker started from
     bytes_down: int
     num_examples: int
+    used: bool = False  # set by the server when the reply went into an update
 
 
 class AsyncInProcessRuntime:
@@ -145,6 +148,7 @@ class AsyncInProcessRuntime:
             reject(cost, posted.cid, problem)
             return None
         cost.bytes_up += payload_bytes(posted.content)
+        posted.used = True
         return Reply(cid=posted.cid, content=posted.content, num_examples=posted.num_examples,
                      staleness=cost.round - posted.issued_at)
 
@@ -170,15 +174,21 @@ class AsyncInProcessRuntime:
                 issued_at = shared["iteration"]
                 message = method.worker_message(shared["state"], client.cid, issued_at)
             started = time.perf_counter()
+            draft = dataclasses.replace(client, state=copy.deepcopy(client.state))
             try:
                 time.sleep(delay)  # the straggler's network / API latency
-                content: object = method.client_step(message, client)
+                content: object = method.client_step(message, draft)
             except Exception as error:  # noqa: BLE001 - reported to the server, not lost
                 log.exception("worker %d failed", client.cid)
                 content = error
             consumed[client.cid].clear()
-            inbox.put(_Posted(client.cid, content, time.perf_counter() - started, issued_at,
-                              payload_bytes(message), len(client.data)))
+            posted = _Posted(client.cid, content, time.perf_counter() - started, issued_at,
+                             payload_bytes(message), len(client.data))
+            inbox.put(posted)
             while not consumed[client.cid].wait(0.05):
-                if stop.is_set():  # the run ended before the server used this reply
-                    return
+                if stop.is_set():
+                    break
+            if posted.used:  # the server built on this reply: the worker's state moves on
+                client.state = draft.state
+            # else (rejected, or the run ended first) the step is discarded: evaluation and
+            # later steps see the state of the worker's last used reply

@@ -357,7 +357,11 @@ class AsynDBT(BDPL):
         metrics: dict[str, Any] = {
             **summarize_clients(sorted(per_client, key=lambda c: c["cid"])),
             "prompt": " ".join(prompt),
-            "api_training_calls": int(state["progress"]["calls"]),
+            # billed by the black box's own meter where the run has it (in process); the
+            # replies' own counts miss the calls of steps the server never used
+            "api_training_calls": int(state["billing"]["training_calls"]) if "billing" in state
+            else int(state["progress"]["calls"]),
+            "api_calls_in_used_replies": int(state["progress"]["calls"]),
         }
         usage = env.blackbox(self.blackbox).usage.to_dict()
         metrics.update({f"api_{k}": v for k, v in usage.items()})
