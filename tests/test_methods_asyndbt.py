@@ -313,10 +313,9 @@ def test_the_asynchronous_runtime_rejects_a_non_distribution_and_goes_on():
 def test_calls_are_billed_from_the_black_box_and_unused_steps_commit_nothing():
     """Workers mid-step when the run ends finish, but neither their state nor (only) the
     replies' counts decide what evaluation sees and what is billed."""
+    from fedsteer.experiment import run_asynchronous
     from toy import SPEC as TOY
     from toy import examples
-
-    from fedsteer.experiment import run_asynchronous
 
     env = Environment(task=TOY, test=examples(4), model_name="tiny-random",
                       transfer=examples(8))

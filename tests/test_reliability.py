@@ -11,14 +11,14 @@ from dataclasses import dataclass
 
 import numpy as np
 import pytest
-from flwr.app import Array, ArrayRecord
+from flwr.app import Array, ArrayRecord, RecordDict
 from typer.testing import CliRunner
 
 from fedsteer.cli import app
 from fedsteer.data import DataError, Example, TaskSpec, load_examples, task_from_spec
 from fedsteer.federation import InProcessRuntime, RuntimeConfig
 from fedsteer.federation.runtime import lower_median
-from fedsteer.methods import Client
+from fedsteer.methods import Client, seeded_rng
 from test_federation_runtime import ToyAverage, final_w, make_clients
 
 runner = CliRunner()
@@ -245,3 +245,32 @@ def test_icl_shows_shots_per_class_so_every_trec_label_appears(tmp_path, tiny_lm
     record = run_experiment(config, tmp_path, lm=tiny_lm)
     assert record["metrics"]["demonstrations"] == expected
     assert record["config"]["method_options"]["per_class"] is per_class
+
+
+@dataclass
+class Drifting(ToyAverage):
+    """Replies share a large common part (the global model) plus a small local change, as a
+    full-parameter reply does; the attacker sends its honest reply sign-flipped."""
+
+    name = "drifting"
+    max_reply_norm = None
+    attacker: int = -1
+
+    def initial_state(self, env):
+        return RecordDict({"global": ArrayRecord({"w": Array(np.full(8, 10.0, np.float32))})})
+
+    def client_step(self, message, client):
+        w = message["global"]["w"].numpy()
+        step = 0.1 * seeded_rng("drift", client.cid, message["config"]["round"]).normal(size=8)
+        reply = (w + step) * (-1 if client.cid == self.attacker else 1)
+        return RecordDict({"update": ArrayRecord({"w": Array(reply.astype(np.float32))})})
+
+
+def test_a_sign_flipped_reply_of_honest_size_is_rejected_by_its_distance():
+    env, clients = make_clients(10)
+    outcome = InProcessRuntime().run(Drifting(attacker=3), clients, env)
+    rejected = [x for r in outcome.rounds for x in r.rejected]
+    assert [x["cid"] for x in rejected] == [3] * 4
+    assert "distance to the median" in rejected[0]["reason"]
+    honest = InProcessRuntime().run(Drifting(), [c for c in clients if c.cid != 3], env)
+    np.testing.assert_allclose(final_w(outcome), final_w(honest), rtol=1e-6)

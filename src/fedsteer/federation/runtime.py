@@ -117,21 +117,48 @@ def lower_median(values: Sequence[float]) -> float:
 
 
 def screen_outliers(replies: list[Reply], factor: float, cost: RoundCost) -> list[Reply]:
-    """Drop replies with a record whose norm exceeds `factor` × that record's lower median."""
+    """Drop replies with a record that is `factor` times larger than the round's typical one
+    (its norm against the lower median norm) or `factor` times farther from the others (its
+    distance to the coordinate-wise median against the lower median distance): a huge reply,
+    and one of honest size pointing elsewhere (a sign flip), cannot outweigh the rest."""
     if not factor or len(replies) < 2:
         return replies
+    replies = _screen_norms(replies, factor, cost)
+    if len(replies) < 3:  # with two, the median of distances cannot tell who is odd
+        return replies
+    return _screen_distances(replies, factor, cost)
+
+
+def _screen_norms(replies: list[Reply], factor: float, cost: RoundCost) -> list[Reply]:
     norms = [record_norms(r.content) for r in replies]
-    scale = {name: lower_median([n[name] for n in norms if name in n])
-             for name in set().union(*norms)}
+    return _keep_within(replies, norms, factor, cost, "norm")
+
+
+def _screen_distances(replies: list[Reply], factor: float, cost: RoundCost) -> list[Reply]:
+    flat = [_flat_records(r.content) for r in replies]
+    names = set.intersection(*(set(f) for f in flat))
+    centre = {n: np.median(np.stack([f[n] for f in flat]), axis=0) for n in names}
+    distances = [{n: float(np.linalg.norm(f[n] - centre[n])) for n in names} for f in flat]
+    return _keep_within(replies, distances, factor, cost, "distance to the median")
+
+
+def _keep_within(replies, values, factor: float, cost: RoundCost, what: str) -> list[Reply]:
+    scale = {name: lower_median([v[name] for v in values if name in v])
+             for name in set().union(*values)}
     kept = []
-    for reply, norm in zip(replies, norms, strict=True):
-        over = [f"{name} norm {value:.4g} > {factor:g} × median {scale[name]:.4g}"
-                for name, value in norm.items() if value > factor * scale[name]]
+    for reply, value in zip(replies, values, strict=True):
+        over = [f"{name} {what} {x:.4g} > {factor:g} × median {scale[name]:.4g}"
+                for name, x in value.items() if x > factor * scale[name] and x > 1e-12]
         if over:
             reject(cost, reply.cid, "; ".join(over))
         else:
             kept.append(reply)
     return kept
+
+
+def _flat_records(content: RecordDict) -> dict[str, np.ndarray]:
+    return {name: np.concatenate([a.numpy().astype(np.float64).ravel() for a in rec.values()])
+            for name, rec in content.array_records.items() if len(rec)}
 
 
 def cap_weights(replies: list[Reply], cap: float | None, cost: RoundCost) -> list[Reply]:
