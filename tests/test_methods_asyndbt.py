@@ -335,3 +335,23 @@ def test_calls_are_billed_from_the_black_box_and_unused_steps_commit_nothing():
         steps = (float(worker.state["adam_p"]["step"].numpy()[0])
                  if "adam_p" in worker.state else 0.0)
         assert steps == used[worker.cid], (worker.cid, steps, used)
+
+
+def test_simulated_latency_and_queueing_count_as_waiting_not_compute():
+    from toy import SPEC as TOY
+    from toy import examples
+
+    env = Environment(task=TOY, test=[], model_name="tiny-random", transfer=examples(8))
+    method = AsynDBT(prompt_length=2, candidates=4, samples=2, shots_per_class=2, batch_size=2,
+                     steps_per_round=1, demo_candidates=2, iterations=2, active=2,
+                     latency=(0.3, 0.3), cutting_planes=False)
+    workers = [Client(cid=i, data=examples(6, offset=i), env=env) for i in range(2)]
+    outcome = AsyncInProcessRuntime(AsyncConfig(active=2, latency=(0.3, 0.3))).run(
+        method, workers, env)
+    from fedsteer.eval.costs import summarize_costs
+
+    costs = summarize_costs(outcome.rounds)
+    replies = sum(len(r.clients) for r in outcome.rounds)
+    assert costs["client_wait_seconds"] >= 0.3 * replies
+    assert costs["client_compute_seconds"] == pytest.approx(
+        costs["client_seconds"] - costs["client_wait_seconds"])

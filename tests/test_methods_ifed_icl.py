@@ -350,3 +350,16 @@ def test_payload_arithmetic_for_real_model_shapes(name, layers, width, once, per
     coef = RecordDict({"coef": ArrayRecord({"coef": Array(np.zeros((4, layers), np.float32))})})
     assert once < payload_bytes(vectors) <= once + 2 * PER_ARRAY
     assert per_round < payload_bytes(coef) <= per_round + PER_ARRAY
+
+
+def test_bytes_are_recorded_per_phase(tmp_path, tiny_lm):
+    from fedsteer.experiment import RunConfig, run_experiment
+
+    options = {"rounds": 2, "local_epochs": 1, "demos_per_class": 1, "calibration_per_class": 1}
+    record = run_experiment(RunConfig(method="ifed-icl", model="tiny-random", clients=3,
+                                      test_size=4, options=options), tmp_path, lm=tiny_lm)
+    phases = record["costs"]["phases"]
+    assert phases["extract"]["rounds"] == 1 and phases["calibrate"]["rounds"] == 2
+    assert phases["extract"]["bytes_up_per_round"] > phases["calibrate"]["bytes_up_per_round"]
+    total = phases["extract"]["bytes_up"] + phases["calibrate"]["bytes_up"]
+    assert total == record["costs"]["bytes_up"]

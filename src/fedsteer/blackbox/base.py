@@ -27,6 +27,7 @@ class Usage:
     prompt_tokens: int = 0
     completion_tokens: int = 0
     cache_hits: int = 0
+    wait_seconds: float = 0.0  # queued behind other users of the same model, not computing
 
     def to_dict(self) -> dict[str, int]:
         return asdict(self)
@@ -41,6 +42,7 @@ class BlackBox(ABC):
         self.usage = Usage()
         self._cache: dict[tuple, np.ndarray] | None = {} if cache else None
         self._lock = threading.Lock()
+        self._queued = threading.local()  # this thread's wait in the current `_query`
 
     def label_logprobs(self, prompts: Sequence[str], label_words: Sequence[str],
                        prefix: str = "", meter: Usage | None = None) -> np.ndarray:
@@ -56,10 +58,14 @@ class BlackBox(ABC):
         missing = [i for i, key in enumerate(keys)
                    if self._cache is None or key not in self._cache]
         fresh: dict[tuple, np.ndarray] = {}
+        self._queued.seconds = 0.0
         if missing:
             scores = self._query(prefix, [prompts[i] for i in missing], words)
             fresh = {keys[i]: row for i, row in zip(missing, scores, strict=True)}
         with self._lock:
+            self.usage.wait_seconds += self._queued.seconds
+            if meter is not None:
+                meter.wait_seconds += self._queued.seconds
             if self._cache is not None:
                 self._cache.update(fresh)
             self.usage.cache_hits += len(prompts) - len(missing)
@@ -73,6 +79,10 @@ class BlackBox(ABC):
     def _query(self, prefix: str, prompts: list[str], label_words: tuple[str, ...]
                ) -> list[np.ndarray]:
         """Ask the model; add to `self.usage`; return one `[C]` row per prompt, in order."""
+
+    def _note_queued(self, seconds: float) -> None:
+        """A backend that serialises its users reports how long this query waited its turn."""
+        self._queued.seconds = getattr(self._queued, "seconds", 0.0) + seconds
 
     def _keep(self, prefix: str, prompts: Sequence[str], label_words: tuple[str, ...],
               rows: Sequence[np.ndarray]) -> None:

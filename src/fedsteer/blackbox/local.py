@@ -9,6 +9,7 @@ one completion token.
 from __future__ import annotations
 
 import threading
+import time
 from collections.abc import Sequence
 
 import numpy as np
@@ -34,7 +35,9 @@ class LocalBlackBox(BlackBox):
 
     def _query(self, prefix: str, prompts: list[str], label_words: tuple[str, ...]
                ) -> list[np.ndarray]:
+        queued = time.perf_counter()
         with self._model_lock:
+            self._note_queued(time.perf_counter() - queued)
             scores = self._scorer(label_words).score(prompts, prefix=prefix).numpy()
             tokens = sum(len(self.lm.tokenizer(prefix + p)["input_ids"]) for p in prompts)
         self._bill(calls=len(prompts), prompt_tokens=tokens, completion_tokens=len(prompts))

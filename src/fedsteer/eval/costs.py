@@ -61,6 +61,9 @@ class RoundCost:
     peak_rss_bytes: int = 0
     rejected: list[dict[str, Any]] = field(default_factory=list)
     capped: list[dict[str, Any]] = field(default_factory=list)  # weights cut to the cap
+    phase: str | None = None  # what the round did, when a method names it (IFed-ICL: extract)
+    #: of client_seconds, the time clients waited (simulated latency, a shared model's lock)
+    client_wait_seconds: float = 0.0
     array_records: int = 0  # per reply: what a DP accountant composes for the round
     accuracy: float | None = None  # the global model's test accuracy after this round, when
     eval_seconds: float = 0.0  # the run evaluates every round (`eval_every`)
@@ -80,12 +83,31 @@ def summarize_costs(rounds: list[RoundCost]) -> dict[str, Any]:
         "bytes_up_per_round": up / n if rounds else 0,
         "bytes_down_per_round": down / n if rounds else 0,
         "client_seconds": sum(r.client_seconds for r in rounds),
+        "client_wait_seconds": sum(r.client_wait_seconds for r in rounds),
+        "client_compute_seconds": sum(r.client_seconds - r.client_wait_seconds for r in rounds),
+        "phases": bytes_by_phase(rounds),
         "server_seconds": sum(r.server_seconds for r in rounds),
         "peak_rss_bytes": max([peak_rss_bytes(), *(r.peak_rss_bytes for r in rounds)]),
         "num_rounds": len(rounds),
         "rejected": sum(len(r.rejected) for r in rounds),
         "rounds": [r.to_dict() for r in rounds],
     }
+
+
+def bytes_by_phase(rounds: list[RoundCost]) -> dict[str, dict[str, float]]:
+    """Bytes per round of each named phase: IFed-ICL's one-off extraction and its small
+    calibration rounds, apart (their mean per round describes neither)."""
+    phases: dict[str, dict[str, float]] = {}
+    for r in rounds:
+        if r.phase:
+            p = phases.setdefault(r.phase, {"rounds": 0, "bytes_up": 0, "bytes_down": 0})
+            p["rounds"] += 1
+            p["bytes_up"] += r.bytes_up
+            p["bytes_down"] += r.bytes_down
+    for p in phases.values():
+        p["bytes_up_per_round"] = p["bytes_up"] / p["rounds"]
+        p["bytes_down_per_round"] = p["bytes_down"] / p["rounds"]
+    return phases
 
 
 def round_accuracy(costs: dict[str, Any]) -> list[float]:

@@ -77,8 +77,11 @@ def comparison_table(records: Sequence[dict[str, Any]], title: str = "",
                   caption="\n".join(f"warning: {w}" for w in warnings) or None)
     table.add_column("method", no_wrap=True)
     private = any(rec.get("privacy") for rec in records)
+    phased = any(rec["costs"].get("phases") for rec in records)
+    waited = any(rec["costs"].get("client_wait_seconds") for rec in records)
     for name in ("acc % (95 % CI)", "vs zero-shot", "macro-F1 %", "up/round", "down/round",
-                 "rounds", "client s", "eval s", "peak mem", "rejected",
+                 *(["up/round by phase"] if phased else []), "rounds", "client s",
+                 *(["wait s"] if waited else []), "eval s", "peak mem", "rejected",
                  *(["ε (δ)"] if private else [])):
         table.add_column(name, justify="right", no_wrap=True)
     for rec, versus in zip(records, versus_zero_shot(records), strict=True):
@@ -90,14 +93,23 @@ def comparison_table(records: Sequence[dict[str, Any]], title: str = "",
             _with_spread(m, "macro_f1"),
             human_bytes(c["bytes_up_per_round"]),
             human_bytes(c["bytes_down_per_round"]),
+            *([by_phase(c)] if phased else []),
             str(c["num_rounds"]),
-            f"{c['client_seconds']:.1f}",
+            f"{c.get('client_compute_seconds', c['client_seconds']):.1f}",
+            *([f"{c.get('client_wait_seconds', 0.0):.1f}"] if waited else []),
             f"{c.get('eval_seconds', 0.0):.1f}",
             human_bytes(c["peak_rss_bytes"]),
             str(rejected_replies(c)),
             *([_epsilon(rec.get("privacy"))] if private else []),
         )
     return table
+
+
+def by_phase(costs: dict[str, Any]) -> str:
+    """"extract 1.7 MB · calibrate 6.0 KB": bytes up per round of each phase."""
+    phases = costs.get("phases") or {}
+    return " · ".join(f"{name} {human_bytes(p['bytes_up_per_round'])}"
+                      for name, p in phases.items()) or "—"
 
 
 def rejected_replies(costs: dict[str, Any]) -> int:
@@ -144,8 +156,10 @@ def takeaways(records: Sequence[dict[str, Any]]) -> list[str]:
                          max(moved, key=lambda r: total[id(r)]))
         lines.append(f"Bytes moved: from {human_bytes(total[id(low_b)])} ({low_b['method']}) "
                      f"to {human_bytes(total[id(high_b)])} ({high_b['method']}), whole run.")
-    compute = sorted(records, key=lambda r: r["costs"]["client_seconds"])
-    lines.append(f"Client compute: from {compute[0]['costs']['client_seconds']:.0f} s "
-                 f"({compute[0]['method']}) to {compute[-1]['costs']['client_seconds']:.0f} s "
-                 f"({compute[-1]['method']}).")
+    def seconds(record: dict[str, Any]) -> float:
+        return record["costs"].get("client_compute_seconds", record["costs"]["client_seconds"])
+
+    compute = sorted(records, key=seconds)
+    lines.append(f"Client compute: from {seconds(compute[0]):.0f} s ({compute[0]['method']}) "
+                 f"to {seconds(compute[-1]):.0f} s ({compute[-1]['method']}).")
     return lines

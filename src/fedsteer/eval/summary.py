@@ -84,7 +84,7 @@ def summarize(records: Sequence[dict]) -> list[Row]:
             statistics.mean(c["bytes_up_per_round"] for c in costs),
             statistics.mean(c["bytes_down_per_round"] for c in costs),
             statistics.mean(c["bytes_up"] + c["bytes_down"] for c in costs),
-            statistics.mean(c["client_seconds"] for c in costs),
+            statistics.mean(c.get("client_compute_seconds", c["client_seconds"]) for c in costs),
             max(c["peak_rss_bytes"] for c in costs),
             statistics.mean(api) if all(a is not None for a in api) else None,
             [statistics.mean(x) for x in zip(*losses, strict=False)] if losses else [],

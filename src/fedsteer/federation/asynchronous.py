@@ -23,10 +23,12 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+from flwr.app import RecordDict
+
 from fedsteer.eval.costs import RoundCost, payload_bytes, peak_rss_bytes
 from fedsteer.federation.payloads import InvalidReply, check_reply
 from fedsteer.federation.runtime import RunOutcome, reject
-from fedsteer.methods.base import Client, Environment, Method, Reply
+from fedsteer.methods.base import WAIT_METRIC, Client, Environment, Method, Reply
 
 log = logging.getLogger(__name__)
 
@@ -60,6 +62,14 @@ class _Posted:
     bytes_down: int
     num_examples: int
     used: bool = False  # set by the server when the reply went into an update
+    waited: float = 0.0  # of `seconds`, the simulated latency
+
+
+def reported_wait(content: object) -> float:
+    """Seconds a reply says its client spent queued (`WAIT_METRIC`), 0 if it says nothing."""
+    if isinstance(content, RecordDict) and "metrics" in content.metric_records:
+        return float(content["metrics"].get(WAIT_METRIC, 0.0))
+    return 0.0
 
 
 class AsyncInProcessRuntime:
@@ -133,6 +143,7 @@ class AsyncInProcessRuntime:
     def _accept(method: Method, posted: _Posted, cost: RoundCost) -> Reply | None:
         cost.clients.append(posted.cid)
         cost.client_seconds += posted.seconds
+        cost.client_wait_seconds += posted.waited + reported_wait(posted.content)
         cost.bytes_down += posted.bytes_down
         if isinstance(posted.content, Exception):
             cost.rejected.append({"cid": posted.cid,
@@ -183,7 +194,7 @@ class AsyncInProcessRuntime:
                 content = error
             consumed[client.cid].clear()
             posted = _Posted(client.cid, content, time.perf_counter() - started, issued_at,
-                             payload_bytes(message), len(client.data))
+                             payload_bytes(message), len(client.data), waited=delay)
             inbox.put(posted)
             while not consumed[client.cid].wait(0.05):
                 if stop.is_set():

@@ -90,11 +90,16 @@ def tolerated(error: BaseException, tolerate_all: bool) -> bool:
     return tolerate_all or isinstance(error, ENVIRONMENT_FAULTS)
 
 
+def message_phase(message: RecordDict) -> str | None:
+    """The phase a round's message names in its config (IFed-ICL: extract, calibrate)."""
+    config = message["config"] if "config" in message.config_records else {}
+    return str(config["phase"]) if "phase" in config else None
+
+
 def round_label(method: Method, message: RecordDict, rnd: int) -> str:
     """What a progress line says of a round: "ifed-icl · calibrate · round 2/3 · clients"."""
     planned = method.planned_rounds()
-    config = message["config"] if "config" in message.config_records else {}
-    phase = f" · {config['phase']}" if "phase" in config else ""
+    phase = f" · {message_phase(message)}" if message_phase(message) else ""
     of = f"/{planned}" if planned else ""
     return f"{method.name}{phase} · round {rnd + 1}{of} · clients"
 
@@ -269,7 +274,7 @@ class Runtime(ABC):
         return metrics
 
     def _run_round(self, method, rnd, message, state, clients):
-        cost = RoundCost(round=rnd)
+        cost = RoundCost(round=rnd, phase=message_phase(message))
         chosen = (range(len(clients)) if method.every_client
                   else self.sample_clients(rnd, len(clients)))
         sampled = [clients[cid] for cid in chosen]

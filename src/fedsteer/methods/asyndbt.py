@@ -54,7 +54,7 @@ from fedsteer.blackbox import Usage
 from fedsteer.data import Example
 from fedsteer.eval.metrics import classification_metrics, summarize_clients
 from fedsteer.methods.aggregation import RULES
-from fedsteer.methods.base import Client, Environment, Reply, seeded_rng
+from fedsteer.methods.base import WAIT_METRIC, Client, Environment, Reply, seeded_rng
 from fedsteer.methods.bdpl import (
     BDPL,
     AdamOnSimplex,
@@ -189,7 +189,7 @@ class AsynDBT(BDPL):
                                       opt_p, opt_q, z, dual, iteration, client.cid, meter, planes)
         client.state["mine"] = ArrayRecord({"p": _array(p), "q": _array(q)})
         client.state["adam_p"], client.state["adam_q"] = opt_p.to_record(), opt_q.to_record()
-        metrics = {"loss": loss, "calls": meter.calls}
+        metrics = {"loss": loss, "calls": meter.calls, WAIT_METRIC: meter.wait_seconds}
         if planes is not None:
             client.state["planes"] = planes.to_record()
             metrics["cuts"] = len(planes)

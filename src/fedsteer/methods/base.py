@@ -113,6 +113,12 @@ class Environment:
         return self._scorers[multi_token]
 
 
+#: A reply's `metrics` may report, under this key, the seconds its client spent queued for a
+#: shared resource (one model behind several simulated workers); runtimes count that time as
+#: waiting, not as the client's compute.
+WAIT_METRIC = "wait_seconds"
+
+
 @dataclass
 class Client:
     """One simulated party: its id, its private examples and its own persistent state."""

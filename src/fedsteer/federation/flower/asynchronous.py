@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from flwr.app import ConfigRecord, Message, MessageType, MetricRecord
 
 from fedsteer.eval.costs import RoundCost, payload_bytes, peak_rss_bytes
-from fedsteer.federation.asynchronous import AsyncConfig, overdue_workers
+from fedsteer.federation.asynchronous import AsyncConfig, overdue_workers, reported_wait
 from fedsteer.federation.flower.client import CLIENT_INFO
 from fedsteer.federation.payloads import InvalidReply, check_reply
 from fedsteer.federation.runtime import RunOutcome, reject
@@ -122,6 +122,7 @@ class AsyncGridRuntime:
             except InvalidReply as error:
                 reason = str(error)
             reason = reason or method.reply_problem(content)
+            cost.client_wait_seconds += reported_wait(content)
         if reason is not None:
             reject(cost, out.cid, reason)
             return None
