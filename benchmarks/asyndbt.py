@@ -44,8 +44,10 @@ def options_for(method: str, workers: int, args) -> dict:
         return {}
     if method == "bdpl":
         return {**BUDGET, "rounds": args.iterations, "api_budget": None}
+    # "threads": the recorded cells measured real wall time with slept latencies; the
+    # re-run asked for in issue 16 moves to the reproducible simulated clock
     options = {**BUDGET, "iterations": args.iterations, "staleness": 3,
-               "latency": latencies(workers, args.slowest)}
+               "latency": latencies(workers, args.slowest), "schedule": "threads"}
     if method == "asyndbt":  # sync-DBT waits for every worker; cen-DBT has one
         options["active"] = max(workers // 2, 1)
     return options

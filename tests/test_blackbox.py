@@ -59,9 +59,8 @@ def test_local_black_box_scores_like_the_scorer_and_bills_each_query(tiny_lm):
     expected = LabelScorer(tiny_lm, WORDS).score(PROMPTS, prefix=prefix).numpy()
     np.testing.assert_allclose(scores, expected, rtol=1e-5, atol=1e-5)
     tokens = sum(len(tiny_lm.tokenizer(prefix + p)["input_ids"]) for p in PROMPTS)
-    bill = box.usage.to_dict()
-    assert 0 <= bill.pop("wait_seconds") < 5  # queued behind no one here: next to nothing
-    assert bill == {"calls": 2, "prompt_tokens": tokens, "completion_tokens": 2, "cache_hits": 0}
+    assert box.usage.to_dict() == {"calls": 2, "prompt_tokens": tokens,
+                                   "completion_tokens": 2, "cache_hits": 0}
     again = box.label_logprobs(PROMPTS, WORDS, prefix=prefix)  # the exact same requests
     np.testing.assert_array_equal(again, scores)
     assert box.usage.calls == 2 and box.usage.cache_hits == 2

@@ -355,3 +355,18 @@ def test_simulated_latency_and_queueing_count_as_waiting_not_compute():
     assert costs["client_wait_seconds"] >= 0.3 * replies
     assert costs["client_compute_seconds"] == pytest.approx(
         costs["client_seconds"] - costs["client_wait_seconds"])
+
+
+def test_a_simulated_clock_run_is_reproducible_from_its_seed(tmp_path):
+    options = {"iterations": 4, "prompt_length": 2, "candidates": 6, "samples": 2,
+               "shots_per_class": 2, "batch_size": 2, "steps_per_round": 1,
+               "demo_candidates": 2, "active": 1, "latency": [0.5, 1.0, 2.0]}
+    config = RunConfig(method="asyndbt", model="tiny-random", clients=3, test_size=8,
+                       options=options)
+    first = run_experiment(config, tmp_path / "a")
+    second = run_experiment(config, tmp_path / "b")
+    assert first["metrics"] == second["metrics"]
+    order = [r["clients"] for r in first["costs"]["rounds"]]
+    assert order == [r["clients"] for r in second["costs"]["rounds"]]
+    clocks = [r["simulated_time"] for r in first["costs"]["rounds"]]
+    assert clocks == sorted(clocks) and clocks[0] > 0

@@ -136,10 +136,15 @@ def run_asynchronous(method, clients, env: Environment):
     from flwr.app import MetricRecord
 
     from fedsteer.federation.asynchronous import AsyncInProcessRuntime
+    from fedsteer.federation.simulated import SimulatedClockRuntime
 
     box = env.blackbox(method.blackbox)
     before = box.usage.calls
-    outcome = AsyncInProcessRuntime(async_config(method)).run(method, clients, env)
+    if method.schedule == "simulated":
+        runtime = SimulatedClockRuntime(async_config(method), seed=method.seed)
+    else:
+        runtime = AsyncInProcessRuntime(async_config(method))
+    outcome = runtime.run(method, clients, env)
     # The bill is what the black box served, in-flight replies the server never used included
     outcome.state["billing"] = MetricRecord({"training_calls": box.usage.calls - before})
     for client in clients:

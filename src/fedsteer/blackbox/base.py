@@ -30,7 +30,8 @@ class Usage:
     wait_seconds: float = 0.0  # queued behind other users of the same model, not computing
 
     def to_dict(self) -> dict[str, int]:
-        return asdict(self)
+        """The bill: calls, tokens, cache hits (time spent queued is a cost, not billed)."""
+        return {k: v for k, v in asdict(self).items() if k != "wait_seconds"}
 
 
 class BlackBox(ABC):

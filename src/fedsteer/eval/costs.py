@@ -64,6 +64,7 @@ class RoundCost:
     phase: str | None = None  # what the round did, when a method names it (IFed-ICL: extract)
     #: of client_seconds, the time clients waited (simulated latency, a shared model's lock)
     client_wait_seconds: float = 0.0
+    simulated_time: float | None = None  # the simulated clock at this update (async runs)
     array_records: int = 0  # per reply: what a DP accountant composes for the round
     accuracy: float | None = None  # the global model's test accuracy after this round, when
     eval_seconds: float = 0.0  # the run evaluates every round (`eval_every`)

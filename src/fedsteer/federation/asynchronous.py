@@ -63,6 +63,7 @@ class _Posted:
     num_examples: int
     used: bool = False  # set by the server when the reply went into an update
     waited: float = 0.0  # of `seconds`, the simulated latency
+    draft_state: object = None  # the worker's state after this step, committed if used
 
 
 def reported_wait(content: object) -> float:

@@ -102,6 +102,9 @@ class AsynDBT(BDPL):
     active: int = 2  # S: fresh replies per server update
     staleness: int = 3  # τ
     latency: tuple[float, ...] = ()  # simulated seconds per local round, per worker
+    #: "simulated": arrival order from a clock drawn from the seed (reproducible); "threads":
+    #: workers race in real time, latencies slept (wall-clock measurements)
+    schedule: str = "simulated"
     byzantine: int = 0  # workers 0..byzantine-1 send corrupted prompts
     attack: str = "sign-flip"
     cutting_planes: bool = True
@@ -115,6 +118,8 @@ class AsynDBT(BDPL):
         self.latency = tuple(self.latency)
         if self.consensus not in CONSENSUS and self.consensus not in RULES:
             raise ValueError(f"consensus must be one of {', '.join(CONSENSUS + tuple(RULES))}")
+        if self.schedule not in ("simulated", "threads"):
+            raise ValueError("schedule must be 'simulated' or 'threads'")
         if self.attack not in ATTACKS:
             raise ValueError(f"attack must be one of {', '.join(ATTACKS)}")
 
