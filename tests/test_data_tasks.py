@@ -76,11 +76,17 @@ def test_builtin_label_count_mismatch(tmp_path: Path) -> None:
         load_task("sst2", data_dir=tmp_path)
 
 
-def test_builtin_uses_same_validation(tmp_path: Path) -> None:
-    task_dir = tmp_path / "sst2"
+def _sst2_copy(root: Path) -> Path:
+    """A user's copy of sst2 with its meta and one training row; the test adds the rest."""
+    task_dir = root / "sst2"
     task_dir.mkdir()
     _write(task_dir / "meta.json", json.dumps({"name": "sst2", "labels": list(LABELS)}))
     _jsonl(task_dir / "train.jsonl", [{"text": "ok", "label": 1}])
+    return task_dir
+
+
+def test_builtin_uses_same_validation(tmp_path: Path) -> None:
+    task_dir = _sst2_copy(tmp_path)
     _jsonl(task_dir / "test.jsonl", [{"text": "ok", "label": 7}])
     with pytest.raises(DataError, match=r"test\.jsonl, line 1, field 'label'"):
         load_task("sst2", data_dir=tmp_path)
@@ -89,20 +95,14 @@ def test_builtin_uses_same_validation(tmp_path: Path) -> None:
 def test_a_users_copy_may_be_plain_or_gzipped(tmp_path: Path) -> None:
     import gzip
 
-    task_dir = tmp_path / "sst2"
-    task_dir.mkdir()
-    _write(task_dir / "meta.json", json.dumps({"name": "sst2", "labels": list(LABELS)}))
-    _jsonl(task_dir / "train.jsonl", [{"text": "ok", "label": 1}])
+    task_dir = _sst2_copy(tmp_path)
     _write(task_dir / "test.jsonl.gz", gzip.compress(b'{"text": "bad", "label": 0}\n'))
     task = load_task("sst2", data_dir=tmp_path)
     assert [ex.text for ex in task.test] == ["bad"] and task.dev is None
 
 
 def test_a_corrupt_gzip_names_its_file(tmp_path: Path) -> None:
-    task_dir = tmp_path / "sst2"
-    task_dir.mkdir()
-    _write(task_dir / "meta.json", json.dumps({"name": "sst2", "labels": list(LABELS)}))
-    _jsonl(task_dir / "train.jsonl", [{"text": "ok", "label": 1}])
+    task_dir = _sst2_copy(tmp_path)
     _write(task_dir / "test.jsonl.gz", b"\x1f\x8b not really gzip")
     with pytest.raises(DataError, match=r"test\.jsonl\.gz.*gzip"):
         load_task("sst2", data_dir=tmp_path)
@@ -114,10 +114,7 @@ def test_a_missing_task_names_the_folder_it_tried(tmp_path: Path) -> None:
 
 
 def test_a_missing_split_names_the_file_it_tried(tmp_path: Path) -> None:
-    task_dir = tmp_path / "sst2"
-    task_dir.mkdir()
-    _write(task_dir / "meta.json", json.dumps({"name": "sst2", "labels": list(LABELS)}))
-    _jsonl(task_dir / "train.jsonl", [{"text": "ok", "label": 1}])
+    _sst2_copy(tmp_path)
     with pytest.raises(DataError, match=r"test\.jsonl.*file not found"):
         load_task("sst2", data_dir=tmp_path)
 
