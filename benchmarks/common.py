@@ -14,7 +14,7 @@ import time
 from pathlib import Path
 
 from fedsteer.bench import reuse_finished
-from fedsteer.eval.metrics import accuracy_interval, mean_interval
+from fedsteer.eval.metrics import mean_interval, recorded_interval
 from fedsteer.experiment import RunConfig, run_experiment
 
 RESULTS = Path(__file__).parent / "results"
@@ -94,9 +94,8 @@ def summarize(records: list[dict]) -> dict:
                 r["costs"]["bytes_down_per_round"] for r in recs),
         }
         # 95 % interval: over seeds (t) when there are several, else the one record's own
-        row["accuracy_ci95"] = (list(mean_interval(acc)) if len(recs) > 1
-                                else list(recs[0]["metrics"].get("accuracy_ci95")
-                                          or accuracy_interval(recs[0]["metrics"])))
+        row["accuracy_ci95"] = list(mean_interval(acc) if len(recs) > 1
+                                    else recorded_interval(recs[0]["metrics"]))
         demos = [r["metrics"].get("demonstrations") for r in recs]
         if all(d is not None for d in demos):
             row["demonstrations"] = demos[0]

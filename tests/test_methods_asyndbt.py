@@ -370,3 +370,21 @@ def test_a_simulated_clock_run_is_reproducible_from_its_seed(tmp_path):
     assert order == [r["clients"] for r in second["costs"]["rounds"]]
     clocks = [r["simulated_time"] for r in first["costs"]["rounds"]]
     assert clocks == sorted(clocks) and clocks[0] > 0
+
+
+def test_on_the_simulated_clock_a_worker_dying_outside_its_step_is_not_waited_for():
+    """Its thread posts why it died instead of leaving the server waiting for ever."""
+    from fedsteer.federation.simulated import SimulatedClockRuntime
+
+    class Unsaveable(RecordDict):
+        def __deepcopy__(self, memo):
+            raise RuntimeError("state cannot be copied")
+
+    env = Environment(task=SPEC, test=[], model_name="none")
+    workers = clients(3, env)
+    workers[1].state = Unsaveable()
+    outcome = SimulatedClockRuntime(AsyncConfig(active=2, staleness=1)).run(
+        Counting(iterations=4), workers, env)
+    assert len(outcome.rounds) == 4
+    died = [r for cost in outcome.rounds for r in cost.rejected if r["cid"] == 1]
+    assert len(died) == 1 and "state cannot be copied" in died[0]["reason"]

@@ -71,6 +71,16 @@ def accuracy_interval(metrics: dict[str, Any]) -> tuple[float, float]:
     return wilson_interval(round(metrics["accuracy"] * n), n)
 
 
+def recorded_interval(metrics: dict[str, Any]) -> tuple[float, float] | None:
+    """A record's 95 % interval: the one it stored, else computed from what it has (older
+    records); None for a record too sparse to say (no rows, no clients)."""
+    if metrics.get("accuracy_ci95"):
+        return tuple(metrics["accuracy_ci95"])
+    if "per_client" in metrics or "num_test" in metrics:
+        return accuracy_interval(metrics)
+    return None
+
+
 def mcnemar_exact(a_correct: Sequence[int], b_correct: Sequence[int]) -> tuple[int, int, float]:
     """Exact McNemar test of two methods scored on the same rows: (rows only `a` gets right,
     rows only `b` gets right, two-sided p). Rows both get right or wrong say nothing."""

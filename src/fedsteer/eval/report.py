@@ -28,12 +28,10 @@ def _with_spread(metrics: dict[str, Any], key: str) -> str:
 
 def with_interval(metrics: dict[str, Any]) -> str:
     """"81.0 (72–88)": the accuracy and its 95 % interval (older records: computed here)."""
-    from fedsteer.eval.metrics import accuracy_interval
+    from fedsteer.eval.metrics import recorded_interval
 
     value = _with_spread(metrics, "accuracy")  # ± the clients' spread where they scored alone
-    interval = metrics.get("accuracy_ci95")
-    if interval is None and ("per_client" in metrics or "num_test" in metrics):
-        interval = accuracy_interval(metrics)
+    interval = recorded_interval(metrics)
     if interval is None:
         return value
     return f"{value} ({100 * interval[0]:.0f}–{100 * interval[1]:.0f})"
@@ -129,7 +127,7 @@ def _epsilon(privacy: dict[str, Any] | None) -> str:
 def takeaways(records: Sequence[dict[str, Any]]) -> list[str]:
     """Three lines a person reads after a grid: who is most accurate and how sure that is,
     what the accuracy cost in bytes, and what it cost in client compute."""
-    from fedsteer.eval.metrics import wilson_interval
+    from fedsteer.eval.metrics import recorded_interval
 
     if not records:
         return []
@@ -142,7 +140,7 @@ def takeaways(records: Sequence[dict[str, Any]]) -> list[str]:
         sure = f"the mean of {len(m['per_client'])} clients, each on {n} rows"
         inside = ""
     else:
-        low, high = wilson_interval(round(m["accuracy"] * n), n)
+        low, high = recorded_interval(m)
         sure = f"95 % interval {100 * low:.0f}–{100 * high:.0f} on {n} rows"
         others = [r for r in records if r is not best]
         within = sum(low <= r["metrics"]["accuracy"] <= high for r in others)

@@ -21,7 +21,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 from matplotlib.ticker import MaxNLocator  # noqa: E402
 
 from fedsteer.eval.costs import round_accuracy  # noqa: E402
-from fedsteer.eval.metrics import accuracy_interval, mean_interval  # noqa: E402
+from fedsteer.eval.metrics import mean_interval, recorded_interval  # noqa: E402
 from fedsteer.eval.papers import paper_rows  # noqa: E402
 from fedsteer.eval.record import RESULT_FILE, read_result  # noqa: E402
 from fedsteer.eval.report import human_bytes, versus_zero_shot  # noqa: E402
@@ -69,9 +69,7 @@ def summarize(records: Sequence[dict]) -> list[Row]:
     rows = []
     for (model, task, method, skew, clients), recs in sorted(groups.items()):
         acc = [r["metrics"]["accuracy"] for r in recs]
-        one = recs[0]["metrics"]
-        ci95 = (mean_interval(acc) if len(recs) > 1
-                else tuple(one.get("accuracy_ci95") or accuracy_interval(one)))
+        ci95 = mean_interval(acc) if len(recs) > 1 else recorded_interval(recs[0]["metrics"])
         costs = [r["costs"] for r in recs]
         api = [r["metrics"].get("api_training_calls", r["metrics"].get("api_calls"))
                for r in recs]

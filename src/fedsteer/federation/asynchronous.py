@@ -73,6 +73,49 @@ def reported_wait(content: object) -> float:
     return 0.0
 
 
+def step_on_draft(method: Method, client: Client, message: RecordDict, issued_at: int,
+                  delay: float = 0.0) -> _Posted:
+    """One worker step on a copy of the worker's state, as it will be posted: the copy is
+    committed (`draft_state`) only if the server uses the reply. A failing step is posted as
+    its error, for the server to record."""
+    started = time.perf_counter()
+    draft = dataclasses.replace(client, state=copy.deepcopy(client.state))
+    try:
+        time.sleep(delay)  # the straggler's network / API latency (0 on a simulated clock)
+        content: object = method.client_step(message, draft)
+    except Exception as error:  # noqa: BLE001 - reported to the server, not lost
+        log.exception("worker %d failed", client.cid)
+        content = error
+    return _Posted(client.cid, content, time.perf_counter() - started, issued_at,
+                   payload_bytes(message), len(client.data), waited=delay,
+                   draft_state=draft.state)
+
+
+def accept_posted(method: Method, posted: _Posted, cost: RoundCost) -> Reply | None:
+    """Count a posted reply into the round's costs and check it; marks it `used` if it will
+    go into the server's update, None if it is rejected (logged with the reason)."""
+    cost.clients.append(posted.cid)
+    cost.client_seconds += posted.seconds
+    cost.client_wait_seconds += posted.waited + reported_wait(posted.content)
+    cost.bytes_down += posted.bytes_down
+    if isinstance(posted.content, Exception):
+        cost.rejected.append({"cid": posted.cid, "reason": f"client failed: {posted.content!r}"})
+        return None
+    try:
+        check_reply(posted.content)
+    except InvalidReply as error:
+        reject(cost, posted.cid, str(error))
+        return None
+    problem = method.reply_problem(posted.content)
+    if problem:
+        reject(cost, posted.cid, problem)
+        return None
+    cost.bytes_up += payload_bytes(posted.content)
+    posted.used = True
+    return Reply(cid=posted.cid, content=posted.content, num_examples=posted.num_examples,
+                 staleness=cost.round - posted.issued_at)
+
+
 class AsyncInProcessRuntime:
     def __init__(self, config: AsyncConfig | None = None) -> None:
         self.config = config or AsyncConfig()
@@ -99,7 +142,7 @@ class AsyncInProcessRuntime:
                         break
                 posted = self._gather(inbox, active, last_heard, iteration)
                 cost = RoundCost(round=iteration)
-                replies = [r for r in (self._accept(method, p, cost) for p in posted) if r]
+                replies = [r for r in (accept_posted(method, p, cost) for p in posted) if r]
                 started = time.perf_counter()
                 with lock:
                     shared["state"] = method.server_update(shared["state"], replies)
@@ -140,30 +183,6 @@ class AsyncInProcessRuntime:
                     raise RuntimeError("every worker has died; see the log for why")
             got.append(posted)
 
-    @staticmethod
-    def _accept(method: Method, posted: _Posted, cost: RoundCost) -> Reply | None:
-        cost.clients.append(posted.cid)
-        cost.client_seconds += posted.seconds
-        cost.client_wait_seconds += posted.waited + reported_wait(posted.content)
-        cost.bytes_down += posted.bytes_down
-        if isinstance(posted.content, Exception):
-            cost.rejected.append({"cid": posted.cid,
-                                  "reason": f"client failed: {posted.content!r}"})
-            return None
-        try:
-            check_reply(posted.content)
-        except InvalidReply as error:
-            reject(cost, posted.cid, str(error))
-            return None
-        problem = method.reply_problem(posted.content)
-        if problem:
-            reject(cost, posted.cid, problem)
-            return None
-        cost.bytes_up += payload_bytes(posted.content)
-        posted.used = True
-        return Reply(cid=posted.cid, content=posted.content, num_examples=posted.num_examples,
-                     staleness=cost.round - posted.issued_at)
-
     # ------------------------------------------------------------------ worker
     def _worker(self, method, client, shared, lock, inbox, stop, consumed) -> None:
         """Run `_work`; if it fails outside a client step, tell the server instead of leaving
@@ -185,22 +204,13 @@ class AsyncInProcessRuntime:
                     return
                 issued_at = shared["iteration"]
                 message = method.worker_message(shared["state"], client.cid, issued_at)
-            started = time.perf_counter()
-            draft = dataclasses.replace(client, state=copy.deepcopy(client.state))
-            try:
-                time.sleep(delay)  # the straggler's network / API latency
-                content: object = method.client_step(message, draft)
-            except Exception as error:  # noqa: BLE001 - reported to the server, not lost
-                log.exception("worker %d failed", client.cid)
-                content = error
+            posted = step_on_draft(method, client, message, issued_at, delay)
             consumed[client.cid].clear()
-            posted = _Posted(client.cid, content, time.perf_counter() - started, issued_at,
-                             payload_bytes(message), len(client.data), waited=delay)
             inbox.put(posted)
             while not consumed[client.cid].wait(0.05):
                 if stop.is_set():
                     break
             if posted.used:  # the server built on this reply: the worker's state moves on
-                client.state = draft.state
+                client.state = posted.draft_state
             # else (rejected, or the run ended first) the step is discarded: evaluation and
             # later steps see the state of the worker's last used reply

@@ -98,8 +98,8 @@ def message_phase(message: RecordDict) -> str | None:
 
 def round_label(method: Method, message: RecordDict, rnd: int) -> str:
     """What a progress line says of a round: "ifed-icl · calibrate · round 2/3 · clients"."""
-    planned = method.planned_rounds()
-    phase = f" · {message_phase(message)}" if message_phase(message) else ""
+    planned, phase = method.planned_rounds(), message_phase(message)
+    phase = f" · {phase}" if phase else ""
     of = f"/{planned}" if planned else ""
     return f"{method.name}{phase} · round {rnd + 1}{of} · clients"
 
@@ -121,22 +121,18 @@ def lower_median(values: Sequence[float]) -> float:
     return ordered[(len(ordered) - 1) // 2]
 
 
-def screen_outliers(replies: list[Reply], factor: float, cost: RoundCost) -> list[Reply]:
+def screen_outliers(replies: list[Reply], factor: float, cost: RoundCost,
+                    norms: dict[int, dict[str, float]]) -> list[Reply]:
     """Drop replies with a record that is `factor` times larger than the round's typical one
     (its norm against the lower median norm) or `factor` times farther from the others (its
     distance to the coordinate-wise median against the lower median distance): a huge reply,
     and one of honest size pointing elsewhere (a sign flip), cannot outweigh the rest."""
     if not factor or len(replies) < 2:
         return replies
-    replies = _screen_norms(replies, factor, cost)
+    replies = _keep_within(replies, [norms[id(r)] for r in replies], factor, cost, "norm")
     if len(replies) < 3:  # with two, the median of distances cannot tell who is odd
         return replies
     return _screen_distances(replies, factor, cost)
-
-
-def _screen_norms(replies: list[Reply], factor: float, cost: RoundCost) -> list[Reply]:
-    norms = [record_norms(r.content) for r in replies]
-    return _keep_within(replies, norms, factor, cost, "norm")
 
 
 def _screen_distances(replies: list[Reply], factor: float, cost: RoundCost) -> list[Reply]:
@@ -181,13 +177,12 @@ def cap_weights(replies: list[Reply], cap: float | None, cost: RoundCost) -> lis
     return replies
 
 
-def aggregate_problem(state: RecordDict, replies: Sequence[Reply], max_norm: float | None,
-                      factor: float) -> str | None:
+def aggregate_problem(state: RecordDict, norms: Sequence[dict[str, float]],
+                      max_norm: float | None, factor: float) -> str | None:
     """Why a new global state must not replace the old one (NaN/Inf, or a record beyond the
-    bound its replies were held to), or None."""
+    bound its replies — whose record `norms` are given — were held to), or None."""
     bounds = {}
-    if factor and replies:
-        norms = [record_norms(r.content) for r in replies]
+    if factor and norms:
         for name in set().union(*norms):
             bounds[name] = factor * lower_median([n[name] for n in norms if name in n])
     for name, norm in record_norms(state).items():
@@ -279,7 +274,8 @@ class Runtime(ABC):
                   else self.sample_clients(rnd, len(clients)))
         sampled = [clients[cid] for cid in chosen]
         replies = self._collect(method, message, sampled, cost)
-        replies = screen_outliers(replies, self.config.reply_norm_factor, cost)
+        norms = {id(r): record_norms(r.content) for r in replies}  # once, for both checks
+        replies = screen_outliers(replies, self.config.reply_norm_factor, cost, norms)
         replies = cap_weights(replies, self.config.max_client_weight, cost)
         cost.array_records = max((len(r.content.array_records) for r in replies), default=0)
         if sampled and not replies:
@@ -287,8 +283,8 @@ class Runtime(ABC):
         started = time.perf_counter()
         previous = copy.deepcopy(state)  # aggregate may change the state in place
         candidate = method.aggregate(rnd, state, replies)
-        problem = aggregate_problem(candidate, replies, self._max_norm(method),
-                                    self.config.reply_norm_factor)
+        problem = aggregate_problem(candidate, [norms[id(r)] for r in replies],
+                                    self._max_norm(method), self.config.reply_norm_factor)
         if problem:
             log.warning("round %d: aggregate refused, previous state kept: %s", rnd, problem)
             cost.rejected.append({"cid": "aggregate", "reason": problem})

@@ -14,21 +14,20 @@ the server used its reply, rejected replies logged.
 
 from __future__ import annotations
 
-import copy
-import dataclasses
 import logging
 import queue
 import threading
 import time
 from collections.abc import Sequence
 
-from fedsteer.eval.costs import RoundCost, payload_bytes, peak_rss_bytes
+from fedsteer.eval.costs import RoundCost, peak_rss_bytes
 from fedsteer.federation.asynchronous import (
     AsyncConfig,
-    AsyncInProcessRuntime,
     WorkerDied,
     _Posted,
+    accept_posted,
     overdue_workers,
+    step_on_draft,
 )
 from fedsteer.federation.runtime import RunOutcome
 from fedsteer.methods.base import Client, Environment, Method, seeded_rng
@@ -72,8 +71,7 @@ class SimulatedClockRuntime:
                 batch = self._gather(outboxes, arrival, last_heard, iteration, active)
                 clock = max([clock, *(arrival[p.cid] for p in batch)])
                 cost = RoundCost(round=iteration, simulated_time=clock)
-                replies = [r for r in (AsyncInProcessRuntime._accept(method, p, cost)
-                                       for p in batch) if r]
+                replies = [r for r in (accept_posted(method, p, cost) for p in batch) if r]
                 started = time.perf_counter()
                 state = method.server_update(state, replies)
                 cost.server_seconds = time.perf_counter() - started
@@ -116,16 +114,14 @@ class SimulatedClockRuntime:
 
     @staticmethod
     def _worker(method: Method, client: Client, inbox: queue.Queue, outbox: queue.Queue):
-        """Step on each message as it comes; the server decides when a reply counts."""
-        while (message := inbox.get()) is not _STOP:
-            draft = dataclasses.replace(client, state=copy.deepcopy(client.state))
-            started = time.perf_counter()
-            try:
-                content: object = method.client_step(message, draft)
-            except Exception as error:  # noqa: BLE001 - reported to the server, not lost
-                log.exception("worker %d failed", client.cid)
-                content = error
-            issued_at = int(message["config"]["iteration"]) if "config" in message else 0
-            outbox.put(_Posted(client.cid, content, time.perf_counter() - started, issued_at,
-                               payload_bytes(message), len(client.data),
-                               draft_state=draft.state))
+        """Step on each message as it comes; the server decides when a reply counts. A worker
+        that fails outside its step says so, so the server stops waiting for it."""
+        issued_at = 0
+        try:
+            while (message := inbox.get()) is not _STOP:
+                issued_at = int(message["config"]["iteration"]) if "config" in message else 0
+                outbox.put(step_on_draft(method, client, message, issued_at))
+        except Exception as error:  # noqa: BLE001 - reported to the server, not lost
+            log.exception("worker %d died", client.cid)
+            outbox.put(_Posted(client.cid, WorkerDied(repr(error)), 0.0, issued_at, 0,
+                               len(client.data)))
