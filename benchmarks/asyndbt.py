@@ -1,12 +1,21 @@
 """AsynDBT vs sync-DBT, cen-DBT, BDPL and zero-shot through a local black box; Byzantine workers.
 
-Local black box on the default model. Workers get heterogeneous simulated latencies per
-local round (the first is fast, the last a straggler), so asynchrony has something to win.
-Budget (each part within 2 h here): M = 5 prompt words from N = 50 candidates, V = 4
-demonstration candidates per class, I = 4 samples, mini-batches of 4, 1 local step per
-message, 10 server iterations (BDPL: 10 steps), 100 test rows; the paper's sizes (M = 75,
+Local black box on the default model. Workers get heterogeneous latencies per local round
+(the first is fast, the last a straggler), so asynchrony has something to win. The
+asynchronous runs use the simulated clock (`schedule="simulated"`): arrival order and the
+time a run takes come from the latencies drawn from the seed, so the recorded times are
+reproducible and unaffected by whatever else the machine is doing; the accuracy and the
+API calls are real. Budget (each part within 2 h here): M = 5 prompt words from N = 50
+candidates, V = 4 demonstration candidates per class, I = 4 samples, mini-batches of 4, 1
+local step per message, 10 server iterations (BDPL: 10 steps); the paper's sizes (M = 75,
 N = 100, V = 50) are `PAPER` below, far beyond this machine. Zero-shot, BDPL and cen-DBT
 have no workers: one cell per task, shown in every row of that task.
+
+Byzantine part: 1 of 4 workers sends, each time, the simplex vertex farthest from z (per
+prompt position, the word z trusts least), under the paper's sign consensus, RSA's
+robust-sign and Flower's mean, median, trimmed mean and Krum; each rule also runs with no
+attacker, on the same test rows, and the loss is tested row by row (Wilcoxon signed-rank
+on the share of workers right on each row).
 
     nohup .venv/bin/python benchmarks/asyndbt.py > benchmarks/results/asyndbt.log 2>&1 &
 """
@@ -24,6 +33,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 from common import cell, output_arguments, write_outputs  # noqa: E402
 
 from fedsteer.data import load_task  # noqa: E402
+from fedsteer.eval.metrics import paired_fraction_test, recorded_interval  # noqa: E402
 from fedsteer.eval.record import environment  # noqa: E402
 from fedsteer.experiment import RunConfig  # noqa: E402
 from fedsteer.models import DEFAULT_MODEL, load_model  # noqa: E402
@@ -44,10 +54,8 @@ def options_for(method: str, workers: int, args) -> dict:
         return {}
     if method == "bdpl":
         return {**BUDGET, "rounds": args.iterations, "api_budget": None}
-    # "threads": the recorded cells measured real wall time with slept latencies; the
-    # re-run asked for in issue 16 moves to the reproducible simulated clock
     options = {**BUDGET, "iterations": args.iterations, "staleness": 3,
-               "latency": latencies(workers, args.slowest), "schedule": "threads"}
+               "latency": latencies(workers, args.slowest), "schedule": "simulated"}
     if method == "asyndbt":  # sync-DBT waits for every worker; cen-DBT has one
         options["active"] = max(workers // 2, 1)
     return options
@@ -66,50 +74,85 @@ def grid(args, lm, cells: dict, workers: int) -> None:
             cells[(task_name, workers, method)] = cell(args.out / "grid", config, lm, task)
 
 
+RULES = ("mean", "sign", "robust-sign", "median", "trimmed-mean", "krum")
+
+
 def byzantine(args, lm, cells: dict) -> None:
-    """1 of 4 workers sends sign-flipped prompts: ψ vs mean and Flower's robust rules."""
-    task = load_task("sst2")
-    for consensus, bad in [("sign", 0), ("sign", 1), ("mean", 0), ("mean", 1),
-                           ("median", 1), ("trimmed-mean", 1), ("krum", 1)]:
-        options = {**options_for("asyndbt", 4, args), "consensus": consensus, "byzantine": bad,
-                   "attack": "sign-flip"}
-        config = RunConfig("asyndbt", "sst2", args.model, clients=4, test_size=args.test_size,
-                           options=options)
-        cells[(consensus, bad)] = cell(args.out / f"byzantine-{consensus}-{bad}", config, lm,
-                                       task)
+    """1 of 4 workers sends the farthest simplex point; each rule with and without it."""
+    task = load_task(args.byzantine_task)
+    for consensus in RULES:
+        for bad in (0, 1):
+            options = {**options_for("asyndbt", 4, args), "consensus": consensus,
+                       "byzantine": bad, "attack": args.attack}
+            config = RunConfig("asyndbt", args.byzantine_task, args.model, clients=4,
+                               test_size=args.byzantine_test_size, options=options)
+            cells[(consensus, bad)] = cell(args.out / f"byzantine-{consensus}-{bad}", config,
+                                           lm, task)
 
 
 def row(record: dict) -> dict:
-    m = record["metrics"]
-    costs = record["costs"]
-    return {"accuracy": m["accuracy"], "wall_seconds": costs["wall_seconds"],
-            # wall minus the final evaluation; DBT's per-worker evaluation happens inside the
-            # run (the same 100 rows per worker for sync and async), so it stays in
-            "train_seconds": costs["wall_seconds"] - costs.get("eval_seconds", 0.0),
+    m, costs = record["metrics"], record["costs"]
+    simulated = [r["simulated_time"] for r in costs.get("rounds", []) if r.get("simulated_time")]
+    per_row = record.get("per_row") or {}
+    return {"accuracy": m["accuracy"], "ci95": recorded_interval(m),
+            "wall_seconds": costs["wall_seconds"],
+            # asynchronous runs: the simulated clock at the last update; BDPL: wall minus the
+            # final evaluation
+            "train_seconds": max(simulated) if simulated
+            else costs["wall_seconds"] - costs.get("eval_seconds", 0.0),
+            "clock": "simulated" if simulated else "wall",
             "api_calls": m.get("api_training_calls", m.get("api_calls", 0)),
-            "api_prompt_tokens": m.get("api_prompt_tokens", 0)}
+            "api_calls_in_used_replies": m.get("api_calls_in_used_replies"),
+            "api_prompt_tokens": m.get("api_prompt_tokens", 0),
+            "rows": per_row.get("correct_fraction", per_row.get("correct"))}
+
+
+def _acc(r: dict) -> str:
+    low, high = r["ci95"] or (r["accuracy"], r["accuracy"])
+    return f"{100 * r['accuracy']:.1f} [{100 * low:.1f}, {100 * high:.1f}]"
+
+
+def byzantine_lines(byz: dict, args) -> list[str]:
+    """Each rule honest vs attacked on the same rows, the paired test, then the bar."""
+    lines = ["", f"Byzantine ({args.byzantine_task}, 4 workers, 1 sending the {args.attack} "
+             f"point; {args.byzantine_test_size} test rows; mean over workers, 95 % t-interval "
+             "over the 4 workers):", "",
+             "| consensus | honest | 1 Byzantine | lost (points) | paired p (Wilcoxon, rows) |",
+             "|---|---:|---:|---:|---:|"]
+    lost = {}
+    for consensus in RULES:
+        honest, bad = byz[(consensus, 0)], byz[(consensus, 1)]
+        lost[consensus] = 100 * (honest["accuracy"] - bad["accuracy"])
+        _, p = paired_fraction_test(honest["rows"], bad["rows"])
+        lines.append(f"| {consensus} | {_acc(honest)} | {_acc(bad)} | {lost[consensus]:.1f} | "
+                     f"{p:.3g} |")
+    bites = lost["mean"] >= 5
+    held = bites and lost["robust-sign"] <= lost["mean"] / 2
+    lines += ["", f"Bar (issue 16): the attack costs plain averaging ≥ 5 points — "
+              f"{'met' if bites else 'NOT met'} ({lost['mean']:.1f}); robust-sign loses at most "
+              f"half of that — {'met' if held else 'NOT met'} ({lost['robust-sign']:.1f})."]
+    return lines
 
 
 def markdown(grid_rows: dict, byz: dict, wall: float, args) -> str:
     lines = [f"# AsynDBT through a local black box ({args.model})", "",
              f"Budget: {json.dumps(BUDGET)}; {args.iterations} server iterations; "
-             f"{args.test_size} test rows; latencies 0…{args.slowest} s per local round.", "",
-             "| task | workers | " + " | ".join(METHODS) + " | async / sync training time |",
-             "|---|---:|" + "---:|" * (len(METHODS) + 1)]
+             f"{args.test_size} test rows; latencies 0…{args.slowest} s per local round "
+             "(simulated clock; a worker with latency 0 takes 1 s).", "",
+             "Each cell: accuracy [95 % interval] (API calls billed by the black box, training "
+             "time: simulated seconds for the DBT runs, wall seconds for BDPL).", "",
+             "| task | workers | " + " | ".join(METHODS) + " | async / sync time | "
+             "async / sync calls |",
+             "|---|---:|" + "---:|" * (len(METHODS) + 2)]
     for (task, workers) in sorted({(t, w) for t, w, _ in grid_rows}):
         cells = [grid_rows[(task, workers, m)] for m in METHODS]
-        ratio = cells[4]["train_seconds"] / max(cells[3]["train_seconds"], 1e-9)
+        time_ratio = cells[4]["train_seconds"] / max(cells[3]["train_seconds"], 1e-9)
+        call_ratio = cells[4]["api_calls"] / max(cells[3]["api_calls"], 1)
         lines.append(f"| {task} | {workers} | " + " | ".join(
-            f"{100 * c['accuracy']:.1f} ({c['api_calls']} calls, {c['train_seconds']:.0f} s)"
-            for c in cells) + f" | {ratio:.2f} |")
+            f"{_acc(c)} ({c['api_calls']} calls, {c['train_seconds']:.0f} s)"
+            for c in cells) + f" | {time_ratio:.2f} | {call_ratio:.2f} |")
     if byz:
-        lines += ["", "Byzantine (sst2, 4 workers, 1 sign-flipping):", "",
-                  "| consensus | honest | 1 Byzantine | accuracy lost |", "|---|---:|---:|---:|"]
-    for consensus in ("sign", "mean", "median", "trimmed-mean", "krum") if byz else ():
-        honest, bad = byz.get((consensus, 0)), byz[(consensus, 1)]
-        honest_text = f"{100 * honest['accuracy']:.1f}" if honest else "—"
-        lost = f"{100 * (honest['accuracy'] - bad['accuracy']):.1f}" if honest else "—"
-        lines.append(f"| {consensus} | {honest_text} | {100 * bad['accuracy']:.1f} | {lost} |")
+        lines += byzantine_lines(byz, args)
     lines += ["", f"Total wall time of the cells {wall / 60:.0f} min (summed over their records, "
               "so a resumed run counts every part)."]
     return "\n".join(lines) + "\n"
@@ -129,7 +172,7 @@ def plot(grid_rows: dict, path: Path) -> None:
                  "facecolors": colours[method] if workers == fewest else "none"}
         left.scatter(r["train_seconds"], 100 * r["accuracy"], **style)
         right.scatter(max(r["api_calls"], 1), 100 * r["accuracy"], **style)
-    left.set(xlabel="training wall time (s)", ylabel="accuracy (%)",
+    left.set(xlabel="training time (s; simulated clock for DBT)", ylabel="accuracy (%)",
              title="accuracy vs training time")
     right.set(xscale="log", xlabel="API calls (training)", title="accuracy vs API calls")
     handles = [Line2D([], [], color=colours[m], marker="o", ls="", label=m) for m in METHODS]
@@ -152,22 +195,31 @@ def main() -> None:
     parser.add_argument("--test-size", type=int, default=100)
     parser.add_argument("--slowest", type=float, default=6.0)
     parser.add_argument("--skip-byzantine", action="store_true")
+    parser.add_argument("--only-byzantine", action="store_true")
+    parser.add_argument("--byzantine-task", default="trec")
+    parser.add_argument("--byzantine-test-size", type=int, default=200)
+    parser.add_argument("--attack", default="farthest")
     output_arguments(parser, "asyndbt")
     args = parser.parse_args()
     lm, cells, byz = load_model(args.model), {}, {}
-    for i, workers in enumerate(args.workers):  # the Byzantine runs after the first size
+    if not args.skip_byzantine:
+        byzantine(args, lm, byz)
+    for workers in [] if args.only_byzantine else args.workers:
         grid(args, lm, cells, workers)
-        if i == 0 and not args.skip_byzantine:
-            byzantine(args, lm, byz)
     grid_rows = {k: row(v) for k, v in cells.items()}
     byz_rows = {k: row(v) for k, v in byz.items()}
     unique = {json.dumps(r["config"], sort_keys=True, default=str): r  # a worker-free cell
               for r in [*cells.values(), *byz.values()]}  # shows in every row of its task
     wall = sum(r["costs"]["wall_seconds"] for r in unique.values())
     args.report_dir.mkdir(parents=True, exist_ok=True)
-    plot(grid_rows, args.report_dir / "asyndbt.png")
-    summary = {"grid": {"/".join(map(str, k)): v for k, v in grid_rows.items()},
-               "byzantine": {"/".join(map(str, k)): v for k, v in byz_rows.items()},
+    if grid_rows:
+        plot(grid_rows, args.report_dir / "asyndbt.png")
+
+    def without_rows(rows: dict) -> dict:  # the per-row scores stay in the cells' records
+        return {"/".join(map(str, k)): {f: x for f, x in v.items() if f != "rows"}
+                for k, v in rows.items()}
+
+    summary = {"grid": without_rows(grid_rows), "byzantine": without_rows(byz_rows),
                "wall_seconds": wall, "env": environment(),
                "settings": vars(args)}
     text = markdown(grid_rows, byz_rows, wall, args)

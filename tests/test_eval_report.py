@@ -153,3 +153,20 @@ def test_every_result_records_its_interval_and_rows(tmp_path, tiny_lm):
     assert len(record["per_row"]["correct"]) == 30 and "correct" not in m
     assert sum(record["per_row"]["correct"]) == round(m["accuracy"] * 30)
     assert m["accuracy_ci95"] == list(wilson_interval(round(m["accuracy"] * 30), 30))
+
+
+def test_clients_scored_on_the_same_rows_keep_a_per_row_share_for_paired_tests():
+    """Personalised evaluation (AsynDBT) averages workers; the per-row share of workers right
+    is what lets two such records be compared on the same rows (issue 16)."""
+    from fedsteer.eval.metrics import paired_fraction_test, summarize_clients
+
+    clients = [{"cid": 0, "accuracy": 0.5, "macro_f1": 0.5, "correct": [1, 0, 1, 0]},
+               {"cid": 1, "accuracy": 0.75, "macro_f1": 0.7, "correct": [1, 1, 1, 0]}]
+    out = summarize_clients(clients)
+    assert out["correct_fraction"] == [1.0, 0.5, 1.0, 0.0]
+    assert all("correct" not in c for c in out["per_client"])
+    better = [1.0] * 30
+    worse = [0.0] * 25 + [1.0] * 5
+    diff, p = paired_fraction_test(better, worse)
+    assert diff > 0.8 and p < 1e-4
+    assert paired_fraction_test(better, better) == (0.0, 1.0)

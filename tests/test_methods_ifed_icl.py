@@ -286,6 +286,11 @@ class KilledAtRound2(IFedICL):
             raise KeyboardInterrupt
         return super().client_step(message, client)
 
+    def client_steps(self, message, clients):
+        if message["config"]["round"] == 2:
+            raise KeyboardInterrupt
+        return super().client_steps(message, clients)
+
 
 def test_resume_after_a_kill_repeats_the_coefficients(tiny_lm, tmp_path):
     env = make_env(tiny_lm)

@@ -240,7 +240,8 @@ def run_experiment(
         metrics = method.evaluate(outcome.state, env)
         eval_seconds = time.perf_counter() - eval_started
     metrics = dict(metrics)
-    correct = metrics.pop("correct", None)
+    per_row = {key: metrics.pop(key) for key in ("correct", "correct_fraction")
+               if metrics.get(key) is not None}
     metrics["num_test"] = len(env.test)
     metrics["accuracy_ci95"] = list(accuracy_interval(metrics))
     costs = summarize_costs(outcome.rounds)
@@ -253,8 +254,9 @@ def run_experiment(
         "config": {**dataclasses.asdict(config), "method_options": method.options()},
         "metrics": {**metrics, "num_clients": len(clients)},
         #: each test row's correctness, in row order (the rows: task, test_size, test_seed),
-        #: so two records on the same rows can be compared pairwise (`eval.metrics.mcnemar_exact`)
-        "per_row": {"correct": correct} if correct is not None else None,
+        #: so two records on the same rows can be compared pairwise (`eval.metrics.mcnemar_exact`);
+        #: where clients evaluated on their own, the share of them right (`correct_fraction`)
+        "per_row": per_row or None,
         "costs": costs,
         "privacy": outcome.privacy,
         "warnings": warnings,

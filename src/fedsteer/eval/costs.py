@@ -57,6 +57,10 @@ class RoundCost:
     bytes_up: int = 0
     bytes_down: int = 0
     client_seconds: float = 0.0
+    #: each client's compute seconds (in a client-batched step, its share of the batch's
+    #: time by rows)
+    client_compute: dict[int, float] = field(default_factory=dict)
+    client_batches: list[int] = field(default_factory=list)  # clients per batched step
     server_seconds: float = 0.0
     peak_rss_bytes: int = 0
     rejected: list[dict[str, Any]] = field(default_factory=list)

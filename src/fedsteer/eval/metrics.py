@@ -6,7 +6,7 @@ from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
-from scipy.stats import binomtest
+from scipy.stats import binomtest, wilcoxon
 from scipy.stats import t as t_dist
 from sklearn.metrics import accuracy_score, f1_score
 
@@ -32,8 +32,13 @@ def summarize_clients(per_client: Sequence[dict[str, Any]]) -> dict[str, Any]:
     """Mean, spread and the list itself when each client evaluated on its own."""
     if len(per_client) == 1:
         return {k: v for k, v in per_client[0].items() if k != "cid"}
-    per_client = [{k: v for k, v in c.items() if k != "correct"} for c in per_client]
     out: dict[str, Any] = {}
+    rows = [c["correct"] for c in per_client if "correct" in c]
+    if rows and len(rows) == len(per_client) and len({len(r) for r in rows}) == 1:
+        # every client scored the same rows: the share of clients right on each row, so two
+        # records can still be compared row by row (`paired_fraction_test`)
+        out["correct_fraction"] = np.mean(np.asarray(rows, dtype=float), axis=0).tolist()
+    per_client = [{k: v for k, v in c.items() if k != "correct"} for c in per_client]
     for key in ("accuracy", "macro_f1"):
         values = np.array([c[key] for c in per_client], dtype=float)
         out[key] = float(values.mean())
@@ -79,6 +84,18 @@ def recorded_interval(metrics: dict[str, Any]) -> tuple[float, float] | None:
     if "per_client" in metrics or "num_test" in metrics:
         return accuracy_interval(metrics)
     return None
+
+
+def paired_fraction_test(a: Sequence[float], b: Sequence[float]) -> tuple[float, float]:
+    """Wilcoxon signed-rank test of two records scored on the same rows where each row's
+    score is a share of clients right (`correct_fraction`): (mean difference a − b,
+    two-sided p). Rows where both agree say nothing."""
+    if len(a) != len(b):
+        raise ValueError(f"paired test on {len(a)} vs {len(b)} rows")
+    diff = np.asarray(a, dtype=float) - np.asarray(b, dtype=float)
+    if not np.any(diff):
+        return 0.0, 1.0
+    return float(diff.mean()), float(wilcoxon(diff, zero_method="wilcox").pvalue)
 
 
 def mcnemar_exact(a_correct: Sequence[int], b_correct: Sequence[int]) -> tuple[int, int, float]:

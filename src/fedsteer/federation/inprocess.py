@@ -11,10 +11,12 @@ import logging
 import time
 from pathlib import Path
 
+from flwr.app import RecordDict
+
 from fedsteer.eval.costs import RoundCost, payload_bytes
 from fedsteer.federation.checkpoint import load_recorddict, save_recorddict
 from fedsteer.federation.privacy import privatize_reply
-from fedsteer.federation.runtime import Runtime, round_label, tolerated
+from fedsteer.federation.runtime import Runtime, client_batch_size, round_label, tolerated
 from fedsteer.methods.base import Client, Method, Reply
 
 log = logging.getLogger(__name__)
@@ -24,25 +26,59 @@ class InProcessRuntime(Runtime):
     def _collect(self, method, message, sampled: list[Client], cost: RoundCost) -> list[Reply]:
         down = payload_bytes(message)
         task = self._progress_task(round_label(method, message, cost.round), len(sampled))
-        replies = []
-        for client in sampled:
-            cost.clients.append(client.cid)
-            cost.bytes_down += down
-            reply = self._call_client(method, message, client, cost)
-            if reply is not None:
-                replies.append(reply)
-            if task is not None:
-                self.progress.advance(task)
+        size, replies = client_batch_size(self.config, method), []
+        for start in range(0, len(sampled), size):
+            group = sampled[start : start + size]
+            for client in group:
+                cost.clients.append(client.cid)
+                cost.bytes_down += down
+            contents = self._step_together(method, message, group, cost) if size > 1 else None
+            for client in group:
+                content = (contents.pop(client.cid) if contents is not None
+                           else self._call_client(method, message, client, cost))
+                if content is not None:
+                    reply = self._accept(method, message, client.cid, content,
+                                         len(client.data), cost)
+                    replies += [reply] if reply is not None else []
+                if task is not None:
+                    self.progress.advance(task)
         if task is not None:
             self.progress.remove_task(task)
         return replies
 
-    def _call_client(self, method: Method, message, client: Client, cost: RoundCost):
+    def _step_together(self, method: Method, message, group: list[Client],
+                       cost: RoundCost) -> dict[int, RecordDict] | None:
+        """One batched step for the group; each client billed its share of the time by rows.
+        None when the method does not batch this message or the batch failed: then each
+        client steps alone, so one failing client is told apart from the rest."""
         started = time.perf_counter()
         try:
-            content = privatize_reply(self.config.dp, method.client_step(message, client),
-                                      message, seed=self.config.seed, rnd=cost.round,
-                                      cid=client.cid)
+            batched = method.client_steps(message, group)
+        except Exception:
+            log.warning("round %d: batched step of clients %s failed; stepping them one by "
+                        "one", cost.round, [c.cid for c in group], exc_info=True)
+            return None
+        if batched is None:
+            return None
+        elapsed, total = time.perf_counter() - started, max(sum(batched.rows), 1)
+        out = {}
+        for client, content, rows in zip(group, batched.contents, batched.rows, strict=True):
+            share = elapsed * rows / total
+            cost.client_seconds += share
+            cost.client_compute[client.cid] = share
+            out[client.cid] = privatize_reply(self.config.dp, content, message,
+                                              seed=self.config.seed, rnd=cost.round,
+                                              cid=client.cid)
+        cost.client_batches.append(len(group))
+        return out
+
+    def _call_client(self, method: Method, message, client: Client, cost: RoundCost):
+        """One client's step alone: its content, or None when it failed (logged)."""
+        started = time.perf_counter()
+        try:
+            return privatize_reply(self.config.dp, method.client_step(message, client),
+                                   message, seed=self.config.seed, rnd=cost.round,
+                                   cid=client.cid)
         except Exception as error:
             if not tolerated(error, self.config.tolerate_client_errors):
                 raise  # a bug in a step must not pass as one party's bad day
@@ -50,8 +86,9 @@ class InProcessRuntime(Runtime):
             cost.rejected.append({"cid": client.cid, "reason": f"client failed: {error!r}"})
             return None
         finally:
-            cost.client_seconds += time.perf_counter() - started
-        return self._accept(method, message, client.cid, content, len(client.data), cost)
+            elapsed = time.perf_counter() - started
+            cost.client_seconds += elapsed
+            cost.client_compute[client.cid] = elapsed
 
     def _progress_task(self, label: str, total: int):
         if self.progress is None:

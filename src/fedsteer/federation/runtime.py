@@ -57,6 +57,24 @@ class RuntimeConfig:
     #: leave out a client whose step raised anything; by default only what a party's machine
     #: or link causes (ENVIRONMENT_FAULTS) is left out, and a bug fails the run
     tolerate_client_errors: bool = False
+    #: clients stepped together in one forward/backward (client-batched simulation, for
+    #: methods that can: `Method.client_steps`); None: as many as keep a forward within
+    #: `client_batch_rows`; 1: one by one
+    client_batch: int | None = None
+    #: the memory budget of a batched forward, in rows (activation memory grows with it)
+    client_batch_rows: int = 64
+
+
+def client_batch_size(config: RuntimeConfig, method: Method) -> int:
+    """How many clients the runtime steps together for `method` (1: one by one)."""
+    rows = method.client_step_rows()
+    if rows is None:
+        if config.client_batch not in (None, 1):
+            raise ValueError(f"{method.name} cannot step its clients together: "
+                             f"client_batch={config.client_batch} needs 1")
+        return 1
+    fits = max(config.client_batch_rows // max(rows, 1), 1)
+    return fits if config.client_batch is None else min(config.client_batch, fits)
 
 
 @dataclass

@@ -143,6 +143,15 @@ class Reply:
     staleness: int = 0  # server iterations since the state it was computed from (async)
 
 
+@dataclass
+class BatchedSteps:
+    """The replies of clients stepped together (`Method.client_steps`), in their order, and the
+    rows each put through the shared forwards: its share of the batched compute time."""
+
+    contents: list[RecordDict]
+    rows: list[int]
+
+
 class Method(ABC):
     """Base of every fedsteer method; subclasses are dataclasses of their hyperparameters."""
 
@@ -179,6 +188,19 @@ class Method(ABC):
 
     def client_step(self, message: RecordDict, client: Client) -> RecordDict:
         raise NotImplementedError(f"{self.name} has no client step")
+
+    def client_step_rows(self) -> int | None:
+        """Rows one client puts through a forward in a local step, for a runtime sizing a
+        client batch from a row budget; None: the method cannot step its clients together."""
+        return None
+
+    def client_steps(self, message: RecordDict, clients: Sequence[Client]) -> BatchedSteps | None:
+        """Step several clients on one shared frozen model together: one forward/backward
+        over the concatenation of their batches, each with its own parameters, optimizer
+        and data order, giving what `client_step` gives each (an execution choice, never a
+        change to the algorithm). None when this message is not batched (then the runtime
+        steps the clients one by one)."""
+        return None
 
     def aggregate(self, rnd: int, state: RecordDict, replies: Sequence[Reply]) -> RecordDict:
         return state

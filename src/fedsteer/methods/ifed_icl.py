@@ -59,14 +59,29 @@ from typing import Any, ClassVar
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from flwr.app import Array, ArrayRecord, ConfigRecord, MetricRecord, RecordDict
 
 from fedsteer.data import Example
 from fedsteer.methods.aggregation import aggregate_arrays, record_train_loss
-from fedsteer.methods.base import Client, Environment, Method, Reply, seeded_rng
+from fedsteer.methods.base import (
+    BatchedSteps,
+    Client,
+    Environment,
+    Method,
+    Reply,
+    seeded_rng,
+)
 from fedsteer.methods.icl import evaluate_prompting, select_demonstrations
-from fedsteer.models.hooks import COEF_ROWS, capture, initial_coefficients, inject
+from fedsteer.methods.local_training import LocalRun, epoch_batches, train_together
+from fedsteer.models.hooks import (
+    COEF_ROWS,
+    RowGroups,
+    Steering,
+    capture,
+    initial_coefficients,
+    inject,
+    inject_rows,
+)
 
 __all__ = [
     "CentralI2CL",
@@ -194,6 +209,33 @@ class IFedICL(Method):
         if config["phase"] == EXTRACT:
             attn, mlp = self.extract(client)
             return RecordDict({"vectors": _record(attn=attn, mlp=mlp)})
+        attn, mlp = self._vectors(message, client)
+        (coef,) = _tensors(message["coef"], "coef")
+        coef, loss = self.calibrate(client, attn, mlp, coef, int(config["round"]))
+        return RecordDict({"coef": _record(coef=coef), "metrics": MetricRecord({"loss": loss})})
+
+    def client_step_rows(self) -> int:
+        return self.batch_size
+
+    def client_steps(self, message: RecordDict, clients: Sequence[Client]) -> BatchedSteps | None:
+        """Calibration rounds step the clients together (`calibrate_together`); extraction,
+        a few no-grad forwards per client, runs one by one."""
+        config = _config(message)
+        if config["phase"] != CALIBRATE:
+            return None
+        vectors = [self._vectors(message, client) for client in clients]
+        attn, mlp = vectors[0]
+        if any(not (torch.equal(a, attn) and torch.equal(m, mlp)) for a, m in vectors[1:]):
+            return None  # clients hold different vectors: no shared injection
+        coefs = [_tensors(message["coef"], "coef")[0] for _ in clients]
+        results = self.calibrate_together(clients, attn, mlp, coefs, int(config["round"]))
+        return BatchedSteps(
+            [RecordDict({"coef": _record(coef=coef), "metrics": MetricRecord({"loss": loss})})
+             for coef, loss, _ in results],
+            [rows for _, _, rows in results])
+
+    def _vectors(self, message: RecordDict, client: Client) -> list[torch.Tensor]:
+        """The global vectors this client keeps (stored from round 1's message)."""
         if "vectors" in message:
             client.state["vectors"] = _record(**{
                 n: message["vectors"][n].numpy() for n in ("attn", "mlp")
@@ -203,10 +245,7 @@ class IFedICL(Method):
                 f"client {client.cid} has no context vectors: they are sent only in round 1, "
                 "which it missed"
             )
-        attn, mlp = _tensors(client.state["vectors"], "attn", "mlp")
-        (coef,) = _tensors(message["coef"], "coef")
-        coef, loss = self.calibrate(client, attn, mlp, coef, int(config["round"]))
-        return RecordDict({"coef": _record(coef=coef), "metrics": MetricRecord({"loss": loss})})
+        return _tensors(client.state["vectors"], "attn", "mlp")
 
     def demonstrations(self, client: Client, per_class: int) -> list[Example]:
         """Seeded by (seed, cid) alone: the same demos whichever round asks."""
@@ -233,35 +272,51 @@ class IFedICL(Method):
         self, client: Client, attn: torch.Tensor, mlp: torch.Tensor, coef: torch.Tensor, rnd: int
     ) -> tuple[torch.Tensor, float]:
         """Train only the coefficients on the client's zero-shot queries, vectors injected."""
-        env = client.env
-        examples = self.demonstrations(client, self.calibration_per_class)
-        queries = [env.task.format_query(ex) for ex in examples]
-        scorer = env.scorer()
-        targets = torch.tensor([scorer.labels.first[ex.label] for ex in examples])
-        coef = torch.nn.Parameter(coef.float().clone())
-        steps = self.local_epochs * math.ceil(len(queries) / self.batch_size)
-        optimizer = torch.optim.AdamW([coef], lr=self.lr, weight_decay=self.weight_decay)
-        schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, _warmup_cosine(steps, self.warmup))
-        order_rng = seeded_rng(self.seed, "batches", rnd, client.cid)
-        noise = torch.Generator().manual_seed(
-            int(seeded_rng(self.seed, "noise", rnd, client.cid).integers(2**62))
-        )
+        (coef, loss, _), = self.calibrate_together([client], attn, mlp, [coef], rnd)
+        return coef, loss
+
+    def calibrate_together(
+        self, clients: Sequence[Client], attn: torch.Tensor, mlp: torch.Tensor,
+        coefs: Sequence[torch.Tensor], rnd: int,
+    ) -> list[tuple[torch.Tensor, float, int]]:
+        """`calibrate` for several clients in shared forwards: row r uses its own client's
+        coefficients and noise generator. Per client: (coefficients, loss, rows)."""
+        env = clients[0].env
+        runs, params, generators = [], [], []
+        for client, coef in zip(clients, coefs, strict=True):
+            run, param, generator = self._calibration_run(client, coef, rnd)
+            runs.append(run)
+            params.append(param)
+            generators.append(generator)
+        steering = Steering(params[0][None], noise=self.noise)
+
+        def prepare(active: list[int], groups: RowGroups) -> None:
+            steering.coef = torch.stack([params[i] for i in active])
+            steering.groups, steering.generators = groups, [generators[i] for i in active]
+
         dtype = next(env.lm.model.parameters()).dtype
-        attn, mlp, losses = attn.to(dtype), mlp.to(dtype), []
-        with torch.enable_grad(), inject(env.lm, attn, mlp, coef, noise=self.noise,
-                                         generator=noise):
-            for _ in range(self.local_epochs):
-                order = order_rng.permutation(len(queries))
-                for start in range(0, len(order), self.batch_size):
-                    idx = order[start : start + self.batch_size].tolist()
-                    logp = scorer.logprobs([queries[i] for i in idx])
-                    loss = F.nll_loss(logp, targets[idx])  # CE over the full vocabulary
-                    optimizer.zero_grad()
-                    loss.backward()
-                    optimizer.step()
-                    schedule.step()
-                    losses.append(loss.item())
-        return coef.detach(), float(np.mean(losses[-math.ceil(len(queries) / self.batch_size):]))
+        with torch.enable_grad(), inject_rows(env.lm, attn.to(dtype), mlp.to(dtype), steering):
+            train_together(runs, env.scorer(), prepare)
+        return [(p.detach(), run.last_epoch_loss(self.local_epochs), run.rows)
+                for p, run in zip(params, runs, strict=True)]
+
+    def _calibration_run(self, client: Client, coef: torch.Tensor, rnd: int):
+        """One client's calibration: its queries, seeded batch order and noise, AdamW with
+        I2CL's warmup + cosine over its own steps of this round."""
+        examples = self.demonstrations(client, self.calibration_per_class)
+        scorer = client.env.scorer()
+        param = torch.nn.Parameter(coef.float().clone())
+        batches = epoch_batches(seeded_rng(self.seed, "batches", rnd, client.cid),
+                                len(examples), self.batch_size, self.local_epochs)
+        optimizer = torch.optim.AdamW([param], lr=self.lr, weight_decay=self.weight_decay)
+        schedule = torch.optim.lr_scheduler.LambdaLR(
+            optimizer, _warmup_cosine(len(batches), self.warmup))
+        noise = torch.Generator().manual_seed(
+            int(seeded_rng(self.seed, "noise", rnd, client.cid).integers(2**62)))
+        run = LocalRun([client.env.task.format_query(ex) for ex in examples],
+                       torch.tensor([scorer.labels.first[ex.label] for ex in examples]),
+                       batches, optimizer, schedule)
+        return run, param, noise
 
     # ------------------------------------------------------------- evaluation
     def evaluate(self, state: RecordDict, env: Environment) -> dict[str, Any]:

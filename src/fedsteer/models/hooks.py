@@ -16,15 +16,19 @@ remove their hooks, also when the body raises.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from functools import cached_property
 
 import torch
 
 from fedsteer.models.arch import LayerModules
 
-__all__ = ["COEF_ROWS", "Activations", "capture", "initial_coefficients", "inject"]
+__all__ = [
+    "COEF_ROWS", "Activations", "RowGroups", "Steering", "capture", "initial_coefficients",
+    "inject", "inject_rows",
+]
 
 #: Row order of the `[4, L]` coefficient tensor (lam scales the vector, beta the output).
 COEF_ROWS = ("lam_attn", "beta_attn", "lam_mlp", "beta_mlp")
@@ -98,23 +102,75 @@ def capture(lm) -> Iterator[Activations]:
         yield acts
 
 
-def _steer_hook(vector, coef, rows: tuple[int, int], layer: int, is_tuple, noise, generator):
+@dataclass(frozen=True)
+class RowGroups:
+    """Which rows of a concatenated batch belong to which party, for client-batched steps.
+
+    Group g owns rows `spans[g] = (start, stop)` and was left-padded, alone, to `widths[g]`
+    tokens: the width it would have had in a forward of its own, so what it draws (noise)
+    and computes matches that forward.
+    """
+
+    spans: tuple[tuple[int, int], ...]
+    widths: tuple[int, ...]
+
+    @property
+    def rows(self) -> int:
+        return self.spans[-1][1] if self.spans else 0
+
+    @cached_property
+    def index(self) -> torch.Tensor:
+        """`[rows]`: each row's group."""
+        return torch.cat([torch.full((stop - start,), g, dtype=torch.long)
+                          for g, (start, stop) in enumerate(self.spans)])
+
+
+@dataclass
+class Steering:
+    """What the injection hooks read at every forward: coefficients per group `[G, 4, L]`,
+    the row groups (None: the whole batch is one group) and one noise generator per group.
+    A client-batched loop sets these before each forward; `inject` sets them once."""
+
+    coef: torch.Tensor
+    groups: RowGroups | None = None
+    generators: Sequence[torch.Generator | None] = ()
+    noise: float = 0.0
+
+    def row_coefficients(self, rows: tuple[int, int], layer: int, batch: int) -> tuple:
+        """(lam, beta) per row, shaped to broadcast over `[batch, tokens, d]`."""
+        coef = self.coef[:, list(rows), layer]  # [G, 2]
+        coef = coef[self.groups.index] if self.groups is not None else coef.expand(batch, 2)
+        return coef[:, 0, None, None], coef[:, 1, None, None]
+
+    def noise_like(self, steered: torch.Tensor) -> torch.Tensor:
+        """N(0, 1) per token, each group drawn from its own generator over its own width."""
+        if self.groups is None:
+            return torch.randn(steered.shape, generator=self.generators[0] if self.generators
+                               else None, dtype=steered.dtype, device=steered.device)
+        gauss = torch.zeros_like(steered)
+        for (start, stop), width, gen in zip(self.groups.spans, self.groups.widths,
+                                             self.generators, strict=True):
+            gauss[start:stop, steered.shape[1] - width:] = torch.randn(
+                (stop - start, width, steered.shape[2]), generator=gen, dtype=steered.dtype,
+                device=steered.device)
+        return gauss
+
+
+def _steer_hook(vector, steering: Steering, rows: tuple[int, int], layer: int, is_tuple):
     """`out <- beta*out + lam*v` (+ noise scaled by each token's output norm, for robustness).
 
-    The coefficients are indexed at every call, not once: each forward then builds its own
-    small graph to `coef`, so an optimizer may update `coef` in place between forwards.
+    The coefficients are read at every call, not once: each forward then builds its own
+    small graph to them, so an optimizer may update them in place between forwards, and a
+    client-batched loop may hand in a new stack of them.
     """
 
     def hook(module, args, output):
         out = _tensor_of(output, is_tuple)
-        lam, beta = coef[rows[0], layer].to(out.dtype), coef[rows[1], layer].to(out.dtype)
-        steered = beta * out + lam * vector.to(out.dtype)
-        if noise > 0:
-            scale = steered.detach().norm(dim=-1, keepdim=True) * noise
-            gauss = torch.randn(
-                steered.shape, generator=generator, dtype=steered.dtype, device=steered.device
-            )
-            steered = steered + gauss * scale
+        lam, beta = steering.row_coefficients(rows, layer, out.shape[0])
+        steered = beta.to(out.dtype) * out + lam.to(out.dtype) * vector.to(out.dtype)
+        if steering.noise > 0:
+            scale = steered.detach().norm(dim=-1, keepdim=True) * steering.noise
+            steered = steered + steering.noise_like(steered) * scale
         return _with_tensor(output, steered, is_tuple)
 
     return hook
@@ -135,22 +191,28 @@ def inject(
     `coef` is `[4, L]` (rows `COEF_ROWS`); gradients flow to it when it requires grad.
     `noise > 0` adds `N(0, 1) * noise * ||out||` per token (I2CL's calibration noise).
     """
+    if tuple(coef.shape) != (len(COEF_ROWS), len(_layers(lm))):
+        raise ValueError(f"coefficients must be {(len(COEF_ROWS), len(_layers(lm)))}, "
+                         f"got {tuple(coef.shape)}")
+    steering = Steering(coef[None], None, [generator], noise)
+    with inject_rows(lm, attn, mlp, steering):
+        yield
+
+
+@contextmanager
+def inject_rows(lm, attn: torch.Tensor, mlp: torch.Tensor, steering: Steering) -> Iterator[None]:
+    """`inject` with per-row coefficients: row r of a forward uses `steering.coef[group(r)]`
+    (client-batched calibration: many clients' coefficients, one forward)."""
     layers = _layers(lm)
     expected = (len(layers), lm.hidden_size)
     if tuple(attn.shape) != expected or tuple(mlp.shape) != expected:
         raise ValueError(
             f"context vectors must be {expected}, got {tuple(attn.shape)} / {tuple(mlp.shape)}"
         )
-    if tuple(coef.shape) != (len(COEF_ROWS), len(layers)):
-        raise ValueError(f"coefficients must be {(len(COEF_ROWS), len(layers))}, got {coef.shape}")
     registrations = []
     for lay in layers:
         i, is_tuple = lay.index, lay.attention_returns_tuple
-        registrations.append(
-            (lay.attention, _steer_hook(attn[i], coef, (0, 1), i, is_tuple, noise, generator))
-        )
-        registrations.append(
-            (lay.mlp, _steer_hook(mlp[i], coef, (2, 3), i, False, noise, generator))
-        )
+        registrations.append((lay.attention, _steer_hook(attn[i], steering, (0, 1), i, is_tuple)))
+        registrations.append((lay.mlp, _steer_hook(mlp[i], steering, (2, 3), i, False)))
     with _hooked(registrations):
         yield

@@ -23,7 +23,17 @@ from dataclasses import dataclass
 import torch
 from transformers import DynamicCache
 
+from fedsteer.models.hooks import RowGroups
 from fedsteer.models.load import LoadedModel
+
+
+@dataclass(frozen=True)
+class GroupedBatch:
+    """One forward's token ids and mask, with which rows are whose (`RowGroups`)."""
+
+    ids: torch.Tensor
+    mask: torch.Tensor
+    groups: RowGroups
 
 
 class LabelWordError(ValueError):
@@ -140,6 +150,23 @@ class LabelScorer:
         `score`, so `logprobs(q)[:, labels.first]` equals `score(q)` for first-token scoring.
         """
         return self._vocab_batch([self._encode(q, first=True) for q in queries])
+
+    def grouped(self, groups: Sequence[Sequence[str]]) -> GroupedBatch:
+        """Several parties' query batches as one forward's rows, each group left-padded to its
+        own width first (then all to the longest), so a row sees what it would alone."""
+        seqs = [[self._encode(q, first=True) for q in group] for group in groups]
+        spans, widths, start = [], [], 0
+        for group in seqs:
+            spans.append((start, start + len(group)))
+            widths.append(max(len(s) for s in group))
+            start += len(group)
+        ids, mask = self._left_pad([s for group in seqs for s in group])
+        return GroupedBatch(ids, mask, RowGroups(tuple(spans), tuple(widths)))
+
+    def grouped_logprobs(self, batch: GroupedBatch) -> torch.Tensor:
+        """`logprobs` of a `grouped` batch (differentiable): `[rows, V]`, rows in group order."""
+        logits = self._forward(batch.ids, batch.mask, None, 0, keep=1).logits[:, -1]
+        return logits.float().log_softmax(-1)
 
     # ---------------------------------------------------------------- helpers
     def _encode(self, text: str, first: bool) -> list[int]:

@@ -1,0 +1,79 @@
+"""The one local training loop: label-word cross-entropy, a client's own batches and optimizer.
+
+IFed-ICL calibrates coefficients and FedAvg-LoRA trains adapters with the same loop; what
+differs is which parameters the loss reaches (hooks the caller sets up around it). Several
+clients can run it *together* on one frozen model (client-batched simulation): at each step
+the clients that still have a batch contribute it to one forward over the concatenation,
+each row with its own client's parameters (`prepare` installs them), and the loss is the sum
+of the clients' own mean losses, so each client's gradient is exactly its own. Each keeps
+its own data order, optimizer and schedule; a client whose batches run out drops out of the
+forward (no padding to the longest client's epochs). One client alone is the plain loop.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from fedsteer.models.hooks import RowGroups
+
+
+@dataclass
+class LocalRun:
+    """One client's local training: its queries, gold first tokens, batch order, optimizer."""
+
+    queries: list[str]
+    targets: torch.Tensor
+    batches: list[list[int]]  # the rows of each step, in order (all epochs)
+    optimizer: torch.optim.Optimizer
+    schedule: torch.optim.lr_scheduler.LRScheduler | None = None
+    losses: list[float] = field(default_factory=list)
+
+    @property
+    def rows(self) -> int:
+        return sum(len(b) for b in self.batches)
+
+    def last_epoch_loss(self, epochs: int) -> float:
+        """Mean loss of the last epoch's steps (what a client reports)."""
+        per_epoch = math.ceil(len(self.batches) / max(epochs, 1))
+        return float(np.mean(self.losses[-per_epoch:]))
+
+
+def epoch_batches(rng: np.random.Generator, size: int, batch_size: int,
+                  epochs: int) -> list[list[int]]:
+    """A fresh permutation per epoch, cut into batches: every step's rows, in order."""
+    batches = []
+    for _ in range(epochs):
+        order = rng.permutation(size)
+        batches += [order[s : s + batch_size].tolist() for s in range(0, size, batch_size)]
+    return batches
+
+
+def train_together(runs: Sequence[LocalRun], scorer,
+                   prepare: Callable[[list[int], RowGroups], None]) -> None:
+    """Step every run through its own batches; one forward per step over the active runs.
+
+    `prepare(active, groups)` is called before each forward with the indices of the runs
+    taking part and which rows are whose, to install their parameters for those rows.
+    """
+    for step in range(max((len(r.batches) for r in runs), default=0)):
+        active = [i for i, r in enumerate(runs) if step < len(r.batches)]
+        batch = scorer.grouped([[runs[i].queries[j] for j in runs[i].batches[step]]
+                                for i in active])
+        prepare(active, batch.groups)
+        logp = scorer.grouped_logprobs(batch)
+        losses = [F.nll_loss(logp[start:stop], runs[i].targets[runs[i].batches[step]])
+                  for i, (start, stop) in zip(active, batch.groups.spans, strict=True)]
+        for i in active:
+            runs[i].optimizer.zero_grad()
+        torch.stack(losses).sum().backward()  # each client's parameters see only its loss
+        for i, loss in zip(active, losses, strict=True):
+            runs[i].optimizer.step()
+            if runs[i].schedule is not None:
+                runs[i].schedule.step()
+            runs[i].losses.append(loss.item())
