@@ -11,11 +11,14 @@ local step per message, 10 server iterations (BDPL: 10 steps); the paper's sizes
 N = 100, V = 50) are `PAPER` below, far beyond this machine. Zero-shot, BDPL and cen-DBT
 have no workers: one cell per task, shown in every row of that task.
 
-Byzantine part: 1 of 4 workers sends, each time, the simplex vertex farthest from z (per
-prompt position, the word z trusts least), under the paper's sign consensus, RSA's
-robust-sign and Flower's mean, median, trimmed mean and Krum; each rule also runs with no
+Byzantine part (trec, 4 workers, 200 test rows): 1 worker attacks under Flower's mean,
+the paper's sign consensus, RSA's robust-sign and the median; each rule also runs with no
 attacker, on the same test rows, and the loss is tested row by row (Wilcoxon signed-rank
-on the share of workers right on each row).
+on the share of workers right on each row). The attack: the issue's example, the simplex
+point farthest from z, was tried first under the mean and cost it nothing (the words z
+trusts least are as harmless as any), so the recorded attack is a worker that searches,
+once, for the candidate words that hurt its own data most (each word as the whole prompt,
+through the black box, billed) and always sends the vertex on them.
 
     nohup .venv/bin/python benchmarks/asyndbt.py > benchmarks/results/asyndbt.log 2>&1 &
 """
@@ -74,20 +77,23 @@ def grid(args, lm, cells: dict, workers: int) -> None:
             cells[(task_name, workers, method)] = cell(args.out / "grid", config, lm, task)
 
 
-RULES = ("mean", "sign", "robust-sign", "median", "trimmed-mean", "krum")
+RULES = ("mean", "sign", "robust-sign", "median")
+#: the issue's example attack, tried first: it did not cost plain averaging anything
+FIRST_TRY = ("farthest", "mean")
 
 
 def byzantine(args, lm, cells: dict) -> None:
-    """1 of 4 workers sends the farthest simplex point; each rule with and without it."""
+    """1 of 4 workers attacks; each rule with and without it, on the same test rows."""
     task = load_task(args.byzantine_task)
-    for consensus in RULES:
+    runs = [(args.attack, rule) for rule in RULES] + [FIRST_TRY]
+    for attack, consensus in runs:
         for bad in (0, 1):
             options = {**options_for("asyndbt", 4, args), "consensus": consensus,
-                       "byzantine": bad, "attack": args.attack}
+                       "byzantine": bad, "attack": attack}
             config = RunConfig("asyndbt", args.byzantine_task, args.model, clients=4,
                                test_size=args.byzantine_test_size, options=options)
-            cells[(consensus, bad)] = cell(args.out / f"byzantine-{consensus}-{bad}", config,
-                                           lm, task)
+            folder = args.out / f"byzantine-{attack}-{consensus}-{bad}"
+            cells[(attack, consensus, bad)] = cell(folder, config, lm, task)
 
 
 def row(record: dict) -> dict:
@@ -112,20 +118,27 @@ def _acc(r: dict) -> str:
     return f"{100 * r['accuracy']:.1f} [{100 * low:.1f}, {100 * high:.1f}]"
 
 
+ATTACK_TEXT = {"worst": "the simplex vertex on its most harmful words (ranked by the loss each "
+                        "gives as the whole prompt on its own data)",
+               "farthest": "the simplex point farthest from z (the words z trusts least)"}
+
+
 def byzantine_lines(byz: dict, args) -> list[str]:
     """Each rule honest vs attacked on the same rows, the paired test, then the bar."""
-    lines = ["", f"Byzantine ({args.byzantine_task}, 4 workers, 1 sending the {args.attack} "
-             f"point; {args.byzantine_test_size} test rows; mean over workers, 95 % t-interval "
-             "over the 4 workers):", "",
-             "| consensus | honest | 1 Byzantine | lost (points) | paired p (Wilcoxon, rows) |",
-             "|---|---:|---:|---:|---:|"]
+    lines = ["", f"Byzantine ({args.byzantine_task}, 4 workers, 1 attacker; "
+             f"{args.byzantine_test_size} test rows; accuracy: mean over the workers' "
+             "personalised evaluations, 95 % t-interval over the 4 workers):", "",
+             "| attack | consensus | honest | 1 Byzantine | lost (points) | "
+             "paired p (Wilcoxon, rows) |", "|---|---|---:|---:|---:|---:|"]
     lost = {}
-    for consensus in RULES:
-        honest, bad = byz[(consensus, 0)], byz[(consensus, 1)]
-        lost[consensus] = 100 * (honest["accuracy"] - bad["accuracy"])
+    for attack, consensus in [(args.attack, rule) for rule in RULES] + [FIRST_TRY]:
+        honest, bad = byz[(attack, consensus, 0)], byz[(attack, consensus, 1)]
+        lost[(attack, consensus)] = 100 * (honest["accuracy"] - bad["accuracy"])
         _, p = paired_fraction_test(honest["rows"], bad["rows"])
-        lines.append(f"| {consensus} | {_acc(honest)} | {_acc(bad)} | {lost[consensus]:.1f} | "
-                     f"{p:.3g} |")
+        lines.append(f"| {attack} | {consensus} | {_acc(honest)} | {_acc(bad)} | "
+                     f"{lost[(attack, consensus)]:.1f} | {p:.3g} |")
+    lines += ["", *(f"- {name}: {text}" for name, text in ATTACK_TEXT.items())]
+    lost = {rule: lost[(args.attack, rule)] for rule in RULES}
     bites = lost["mean"] >= 5
     held = bites and lost["robust-sign"] <= lost["mean"] / 2
     lines += ["", f"Bar (issue 16): the attack costs plain averaging ≥ 5 points — "
@@ -198,7 +211,7 @@ def main() -> None:
     parser.add_argument("--only-byzantine", action="store_true")
     parser.add_argument("--byzantine-task", default="trec")
     parser.add_argument("--byzantine-test-size", type=int, default=200)
-    parser.add_argument("--attack", default="farthest")
+    parser.add_argument("--attack", default="worst")
     output_arguments(parser, "asyndbt")
     args = parser.parse_args()
     lm, cells, byz = load_model(args.model), {}, {}

@@ -123,3 +123,89 @@ def test_a_batch_that_fails_is_stepped_one_by_one_so_the_failing_client_is_named
     calibrate = outcome.rounds[1]
     assert [r["cid"] for r in calibrate.rejected] == [2]
     assert calibrate.client_batches == [2]  # clients 0+1 batched; 2+3 fell back one by one
+
+
+# ----------------------------------------------------------------------------- LoRA
+def _lora_setup(lm, sizes=(4, 7, 12)):
+    from flwr.app import ConfigRecord, RecordDict
+
+    from fedsteer.methods.fedavg_lora import FedAvgLoRA
+
+    env = make_env(lm)
+    method = FedAvgLoRA(rank=4, local_epochs=2, batch_size=3, lr=5e-3, local_examples=10)
+    state = method.initial_state(env)
+    message = RecordDict({"adapter": state["adapter"], "config": ConfigRecord({"round": 0})})
+    return method, message, make_clients(env, sizes=sizes)
+
+
+def test_per_row_lora_equals_each_clients_peft_adapter(tiny_lm):
+    from fedsteer.models.lora import (
+        RowAdapters,
+        lora_adapter,
+        lora_config,
+        per_row_lora,
+        trainable_adapter,
+    )
+
+    config = lora_config(4, 8.0, ("q_proj", "v_proj"))
+    scorer = LabelScorer(tiny_lm, SPEC.label_words)
+    adapters = []
+    for seed in range(len(QUERIES)):
+        with lora_adapter(tiny_lm, config, seed=seed) as peft_model:
+            for name, param in peft_model.named_parameters():
+                if "lora_B" in name:  # B starts at zero: give each adapter an effect
+                    torch.nn.init.normal_(param, std=0.5, generator=torch.Generator()
+                                          .manual_seed(seed))
+            from fedsteer.models.lora import adapter_weights
+
+            adapters.append(adapter_weights(peft_model))
+    alone = []
+    for group, weights in zip(QUERIES, adapters, strict=True):
+        with torch.no_grad(), lora_adapter(tiny_lm, config, weights):
+            alone.append(scorer.logprobs(group))
+    batch = scorer.grouped(QUERIES)
+    rows = RowAdapters([trainable_adapter(w) for w in adapters], [0, 1, 2], batch.groups)
+    with torch.no_grad(), per_row_lora(tiny_lm, config, rows):
+        together = scorer.grouped_logprobs(batch)
+    torch.testing.assert_close(together, torch.cat(alone), atol=1e-5, rtol=1e-5)
+    assert not torch.allclose(alone[0][0], alone[1][0])  # the adapters do differ
+
+
+def test_batched_lora_training_equals_training_clients_one_by_one(tiny_lm):
+    """Three clients with 4, 7 and 10 examples a round (their batches run out at different
+    steps): adapters and losses batched = one by one, to 1e-5."""
+    method, message, clients = _lora_setup(tiny_lm)
+    alone = [method.client_step(message, c) for c in clients]
+    together = method.client_steps(message, clients)
+    assert together.rows == [2 * 4, 2 * 7, 2 * 10]
+    for one, both in zip(alone, together.contents, strict=True):
+        for key in one["adapter"]:
+            np.testing.assert_allclose(both["adapter"][key].numpy(),
+                                       one["adapter"][key].numpy(), atol=1e-5, rtol=0)
+        assert both["metrics"]["loss"] == pytest.approx(one["metrics"]["loss"], abs=1e-5)
+    moved = [np.abs(alone[0]["adapter"][k].numpy() - message["adapter"][k].numpy()).max()
+             for k in message["adapter"]]
+    assert max(moved) > 1e-3
+
+
+def test_a_batched_lora_run_keeps_to_the_row_budget(tiny_lm):
+    """budget 7 rows, 3 rows a client step: two clients a forward, never more."""
+    from fedsteer.methods.fedavg_lora import FedAvgLoRA
+
+    env = make_env(tiny_lm)
+    method = FedAvgLoRA(rank=2, rounds=1, batch_size=3, local_examples=6)
+    seen = []
+    original = LabelScorer.grouped_logprobs
+
+    def spy(self, batch):
+        seen.append(batch.groups.rows)
+        return original(self, batch)
+
+    LabelScorer.grouped_logprobs = spy
+    try:
+        outcome = InProcessRuntime(RuntimeConfig(client_batch_rows=7)).run(
+            method, make_clients(env, sizes=(6, 6, 6, 6, 6)), env)
+    finally:
+        LabelScorer.grouped_logprobs = original
+    assert outcome.rounds[0].client_batches == [2, 2]  # the fifth client alone, unbatched
+    assert max(seen) <= 7 and 6 in seen

@@ -138,7 +138,9 @@ def test_run_config_round_trips_every_field(tmp_path):
 
 @pytest.mark.parametrize("method", ["ifed-icl", "fedavg-lora"])
 def test_flower_apps_match_the_in_process_runtime(tmp_path, flower_identity, method):
-    config = tiny_config(method=method, options=dict(OPTIONS[method]))
+    # one by one in process too, so the two are the same computation bit for bit (batched
+    # clients equal these to 1e-5: tests/test_client_batching.py)
+    config = tiny_config(method=method, options=dict(OPTIONS[method]), client_batch=1)
     expected = run_experiment(config, tmp_path / "inprocess")
     record, grid = serve_inline(config, tmp_path / "flower")
     assert record["metrics"] == expected["metrics"]
@@ -213,7 +215,9 @@ def data_dir() -> str:
 @pytest.mark.slow
 @pytest.mark.parametrize("method", ["ifed-icl", "fedavg-lora"])
 def test_simulation_equals_in_process(tmp_path, no_leftover_processes, method):
-    config = tiny_config(method=method, options=dict(OPTIONS[method]))
+    # one by one in process too, so the two are the same computation bit for bit (batched
+    # clients equal these to 1e-5: tests/test_client_batching.py)
+    config = tiny_config(method=method, options=dict(OPTIONS[method]), client_batch=1)
     expected = run_experiment(config, tmp_path / "inprocess")
     record = launch.run_on_flower(config, tmp_path / "sim")
     assert record["metrics"] == expected["metrics"]

@@ -388,3 +388,32 @@ def test_on_the_simulated_clock_a_worker_dying_outside_its_step_is_not_waited_fo
     assert len(outcome.rounds) == 4
     died = [r for cost in outcome.rounds for r in cost.rejected if r["cid"] == 1]
     assert len(died) == 1 and "state cannot be copied" in died[0]["reason"]
+
+
+def test_the_worst_word_attacker_searches_once_and_sends_its_most_harmful_vertex():
+    """The 'worst' attack: the attacker ranks the candidate words by the loss each gives as
+    the whole prompt on its own data (its calls billed), once, then sends the simplex vertex
+    that puts its most harmful words in every position."""
+    from toy import SPEC as TOY
+    from toy import examples
+
+    env = Environment(task=TOY, test=[], model_name="tiny-random", transfer=examples(8))
+    method = AsynDBT(prompt_length=2, candidates=4, samples=2, shots_per_class=2, batch_size=2,
+                     demo_candidates=2, cutting_planes=False, byzantine=1, attack="worst")
+    state = method.initial_state(env)
+    attacker = Client(cid=0, data=examples(6), env=env)
+    honest = Client(cid=1, data=examples(6, 3), env=env)
+    box = env.blackbox("local")
+    before = box.usage.calls
+    first = method.client_step(method.worker_message(state, 0, 0), attacker)
+    searched = box.usage.calls - before
+    second = method.client_step(method.worker_message(state, 0, 1), attacker)
+    assert box.usage.calls - before - searched < searched  # the search is not repeated
+    sent = first["prompt"]["p"].numpy()
+    order = attacker.state["attack"]["order"].numpy()
+    assert sorted(order.tolist()) == [0, 1, 2, 3]
+    np.testing.assert_array_equal(sent.argmax(axis=1), order[:2])
+    assert set(np.unique(sent)) == {0.0, 1.0} and method.reply_problem(first) is None
+    np.testing.assert_array_equal(second["prompt"]["p"].numpy(), sent)
+    mine = method.client_step(method.worker_message(state, 1, 0), honest)["prompt"]["p"].numpy()
+    assert "attack" not in honest.state and not np.array_equal(mine, sent)

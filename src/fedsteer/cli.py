@@ -202,6 +202,12 @@ def run(
     tolerate_client_errors: Annotated[bool, typer.Option(
         help="leave out a client whose step raised any error (default: only OS, memory and "
              "timeout faults; anything else is a bug and fails the run)")] = False,
+    client_batch: Annotated[int | None, typer.Option(
+        help="clients stepped together in one forward/backward (in process; IFed-ICL "
+             "calibration, FedAvg-LoRA, FedPT); 1: one by one [default: as many as "
+             "--client-batch-rows allows]. Same results either way, faster", min=1)] = None,
+    client_batch_rows: Annotated[int, typer.Option(
+        help="memory budget of one batched forward, in rows", min=1)] = 64,
     runtime: Annotated[str, typer.Option(
         help="inprocess; flower (Flower's simulation); flower-deployment (a SuperLink and "
              "one SuperNode per client on 127.0.0.1)")] = "inprocess",
@@ -226,7 +232,8 @@ def run(
         "dp_record_clips": _parse_options(dp_clip_record or []), "dp_adjacency": dp_adjacency,
         "secagg": secagg, "eval_every": eval_every, "max_reply_norm": max_reply_norm,
         "reply_norm_factor": reply_norm_factor, "max_client_weight": max_client_weight,
-        "tolerate_client_errors": tolerate_client_errors, "options": _parse_options(option or []),
+        "tolerate_client_errors": tolerate_client_errors, "client_batch": client_batch,
+        "client_batch_rows": client_batch_rows, "options": _parse_options(option or []),
     }
     if resume is not None:
         out, configs = resume, _load_run_configs(resume)

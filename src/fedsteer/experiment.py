@@ -22,6 +22,7 @@ from fedsteer.eval.metrics import accuracy_interval
 from fedsteer.eval.record import environment, write_result
 from fedsteer.federation import InProcessRuntime, Runtime, RuntimeConfig
 from fedsteer.federation.privacy import ClientDP
+from fedsteer.federation.runtime import client_batch_size
 from fedsteer.methods import METHODS, Client, Environment, make_method
 from fedsteer.methods.base import seeded_subset
 from fedsteer.models import DEFAULT_MODEL
@@ -51,6 +52,10 @@ class RunConfig:
     reply_norm_factor: float = 10.0  # reject a reply record > k × the round's median; 0: off
     max_client_weight: float | None = None  # cap on one reply's weight; None: 10 × median
     tolerate_client_errors: bool = False  # leave out a client whose step raised anything
+    #: clients stepped together in one forward (in process); None: as many as the row budget
+    #: allows, 1: one by one. An execution choice: the results are the same either way
+    client_batch: int | None = None
+    client_batch_rows: int = 64  # the row budget of one batched forward
     dp_clip: float | None = None  # client-level DP: clip each reply record to this L2 norm
     dp_noise: float = 0.0  # ... and add N(0, (dp_noise * dp_clip)^2) noise to it
     dp_delta: float = 1e-5
@@ -116,6 +121,7 @@ def check_settings(config: RunConfig, method, resume: bool = False) -> None:
         private = sorted(n for n, cls in METHODS.items() if cls.supports_client_dp)
         raise ValueError(f"{method.name} reports through metrics, which client-level DP drops; "
                          f"dp_clip applies to {', '.join(private)}")
+    client_batch_size(runtime_config(config), method)  # refuses a batch it cannot step
     if not getattr(method, "asynchronous", False):
         return
     ignored = {"dp_clip": config.dp_clip is not None, "eval_every": config.eval_every > 0,
@@ -166,7 +172,8 @@ def runtime_config(config: RunConfig) -> RuntimeConfig:
                          reply_norm_factor=config.reply_norm_factor,
                          max_client_weight=config.max_client_weight,
                          tolerate_client_errors=config.tolerate_client_errors,
-                         eval_every=config.eval_every)
+                         eval_every=config.eval_every, client_batch=config.client_batch,
+                         client_batch_rows=config.client_batch_rows)
 
 
 def build_clients(config: RunConfig, task: Task, env: Environment, centralized: bool):

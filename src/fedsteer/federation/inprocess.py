@@ -32,7 +32,8 @@ class InProcessRuntime(Runtime):
             for client in group:
                 cost.clients.append(client.cid)
                 cost.bytes_down += down
-            contents = self._step_together(method, message, group, cost) if size > 1 else None
+            contents = (self._step_together(method, message, group, cost) if len(group) > 1
+                        else None)
             for client in group:
                 content = (contents.pop(client.cid) if contents is not None
                            else self._call_client(method, message, client, cost))

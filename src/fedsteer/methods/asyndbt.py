@@ -69,7 +69,7 @@ from fedsteer.methods.bdpl import (
 )
 from fedsteer.methods.cutting_planes import CuttingPlanes
 
-ATTACKS = ("random", "sign-flip", "scale", "farthest")
+ATTACKS = ("random", "sign-flip", "scale", "farthest", "worst")
 #: "sign": the paper's rule (duals, penalty and ψ·sign; a far worker pulls in proportion to
 #: its distance). "robust-sign": RSA's (Li et al. 2019) — z moves by ψ·Σ sign(z − p_i) only,
 #: so no worker can pull any coordinate by more than η_z·ψ a step.
@@ -198,7 +198,8 @@ class AsynDBT(BDPL):
         if planes is not None:
             client.state["planes"] = planes.to_record()
             metrics["cuts"] = len(planes)
-        sent = self._corrupt(p, z, client.cid, iteration) if client.cid < self.byzantine else p
+        sent = (self._corrupt(p, z, client, iteration, words, box, meter)
+                if client.cid < self.byzantine else p)
         return RecordDict({
             "prompt": ArrayRecord({"p": _array(sent)}),
             "metrics": MetricRecord(metrics),
@@ -289,9 +290,15 @@ class AsynDBT(BDPL):
             mask[slot, : len(pool)] = 1.0
         return mask
 
-    def _corrupt(self, p: np.ndarray, z: np.ndarray, cid: int, iteration: int) -> np.ndarray:
+    def _corrupt(self, p: np.ndarray, z: np.ndarray, client: Client, iteration: int,
+                 words: list[str], box, meter: Usage) -> np.ndarray:
         """What a Byzantine worker sends instead of its prompt."""
-        rng = seeded_rng(self.seed, "byzantine", cid, iteration)
+        rng = seeded_rng(self.seed, "byzantine", client.cid, iteration)
+        if self.attack == "worst":  # position j: the j-th most harmful word, all its weight
+            worst = self._harmful_words(client, words, box, meter)
+            out = np.zeros_like(z)
+            out[np.arange(z.shape[0]), worst[: z.shape[0]]] = 1.0
+            return out
         if self.attack == "random":
             return rng.dirichlet(np.ones(p.shape[1]), size=p.shape[0])
         if self.attack == "sign-flip":
@@ -301,6 +308,24 @@ class AsynDBT(BDPL):
             far[np.arange(z.shape[0]), z.argmin(axis=1)] = 1.0
             return far
         return project_simplex(z + 10.0 * (p - z))  # scale
+
+    def _harmful_words(self, client: Client, words: list[str], box, meter: Usage) -> np.ndarray:
+        """The attacker's own search, once (kept in its state): each candidate word repeated
+        as the whole prompt, scored on a batch of its data through the black box (billed
+        like any call); words by descending loss."""
+        if "attack" in client.state:
+            return client.state["attack"]["order"].numpy().astype(int)
+        env, train = client.env, self.training_set(client)
+        rows = train[: self.batch_size * 4]
+        demos = env.task.demo_prefix(self.chosen_demonstrations(client))
+        labels = np.array([ex.label for ex in rows])
+        losses = [cross_entropy(box.label_logprobs(
+            [env.task.format_query(ex) for ex in rows], env.task.label_words,
+            prefix=prompt_prefix([word] * self.prompt_length, demos), meter=meter), labels)
+            for word in words]
+        order = np.argsort(losses)[::-1].copy()
+        client.state["attack"] = ArrayRecord({"order": Array(order.astype(np.int64))})
+        return order
 
     def reply_problem(self, content: RecordDict) -> str | None:
         """A prompt reply must be a distribution per position: the server's update assumes it."""

@@ -9,7 +9,6 @@ example-weighted mean through Flower's aggregation. Bytes per round are the adap
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,13 +16,29 @@ from typing import Any, ClassVar
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from flwr.app import Array, ArrayRecord, ConfigRecord, MetricRecord, RecordDict
 
 from fedsteer.methods.aggregation import aggregate_arrays, record_train_loss
-from fedsteer.methods.base import Client, Environment, Method, Reply, seeded_rng, seeded_subset
+from fedsteer.methods.base import (
+    BatchedSteps,
+    Client,
+    Environment,
+    Method,
+    Reply,
+    seeded_rng,
+    seeded_subset,
+)
 from fedsteer.methods.icl import evaluate_prompting
-from fedsteer.models.lora import adapter_weights, initial_adapter, lora_adapter, lora_config
+from fedsteer.methods.local_training import LocalRun, epoch_batches, train_together
+from fedsteer.models.hooks import RowGroups
+from fedsteer.models.lora import (
+    RowAdapters,
+    initial_adapter,
+    lora_adapter,
+    lora_config,
+    per_row_lora,
+    trainable_adapter,
+)
 
 
 def adapter_record(weights: dict[str, np.ndarray]) -> ArrayRecord:
@@ -86,36 +101,43 @@ class FedAvgLoRA(Method):
 
     # ---------------------------------------------------------------- client
     def client_step(self, message: RecordDict, client: Client) -> RecordDict:
-        rnd = int(message["config"]["round"])
-        weights = record_weights(message["adapter"])
-        with lora_adapter(client.env.lm, self.config, weights) as peft_model:
-            loss = self.train(peft_model, client, rnd)
-            trained = adapter_weights(peft_model)
-        return RecordDict({"adapter": adapter_record(trained),
-                           "metrics": MetricRecord({"loss": loss})})
+        return self.client_steps(message, [client]).contents[0]
 
-    def train(self, peft_model, client: Client, rnd: int) -> float:
-        """Label-word cross-entropy over the full vocabulary; only the adapter learns."""
-        env = client.env
+    def client_step_rows(self) -> int:
+        return self.batch_size
+
+    def client_steps(self, message: RecordDict, clients: Sequence[Client]) -> BatchedSteps:
+        """Each client trains its own copy of the global adapter; several clients share each
+        forward, every row through its own client's adapter (`per_row_lora`)."""
+        rnd = int(message["config"]["round"])
+        env = clients[0].env
+        start = record_weights(message["adapter"])
+        adapters = RowAdapters([trainable_adapter(start) for _ in clients])
+        runs = [self.local_run(client, rnd, list(weights.values()))
+                for client, weights in zip(clients, adapters.weights, strict=True)]
+
+        def prepare(active: list[int], groups: RowGroups) -> None:
+            adapters.active, adapters.groups = active, groups
+
+        with torch.enable_grad(), per_row_lora(env.lm, self.config, adapters):
+            train_together(runs, env.scorer(), prepare)
+        return BatchedSteps(
+            [RecordDict({"adapter": adapter_record({k: v.detach().numpy() for k, v in w.items()}),
+                         "metrics": MetricRecord({"loss": run.last_epoch_loss(self.local_epochs)})})
+             for w, run in zip(adapters.weights, runs, strict=True)],
+            [run.rows for run in runs])
+
+    def local_run(self, client: Client, rnd: int, params: list[torch.Tensor]) -> LocalRun:
+        """Label-word cross-entropy over the full vocabulary on this round's seeded sample;
+        AdamW on the client's own adapter only."""
         examples = self.local_sample(client, rnd)
-        queries = [env.task.format_query(ex) for ex in examples]
-        scorer = env.scorer()
-        targets = torch.tensor([scorer.labels.first[ex.label] for ex in examples])
-        params = [p for p in peft_model.parameters() if p.requires_grad]
-        optimizer = torch.optim.AdamW(params, lr=self.lr, weight_decay=self.weight_decay)
-        order_rng, losses = seeded_rng(self.seed, "batches", rnd, client.cid), []
-        with torch.enable_grad():
-            for _ in range(self.local_epochs):
-                order = order_rng.permutation(len(queries))
-                for start in range(0, len(order), self.batch_size):
-                    idx = order[start : start + self.batch_size].tolist()
-                    loss = F.nll_loss(scorer.logprobs([queries[i] for i in idx]), targets[idx])
-                    optimizer.zero_grad()
-                    loss.backward()
-                    optimizer.step()
-                    losses.append(loss.item())
-        last_epoch = math.ceil(len(queries) / self.batch_size)
-        return float(np.mean(losses[-last_epoch:]))
+        scorer = client.env.scorer()
+        batches = epoch_batches(seeded_rng(self.seed, "batches", rnd, client.cid),
+                                len(examples), self.batch_size, self.local_epochs)
+        return LocalRun([client.env.task.format_query(ex) for ex in examples],
+                        torch.tensor([scorer.labels.first[ex.label] for ex in examples]),
+                        batches,
+                        torch.optim.AdamW(params, lr=self.lr, weight_decay=self.weight_decay))
 
     def local_sample(self, client: Client, rnd: int):
         if not client.data:

@@ -10,10 +10,14 @@ from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from peft import LoraConfig, get_peft_model, get_peft_model_state_dict, set_peft_model_state_dict
+
+from fedsteer.models.hooks import RowGroups
 
 
 def lora_config(rank: int, alpha: float, target_modules: Sequence[str]) -> LoraConfig:
@@ -50,3 +54,59 @@ def initial_adapter(lm, config: LoraConfig, seed: int) -> dict[str, np.ndarray]:
     """A fresh adapter (A random, B zero: the model's output is unchanged)."""
     with lora_adapter(lm, config, seed=seed) as peft_model:
         return adapter_weights(peft_model)
+
+
+#: peft's state-dict keys are the module's name under this prefix, then `.lora_A.weight`
+PEFT_PREFIX, A_SUFFIX, B_SUFFIX = "base_model.model.", ".lora_A.weight", ".lora_B.weight"
+
+
+@dataclass
+class RowAdapters:
+    """Per-client LoRA weights for a client-batched forward: each client's adapter as peft's
+    state dict of trainable leaf tensors, which clients take part, and whose rows are whose."""
+
+    weights: list[dict[str, torch.Tensor]]
+    active: list[int] = field(default_factory=list)
+    groups: RowGroups | None = None
+
+
+def trainable_adapter(weights: dict[str, np.ndarray]) -> dict[str, torch.Tensor]:
+    """An adapter as leaf tensors that require grad (one client's parameters)."""
+    return {k: torch.tensor(np.asarray(v, dtype=np.float32), requires_grad=True)
+            for k, v in weights.items()}
+
+
+@contextmanager
+def per_row_lora(lm, config: LoraConfig, adapters: RowAdapters) -> Iterator[None]:
+    """Every target module adds, to each client's rows, its own adapter's `B·A·x · α/r`
+    (the multi-adapter batching of S-LoRA / Punica, here as a loop over the few clients of
+    a batch with the very ops peft's LoRA layer runs, so each row gets peft's numbers)."""
+    scaling = config.lora_alpha / config.r
+    modules = dict(lm.model.named_modules())
+    registrations = []
+    for key in adapters.weights[0]:
+        if key.endswith(A_SUFFIX):
+            name = key.removeprefix(PEFT_PREFIX).removesuffix(A_SUFFIX)
+            if name not in modules:
+                raise ValueError(f"adapter weights do not fit this model: no module {name!r}")
+            registrations.append((modules[name], _row_lora_hook(
+                adapters, key, key.removesuffix(A_SUFFIX) + B_SUFFIX, scaling)))
+    handles = []
+    try:
+        for module, hook in registrations:
+            handles.append(module.register_forward_hook(hook))
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+def _row_lora_hook(adapters: RowAdapters, a_key: str, b_key: str, scaling: float):
+    def hook(module, args, output):
+        x, deltas = args[0], []
+        for i, (start, stop) in zip(adapters.active, adapters.groups.spans, strict=True):
+            a, b = adapters.weights[i][a_key], adapters.weights[i][b_key]
+            deltas.append(F.linear(F.linear(x[start:stop], a.to(x.dtype)), b.to(x.dtype)))
+        return output + torch.cat(deltas) * scaling
+
+    return hook
