@@ -98,6 +98,9 @@ def test_the_row_budget_sets_how_many_clients_step_together():
     assert client_batch_size(RuntimeConfig(client_batch_rows=6), method) == 3
     assert client_batch_size(RuntimeConfig(client_batch=100, client_batch_rows=6), method) == 3
     assert client_batch_size(RuntimeConfig(client_batch=1), method) == 1
+    lora = METHODS["fedavg-lora"](batch_size=8)  # measured slower batched: on request only
+    assert client_batch_size(RuntimeConfig(), lora) == 1
+    assert client_batch_size(RuntimeConfig(client_batch=4), lora) == 4
     icl = METHODS["local-icl"]()
     assert client_batch_size(RuntimeConfig(), icl) == 1
     with pytest.raises(ValueError, match="cannot step its clients together"):
@@ -203,7 +206,7 @@ def test_a_batched_lora_run_keeps_to_the_row_budget(tiny_lm):
 
     LabelScorer.grouped_logprobs = spy
     try:
-        outcome = InProcessRuntime(RuntimeConfig(client_batch_rows=7)).run(
+        outcome = InProcessRuntime(RuntimeConfig(client_batch=8, client_batch_rows=7)).run(
             method, make_clients(env, sizes=(6, 6, 6, 6, 6)), env)
     finally:
         LabelScorer.grouped_logprobs = original

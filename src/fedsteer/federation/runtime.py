@@ -73,6 +73,8 @@ def client_batch_size(config: RuntimeConfig, method: Method) -> int:
             raise ValueError(f"{method.name} cannot step its clients together: "
                              f"client_batch={config.client_batch} needs 1")
         return 1
+    if config.client_batch is None and not method.batches_by_default:
+        return 1
     fits = max(config.client_batch_rows // max(rows, 1), 1)
     return fits if config.client_batch is None else min(config.client_batch, fits)
 

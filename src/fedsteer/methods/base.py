@@ -194,6 +194,10 @@ class Method(ABC):
         client batch from a row budget; None: the method cannot step its clients together."""
         return None
 
+    #: whether a runtime batches this method's clients unless told (`client_batch=None`); a
+    #: method whose batched step measured slower here says False and batches only on request
+    batches_by_default: ClassVar[bool] = True
+
     def client_steps(self, message: RecordDict, clients: Sequence[Client]) -> BatchedSteps | None:
         """Step several clients on one shared frozen model together: one forward/backward
         over the concatenation of their batches, each with its own parameters, optimizer

@@ -56,6 +56,10 @@ class FedAvgLoRA(Method):
     name = "fedavg-lora"
     secure_mean: ClassVar[bool] = True
     supports_client_dp: ClassVar[bool] = True
+    #: measured on 2 CPU cores (benchmarks/results/client_batching.md): 8 clients' batches of
+    #: 8 in one forward ran 0.75x the speed of one by one (compute-bound already, and every
+    #: row padded to the longest of 64), so batching is on request only (`--client-batch`)
+    batches_by_default: ClassVar[bool] = False
 
     rank: int = 8
     lora_alpha: float = 16.0
