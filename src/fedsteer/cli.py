@@ -43,7 +43,7 @@ from fedsteer.eval.report import comparison_table, human_bytes, takeaways
 from fedsteer.experiment import RunConfig, default_run_dir, run_experiment
 from fedsteer.federation import CheckpointMismatch
 from fedsteer.federation.checkpoint import CheckpointError, atomic_write_json
-from fedsteer.methods import METHODS, OptionTypeError, check_options
+from fedsteer.methods import METHODS, OptionTypeError, check_options, describe_options
 from fedsteer.models import (
     DEFAULT_MODEL,
     ModelNotInstalledError,
@@ -563,6 +563,29 @@ def partition_cmd(
                   + (f" α={alpha}" if scheme == "dirichlet" else ""))
     for cid, row in enumerate(counts):
         table.add_row(str(cid), *(str(int(n)) for n in row), str(int(row.sum())))
+    console.print(table)
+
+
+@app.command()
+def methods(name: Annotated[str | None, typer.Argument(
+        help="one method: each of its options with its type, default and help")] = None,
+) -> None:
+    """List every method: its shape, where it comes from (fedsteer or a plugin package) and
+    its options (`-o KEY=VALUE`)."""
+    if name is not None and name not in METHODS:
+        raise typer.BadParameter(f"unknown {name!r}; known: {', '.join(METHODS)}")
+    if name is not None:
+        table = Table("option", "type", "default", "help", title=f"{name} ({METHODS.origin(name)})")
+        for option in describe_options(name):
+            table.add_row(option["name"], option["type"], escape(repr(option["default"])),
+                          escape(option["help"]))
+        console.print(table)
+        return
+    table = Table("method", "shape", "from", "options (default)")
+    for method in METHODS:
+        shape = "asynchronous" if getattr(METHODS[method], "asynchronous", False) else "rounds"
+        options = ", ".join(f"{o['name']}={o['default']!r}" for o in describe_options(method))
+        table.add_row(method, shape, METHODS.origin(method), escape(options))
     console.print(table)
 
 

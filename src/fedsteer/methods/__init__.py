@@ -1,13 +1,20 @@
 """Methods by name: each a pure algorithm behind the seam in `base.py`.
 
 The registry maps a CLI name to a method class, as peft maps a tuner name to its class;
-runtimes look methods up here and never import one directly.
+runtimes look methods up here and never import one directly. Methods are found through
+Python entry points (group `fedsteer.methods`): fedsteer registers its own there, and any
+installed package can add one (`examples/my_method`), with no change to fedsteer.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import inspect
+import logging
+import re
 import typing
+from collections.abc import Iterator, Mapping
+from importlib.metadata import entry_points
 from typing import Any
 
 from pydantic import TypeAdapter, ValidationError
@@ -20,11 +27,111 @@ from fedsteer.methods.fedpt import FedPT
 from fedsteer.methods.icl import CentralICL, LocalICL, ZeroShot
 from fedsteer.methods.ifed_icl import CentralI2CL, IFedICL
 
-METHODS: dict[str, type[Method]] = {
-    cls.name: cls
-    for cls in (ZeroShot, LocalICL, CentralICL, IFedICL, CentralI2CL, FedAvgLoRA, FedPT, BDPL,
-                AsynDBT, SyncDBT, CenDBT)
-}
+log = logging.getLogger(__name__)
+ENTRY_POINT_GROUP = "fedsteer.methods"
+#: fedsteer's own methods: also its entry points; here for a source tree run uninstalled
+BUILTIN: tuple[type[Method], ...] = (ZeroShot, LocalICL, CentralICL, IFedICL, CentralI2CL,
+                                     FedAvgLoRA, FedPT, BDPL, AsynDBT, SyncDBT, CenDBT)
+
+
+class MethodRegistry(Mapping[str, type[Method]]):
+    """Every method by name: the built-ins, then each installed package's entry points in
+    `fedsteer.methods`, loaded on first use. A plugin that fails to load, is not a `Method`
+    dataclass, names itself differently, or takes a built-in's name is left out with a
+    warning: one broken package must not break fedsteer."""
+
+    def __init__(self) -> None:
+        self._methods: dict[str, type[Method]] | None = None
+        self.origins: dict[str, str] = {}
+
+    def _loaded(self) -> dict[str, type[Method]]:
+        if self._methods is None:
+            self._methods = {cls.name: cls for cls in BUILTIN}
+            self.origins = dict.fromkeys(self._methods, "fedsteer")
+            for point in entry_points(group=ENTRY_POINT_GROUP):
+                self._add(point)
+        return self._methods
+
+    def _add(self, point) -> None:
+        origin = point.dist.name if point.dist is not None else point.value
+        if origin == "fedsteer":
+            return  # the built-ins, registered above
+        try:
+            cls = point.load()
+        except Exception as error:  # noqa: BLE001 - any failure of someone else's package
+            log.warning("method plugin %r from %s failed to load: %r", point.name, origin, error)
+            return
+        problem = plugin_problem(point.name, cls, self._methods)
+        if problem:
+            log.warning("method plugin %r from %s left out: %s", point.name, origin, problem)
+            return
+        self._methods[point.name], self.origins[point.name] = cls, origin
+
+    def __getitem__(self, name: str) -> type[Method]:
+        return self._loaded()[name]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._loaded())
+
+    def __len__(self) -> int:
+        return len(self._loaded())
+
+    def origin(self, name: str) -> str:
+        self._loaded()
+        return self.origins[name]
+
+
+def plugin_problem(name: str, cls: Any, known: dict[str, type[Method]]) -> str | None:
+    """Why an entry point's object cannot be a method, or None."""
+    if name in known:
+        return f"{name!r} is taken by {known[name].__module__}.{known[name].__name__}"
+    if not (isinstance(cls, type) and issubclass(cls, Method)):
+        return f"{cls!r} is not a subclass of fedsteer.methods.Method"
+    if not dataclasses.is_dataclass(cls):
+        return f"{cls.__name__} is not a dataclass (its fields are its options)"
+    if getattr(cls, "name", None) != name:
+        return f"{cls.__name__}.name is {getattr(cls, 'name', None)!r}, the entry point {name!r}"
+    return None
+
+
+METHODS = MethodRegistry()
+
+
+def describe_options(name: str) -> list[dict[str, Any]]:
+    """Each option of a method: name, type, default and the one-line comment beside the field
+    in its source (what `fedsteer methods` prints)."""
+    cls = METHODS[name]
+    hints = typing.get_type_hints(cls)
+    comments = _field_comments(cls)
+    out = []
+    for f in dataclasses.fields(cls):
+        default = (f.default if f.default is not dataclasses.MISSING
+                   else f.default_factory() if f.default_factory is not dataclasses.MISSING
+                   else None)
+        out.append({"name": f.name, "type": getattr(hints[f.name], "__name__", str(hints[f.name])),
+                    "default": default, "help": comments.get(f.name, "")})
+    return out
+
+
+def _field_comments(cls: type) -> dict[str, str]:
+    """`field: type = default  # help` (or a `#:` line above it), over the class and its bases."""
+    comments: dict[str, str] = {}
+    for klass in reversed(cls.__mro__):
+        try:
+            lines = inspect.getsource(klass).splitlines()
+        except (OSError, TypeError):
+            continue
+        above = ""
+        for line in lines:
+            stripped = line.strip()
+            if stripped.startswith("#:"):
+                above = (above + " " + stripped[2:].strip()).strip()
+                continue
+            match = re.match(r"(\w+)\s*:[^=#]+(?:=[^#]*)?(?:#\s*(.*))?$", stripped)
+            if match and (match.group(2) or above):
+                comments[match.group(1)] = match.group(2) or above
+            above = ""
+    return comments
 
 
 def make_method(name: str, **options: Any) -> Method:
@@ -75,6 +182,5 @@ def _check_type(method: str, key: str, value: Any, hint: Any) -> None:
 
 __all__ = [
     "METHODS", "Client", "Environment", "Method", "OptionTypeError", "Reply", "check_options",
-    "make_method",
-    "option_names", "seeded_rng",
+    "describe_options", "make_method", "option_names", "seeded_rng",
 ]

@@ -136,19 +136,19 @@ class IFedICL(Method):
     supports_client_dp: ClassVar[bool] = True
     secure_mean: ClassVar[bool] = True  # both aggregates are (weighted) means
 
-    demos_per_class: int = 5
-    calibration_per_class: int = 5
-    local_epochs: int = 10
-    rounds: int = 10
-    batch_size: int = 2
-    lr: float = 1e-2
-    weight_decay: float = 1e-3
-    warmup: float = 0.05
-    noise: float = 0.001
-    init_lambda: float = 0.1
-    init_beta: float = 1.0
-    weighting: str = "uniform"
-    seed: int = 0
+    demos_per_class: int = 5  # demonstrations per label a client turns into its vectors
+    calibration_per_class: int = 5  # labelled queries per label a client calibrates on
+    local_epochs: int = 10  # epochs over its calibration set per round
+    rounds: int = 10  # calibration rounds (after the one extraction round)
+    batch_size: int = 2  # calibration queries per step
+    lr: float = 1e-2  # AdamW learning rate of the coefficients
+    weight_decay: float = 1e-3  # AdamW weight decay
+    warmup: float = 0.05  # share of a round's steps of linear warmup (then cosine to 0)
+    noise: float = 0.001  # calibration noise, relative to each token's output norm
+    init_lambda: float = 0.1  # starting strength of the vectors (lam)
+    init_beta: float = 1.0  # starting scale of the layers' own outputs (beta)
+    weighting: str = "uniform"  # averaging of the vectors: uniform (the paper) or by size
+    seed: int = 0  # seeds demonstrations, batch order and noise
     shots: int | None = None  # accepted from RunConfig, unused (see the module docstring)
 
     def __post_init__(self) -> None:
