@@ -21,8 +21,8 @@ from common import output_arguments, write_outputs
 
 from fedsteer.eval.record import RESULT_FILE, environment, read_result
 from fedsteer.experiment import RunConfig, run_experiment
-from fedsteer.federation.launch import run_on_flower
 from fedsteer.federation.privacy import noise_for_epsilon
+from fedsteer.flower.launch import run_on_flower
 from fedsteer.models import DEFAULT_MODEL
 
 

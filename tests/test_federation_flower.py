@@ -23,8 +23,7 @@ from safetensors.numpy import load_file
 
 from fedsteer.eval.record import read_result
 from fedsteer.experiment import RunConfig, run_experiment
-from fedsteer.federation import launch
-from fedsteer.federation.flower import client_app, from_run_config, serve, to_run_config
+from fedsteer.flower import client_app, from_run_config, launch, serve, to_run_config
 
 IFED = {"rounds": 2, "local_epochs": 1, "demos_per_class": 1, "calibration_per_class": 2}
 LORA = {"rounds": 2, "rank": 2, "local_examples": 4, "batch_size": 2}

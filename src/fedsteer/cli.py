@@ -42,7 +42,8 @@ from fedsteer.eval.record import RESULT_FILE, read_result
 from fedsteer.eval.report import comparison_table, human_bytes, takeaways
 from fedsteer.experiment import RunConfig, default_run_dir, run_experiment
 from fedsteer.federation import CheckpointMismatch
-from fedsteer.federation.checkpoint import CheckpointError, atomic_write_json
+from fedsteer.federation.checkpoint import CheckpointError
+from fedsteer.files import atomic_write_json
 from fedsteer.methods import METHODS, OptionTypeError, check_options, describe_options
 from fedsteer.models import (
     DEFAULT_MODEL,
@@ -370,7 +371,7 @@ def _run_all(configs: list[RunConfig], out: Path, resume: bool, save: Path | Non
 def _run_all_on_flower(configs: list[RunConfig], out: Path, deployment: bool,
                        save: Path | None) -> list[dict]:
     """Each method in its own Flower run; the apps write the same result.json as in-process."""
-    from fedsteer.federation.launch import FlowerRunFailed, run_on_flower
+    from fedsteer.flower.launch import FlowerRunFailed, run_on_flower
 
     records, many = [], len(configs) > 1
     with _progress() as progress:

@@ -18,7 +18,7 @@ from typing import Any
 import psutil
 
 from fedsteer import __version__
-from fedsteer.federation.checkpoint import atomic_write_json
+from fedsteer.files import atomic_write_json
 
 RESULT_FILE = "result.json"
 REQUIRED_KEYS = ("method", "task", "model", "config", "metrics", "costs", "env")

@@ -1,7 +1,7 @@
 """Runtimes: they sample clients, move messages, count costs and checkpoint; no method math.
 
-`InProcessRuntime` simulates every client in this process; `fedsteer.federation.flower`
-runs the same methods on Flower (simulation or a real deployment).
+
+
 """
 
 from fedsteer.federation.inprocess import InProcessRuntime

@@ -87,19 +87,12 @@ class Environment:
     def blackbox(self, spec: str = "local"):
         """The run's black box, shared by every client here (one bill, one cache).
 
-        "local": this process's model behind `LocalBlackBox`; "openai:BASE_URL#MODEL": an
-        OpenAI-compatible endpoint (key from $OPENAI_API_KEY), e.g. one `fedsteer serve` runs.
+        `spec` as `fedsteer.blackbox.open_blackbox` reads it ("local" or an endpoint).
         """
-        if spec not in self._others:
-            from fedsteer.blackbox import LocalBlackBox, OpenAIBlackBox
+        if spec not in self._others:  # the transport is the blackbox room's business
+            from fedsteer.blackbox import open_blackbox
 
-            if spec == "local":
-                self._others[spec] = LocalBlackBox(self.lm, batch_size=self.batch_size)
-            elif spec.startswith("openai:") and "#" in spec:
-                url, model = spec.removeprefix("openai:").rsplit("#", 1)
-                self._others[spec] = OpenAIBlackBox(url, model)
-            else:
-                raise ValueError(f"black box {spec!r}: use 'local' or 'openai:BASE_URL#MODEL'")
+            self._others[spec] = open_blackbox(spec, lambda: self.lm, self.batch_size)
         return self._others[spec]
 
     def scorer(self, multi_token: bool = False):

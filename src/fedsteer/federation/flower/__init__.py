@@ -1,23 +1,12 @@
-"""fedsteer on Flower: a `ServerApp` and a `ClientApp` that run any method by name.
+"""The runtimes that reach clients through Flower's `Grid`: rounds (`grid.py`), asynchronous
+workers (`asynchronous.py`) and SecAgg+ rounds (`secagg.py`).
 
-The methods' messages travel as the Flower `RecordDict`s they already are; the server
-side is the same round loop as in-process (`Runtime`), only `_collect` goes through
-Flower's `Grid`; the client side calls the same `client_step`. Nothing here knows a
-method's math.
-
-A node is one party: it reads `partition-id` (and optionally its own `data-file`) from its
-node config and keeps its state in Flower's `context.state` between rounds. The run's
-settings come from Flower's run config (`to_run_config` / `from_run_config`), which is how
-`flwr run flower` (the App in the repository's `flower/`) and `fedsteer run --runtime
-flower` both configure it. Rooms: `config.py` (run config), `server.py` (ServerApp, the
-Grid runtime), `client.py` (ClientApp), `secagg.py` (the SecAgg+ bridge).
+They are the in-process round loop (`Runtime`) with `_collect` going through Flower; nothing
+here knows a method's math or how a run is configured — the Flower apps that build a run
+and drive these runtimes are `fedsteer.flower`.
 """
 
-from fedsteer.federation.flower.client import CLIENT_INFO, client_app, identify, step
-from fedsteer.federation.flower.config import FlowerRun, from_run_config, to_run_config
-from fedsteer.federation.flower.server import GridRuntime, discover_nodes, serve, server_app
+from fedsteer.federation.flower.asynchronous import AsyncGridRuntime
+from fedsteer.federation.flower.grid import CLIENT_INFO, GridRuntime, NodeInfo, discover_nodes
 
-__all__ = [
-    "CLIENT_INFO", "FlowerRun", "GridRuntime", "client_app", "discover_nodes", "from_run_config",
-    "identify", "serve", "server_app", "step", "to_run_config",
-]
+__all__ = ["CLIENT_INFO", "AsyncGridRuntime", "GridRuntime", "NodeInfo", "discover_nodes"]

@@ -19,7 +19,7 @@ from flwr.app import ConfigRecord, Message, MessageType, MetricRecord
 
 from fedsteer.eval.costs import RoundCost, payload_bytes, peak_rss_bytes
 from fedsteer.federation.asynchronous import AsyncConfig, overdue_workers, reported_wait
-from fedsteer.federation.flower.client import CLIENT_INFO
+from fedsteer.federation.flower.grid import CLIENT_INFO
 from fedsteer.federation.payloads import InvalidReply, check_reply
 from fedsteer.federation.runtime import RunOutcome, reject
 from fedsteer.methods import Environment, Method, Reply

@@ -19,7 +19,7 @@ from fedsteer.data import Task
 from fedsteer.data.loading import load_examples
 from fedsteer.eval.costs import peak_rss_bytes
 from fedsteer.experiment import build_clients, client_dp, evaluation_rows
-from fedsteer.federation.flower.config import FlowerRun, from_run_config, load_run_task
+from fedsteer.federation.flower.grid import CLIENT_INFO
 from fedsteer.federation.flower.secagg import (
     MESSAGE_KEY,
     UNIFORM_KEY,
@@ -28,10 +28,10 @@ from fedsteer.federation.flower.secagg import (
     reply_to_fitres,
 )
 from fedsteer.federation.privacy import privatize_reply
+from fedsteer.flower.config import FlowerRun, from_run_config, load_run_task
 from fedsteer.methods import Client, Environment, Method, make_method
 
 #: The record a ClientApp adds to each reply: its example count, compute time and memory.
-CLIENT_INFO = "fedsteer.client"
 
 
 def identify(message: Message, context: Context) -> Message:

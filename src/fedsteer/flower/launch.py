@@ -36,8 +36,8 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 APP_COMPONENTS = {
-    "serverapp": "fedsteer.federation.flower:server_app",
-    "clientapp": "fedsteer.federation.flower:client_app",
+    "serverapp": "fedsteer.flower:server_app",
+    "clientapp": "fedsteer.flower:client_app",
 }
 
 
@@ -256,7 +256,7 @@ def run_on_flower(
     """
     from fedsteer.data import load_task
     from fedsteer.eval.record import RESULT_FILE, read_result
-    from fedsteer.federation.flower import to_run_config
+    from fedsteer.flower import to_run_config
     from fedsteer.methods import make_method
 
     out_dir = Path(out_dir).resolve()

@@ -1,4 +1,7 @@
-"""The ServerApp: the in-process round loop, with each round's messages sent through a Grid."""
+"""The round loop of the in-process runtime, with each round's messages sent through a Grid.
+
+A runtime only: which method, task and settings run is the ServerApp's business
+(`fedsteer.flower.server`)."""
 
 from __future__ import annotations
 
@@ -6,22 +9,19 @@ import copy
 import logging
 import time
 from dataclasses import dataclass
-from pathlib import Path
 
-from flwr.app import Context, Message, MessageType, RecordDict
-from flwr.serverapp import Grid, ServerApp
+from flwr.app import Message, MessageType, RecordDict
+from flwr.serverapp import Grid
 
 from fedsteer.eval.costs import RoundCost, payload_bytes
-from fedsteer.experiment import async_config, run_experiment, runtime_config
-from fedsteer.federation.flower.asynchronous import AsyncGridRuntime
-from fedsteer.federation.flower.client import CLIENT_INFO
-from fedsteer.federation.flower.config import from_run_config, load_run_task
-from fedsteer.federation.flower.secagg import SecureAggregationUnsupported, secure_round
+from fedsteer.federation.flower.secagg import secure_round
 from fedsteer.federation.payloads import InvalidReply, check_reply
 from fedsteer.federation.runtime import Runtime, RuntimeConfig
-from fedsteer.methods import Method, Reply, make_method
+from fedsteer.methods import Method, Reply
 
 log = logging.getLogger(__name__)
+#: the metric record a ClientApp adds to each reply: its compute time, wait and memory
+CLIENT_INFO = "fedsteer.client"
 
 
 class GridRuntime(Runtime):
@@ -134,34 +134,3 @@ def discover_nodes(grid: Grid, wanted: int, wait: float) -> dict[int, NodeInfo]:
             + (f". Nodes that failed: {'; '.join(failures)}" if failures else "")
         )
     return nodes
-
-
-server_app = ServerApp()
-
-
-@server_app.main()
-def serve(grid: Grid, context: Context) -> None:
-    run = from_run_config(dict(context.run_config))
-    config = run.config
-    task = load_run_task(config.task, run.data_dir)
-    method = make_method(config.method, **config.method_options())
-    if config.secagg and not method.secure_mean:
-        raise SecureAggregationUnsupported(
-            f"{method.name} does not aggregate by a mean; secure aggregation would change it")
-    wanted = 1 if method.centralized else config.clients
-    nodes = discover_nodes(grid, wanted, run.node_wait) if _has_client_step(method) else {}
-    if getattr(method, "asynchronous", False):
-        runtime = AsyncGridRuntime(grid, {c: n.node_id for c, n in nodes.items()},
-                                   async_config(method), timeout=run.round_timeout)
-    else:
-        runtime = GridRuntime(grid, nodes, runtime_config(config), timeout=run.round_timeout,
-                              secure=config.secagg)
-    out_dir = Path(run.out_dir) if run.out_dir else None
-    record = run_experiment(config, out_dir, task=task, runtime=runtime,
-                            save_dir=Path(run.save_dir) if run.save_dir else None)
-    log.info("fedsteer %s on %s: accuracy %.4f", config.method, task.name,
-             record["metrics"]["accuracy"])
-
-
-def _has_client_step(method: Method) -> bool:
-    return type(method).client_step is not Method.client_step

@@ -1,0 +1,48 @@
+"""The ServerApp: builds the run named in Flower's run config and drives it over the Grid."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+from flwr.app import Context
+from flwr.serverapp import Grid, ServerApp
+
+from fedsteer.experiment import async_config, run_experiment, runtime_config
+from fedsteer.federation.flower.asynchronous import AsyncGridRuntime
+from fedsteer.federation.flower.grid import GridRuntime, discover_nodes
+from fedsteer.federation.flower.secagg import SecureAggregationUnsupported
+from fedsteer.flower.config import from_run_config, load_run_task
+from fedsteer.methods import Method, make_method
+
+log = logging.getLogger(__name__)
+
+server_app = ServerApp()
+
+
+@server_app.main()
+def serve(grid: Grid, context: Context) -> None:
+    run = from_run_config(dict(context.run_config))
+    config = run.config
+    task = load_run_task(config.task, run.data_dir)
+    method = make_method(config.method, **config.method_options())
+    if config.secagg and not method.secure_mean:
+        raise SecureAggregationUnsupported(
+            f"{method.name} does not aggregate by a mean; secure aggregation would change it")
+    wanted = 1 if method.centralized else config.clients
+    nodes = discover_nodes(grid, wanted, run.node_wait) if _has_client_step(method) else {}
+    if getattr(method, "asynchronous", False):
+        runtime = AsyncGridRuntime(grid, {c: n.node_id for c, n in nodes.items()},
+                                   async_config(method), timeout=run.round_timeout)
+    else:
+        runtime = GridRuntime(grid, nodes, runtime_config(config), timeout=run.round_timeout,
+                              secure=config.secagg)
+    out_dir = Path(run.out_dir) if run.out_dir else None
+    record = run_experiment(config, out_dir, task=task, runtime=runtime,
+                            save_dir=Path(run.save_dir) if run.save_dir else None)
+    log.info("fedsteer %s on %s: accuracy %.4f", config.method, task.name,
+             record["metrics"]["accuracy"])
+
+
+def _has_client_step(method: Method) -> bool:
+    return type(method).client_step is not Method.client_step
