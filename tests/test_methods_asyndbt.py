@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import ClassVar
 
 import numpy as np
 import pytest
@@ -12,7 +11,7 @@ from flwr.app import ArrayRecord, MetricRecord, RecordDict
 from fedsteer.data import Example, TaskSpec
 from fedsteer.experiment import RunConfig, run_experiment
 from fedsteer.federation.asynchronous import AsyncConfig, AsyncInProcessRuntime
-from fedsteer.methods import Client, Environment, Method, Reply
+from fedsteer.methods import AsyncMethod, Client, Environment, Reply
 from fedsteer.methods.asyndbt import AsynDBT, _array
 from fedsteer.methods.bdpl import project_simplex
 
@@ -21,18 +20,14 @@ SPEC = TaskSpec(name="toy", labels=("negative", "positive"),
 
 
 @dataclass
-class Counting(Method):
+class Counting(AsyncMethod):
     """Workers reply with nothing but who they are; the server counts its updates."""
 
     name = "counting"
-    asynchronous: ClassVar[bool] = True
     iterations: int = 12
 
     def initial_state(self, env):
         return RecordDict({"progress": MetricRecord({"iteration": 0})})
-
-    def configure_round(self, rnd, state):
-        return None
 
     def finished(self, state):
         return int(state["progress"]["iteration"]) >= self.iterations
@@ -417,3 +412,35 @@ def test_the_worst_word_attacker_searches_once_and_sends_its_most_harmful_vertex
     np.testing.assert_array_equal(second["prompt"]["p"].numpy(), sent)
     mine = method.client_step(method.worker_message(state, 1, 0), honest)["prompt"]["p"].numpy()
     assert "attack" not in honest.state and not np.array_equal(mine, sent)
+
+
+def test_the_two_method_shapes_are_declared_types_not_flags():
+    """AsynDBT is an AsyncMethod (no rounds to disable), sharing BDPL's estimator by
+    composition; runtimes dispatch on the type, so a flag proves nothing (issue 19)."""
+    from fedsteer.experiment import check_settings
+    from fedsteer.methods import Method
+    from fedsteer.methods.bdpl import BDPL
+
+    for cls in (AsynDBT,):
+        assert issubclass(cls, AsyncMethod) and not issubclass(cls, (Method, BDPL))
+        assert not hasattr(cls, "configure_round")
+    assert AsynDBT().async_config()["active"] == 2
+
+    class FlaggedRounds(BDPL):  # an old-style flag on a round method
+        asynchronous = True
+
+    # a round method with the flag is still checked as a round method (client_batch allowed)
+    check_settings(RunConfig("bdpl", client_batch=1), FlaggedRounds())
+    with pytest.raises(ValueError, match="client_batch"):
+        check_settings(RunConfig("asyndbt", client_batch=4), AsynDBT())
+
+
+def test_only_a_flower_rule_keeps_the_workers_latest_prompts():
+    """The paper's sign consensus and robust-sign need only this update's replies; keeping
+    every worker's latest prompt is the Flower rules' business (dead state otherwise)."""
+    z = np.full((2, 3), 1 / 3)
+    p = project_simplex(z + np.array([[0.1, 0.0, -0.1], [0.0, 0.2, -0.2]]))
+    for consensus, kept in (("sign", 0), ("robust-sign", 0), ("median", 1)):
+        state = AsynDBT(prompt_length=2, consensus=consensus).server_update(
+            _state(z), _replies([p]))
+        assert len(state["latest"]) == kept, consensus

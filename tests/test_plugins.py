@@ -71,7 +71,7 @@ def test_a_broken_or_clashing_plugin_is_left_out_with_a_warning(tmp_path, monkey
         names = set(fresh_registry)
     assert names == {cls.name for cls in registry.BUILTIN}  # only the built-ins
     text = caplog.text
-    assert "not a subclass of fedsteer.methods.Method" in text
+    assert "not a subclass of fedsteer.methods.Method or AsyncMethod" in text
     assert "Renamed.name is 'renamed', the entry point 'misnamed'" in text
     assert "'zero-shot' is taken by" in text
     assert "'missing' from bad-plugins failed to load" in text

@@ -45,6 +45,7 @@ from fedsteer.federation import CheckpointMismatch
 from fedsteer.federation.checkpoint import CheckpointError
 from fedsteer.files import atomic_write_json
 from fedsteer.methods import METHODS, OptionTypeError, check_options, describe_options
+from fedsteer.methods.base import AsyncMethod
 from fedsteer.models import (
     DEFAULT_MODEL,
     ModelNotInstalledError,
@@ -584,7 +585,7 @@ def methods(name: Annotated[str | None, typer.Argument(
         return
     table = Table("method", "shape", "from", "options (default)")
     for method in METHODS:
-        shape = "asynchronous" if getattr(METHODS[method], "asynchronous", False) else "rounds"
+        shape = "asynchronous" if issubclass(METHODS[method], AsyncMethod) else "rounds"
         options = ", ".join(f"{o['name']}={o['default']!r}" for o in describe_options(method))
         table.add_row(method, shape, METHODS.origin(method), escape(options))
     console.print(table)

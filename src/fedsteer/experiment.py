@@ -24,7 +24,7 @@ from fedsteer.federation import InProcessRuntime, Runtime, RuntimeConfig
 from fedsteer.federation.privacy import ClientDP
 from fedsteer.federation.runtime import client_batch_size
 from fedsteer.methods import METHODS, Client, Environment, make_method
-from fedsteer.methods.base import seeded_subset
+from fedsteer.methods.base import AsyncMethod, seeded_subset
 from fedsteer.models import DEFAULT_MODEL
 
 log = logging.getLogger(__name__)
@@ -121,11 +121,12 @@ def check_settings(config: RunConfig, method, resume: bool = False) -> None:
         private = sorted(n for n, cls in METHODS.items() if cls.supports_client_dp)
         raise ValueError(f"{method.name} reports through metrics, which client-level DP drops; "
                          f"dp_clip applies to {', '.join(private)}")
-    client_batch_size(runtime_config(config), method)  # refuses a batch it cannot step
-    if not getattr(method, "asynchronous", False):
+    if not isinstance(method, AsyncMethod):
+        client_batch_size(runtime_config(config), method)  # refuses a batch it cannot step
         return
     ignored = {"dp_clip": config.dp_clip is not None, "eval_every": config.eval_every > 0,
-               "fraction": config.fraction < 1}
+               "fraction": config.fraction < 1,
+               "client_batch": config.client_batch not in (None, 1)}
     named = [name for name, is_set in ignored.items() if is_set]
     if named:
         raise ValueError(f"{method.name} runs on the asynchronous runtime, which has no "
@@ -136,7 +137,7 @@ def check_settings(config: RunConfig, method, resume: bool = False) -> None:
                     "the run starts afresh", method.name)
 
 
-def run_asynchronous(method, clients, env: Environment):
+def run_asynchronous(method: AsyncMethod, clients, env: Environment):
     """Asynchronous methods (AsynDBT) on the in-process asynchronous runtime, then each
     worker's own evaluation (its personalised parts never leave it)."""
     from flwr.app import MetricRecord
@@ -144,26 +145,27 @@ def run_asynchronous(method, clients, env: Environment):
     from fedsteer.federation.asynchronous import AsyncInProcessRuntime
     from fedsteer.federation.simulated import SimulatedClockRuntime
 
-    box = env.blackbox(method.blackbox)
-    before = box.usage.calls
-    if method.schedule == "simulated":
-        runtime = SimulatedClockRuntime(async_config(method), seed=method.seed)
+    box = env.blackbox(method.blackbox) if hasattr(method, "blackbox") else None
+    before = box.usage.calls if box is not None else 0
+    if method.async_config().get("schedule", "simulated") == "simulated":
+        runtime = SimulatedClockRuntime(async_config(method), seed=getattr(method, "seed", 0))
     else:
         runtime = AsyncInProcessRuntime(async_config(method))
     outcome = runtime.run(method, clients, env)
-    # The bill is what the black box served, in-flight replies the server never used included
-    outcome.state["billing"] = MetricRecord({"training_calls": box.usage.calls - before})
+    if box is not None:  # the bill is what the black box served, unused replies included
+        outcome.state["billing"] = MetricRecord({"training_calls": box.usage.calls - before})
     for client in clients:
         outcome.state[f"client.{client.cid}"] = MetricRecord(
             method.evaluate_client(outcome.state, client))
     return outcome
 
 
-def async_config(method):
+def async_config(method: AsyncMethod):
+    """The asynchronous runtime's settings as the method asks for them."""
     from fedsteer.federation.asynchronous import AsyncConfig
 
-    return AsyncConfig(active=method.active, staleness=method.staleness,
-                       latency=method.latency)
+    asked = {k: v for k, v in method.async_config().items() if k != "schedule"}
+    return AsyncConfig(**asked)
 
 
 def runtime_config(config: RunConfig) -> RuntimeConfig:
@@ -224,7 +226,7 @@ def run_experiment(
     hosted = runtime is None  # else the clients live elsewhere (Flower), known by id only
     clients = (build_clients(config, task, env, method.centralized) if hosted
                else list(range(1 if method.centralized else config.clients)))
-    if getattr(method, "asynchronous", False):
+    if isinstance(method, AsyncMethod):
         outcome = (run_asynchronous(method, clients, env) if hosted
                    else runtime.run(method, clients, env))
     else:

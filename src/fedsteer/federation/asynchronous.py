@@ -28,7 +28,7 @@ from flwr.app import RecordDict
 from fedsteer.eval.costs import RoundCost, payload_bytes, peak_rss_bytes
 from fedsteer.federation.payloads import InvalidReply, check_reply
 from fedsteer.federation.runtime import RunOutcome, reject
-from fedsteer.methods.base import WAIT_METRIC, Client, Environment, Method, Reply
+from fedsteer.methods.base import WAIT_METRIC, AsyncMethod, Client, Environment, Reply
 
 log = logging.getLogger(__name__)
 
@@ -73,7 +73,7 @@ def reported_wait(content: object) -> float:
     return 0.0
 
 
-def step_on_draft(method: Method, client: Client, message: RecordDict, issued_at: int,
+def step_on_draft(method: AsyncMethod, client: Client, message: RecordDict, issued_at: int,
                   delay: float = 0.0) -> _Posted:
     """One worker step on a copy of the worker's state, as it will be posted: the copy is
     committed (`draft_state`) only if the server uses the reply. A failing step is posted as
@@ -91,7 +91,7 @@ def step_on_draft(method: Method, client: Client, message: RecordDict, issued_at
                    draft_state=draft.state)
 
 
-def accept_posted(method: Method, posted: _Posted, cost: RoundCost) -> Reply | None:
+def accept_posted(method: AsyncMethod, posted: _Posted, cost: RoundCost) -> Reply | None:
     """Count a posted reply into the round's costs and check it; marks it `used` if it will
     go into the server's update, None if it is rejected (logged with the reason)."""
     cost.clients.append(posted.cid)
@@ -112,17 +112,16 @@ def accept_posted(method: Method, posted: _Posted, cost: RoundCost) -> Reply | N
         return None
     cost.bytes_up += payload_bytes(posted.content)
     posted.used = True
-    return Reply(cid=posted.cid, content=posted.content, num_examples=posted.num_examples,
-                 staleness=cost.round - posted.issued_at)
+    return Reply(cid=posted.cid, content=posted.content, num_examples=posted.num_examples)
 
 
 class AsyncInProcessRuntime:
     def __init__(self, config: AsyncConfig | None = None) -> None:
         self.config = config or AsyncConfig()
 
-    def run(self, method: Method, clients: Sequence[Client], env: Environment) -> RunOutcome:
-        if not getattr(method, "asynchronous", False):
-            raise ValueError(f"{method.name} is not an asynchronous method")
+    def run(self, method: AsyncMethod, clients: Sequence[Client], env: Environment) -> RunOutcome:
+        if not isinstance(method, AsyncMethod):
+            raise ValueError(f"{method.name} is not an asynchronous method (AsyncMethod)")
         method.setup(env)
         shared = {"state": method.initial_state(env), "iteration": 0}
         lock, stop, inbox = threading.Lock(), threading.Event(), queue.Queue()

@@ -30,7 +30,7 @@ from fedsteer.federation.asynchronous import (
     step_on_draft,
 )
 from fedsteer.federation.runtime import RunOutcome
-from fedsteer.methods.base import Client, Environment, Method, seeded_rng
+from fedsteer.methods.base import AsyncMethod, Client, Environment, seeded_rng
 
 log = logging.getLogger(__name__)
 _STOP = object()
@@ -47,7 +47,7 @@ class SimulatedClockRuntime:
         mean = latencies[cid] if cid < len(latencies) and latencies[cid] > 0 else 1.0
         return mean * float(seeded_rng(self.seed, "step-time", cid, step).uniform(0.5, 1.5))
 
-    def run(self, method: Method, clients: Sequence[Client], env: Environment) -> RunOutcome:
+    def run(self, method: AsyncMethod, clients: Sequence[Client], env: Environment) -> RunOutcome:
         method.setup(env)
         state = method.initial_state(env)
         inboxes = {c.cid: queue.Queue() for c in clients}
@@ -113,7 +113,7 @@ class SimulatedClockRuntime:
             got.append(outboxes[cid].get())
 
     @staticmethod
-    def _worker(method: Method, client: Client, inbox: queue.Queue, outbox: queue.Queue):
+    def _worker(method: AsyncMethod, client: Client, inbox: queue.Queue, outbox: queue.Queue):
         """Step on each message as it comes; the server decides when a reply counts. A worker
         that fails outside its step says so, so the server stops waiting for it."""
         issued_at = 0

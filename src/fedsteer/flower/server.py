@@ -13,7 +13,8 @@ from fedsteer.federation.flower.asynchronous import AsyncGridRuntime
 from fedsteer.federation.flower.grid import GridRuntime, discover_nodes
 from fedsteer.federation.flower.secagg import SecureAggregationUnsupported
 from fedsteer.flower.config import from_run_config, load_run_task
-from fedsteer.methods import Method, make_method
+from fedsteer.methods import make_method
+from fedsteer.methods.base import AsyncMethod, MethodBase
 
 log = logging.getLogger(__name__)
 
@@ -31,7 +32,7 @@ def serve(grid: Grid, context: Context) -> None:
             f"{method.name} does not aggregate by a mean; secure aggregation would change it")
     wanted = 1 if method.centralized else config.clients
     nodes = discover_nodes(grid, wanted, run.node_wait) if _has_client_step(method) else {}
-    if getattr(method, "asynchronous", False):
+    if isinstance(method, AsyncMethod):
         runtime = AsyncGridRuntime(grid, {c: n.node_id for c, n in nodes.items()},
                                    async_config(method), timeout=run.round_timeout)
     else:
@@ -44,5 +45,5 @@ def serve(grid: Grid, context: Context) -> None:
              record["metrics"]["accuracy"])
 
 
-def _has_client_step(method: Method) -> bool:
-    return type(method).client_step is not Method.client_step
+def _has_client_step(method: MethodBase) -> bool:
+    return type(method).client_step is not MethodBase.client_step

@@ -20,7 +20,16 @@ from typing import Any
 from pydantic import TypeAdapter, ValidationError
 
 from fedsteer.methods.asyndbt import AsynDBT, CenDBT, SyncDBT
-from fedsteer.methods.base import Client, Environment, Method, Reply, seeded_rng
+from fedsteer.methods.base import (
+    AnyMethod,
+    AsyncMethod,
+    Client,
+    Environment,
+    Method,
+    MethodBase,
+    Reply,
+    seeded_rng,
+)
 from fedsteer.methods.bdpl import BDPL
 from fedsteer.methods.fedavg_lora import FedAvgLoRA
 from fedsteer.methods.fedpt import FedPT
@@ -34,7 +43,7 @@ BUILTIN: tuple[type[Method], ...] = (ZeroShot, LocalICL, CentralICL, IFedICL, Ce
                                      FedAvgLoRA, FedPT, BDPL, AsynDBT, SyncDBT, CenDBT)
 
 
-class MethodRegistry(Mapping[str, type[Method]]):
+class MethodRegistry(Mapping[str, type[MethodBase]]):
     """Every method by name: the built-ins, then each installed package's entry points in
     `fedsteer.methods`, loaded on first use. A plugin that fails to load, is not a `Method`
     dataclass, names itself differently, or takes a built-in's name is left out with a
@@ -85,8 +94,8 @@ def plugin_problem(name: str, cls: Any, known: dict[str, type[Method]]) -> str |
     """Why an entry point's object cannot be a method, or None."""
     if name in known:
         return f"{name!r} is taken by {known[name].__module__}.{known[name].__name__}"
-    if not (isinstance(cls, type) and issubclass(cls, Method)):
-        return f"{cls!r} is not a subclass of fedsteer.methods.Method"
+    if not (isinstance(cls, type) and issubclass(cls, (Method, AsyncMethod))):
+        return f"{cls!r} is not a subclass of fedsteer.methods.Method or AsyncMethod"
     if not dataclasses.is_dataclass(cls):
         return f"{cls.__name__} is not a dataclass (its fields are its options)"
     if getattr(cls, "name", None) != name:
@@ -134,7 +143,7 @@ def _field_comments(cls: type) -> dict[str, str]:
     return comments
 
 
-def make_method(name: str, **options: Any) -> Method:
+def make_method(name: str, **options: Any) -> AnyMethod:
     """Build a method from its name, taking the options it knows and ignoring the rest."""
     if name not in METHODS:
         raise ValueError(f"unknown method {name!r}; known: {', '.join(sorted(METHODS))}")
@@ -181,6 +190,7 @@ def _check_type(method: str, key: str, value: Any, hint: Any) -> None:
 
 
 __all__ = [
-    "METHODS", "Client", "Environment", "Method", "OptionTypeError", "Reply", "check_options",
+    "METHODS", "AnyMethod", "AsyncMethod", "Client", "Environment", "Method", "MethodBase",
+    "OptionTypeError", "Reply", "check_options",
     "describe_options", "make_method", "option_names", "seeded_rng",
 ]

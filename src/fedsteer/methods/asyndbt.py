@@ -54,11 +54,18 @@ from fedsteer.blackbox import Usage
 from fedsteer.data import Example
 from fedsteer.eval.metrics import classification_metrics, summarize_clients
 from fedsteer.methods.aggregation import RULES
-from fedsteer.methods.base import WAIT_METRIC, Client, Environment, Reply, seeded_rng
+from fedsteer.methods.base import (
+    WAIT_METRIC,
+    AsyncMethod,
+    Client,
+    Environment,
+    Reply,
+    seeded_rng,
+)
 from fedsteer.methods.bdpl import (
-    BDPL,
     AdamOnSimplex,
     cross_entropy,
+    kshot_training_set,
     policy_gradient,
     project_simplex,
     prompt_prefix,
@@ -87,11 +94,23 @@ def _dual(duals: ArrayRecord, cid: int, like: np.ndarray) -> np.ndarray:
 
 
 @dataclass
-class AsynDBT(BDPL):
-    name = "asyndbt"
-    centralized: ClassVar[bool] = False
-    asynchronous: ClassVar[bool] = True
+class AsynDBT(AsyncMethod):
+    """Workers tune prompts and pick demonstrations with BDPL's estimator (by composition:
+    the functions of `methods.bdpl`), asynchronously, around a consensus z."""
 
+    name = "asyndbt"
+
+    # BDPL's settings, per worker (see `methods.bdpl.BDPL`)
+    prompt_length: int = 10  # M: prompt tokens
+    candidates: int = 200  # N: candidate words per position
+    samples: int = 20  # I: prompts sampled per step
+    shots_per_class: int = 16  # the k-shot training set of each worker
+    batch_size: int = 16  # queries per sampled prompt
+    steps_per_round: int = 10  # local steps per message
+    lr: float = 1e-4  # Adam on the simplex
+    api_budget: int | None = 8000  # calls; training stops when spent
+    blackbox: str = "local"  # or "openai:BASE_URL#MODEL"
+    seed: int = 0
     demo_candidates: int = 8  # V: candidates per class slot, from the worker's own data
     iterations: int = 20  # server updates (T)
     mu: float = 1.0  # augmented-Lagrangian penalty
@@ -136,8 +155,12 @@ class AsynDBT(BDPL):
             "progress": MetricRecord({"iteration": 0, "calls": 0}),
         })
 
-    def configure_round(self, rnd: int, state: RecordDict) -> RecordDict | None:
-        raise TypeError("AsynDBT runs on the asynchronous runtime, not in rounds")
+    def training_set(self, client: Client) -> list[Example]:
+        return kshot_training_set(client, self.shots_per_class, self.seed)
+
+    def async_config(self) -> dict[str, Any]:
+        return {"active": self.active, "staleness": self.staleness, "latency": self.latency,
+                "schedule": self.schedule}
 
     def finished(self, state: RecordDict) -> bool:
         """After `iterations` server updates, or once the workers' calls spend `api_budget`."""
@@ -157,8 +180,9 @@ class AsynDBT(BDPL):
         z = state["z"]["z"].numpy().astype(np.float64)
         duals, latest = state["duals"], state["latest"]
         prompts = {r.cid: r.content["prompt"]["p"].numpy().astype(np.float64) for r in replies}
-        for cid, p in prompts.items():
-            latest[str(cid)] = _array(p)
+        if self.consensus in RULES:  # a Flower rule runs over every worker's latest prompt
+            for cid, p in prompts.items():
+                latest[str(cid)] = _array(p)
         if self.consensus == "robust-sign":
             step = self.psi * sum(np.sign(z - p) for p in prompts.values())
             z = project_simplex(z - self.lr_z * step)

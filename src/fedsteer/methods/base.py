@@ -133,7 +133,6 @@ class Reply:
     cid: int
     content: RecordDict
     num_examples: int
-    staleness: int = 0  # server iterations since the state it was computed from (async)
 
 
 @dataclass
@@ -145,14 +144,13 @@ class BatchedSteps:
     rows: list[int]
 
 
-class Method(ABC):
-    """Base of every fedsteer method; subclasses are dataclasses of their hyperparameters."""
+class MethodBase(ABC):
+    """What every method has, whatever its shape: a name, its hyperparameters (the dataclass
+    fields), a server state, a client step, checks on replies, an evaluation, artifacts."""
 
     name: ClassVar[str]
     #: True for the non-private references (central-icl, ...): one client holds all data.
     centralized: ClassVar[bool] = False
-    #: True when every client must take part in every round (a runtime's fraction is ignored).
-    every_client: ClassVar[bool] = False
     #: True when `aggregate` of the replies equals `aggregate` of one reply holding their
     #: (weighted) mean: then secure aggregation, which reveals only that mean, is exact.
     secure_mean: ClassVar[bool] = False
@@ -170,37 +168,9 @@ class Method(ABC):
     def initial_state(self, env: Environment) -> RecordDict:
         return RecordDict()
 
-    @abstractmethod
-    def configure_round(self, rnd: int, state: RecordDict) -> RecordDict | None:
-        """The message for round `rnd` (0-based), or None when the method is finished."""
-
-    def planned_rounds(self) -> int | None:
-        """How many rounds `configure_round` hands out when nothing stops it early, for a
-        progress line's "round r/N"; None when a method cannot tell."""
-        return None
-
     def client_step(self, message: RecordDict, client: Client) -> RecordDict:
+        """On one client (a worker, for an asynchronous method): its reply to a message."""
         raise NotImplementedError(f"{self.name} has no client step")
-
-    def client_step_rows(self) -> int | None:
-        """Rows one client puts through a forward in a local step, for a runtime sizing a
-        client batch from a row budget; None: the method cannot step its clients together."""
-        return None
-
-    #: whether a runtime batches this method's clients unless told (`client_batch=None`); a
-    #: method whose batched step measured slower here says False and batches only on request
-    batches_by_default: ClassVar[bool] = True
-
-    def client_steps(self, message: RecordDict, clients: Sequence[Client]) -> BatchedSteps | None:
-        """Step several clients on one shared frozen model together: one forward/backward
-        over the concatenation of their batches, each with its own parameters, optimizer
-        and data order, giving what `client_step` gives each (an execution choice, never a
-        change to the algorithm). None when this message is not batched (then the runtime
-        steps the clients one by one)."""
-        return None
-
-    def aggregate(self, rnd: int, state: RecordDict, replies: Sequence[Reply]) -> RecordDict:
-        return state
 
     @abstractmethod
     def evaluate(self, state: RecordDict, env: Environment) -> dict[str, Any]:
@@ -224,9 +194,77 @@ class Method(ABC):
         not a distribution), or None; runtimes reject such a reply like any malformed one."""
         return None
 
+    def options(self) -> dict[str, Any]:
+        return dataclasses.asdict(self) if dataclasses.is_dataclass(self) else {}
+
+
+class Method(MethodBase):
+    """The round shape: configure → client steps → aggregate, until `configure_round` says
+    done; then evaluate. Subclasses are dataclasses of their hyperparameters."""
+
+    #: True when every client must take part in every round (a runtime's fraction is ignored).
+    every_client: ClassVar[bool] = False
+
+    @abstractmethod
+    def configure_round(self, rnd: int, state: RecordDict) -> RecordDict | None:
+        """The message for round `rnd` (0-based), or None when the method is finished."""
+
+    def planned_rounds(self) -> int | None:
+        """How many rounds `configure_round` hands out when nothing stops it early, for a
+        progress line's "round r/N"; None when a method cannot tell."""
+        return None
+
+    def client_step_rows(self) -> int | None:
+        """Rows one client puts through a forward in a local step, for a runtime sizing a
+        client batch from a row budget; None: the method cannot step its clients together."""
+        return None
+
+    #: whether a runtime batches this method's clients unless told (`client_batch=None`); a
+    #: method whose batched step measured slower here says False and batches only on request
+    batches_by_default: ClassVar[bool] = True
+
+    def client_steps(self, message: RecordDict, clients: Sequence[Client]) -> BatchedSteps | None:
+        """Step several clients on one shared frozen model together: one forward/backward
+        over the concatenation of their batches, each with its own parameters, optimizer
+        and data order, giving what `client_step` gives each (an execution choice, never a
+        change to the algorithm). None when this message is not batched (then the runtime
+        steps the clients one by one)."""
+        return None
+
+    def aggregate(self, rnd: int, state: RecordDict, replies: Sequence[Reply]) -> RecordDict:
+        return state
+
     def secure_weighting(self, message: RecordDict) -> str:
         """How a secure mean weighs this round's replies: "examples" or "uniform"."""
         return "examples"
 
-    def options(self) -> dict[str, Any]:
-        return dataclasses.asdict(self) if dataclasses.is_dataclass(self) else {}
+
+class AsyncMethod(MethodBase):
+    """The asynchronous shape: no rounds. A free worker gets `worker_message`, runs its
+    `client_step` when it can, and replies; the server runs `server_update` on the fresh
+    replies it waits for (how many and how stale: the runtime's `AsyncConfig`), until
+    `finished`. Each worker then scores the result with what only it holds
+    (`evaluate_client`), and `evaluate` sums that up."""
+
+    @abstractmethod
+    def worker_message(self, state: RecordDict, cid: int, iteration: int) -> RecordDict:
+        """What worker `cid` gets to start a step, from the server's state at `iteration`."""
+
+    @abstractmethod
+    def server_update(self, state: RecordDict, replies: Sequence[Reply]) -> RecordDict:
+        """The server's step on the fresh replies the runtime gathered."""
+
+    @abstractmethod
+    def finished(self, state: RecordDict) -> bool:
+        """True once the server has done all it will (iterations, a budget spent)."""
+
+    def evaluate_client(self, state: RecordDict, client: Client) -> dict[str, Any]:
+        """This worker's own score of the final state (e.g. with its own demonstrations)."""
+        raise NotImplementedError(f"{self.name} has no per-worker evaluation")
+
+    def async_config(self) -> dict[str, Any]:
+        """The runtime settings this method asks for: `active`, `staleness`, `latency`."""
+        return {}
+
+
+AnyMethod = Method | AsyncMethod

@@ -82,6 +82,20 @@ def sample_prompts(probs: np.ndarray, count: int, rng: np.random.Generator) -> l
     return [np.minimum((d >= cumulative).sum(axis=1), probs.shape[1] - 1) for d in draws]
 
 
+def kshot_training_set(client: Client, shots_per_class: int, seed: int) -> list[Example]:
+    """Up to `shots_per_class` of the client's examples per label (seeded): the k-shot set a
+    prompt is tuned on (BDPL's setting, shared by the DBT workers)."""
+    rng = seeded_rng(seed, "kshot", client.cid)
+    picked = []
+    for label in range(len(client.env.task.labels)):
+        rows = [ex for ex in client.data if ex.label == label]
+        take = min(shots_per_class, len(rows))
+        picked += [rows[i] for i in sorted(rng.choice(len(rows), take, replace=False))]
+    if not picked:
+        raise ValueError(f"client {client.cid} holds no examples")
+    return picked
+
+
 def word_candidates(examples: Sequence[Example], count: int) -> list[str]:
     """The `count` most frequent words (≥ 3 letters) of these texts: the prompt vocabulary."""
     counts = Counter(w for ex in examples for w in WORD.findall(ex.text.lower()))
@@ -210,15 +224,7 @@ class BDPL(Method):
         return word_candidates(client.data, self.candidates)
 
     def training_set(self, client: Client) -> list[Example]:
-        rng = seeded_rng(self.seed, "kshot", client.cid)
-        picked = []
-        for label in range(len(client.env.task.labels)):
-            rows = [ex for ex in client.data if ex.label == label]
-            take = min(self.shots_per_class, len(rows))
-            picked += [rows[i] for i in sorted(rng.choice(len(rows), take, replace=False))]
-        if not picked:
-            raise ValueError(f"client {client.cid} holds no examples")
-        return picked
+        return kshot_training_set(client, self.shots_per_class, self.seed)
 
     def train(self, box, env: Environment, train: list[Example], words: list[str],
               optimizer: AdamOnSimplex, rnd: int, cid: int) -> tuple[np.ndarray, float]:

@@ -37,8 +37,8 @@ wrapper.py; METHODS.md §1 summarises the IFed-ICL paper):
 * noise: `N(0,1) * 0.001 * ||out||` per token, added after injection, calibration only
   (I2CL `add_noise`, `noise_scale`).
 * init: lam = 0.1, beta = 1.0 for all 4L coefficients (I2CL `init_value=[0.1, 1.0]`).
-* `shots` (which RunConfig always passes) is accepted and ignored: the vectors' demo count
-  is `demos_per_class`, fixed by I2CL, not the ICL baselines' `shots`.
+* the vectors' demo count is `demos_per_class`, fixed by I2CL; the ICL baselines' `shots`
+  (which RunConfig passes every method) does not apply and is not taken.
 
 Randomness is seeded: demo choice by (seed, cid), batch order and noise by (seed, round, cid),
 so a resumed run repeats the same numbers. The vectors reach clients once; clients keep them
@@ -149,7 +149,6 @@ class IFedICL(Method):
     init_beta: float = 1.0  # starting scale of the layers' own outputs (beta)
     weighting: str = "uniform"  # averaging of the vectors: uniform (the paper) or by size
     seed: int = 0  # seeds demonstrations, batch order and noise
-    shots: int | None = None  # accepted from RunConfig, unused (see the module docstring)
 
     def __post_init__(self) -> None:
         if self.weighting not in ("uniform", "size"):

@@ -22,7 +22,7 @@ from fedsteer.federation.asynchronous import AsyncConfig, overdue_workers, repor
 from fedsteer.federation.flower.grid import CLIENT_INFO
 from fedsteer.federation.payloads import InvalidReply, check_reply
 from fedsteer.federation.runtime import RunOutcome, reject
-from fedsteer.methods import Environment, Method, Reply
+from fedsteer.methods import AsyncMethod, Environment, Reply
 
 log = logging.getLogger(__name__)
 
@@ -43,7 +43,7 @@ class AsyncGridRuntime:
         self.grid, self.node_of, self.config = grid, node_of, config
         self.timeout, self.poll = timeout, poll
 
-    def run(self, method: Method, clients, env: Environment) -> RunOutcome:
+    def run(self, method: AsyncMethod, clients, env: Environment) -> RunOutcome:
         method.setup(env)
         state = method.initial_state(env)
         cids = list(clients)
@@ -100,7 +100,7 @@ class AsyncGridRuntime:
                 got.append((out, None))
         return got
 
-    def _accept(self, method: Method, out: _Out, answer: Message | None,
+    def _accept(self, method: AsyncMethod, out: _Out, answer: Message | None,
                 cost: RoundCost) -> Reply | None:
         cost.clients.append(out.cid)
         cost.bytes_down += out.bytes_down
@@ -127,8 +127,7 @@ class AsyncGridRuntime:
             reject(cost, out.cid, reason)
             return None
         cost.bytes_up += payload_bytes(content)
-        return Reply(cid=out.cid, content=content, num_examples=int(info["num-examples"]),
-                     staleness=cost.round - out.issued_at)
+        return Reply(cid=out.cid, content=content, num_examples=int(info["num-examples"]))
 
     def _evaluate_on_nodes(self, method, state, cids: list[int]) -> None:
         """Each worker scores the result with what only it holds; the metrics come back."""
