@@ -67,3 +67,21 @@ def test_the_check_sees_a_lazy_import(tmp_path):
     module = tmp_path / "m.py"
     module.write_text("def f():\n    from fedsteer.experiment import RunConfig\n")
     assert imported_rooms(module) == {"experiment"}
+
+
+def body_lines(node: ast.FunctionDef) -> int:
+    """A function's statements, from the first after its docstring to its end (a signature
+    of typed CLI options is a declaration, not logic)."""
+    body = node.body
+    if body and isinstance(body[0], ast.Expr) and isinstance(body[0].value, ast.Constant):
+        body = body[1:] or body
+    return body[-1].end_lineno - body[0].lineno + 1
+
+
+def test_no_function_body_is_over_50_lines():
+    long = []
+    for path in sorted(PACKAGE.rglob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef) and body_lines(node) > 50:
+                long.append(f"{path.relative_to(PACKAGE)}: {node.name} ({body_lines(node)})")
+    assert not long, "\n".join(long)

@@ -214,15 +214,7 @@ def run_experiment(
     task = task or load_task(config.task)
     method = make_method(config.method, **config.method_options())
     check_settings(config, method, resume)
-    test = evaluation_rows(task, config.test_size, config.test_seed)
-    warnings = test_set_warnings(test, task.spec.labels)
-    for warning in warnings:
-        log.warning("%s", warning)
-    env = Environment(
-        task=task.spec, test=test, model_name=config.model, seed=config.seed,
-        batch_size=config.batch_size, progress=progress, transfer=transfer_rows(task, test),
-        _lm=lm,
-    )
+    env, warnings = _environment(config, task, lm, progress)
     hosted = runtime is None  # else the clients live elsewhere (Flower), known by id only
     clients = (build_clients(config, task, env, method.centralized) if hosted
                else list(range(1 if method.centralized else config.clients)))
@@ -237,11 +229,41 @@ def run_experiment(
             fingerprint={"config": dataclasses.asdict(config), "options": method.options()},
         )
     if save_dir is not None:
-        saved = method.save_artifact(outcome.state, Path(save_dir), config.model, task.name)
-        if saved is None:
-            log.warning("%s has no artifact to save; --save ignored", method.name)
-        for client in clients if hosted else ():  # on Flower, the nodes keep theirs
-            method.save_client_artifact(outcome.state, client, Path(save_dir))
+        _save_artifacts(method, outcome, clients if hosted else [], Path(save_dir), config, task)
+    record = _record(config, method, task, env, outcome, len(clients), warnings)
+    record["costs"]["wall_seconds"] = time.perf_counter() - started
+    write_result(record, out_dir)
+    log.info("%s on %s: accuracy %.4f -> %s", method.name, task.name,
+             record["metrics"]["accuracy"], out_dir)
+    return record
+
+
+def _environment(config: RunConfig, task: Task, lm, progress) -> tuple[Environment, list[str]]:
+    """What the run's clients and server share, and what is odd about its test rows."""
+    test = evaluation_rows(task, config.test_size, config.test_seed)
+    warnings = test_set_warnings(test, task.spec.labels)
+    for warning in warnings:
+        log.warning("%s", warning)
+    env = Environment(
+        task=task.spec, test=test, model_name=config.model, seed=config.seed,
+        batch_size=config.batch_size, progress=progress, transfer=transfer_rows(task, test),
+        _lm=lm,
+    )
+    return env, warnings
+
+
+def _save_artifacts(method, outcome, clients: list[Client], directory: Path, config: RunConfig,
+                    task: Task) -> None:
+    """The adapted model, and what each client here keeps (on Flower, the nodes keep theirs)."""
+    if method.save_artifact(outcome.state, directory, config.model, task.name) is None:
+        log.warning("%s has no artifact to save; --save ignored", method.name)
+    for client in clients:
+        method.save_client_artifact(outcome.state, client, directory)
+
+
+def _record(config: RunConfig, method, task: Task, env: Environment, outcome, num_clients: int,
+            warnings: list[str]) -> dict[str, Any]:
+    """The result record: settings, metrics with their interval, per-row scores, costs."""
     if outcome.metrics is not None:  # the last round was evaluated: the same state
         metrics, eval_seconds = outcome.metrics, outcome.rounds[-1].eval_seconds
     else:
@@ -255,13 +277,12 @@ def run_experiment(
     metrics["accuracy_ci95"] = list(accuracy_interval(metrics))
     costs = summarize_costs(outcome.rounds)
     costs["eval_seconds"] = eval_seconds
-    costs["wall_seconds"] = time.perf_counter() - started
-    record = {
+    return {
         "method": method.name,
         "task": task.name,
         "model": config.model,
         "config": {**dataclasses.asdict(config), "method_options": method.options()},
-        "metrics": {**metrics, "num_clients": len(clients)},
+        "metrics": {**metrics, "num_clients": num_clients},
         #: each test row's correctness, in row order (the rows: task, test_size, test_seed),
         #: so two records on the same rows can be compared pairwise (`eval.metrics.mcnemar_exact`);
         #: where clients evaluated on their own, the share of them right (`correct_fraction`)
@@ -271,6 +292,3 @@ def run_experiment(
         "warnings": warnings,
         "env": environment(),
     }
-    write_result(record, out_dir)
-    log.info("%s on %s: accuracy %.4f -> %s", method.name, task.name, metrics["accuracy"], out_dir)
-    return record
