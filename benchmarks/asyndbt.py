@@ -37,7 +37,6 @@ from common import cell, output_arguments, write_outputs  # noqa: E402
 
 from fedsteer.data import load_task  # noqa: E402
 from fedsteer.eval.metrics import paired_fraction_test, recorded_interval  # noqa: E402
-from fedsteer.eval.record import environment  # noqa: E402
 from fedsteer.experiment import RunConfig  # noqa: E402
 from fedsteer.models import DEFAULT_MODEL, load_model  # noqa: E402
 
@@ -233,10 +232,9 @@ def main() -> None:
                 for k, v in rows.items()}
 
     summary = {"grid": without_rows(grid_rows), "byzantine": without_rows(byz_rows),
-               "wall_seconds": wall, "env": environment(),
-               "settings": vars(args)}
+               "wall_seconds": wall}
     text = markdown(grid_rows, byz_rows, wall, args)
-    write_outputs(args.report_dir, "asyndbt", summary, text)
+    write_outputs(args.report_dir, "asyndbt", summary, text, args)
 
 
 if __name__ == "__main__":

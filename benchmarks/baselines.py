@@ -23,7 +23,6 @@ import time
 from common import RESULTS, cell, grid_arguments, pct, summarize, write_outputs
 
 from fedsteer.data import load_task
-from fedsteer.eval.record import environment
 from fedsteer.experiment import RunConfig
 from fedsteer.methods import seeded_rng
 from fedsteer.methods.icl import select_demonstrations
@@ -133,9 +132,8 @@ def main() -> None:
 
     rows = summarize(records)
     wall = time.time() - started
-    summary = {"rows": rows, "scoring_cost": cost, "wall_seconds": wall, "env": environment(),
-               "settings": vars(args)}
-    write_outputs(RESULTS, args.name, summary, markdown(rows, cost, wall, args))
+    summary = {"rows": rows, "scoring_cost": cost, "wall_seconds": wall}
+    write_outputs(RESULTS, args.name, summary, markdown(rows, cost, wall, args), args)
 
 
 if __name__ == "__main__":

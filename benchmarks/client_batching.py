@@ -25,7 +25,6 @@ import numpy as np
 from common import output_arguments, write_outputs
 
 from fedsteer.data import load_task
-from fedsteer.eval.record import environment
 from fedsteer.experiment import RunConfig, build_clients
 from fedsteer.federation import InProcessRuntime, RuntimeConfig
 from fedsteer.federation.runtime import client_batch_size
@@ -86,8 +85,7 @@ def main() -> None:
             print(row, flush=True)
     text = markdown(rows, args)
     write_outputs(args.report_dir, "client_batching",
-                  {"rows": rows, "wall_seconds": time.perf_counter() - started,
-                   "env": environment(), "settings": vars(args)}, text)
+                  {"rows": rows, "wall_seconds": time.perf_counter() - started}, text, args)
 
 
 def markdown(rows: list[dict], args) -> str:

@@ -124,9 +124,16 @@ def pct(row: dict | None, with_clients: bool = False) -> str:
     return text
 
 
-def write_outputs(report_dir: Path, name: str, summary: dict, text: str) -> None:
-    """`<name>.json` (the numbers, with settings and environment; paths as text) and
-    `<name>.md`; print it."""
+def write_outputs(report_dir: Path, name: str, summary: dict, text: str,
+                  args: argparse.Namespace | None = None) -> None:
+    """`<name>.json` (the numbers, with the script's settings and the machine; paths as text)
+    and `<name>.md`; print it. Every benchmark ends here, so every record says where and
+    how it was measured."""
+    from fedsteer.eval.record import environment
+
+    summary = {**summary, "env": environment()}
+    if args is not None:
+        summary["settings"] = vars(args)
     report_dir.mkdir(parents=True, exist_ok=True)
     (report_dir / f"{name}.json").write_text(json.dumps(summary, indent=2, default=str))
     (report_dir / f"{name}.md").write_text(text)

@@ -36,7 +36,6 @@ from common import cell, output_arguments, write_outputs  # noqa: E402
 from matplotlib.lines import Line2D  # noqa: E402
 
 from fedsteer.data import load_task  # noqa: E402
-from fedsteer.eval.record import environment  # noqa: E402
 from fedsteer.experiment import RunConfig  # noqa: E402
 from fedsteer.models import load_model  # noqa: E402
 
@@ -226,10 +225,9 @@ def main() -> None:
     wall = time.time() - started
     args.report_dir.mkdir(parents=True, exist_ok=True)
     plot(rows, devices, args, args.report_dir / "fedpt.png")
-    summary = {"rows": rows, "devices": devices, "wall_seconds": wall, "env": environment(),
-               "settings": vars(args)}
+    summary = {"rows": rows, "devices": devices, "wall_seconds": wall}
     text = markdown(rows, devices, wall, args)
-    write_outputs(args.report_dir, "fedpt", summary, text)
+    write_outputs(args.report_dir, "fedpt", summary, text, args)
 
 
 if __name__ == "__main__":

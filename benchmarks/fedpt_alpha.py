@@ -18,7 +18,7 @@ from common import output_arguments, write_outputs
 
 from fedsteer.data import load_task
 from fedsteer.eval.metrics import classification_metrics
-from fedsteer.eval.record import environment, read_result
+from fedsteer.eval.record import read_result
 from fedsteer.experiment import evaluation_rows
 from fedsteer.federation.checkpoint import latest_round, load_recorddict
 from fedsteer.methods import Environment, make_method
@@ -80,8 +80,8 @@ def main() -> None:
         lines.append(f"| {task} | " + " | ".join(f"{100 * accuracy[a]:.1f}" for a in args.alphas)
                      + " |")
     summary = {"rows": {t: {str(a): v for a, v in r.items()} for t, r in rows.items()},
-               "wall_seconds": time.time() - started, "env": environment()}
-    write_outputs(args.report_dir, "fedpt_alpha", summary, "\n".join(lines) + "\n")
+               "wall_seconds": time.time() - started}
+    write_outputs(args.report_dir, "fedpt_alpha", summary, "\n".join(lines) + "\n", args)
 
 
 if __name__ == "__main__":

@@ -29,7 +29,6 @@ import torch  # noqa: E402
 from common import RESULTS, cell, grid_arguments, pct, summarize, write_outputs  # noqa: E402
 
 from fedsteer.data import load_task  # noqa: E402
-from fedsteer.eval.record import environment  # noqa: E402
 from fedsteer.experiment import RunConfig  # noqa: E402
 from fedsteer.models import DEFAULT_MODEL, load_model  # noqa: E402
 from fedsteer.models.hooks import initial_coefficients, inject  # noqa: E402
@@ -195,11 +194,10 @@ def main() -> None:
         zero = rows[f"{args.model}/sst2/zero-shot"]["accuracy"]
         plot_sweeps(sweep, zero, args.report_dir / "ifed_icl_sweeps.png")
     summary = {"rows": rows, "injection_overhead": overhead, "sweeps": sweep,
-               "wall_seconds": wall, "env": environment(),
-               "settings": vars(args)}
+               "wall_seconds": wall}
     args.report_dir.mkdir(parents=True, exist_ok=True)
     text = markdown(rows, records, overhead, sweep, wall, args)
-    write_outputs(args.report_dir, "ifed_icl", summary, text)
+    write_outputs(args.report_dir, "ifed_icl", summary, text, args)
 
 
 if __name__ == "__main__":

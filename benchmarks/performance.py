@@ -31,7 +31,6 @@ import torch  # noqa: E402
 from common import output_arguments, write_outputs  # noqa: E402
 
 from fedsteer.data import load_task  # noqa: E402
-from fedsteer.eval.record import environment  # noqa: E402
 from fedsteer.models import DEFAULT_MODEL, load_model  # noqa: E402
 from fedsteer.models.hooks import initial_coefficients, inject  # noqa: E402
 from fedsteer.models.scoring import LabelScorer  # noqa: E402
@@ -191,9 +190,8 @@ def main() -> None:
     points = [scale_point(m, c, args) for m in args.methods for c in args.clients]
     args.report_dir.mkdir(parents=True, exist_ok=True)
     plot(points, args.report_dir / "performance_scale.png")
-    summary = {"throughput": speed, "scale": points, "wall_seconds": time.time() - started,
-               "env": environment(), "settings": vars(args)}
-    write_outputs(args.report_dir, "performance", summary, markdown(speed, points, args))
+    summary = {"throughput": speed, "scale": points, "wall_seconds": time.time() - started}
+    write_outputs(args.report_dir, "performance", summary, markdown(speed, points, args), args)
 
 
 if __name__ == "__main__":

@@ -19,7 +19,7 @@ from pathlib import Path
 
 from common import output_arguments, write_outputs
 
-from fedsteer.eval.record import RESULT_FILE, environment, read_result
+from fedsteer.eval.record import RESULT_FILE, read_result
 from fedsteer.experiment import RunConfig, run_experiment
 from fedsteer.federation.privacy import noise_for_epsilon
 from fedsteer.flower.launch import run_on_flower
@@ -123,12 +123,10 @@ def main() -> None:
                                 run_experiment(c, p))
         dp_rows.append({"target": f"{target:g}", "noise": noise, **row("dp", record)})
 
-    summary = {"rows": rows, "dp": dp_rows, "wall_seconds": time.time() - started,
-               "settings": vars(args),
-               "env": environment()}
+    summary = {"rows": rows, "dp": dp_rows, "wall_seconds": time.time() - started}
     args.report_dir.mkdir(parents=True, exist_ok=True)
     text = markdown(rows, dp_rows, args)
-    write_outputs(args.report_dir, "runtimes", summary, text)
+    write_outputs(args.report_dir, "runtimes", summary, text, args)
 
 
 if __name__ == "__main__":
