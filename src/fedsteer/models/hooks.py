@@ -27,7 +27,7 @@ from fedsteer.models.arch import LayerModules
 
 __all__ = [
     "COEF_ROWS", "Activations", "RowGroups", "Steering", "capture", "initial_coefficients",
-    "inject", "inject_rows",
+    "hooked", "inject", "inject_rows",
 ]
 
 #: Row order of the `[4, L]` coefficient tensor (lam scales the vector, beta the output).
@@ -68,7 +68,7 @@ def _layers(lm) -> list[LayerModules]:
 
 
 @contextmanager
-def _hooked(registrations) -> Iterator[None]:
+def hooked(registrations) -> Iterator[None]:
     """Register `(module, hook)` pairs; remove every handle on the way out, whatever happens."""
     handles = []
     try:
@@ -98,7 +98,7 @@ def capture(lm) -> Iterator[Activations]:
             (lay.attention, recorder(acts.attn, lay.index, lay.attention_returns_tuple))
         )
         registrations.append((lay.mlp, recorder(acts.mlp, lay.index, False)))
-    with _hooked(registrations):
+    with hooked(registrations):
         yield acts
 
 
@@ -214,5 +214,5 @@ def inject_rows(lm, attn: torch.Tensor, mlp: torch.Tensor, steering: Steering) -
         i, is_tuple = lay.index, lay.attention_returns_tuple
         registrations.append((lay.attention, _steer_hook(attn[i], steering, (0, 1), i, is_tuple)))
         registrations.append((lay.mlp, _steer_hook(mlp[i], steering, (2, 3), i, False)))
-    with _hooked(registrations):
+    with hooked(registrations):
         yield

@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from peft import LoraConfig, get_peft_model, get_peft_model_state_dict, set_peft_model_state_dict
 
-from fedsteer.models.hooks import RowGroups
+from fedsteer.models.hooks import RowGroups, hooked
 
 
 def lora_config(rank: int, alpha: float, target_modules: Sequence[str]) -> LoraConfig:
@@ -91,14 +91,8 @@ def per_row_lora(lm, config: LoraConfig, adapters: RowAdapters) -> Iterator[None
                 raise ValueError(f"adapter weights do not fit this model: no module {name!r}")
             registrations.append((modules[name], _row_lora_hook(
                 adapters, key, key.removesuffix(A_SUFFIX) + B_SUFFIX, scaling)))
-    handles = []
-    try:
-        for module, hook in registrations:
-            handles.append(module.register_forward_hook(hook))
+    with hooked(registrations):
         yield
-    finally:
-        for handle in handles:
-            handle.remove()
 
 
 def _row_lora_hook(adapters: RowAdapters, a_key: str, b_key: str, scaling: float):
