@@ -247,7 +247,8 @@ def test_secure_aggregation_in_flower_simulation(tmp_path, no_leftover_processes
 
 @pytest.mark.slow
 def test_localhost_deployment_runs_two_rounds_and_stops_everything(tmp_path, no_leftover_processes):
-    config = tiny_config(clients=2, options={**IFED, "rounds": 1})  # extract + 1 calibration
+    # extract + 1 calibration; one by one in process too: the same computation bit for bit
+    config = tiny_config(clients=2, options={**IFED, "rounds": 1}, client_batch=1)
     expected = run_experiment(config, tmp_path / "inprocess")
     started = time.monotonic()
     record = launch.run_on_flower(config, tmp_path / "deploy", deployment=True)
@@ -315,7 +316,7 @@ def test_a_missing_task_fails_before_any_flower_process_starts(tmp_path, monkeyp
 
 
 def test_client_level_dp_is_the_same_on_flower_as_in_process(tmp_path, flower_identity):
-    config = tiny_config(dp_clip=1.0, dp_noise=0.5)
+    config = tiny_config(dp_clip=1.0, dp_noise=0.5, client_batch=1)
     expected = run_experiment(config, tmp_path / "inprocess")
     record, _ = serve_inline(config, tmp_path / "flower")
     assert record["metrics"] == expected["metrics"]
