@@ -12,8 +12,9 @@ from fedsteer.data import Example, TaskSpec
 from fedsteer.experiment import RunConfig, run_experiment
 from fedsteer.federation.asynchronous import AsyncConfig, AsyncInProcessRuntime
 from fedsteer.methods import AsyncMethod, Client, Environment, Reply
-from fedsteer.methods.asyndbt import AsynDBT, _array
+from fedsteer.methods.asyndbt import AsynDBT
 from fedsteer.methods.bdpl import project_simplex
+from fedsteer.methods.records import float32_array as _array
 
 SPEC = TaskSpec(name="toy", labels=("negative", "positive"),
                 label_words=(" negative", " positive"), template="Review: {text}\nSentiment:")

@@ -75,6 +75,7 @@ from fedsteer.methods.bdpl import (
     word_candidates,
 )
 from fedsteer.methods.cutting_planes import CuttingPlanes
+from fedsteer.methods.records import float32_array
 
 ATTACKS = ("random", "sign-flip", "scale", "farthest", "worst")
 #: "sign": the paper's rule (duals, penalty and ψ·sign; a far worker pulls in proportion to
@@ -82,10 +83,6 @@ ATTACKS = ("random", "sign-flip", "scale", "farthest", "worst")
 #: so no worker can pull any coordinate by more than η_z·ψ a step.
 CONSENSUS = ("sign", "robust-sign")
 SIMPLEX_TOLERANCE = 1e-3
-
-
-def _array(value: np.ndarray) -> Array:
-    return Array(np.ascontiguousarray(value, dtype=np.float32))
 
 
 def _dual(duals: ArrayRecord, cid: int, like: np.ndarray) -> np.ndarray:
@@ -150,7 +147,7 @@ class AsynDBT(AsyncMethod):
         words = word_candidates(env.transfer, self.candidates)
         z = np.full((self.prompt_length, len(words)), 1.0 / len(words))
         return RecordDict({
-            "z": ArrayRecord({"z": _array(z)}), "words": ConfigRecord({"words": words}),
+            "z": ArrayRecord({"z": float32_array(z)}), "words": ConfigRecord({"words": words}),
             "duals": ArrayRecord(), "latest": ArrayRecord(),
             "progress": MetricRecord({"iteration": 0, "calls": 0}),
         })
@@ -172,7 +169,7 @@ class AsynDBT(AsyncMethod):
         z = state["z"]["z"].numpy()
         dual = _dual(state["duals"], cid, z)
         return RecordDict({
-            "z": ArrayRecord({"z": _array(z), "dual": _array(dual)}),
+            "z": ArrayRecord({"z": float32_array(z), "dual": float32_array(dual)}),
             "words": state["words"], "config": ConfigRecord({"iteration": iteration}),
         })
 
@@ -182,7 +179,7 @@ class AsynDBT(AsyncMethod):
         prompts = {r.cid: r.content["prompt"]["p"].numpy().astype(np.float64) for r in replies}
         if self.consensus in RULES:  # a Flower rule runs over every worker's latest prompt
             for cid, p in prompts.items():
-                latest[str(cid)] = _array(p)
+                latest[str(cid)] = float32_array(p)
         if self.consensus == "robust-sign":
             step = self.psi * sum(np.sign(z - p) for p in prompts.values())
             z = project_simplex(z - self.lr_z * step)
@@ -192,13 +189,13 @@ class AsynDBT(AsyncMethod):
                 step += -_dual(duals, cid, z) - self.mu * (p - z) + self.psi * np.sign(z - p)
             z = project_simplex(z - self.lr_z * step)
             for cid, p in prompts.items():
-                duals[str(cid)] = _array(_dual(duals, cid, z) + self.lr_dual * (p - z))
+                duals[str(cid)] = float32_array(_dual(duals, cid, z) + self.lr_dual * (p - z))
         elif latest:
             results = [([latest[k].numpy().astype(np.float64)], 1) for k in latest]
             z = project_simplex(RULES[self.consensus](results)[0])
         calls = int(state["progress"]["calls"]) + sum(
             int(r.content["metrics"]["calls"]) for r in replies)
-        state["z"] = ArrayRecord({"z": _array(z)})
+        state["z"] = ArrayRecord({"z": float32_array(z)})
         state["progress"] = MetricRecord({
             "iteration": int(state["progress"]["iteration"]) + 1, "calls": calls})
         return state
@@ -216,7 +213,7 @@ class AsynDBT(AsyncMethod):
         opt_q = AdamOnSimplex(q, self.lr, saved_optimizer(client, "adam_q"))
         p, q, loss = self.local_steps(box, env, self.training_set(client), words, demos,
                                       opt_p, opt_q, z, dual, iteration, client.cid, meter, planes)
-        client.state["mine"] = ArrayRecord({"p": _array(p), "q": _array(q)})
+        client.state["mine"] = ArrayRecord({"p": float32_array(p), "q": float32_array(q)})
         client.state["adam_p"], client.state["adam_q"] = opt_p.to_record(), opt_q.to_record()
         metrics = {"loss": loss, "calls": meter.calls, WAIT_METRIC: meter.wait_seconds}
         if planes is not None:
@@ -225,7 +222,7 @@ class AsynDBT(AsyncMethod):
         sent = (self._corrupt(p, z, client, iteration, words, box, meter)
                 if client.cid < self.byzantine else p)
         return RecordDict({
-            "prompt": ArrayRecord({"p": _array(sent)}),
+            "prompt": ArrayRecord({"p": float32_array(sent)}),
             "metrics": MetricRecord(metrics),
         })
 

@@ -16,7 +16,7 @@ from typing import Any, ClassVar
 
 import numpy as np
 import torch
-from flwr.app import Array, ArrayRecord, ConfigRecord, MetricRecord, RecordDict
+from flwr.app import ArrayRecord, ConfigRecord, MetricRecord, RecordDict
 
 from fedsteer.methods.aggregation import aggregate_arrays, record_train_loss
 from fedsteer.methods.base import (
@@ -30,6 +30,7 @@ from fedsteer.methods.base import (
 )
 from fedsteer.methods.icl import evaluate_prompting
 from fedsteer.methods.local_training import LocalRun, epoch_batches, train_together
+from fedsteer.methods.records import float32_record
 from fedsteer.models.hooks import RowGroups
 from fedsteer.models.lora import (
     RowAdapters,
@@ -42,7 +43,8 @@ from fedsteer.models.lora import (
 
 
 def adapter_record(weights: dict[str, np.ndarray]) -> ArrayRecord:
-    return ArrayRecord({k: Array(np.ascontiguousarray(v, np.float32)) for k, v in weights.items()})
+    """An adapter on the wire: peft's state-dict names, float32 arrays."""
+    return float32_record(weights)
 
 
 def record_weights(record: ArrayRecord) -> dict[str, np.ndarray]:

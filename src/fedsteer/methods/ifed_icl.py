@@ -59,7 +59,7 @@ from typing import Any, ClassVar
 
 import numpy as np
 import torch
-from flwr.app import Array, ArrayRecord, ConfigRecord, MetricRecord, RecordDict
+from flwr.app import ArrayRecord, ConfigRecord, MetricRecord, RecordDict
 
 from fedsteer.data import Example
 from fedsteer.methods.aggregation import aggregate_arrays, record_train_loss
@@ -73,6 +73,7 @@ from fedsteer.methods.base import (
 )
 from fedsteer.methods.icl import evaluate_prompting, select_demonstrations
 from fedsteer.methods.local_training import LocalRun, epoch_batches, train_together
+from fedsteer.methods.records import float32_record
 from fedsteer.models.hooks import (
     COEF_ROWS,
     RowGroups,
@@ -104,13 +105,7 @@ class MissingContextVectors(RuntimeError):
 # --------------------------------------------------------------------------- records
 def _record(**arrays: np.ndarray | torch.Tensor) -> ArrayRecord:
     """float32 arrays, the wire format of both phases (2·L·d, then 4·L numbers)."""
-    return ArrayRecord({k: Array(_float32(v)) for k, v in arrays.items()})
-
-
-def _float32(value: np.ndarray | torch.Tensor) -> np.ndarray:
-    if torch.is_tensor(value):
-        value = value.detach().cpu().float().numpy()
-    return np.ascontiguousarray(value, dtype=np.float32)
+    return float32_record(arrays)
 
 
 def _tensors(record: ArrayRecord, *names: str) -> list[torch.Tensor]:
