@@ -395,3 +395,21 @@ def test_asyndbt_on_flower_asks_a_silent_worker_again_once_per_timeout(tmp_path,
     asked = sum(1 for node, kind in grid.sent if node == 101 and kind == "train")
     assert given_up >= 1
     assert asked <= given_up + 1  # one message in flight at a time, never two
+
+
+def test_asyndbt_on_flower_never_counts_a_timeout_as_a_reply(tmp_path, flower_identity):
+    """active=2, node 101 silent, 100 and 102 answering after 8 and 16 polls: the second
+    update falls when 101's first message times out (1.5 s), between 100's and 102's second
+    replies. It must still wait for two real replies (the in-process rule), not take the
+    timeout as one of them."""
+    options = {"prompt_length": 2, "candidates": 6, "samples": 2, "shots_per_class": 2,
+               "batch_size": 2, "steps_per_round": 1, "iterations": 4, "demo_candidates": 2,
+               "active": 2, "staleness": 2}
+    config = tiny_config(method="asyndbt", options=options)
+    record, _ = serve_inline(config, tmp_path, silent={101}, delays={100: 8, 102: 16},
+                             round_timeout=1.5)
+    rounds = record["costs"]["rounds"]
+    assert any(rej["cid"] == 1 for r in rounds for rej in r["rejected"])
+    for r in rounds:
+        rejected = {rej["cid"] for rej in r["rejected"]}
+        assert len([c for c in r["clients"] if c not in rejected]) >= 2, r

@@ -445,3 +445,20 @@ def test_only_a_flower_rule_keeps_the_workers_latest_prompts():
         state = AsynDBT(prompt_length=2, consensus=consensus).server_update(
             _state(z), _replies([p]))
         assert len(state["latest"]) == kept, consensus
+
+
+def test_one_update_rule_for_every_asynchronous_runtime():
+    """`active` replies from workers still waited for; silence (a timeout, a death) never
+    counts as a reply, and an overdue worker is waited for (issue 19: the Flower runtime
+    used to count timed-out messages towards `active`)."""
+    from fedsteer.federation.asynchronous import ready_to_update
+
+    waiting = {0: 3, 1: 3, 2: 3}
+    assert not ready_to_update([], waiting, active=2, iteration=3, staleness=3)
+    assert not ready_to_update([0], waiting, active=2, iteration=3, staleness=3)
+    assert ready_to_update([0, 1], waiting, active=2, iteration=3, staleness=3)
+    assert not ready_to_update([0, 7], waiting, active=2, iteration=3, staleness=3)  # 7: gone
+    assert ready_to_update([0], {0: 3}, active=2, iteration=3, staleness=3)  # one left: one
+    overdue = {0: 3, 1: 3, 2: 0}
+    assert not ready_to_update([0, 1], overdue, active=2, iteration=3, staleness=3)
+    assert ready_to_update([0, 1, 2], overdue, active=2, iteration=3, staleness=3)

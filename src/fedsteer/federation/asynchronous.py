@@ -49,6 +49,17 @@ def overdue_workers(last_heard: dict[int, int], heard: set[int], iteration: int,
             if iteration - last >= staleness and cid not in heard]
 
 
+def ready_to_update(replied: Sequence[int], waiting_for: dict[int, int], active: int,
+                    iteration: int, staleness: int) -> bool:
+    """The one rule every asynchronous runtime updates by: `active` replies are in from
+    workers the server still waits for (all of those, if fewer remain), and none of those is
+    `staleness` iterations unheard. A worker that died (in process) or whose message timed
+    out (on Flower) is not waited for, and its silence never counts as a reply."""
+    fresh = sum(1 for cid in replied if cid in waiting_for)
+    overdue = overdue_workers(waiting_for, set(replied), iteration, staleness)
+    return fresh >= min(active, len(waiting_for)) and not overdue
+
+
 class WorkerDied(RuntimeError):
     """A worker failed outside its client step (e.g. building its message) and stopped."""
 
@@ -170,10 +181,8 @@ class AsyncInProcessRuntime:
         is still returned, so the round records why it is gone."""
         got: list[_Posted] = []
         while True:
-            overdue = overdue_workers(last_heard, {p.cid for p in got}, iteration,
-                                      self.config.staleness)
-            fresh = sum(1 for p in got if p.cid in last_heard)  # replies of living workers
-            if fresh >= min(active, len(last_heard)) and not overdue:
+            if ready_to_update([p.cid for p in got], last_heard, active, iteration,
+                               self.config.staleness):
                 return got
             posted = inbox.get()
             if isinstance(posted.content, WorkerDied):

@@ -26,7 +26,7 @@ from fedsteer.federation.asynchronous import (
     WorkerDied,
     _Posted,
     accept_posted,
-    overdue_workers,
+    ready_to_update,
     step_on_draft,
 )
 from fedsteer.federation.runtime import RunOutcome
@@ -101,8 +101,8 @@ class SimulatedClockRuntime:
         got: list[_Posted] = []
         while True:
             heard = {p.cid for p in got}
-            overdue = overdue_workers(last_heard, heard, iteration, self.config.staleness)
-            if len(got) >= min(active, len(last_heard)) and not overdue:
+            replied = [p.cid for p in got if not isinstance(p.content, WorkerDied)]
+            if ready_to_update(replied, last_heard, active, iteration, self.config.staleness):
                 return got
             waiting = [cid for cid in last_heard if cid not in heard]
             if not waiting:

@@ -1,12 +1,14 @@
 """Asynchronous methods (AsynDBT) on Flower: no round barrier, replies consumed as they arrive.
 
 Each worker's node is pushed its next message (`Grid.push_messages`); the server polls for
-replies (`Grid.pull_messages`) and updates as soon as `active` have arrived, unless a
-worker has gone `staleness` updates unheard (then it waits for that one), exactly the rule
-of the in-process asynchronous runtime. A worker whose reply was used is pushed a message
-built from the new state at once. A message unanswered after `timeout` seconds is given up
-(logged, counted as rejected) and the worker is pushed a fresh one. At the end every worker
-evaluates the result on its own node (personalised demonstrations never leave it).
+replies (`Grid.pull_messages`) and updates by the in-process runtime's own rule
+(`ready_to_update`): `active` replies in, and no worker it waits for `staleness` updates
+unheard. A worker whose reply was used is pushed a message built from the new state at
+once. A message unanswered after `timeout` seconds is given up (counted as rejected at the
+next update) and the worker is asked again at once; until it answers it is not waited for,
+and its silence is never counted as a reply — as a worker that died is treated in process.
+At the end every worker evaluates the result on its own node (personalised demonstrations
+never leave it).
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ from dataclasses import dataclass
 from flwr.app import ConfigRecord, Message, MessageType, MetricRecord
 
 from fedsteer.eval.costs import RoundCost, payload_bytes, peak_rss_bytes
-from fedsteer.federation.asynchronous import AsyncConfig, overdue_workers, reported_wait
+from fedsteer.federation.asynchronous import AsyncConfig, ready_to_update, reported_wait
 from fedsteer.federation.flower.grid import CLIENT_INFO
 from fedsteer.federation.payloads import InvalidReply, check_reply
 from fedsteer.federation.runtime import RunOutcome, reject
@@ -51,30 +53,56 @@ class AsyncGridRuntime:
         outstanding: dict[str, _Out] = {}
         for cid in cids:
             self._push(method, state, cid, 0, outstanding)
-        last_heard, arrived, rounds = {cid: 0 for cid in cids}, [], []
+        last_heard, silent = {cid: 0 for cid in cids}, set()
+        arrived, given_up, rounds = [], [], []
         while not method.finished(state) and len(rounds) < self.config.max_iterations:
             iteration = len(rounds)
-            arrived += self._pull(outstanding)
-            overdue = overdue_workers(last_heard, {out.cid for out, _ in arrived}, iteration,
-                                      self.config.staleness)
-            if len(arrived) < active or overdue:
+            for out, answer in self._pull(outstanding):
+                if answer is None:  # given up: asked again now, not waited for meanwhile
+                    silent.add(out.cid)
+                    given_up.append(out)
+                    self._push(method, state, out.cid, iteration, outstanding)
+                else:
+                    silent.discard(out.cid)
+                    arrived.append((out, answer))
+            waiting = {c: heard for c, heard in last_heard.items() if c not in silent}
+            if not waiting:
+                raise RuntimeError(f"every worker's message went unanswered for "
+                                   f"{self.timeout:g} s; see the nodes' logs")
+            if not ready_to_update([out.cid for out, _ in arrived], waiting, active, iteration,
+                                   self.config.staleness):
                 time.sleep(self.poll)
                 continue
-            cost = RoundCost(round=iteration)
-            replies = [r for r in (self._accept(method, out, answer, cost)
-                                   for out, answer in arrived) if r is not None]
-            started = time.perf_counter()
-            state = method.server_update(state, replies)
-            cost.server_seconds = time.perf_counter() - started
-            cost.peak_rss_bytes = max(cost.peak_rss_bytes, peak_rss_bytes())
-            rounds.append(cost)
+            state = self._update(method, state, iteration, arrived, given_up, rounds)
             for out, _ in arrived:
                 last_heard[out.cid] = iteration
                 if not method.finished(state):
                     self._push(method, state, out.cid, iteration + 1, outstanding)
-            arrived = []
+            arrived, given_up = [], []
+        self._give_up(given_up, rounds)
         self._evaluate_on_nodes(method, state, cids)
         return RunOutcome(state, rounds)
+
+    def _update(self, method: AsyncMethod, state, iteration: int, arrived, given_up,
+                rounds: list[RoundCost]):
+        """One server update on the replies in; the messages given up since are recorded."""
+        cost = RoundCost(round=iteration)
+        self._give_up(given_up, [cost])
+        replies = [r for r in (self._accept(method, out, answer, cost)
+                               for out, answer in arrived) if r is not None]
+        started = time.perf_counter()
+        state = method.server_update(state, replies)
+        cost.server_seconds = time.perf_counter() - started
+        cost.peak_rss_bytes = max(cost.peak_rss_bytes, peak_rss_bytes())
+        rounds.append(cost)
+        return state
+
+    def _give_up(self, given_up: list[_Out], rounds: list[RoundCost]) -> None:
+        """Messages unanswered in time: rejected in the (last) update's record."""
+        for out in given_up if rounds else ():
+            rounds[-1].clients.append(out.cid)
+            rounds[-1].bytes_down += out.bytes_down
+            reject(rounds[-1], out.cid, f"no reply within {self.timeout:g} s")
 
     # --------------------------------------------------------------- messages
     def _push(self, method, state, cid: int, iteration: int, outstanding) -> None:
@@ -85,8 +113,7 @@ class AsyncGridRuntime:
         outstanding[message_id] = _Out(cid, iteration, payload_bytes(content), time.monotonic())
 
     def _pull(self, outstanding: dict[str, _Out]):
-        """Replies that came in, and the messages given up on (answer None): the update
-        that counts them asks those workers again, as it does every worker it heard from."""
+        """Replies that came in, and the messages given up on (answer None)."""
         got = []
         if outstanding:
             for answer in self.grid.pull_messages(list(outstanding)):
@@ -100,14 +127,12 @@ class AsyncGridRuntime:
                 got.append((out, None))
         return got
 
-    def _accept(self, method: AsyncMethod, out: _Out, answer: Message | None,
+    def _accept(self, method: AsyncMethod, out: _Out, answer: Message,
                 cost: RoundCost) -> Reply | None:
         cost.clients.append(out.cid)
         cost.bytes_down += out.bytes_down
         reason = None
-        if answer is None:
-            reason = f"no reply within {self.timeout:g} s"
-        elif answer.has_error():
+        if answer.has_error():
             reason = f"client failed: {answer.error.reason}"
         elif CLIENT_INFO not in answer.content.metric_records:
             reason = f"reply carries no {CLIENT_INFO!r} record"
