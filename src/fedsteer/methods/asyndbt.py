@@ -91,6 +91,25 @@ def _dual(duals: ArrayRecord, cid: int, like: np.ndarray) -> np.ndarray:
 
 
 @dataclass
+class WorkerStep:
+    """What one worker's local steps work with: its black box (and the meter billing it),
+    its k-shot data, the candidate words and demonstrations, and the server's z and its dual
+    as the message brought them."""
+
+    box: Any
+    env: Environment
+    train: list[Example]
+    words: list[str]
+    demos: list[list[Example]]
+    z: np.ndarray
+    dual: np.ndarray
+    iteration: int
+    cid: int
+    meter: Usage
+    planes: CuttingPlanes | None = None
+
+
+@dataclass
 class AsynDBT(AsyncMethod):
     """Workers tune prompts and pick demonstrations with BDPL's estimator (by composition:
     the functions of `methods.bdpl`), asynchronously, around a consensus z."""
@@ -202,24 +221,24 @@ class AsynDBT(AsyncMethod):
 
     # ---------------------------------------------------------------- worker
     def client_step(self, message: RecordDict, client: Client) -> RecordDict:
-        env, box = client.env, client.env.blackbox(self.blackbox)
-        words = list(message["words"]["words"])
-        z, dual = message["z"]["z"].numpy(), message["z"]["dual"].numpy()
-        iteration = int(message["config"]["iteration"])
+        z = message["z"]["z"].numpy()
         p, q, demos = self._local_variables(client, z)
-        planes = self._planes(client, q, p)
-        meter = Usage()
+        step = WorkerStep(
+            box=client.env.blackbox(self.blackbox), env=client.env,
+            train=self.training_set(client), words=list(message["words"]["words"]),
+            demos=demos, z=z, dual=message["z"]["dual"].numpy(),
+            iteration=int(message["config"]["iteration"]), cid=client.cid, meter=Usage(),
+            planes=self._planes(client, q, p))
         opt_p = AdamOnSimplex(p, self.lr, saved_optimizer(client, "adam_p"))
         opt_q = AdamOnSimplex(q, self.lr, saved_optimizer(client, "adam_q"))
-        p, q, loss = self.local_steps(box, env, self.training_set(client), words, demos,
-                                      opt_p, opt_q, z, dual, iteration, client.cid, meter, planes)
+        p, q, loss = self.local_steps(step, opt_p, opt_q)
         client.state["mine"] = ArrayRecord({"p": float32_array(p), "q": float32_array(q)})
         client.state["adam_p"], client.state["adam_q"] = opt_p.to_record(), opt_q.to_record()
-        metrics = {"loss": loss, "calls": meter.calls, WAIT_METRIC: meter.wait_seconds}
-        if planes is not None:
-            client.state["planes"] = planes.to_record()
-            metrics["cuts"] = len(planes)
-        sent = (self._corrupt(p, z, client, iteration, words, box, meter)
+        metrics = {"loss": loss, "calls": step.meter.calls, WAIT_METRIC: step.meter.wait_seconds}
+        if step.planes is not None:
+            client.state["planes"] = step.planes.to_record()
+            metrics["cuts"] = len(step.planes)
+        sent = (self._corrupt(p, z, client, step.iteration, step.words, step.box, step.meter)
                 if client.cid < self.byzantine else p)
         return RecordDict({
             "prompt": ArrayRecord({"p": float32_array(sent)}),
@@ -257,11 +276,11 @@ class AsynDBT(AsyncMethod):
             pool.append([rows[i] for i in sorted(rng.choice(len(rows), take, replace=False))])
         return pool
 
-    def local_steps(self, box, env: Environment, train: list[Example], words: list[str],
-                    demos: list[list[Example]], opt_p: AdamOnSimplex, opt_q: AdamOnSimplex,
-                    z: np.ndarray, dual: np.ndarray, iteration: int, cid: int, meter: Usage,
-                    planes: CuttingPlanes | None = None):
+    def local_steps(self, step: WorkerStep, opt_p: AdamOnSimplex, opt_q: AdamOnSimplex):
         """`steps_per_round` steps of p and q, continuing the worker's own optimizers."""
+        box, env, train, words, demos = step.box, step.env, step.train, step.words, step.demos
+        z, dual, meter, planes = step.z, step.dual, step.meter, step.planes
+        iteration, cid = step.iteration, step.cid
         rng = seeded_rng(self.seed, "asyndbt", iteration, cid)
         p, q, losses = opt_p.probs, opt_q.probs, []
         queries = [env.task.format_query(ex) for ex in train]
