@@ -13,7 +13,6 @@ from fedsteer.models import build_tiny_random
 from fedsteer.models.arch import keep_layers
 from fedsteer.models.load import LoadedModel, finalize
 from fedsteer.models.proxy import (
-    ProxyTuningProcessor,
     VocabularyMismatch,
     check_shared_vocabulary,
     proxy_logprobs,
@@ -63,17 +62,6 @@ def test_alpha_zero_gives_the_large_models_output_exactly(pair):
     proxy = method.proxy(env, state["adapter"], queries)
     vocab = method.vocabulary(env)
     torch.testing.assert_close(proxy, large[:, :vocab].log_softmax(-1))
-    processor = ProxyTuningProcessor(lambda ids: torch.ones(1, 5), lambda ids: torch.zeros(1, 5),
-                                     alpha=0.0)
-    scores = torch.randn(1, 5)
-    assert torch.equal(processor(torch.tensor([[1]]), scores), scores)
-
-
-def test_the_generate_processor_adds_the_small_pairs_difference():
-    processor = ProxyTuningProcessor(lambda ids: torch.full((1, 4), 3.0),
-                                     lambda ids: torch.full((1, 4), 1.0), alpha=0.5)
-    torch.testing.assert_close(processor(torch.tensor([[1]]), torch.zeros(1, 4)),
-                               torch.ones(1, 4))
 
 
 def test_a_pair_without_a_shared_vocabulary_is_refused_by_name(pair, tiny_lm):

@@ -30,6 +30,7 @@ from flwr.app import RecordDict
 from fedsteer.eval.metrics import classification_metrics
 from fedsteer.methods.base import Environment, Reply, seeded_rng, seeded_subset
 from fedsteer.methods.fedavg_lora import FedAvgLoRA, adapter_record, record_weights
+from fedsteer.methods.local_training import LocalRun, epoch_batches, train_together
 from fedsteer.models.lora import adapter_weights, lora_adapter
 from fedsteer.models.proxy import (
     LocalVocabScores,
@@ -94,25 +95,22 @@ class FedPT(FedAvgLoRA):
     def distill(self, adapter, env: Environment, rnd: int):
         """Train the averaged adapter towards the proxy-tuned large model (KL, temperature T)."""
         queries = self.transfer_queries(env, rnd)
-        vocab = self.vocabulary(env)
-        target = (self.proxy(env, adapter, queries) / self.temperature).log_softmax(-1)
-        scorer = env.scorer()
-        order_rng = seeded_rng(self.seed, "distill", rnd)
+        vocab, temperature = self.vocabulary(env), self.temperature
+        target = (self.proxy(env, adapter, queries) / temperature).log_softmax(-1)
+
+        def kl_to_proxy(logp: torch.Tensor, rows: list[int]) -> torch.Tensor:
+            student = (logp[:, :vocab] / temperature).log_softmax(-1)
+            return F.kl_div(student, target[rows], log_target=True,
+                            reduction="batchmean") * temperature**2
+
+        batches = epoch_batches(seeded_rng(self.seed, "distill", rnd), len(queries),
+                                self.distill_batch_size, self.distill_epochs)
         with lora_adapter(env.lm, self.config, record_weights(adapter)) as peft_model:
             params = [p for p in peft_model.parameters() if p.requires_grad]
-            optimizer = torch.optim.AdamW(params, lr=self.distill_lr)
+            run = LocalRun(queries, None, batches,
+                           torch.optim.AdamW(params, lr=self.distill_lr), loss=kl_to_proxy)
             with torch.enable_grad():
-                for _ in range(self.distill_epochs):
-                    order = order_rng.permutation(len(queries))
-                    for start in range(0, len(order), self.distill_batch_size):
-                        idx = order[start : start + self.distill_batch_size].tolist()
-                        student = scorer.logprobs([queries[i] for i in idx])[:, :vocab]
-                        student = (student / self.temperature).log_softmax(-1)
-                        loss = F.kl_div(student, target[idx], log_target=True,
-                                        reduction="batchmean") * self.temperature**2
-                        optimizer.zero_grad()
-                        loss.backward()
-                        optimizer.step()
+                train_together([run], env.scorer(), lambda active, groups: None)
             return adapter_weights(peft_model)
 
     def transfer_queries(self, env: Environment, rnd: int) -> list[str]:

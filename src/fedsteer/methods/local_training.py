@@ -1,7 +1,8 @@
 """The one local training loop: label-word cross-entropy, a client's own batches and optimizer.
 
-IFed-ICL calibrates coefficients and FedAvg-LoRA trains adapters with the same loop; what
-differs is which parameters the loss reaches (hooks the caller sets up around it). Several
+IFed-ICL calibrates coefficients, FedAvg-LoRA trains adapters and FedPT distils with the
+same loop; what differs is which parameters the loss reaches (hooks the caller sets up
+around it) and, for distillation, the loss. Several
 clients can run it *together* on one frozen model (client-batched simulation): at each step
 the clients that still have a batch contribute it to one forward over the concatenation,
 each row with its own client's parameters (`prepare` installs them), and the loss is the sum
@@ -25,14 +26,23 @@ from fedsteer.models.hooks import RowGroups
 
 @dataclass
 class LocalRun:
-    """One client's local training: its queries, gold first tokens, batch order, optimizer."""
+    """One party's local training: its queries, gold first tokens (or its own `loss`), batch
+    order and optimizer."""
 
     queries: list[str]
-    targets: torch.Tensor
+    targets: torch.Tensor | None
     batches: list[list[int]]  # the rows of each step, in order (all epochs)
     optimizer: torch.optim.Optimizer
     schedule: torch.optim.lr_scheduler.LRScheduler | None = None
+    #: (full-vocabulary log-probs of a batch's rows, their indices) -> the loss; None: the
+    #: cross-entropy of `targets` (FedPT's distillation brings a KL instead)
+    loss: Callable[[torch.Tensor, list[int]], torch.Tensor] | None = None
     losses: list[float] = field(default_factory=list)
+
+    def loss_of(self, logp: torch.Tensor, rows: list[int]) -> torch.Tensor:
+        if self.loss is not None:
+            return self.loss(logp, rows)
+        return F.nll_loss(logp, self.targets[rows])  # CE over the full vocabulary
 
     @property
     def rows(self) -> int:
@@ -67,7 +77,7 @@ def train_together(runs: Sequence[LocalRun], scorer,
                                 for i in active])
         prepare(active, batch.groups)
         logp = scorer.grouped_logprobs(batch)
-        losses = [F.nll_loss(logp[start:stop], runs[i].targets[runs[i].batches[step]])
+        losses = [runs[i].loss_of(logp[start:stop], runs[i].batches[step])
                   for i, (start, stop) in zip(active, batch.groups.spans, strict=True)]
         for i in active:
             runs[i].optimizer.zero_grad()

@@ -4,17 +4,16 @@
 
 on logits (log-probs differ from logits by a per-position constant, so either gives the
 same distribution after a softmax). The large model is reached only through
-`VocabScores.next_token_logprobs` — scores over the vocabulary — so it may be a black box
-behind an API; the small pair runs locally (the same model with its adapter on and off).
+`next_token_logprobs` — scores over the vocabulary (`LocalVocabScores` for a model loaded
+here) — so it could be a black box behind an API; the small pair runs locally (the same
+model with its adapter on and off).
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Protocol
 
 import torch
-from transformers import LogitsProcessor
 
 from fedsteer.models.scoring import LabelScorer
 
@@ -23,17 +22,9 @@ class VocabularyMismatch(ValueError):
     """The small and large models do not share a vocabulary, so their scores cannot mix."""
 
 
-class VocabScores(Protocol):
-    """Scores over the vocabulary at the answer position: all FedPT needs of a large model."""
-
-    name: str
-
-    def next_token_logprobs(self, queries: Sequence[str]) -> torch.Tensor:
-        """`[N, V]` log-probs of the token after each query."""
-
-
 class LocalVocabScores:
-    """`VocabScores` of a model loaded here, batched, without gradients."""
+    """Scores over the vocabulary at the answer position (all FedPT needs of a large model)
+    of a model loaded here, batched, without gradients."""
 
     def __init__(self, lm, label_words: Sequence[str], batch_size: int = 16) -> None:
         self.lm, self.name = lm, lm.name
@@ -61,26 +52,3 @@ def proxy_logprobs(large: torch.Tensor, tuned: torch.Tensor, base: torch.Tensor,
     """log softmax(s_large + α(s_tuned − s_base)) over the shared vocabulary."""
     combined = large[..., :vocab] + alpha * (tuned[..., :vocab] - base[..., :vocab])
     return combined.log_softmax(-1)
-
-
-class ProxyTuningProcessor(LogitsProcessor):
-    """A `generate` logits processor: the large model's logits, steered by the small pair.
-
-    `small_tuned` and `small_base` map input ids to next-token logits `[B, V]` (e.g. the
-    small model with its adapter enabled and disabled); α = 0 leaves the scores untouched.
-    """
-
-    def __init__(self, small_tuned, small_base, alpha: float = 1.0) -> None:
-        self.small_tuned, self.small_base, self.alpha = small_tuned, small_base, alpha
-
-    @torch.no_grad()
-    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor
-                 ) -> torch.FloatTensor:
-        if self.alpha == 0:
-            return scores
-        tuned, base = self.small_tuned(input_ids), self.small_base(input_ids)
-        vocab = min(scores.shape[-1], tuned.shape[-1])
-        steered = scores.clone()
-        steered[..., :vocab] += self.alpha * (tuned[..., :vocab] - base[..., :vocab]).to(
-            scores.dtype)
-        return steered
