@@ -10,6 +10,7 @@ import pytest
 
 from fedsteer import methods as registry
 from fedsteer.methods import MethodRegistry, describe_options
+from test_federation_flower import flower_identity, serve_inline  # noqa: F401 - a fixture
 
 EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "my_method"
 
@@ -50,6 +51,26 @@ def test_the_example_package_adds_a_method_through_its_entry_point(tmp_path, mon
                                       test_size=20, options={"demos_per_class": 1}),
                             tmp_path / "run")
     assert record["method"] == "my-method" and record["costs"]["rounds"][0]["rejected"] == []
+    sys.modules.pop("my_method", None)
+
+
+@pytest.mark.usefixtures("flower_identity")
+def test_the_example_method_runs_on_the_flower_apps_unchanged(tmp_path, monkeypatch,
+                                                               fresh_registry):
+    """The ServerApp and ClientApp find the plugin by name as the CLI does: the same result
+    as in process."""
+    from fedsteer.experiment import RunConfig, run_experiment
+
+    _install_metadata(tmp_path / "site", "fedsteer-my-method",
+                      {"my-method": "my_method:VectorAveraging"})
+    monkeypatch.syspath_prepend(str(EXAMPLE / "src"))
+    monkeypatch.syspath_prepend(str(tmp_path / "site"))
+    config = RunConfig("my-method", "sst2", "tiny-random", clients=3, test_size=20,
+                       options={"demos_per_class": 1})
+    expected = run_experiment(config, tmp_path / "inprocess")
+    record, _ = serve_inline(config, tmp_path / "flower")
+    assert record["method"] == "my-method"
+    assert record["metrics"] == expected["metrics"]
     sys.modules.pop("my_method", None)
 
 
