@@ -147,10 +147,11 @@ def run_asynchronous(method: AsyncMethod, clients, env: Environment):
 
     box = env.blackbox(method.blackbox) if hasattr(method, "blackbox") else None
     before = box.usage.calls if box is not None else 0
-    if method.async_config().get("schedule", "simulated") == "simulated":
-        runtime = SimulatedClockRuntime(async_config(method), seed=getattr(method, "seed", 0))
+    config = async_config(method)
+    if config.schedule == "simulated":
+        runtime = SimulatedClockRuntime(config, seed=getattr(method, "seed", 0))
     else:
-        runtime = AsyncInProcessRuntime(async_config(method))
+        runtime = AsyncInProcessRuntime(config)
     outcome = runtime.run(method, clients, env)
     if box is not None:  # the bill is what the black box served, unused replies included
         outcome.state["billing"] = MetricRecord({"training_calls": box.usage.calls - before})
@@ -164,8 +165,7 @@ def async_config(method: AsyncMethod):
     """The asynchronous runtime's settings as the method asks for them."""
     from fedsteer.federation.asynchronous import AsyncConfig
 
-    asked = {k: v for k, v in method.async_config().items() if k != "schedule"}
-    return AsyncConfig(**asked)
+    return AsyncConfig(**method.async_config())
 
 
 def runtime_config(config: RunConfig) -> RuntimeConfig:

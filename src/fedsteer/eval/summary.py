@@ -117,10 +117,9 @@ def tables(rows: Sequence[Row]) -> dict[str, list[list[str]]]:
 SUBTITLE = ("Mean ± std over seeds; the 95 % CI is Wilson's over the test rows for one "
             "run, Student's t over seeds for several, and over the clients for one run whose "
             "clients each evaluated on their own (local ICL, AsynDBT); \"vs zero-shot\" is "
-            "the accuracy "
-            "difference on the same rows with the exact McNemar p (* where p < 0.05; one-seed "
-            "rows only). Bytes are payloads as Flower serializes them; client s is the summed "
-            "compute of the clients.")
+            "the accuracy difference on the same rows with the exact McNemar p (* where "
+            "p < 0.05; one-seed rows only). Bytes are payloads as Flower serializes them; "
+            "client s is the summed compute of the clients.")
 PAPERS_TITLE = "Published numbers (other models and setups — compare orderings, not values)"
 PAPER_HEADER = ("paper", "model", "task", "method", "acc %")
 

@@ -39,6 +39,9 @@ class AsyncConfig:
     staleness: int = 3  # a worker unheard for more server iterations is waited for (τ)
     latency: Sequence[float] = ()  # per-worker simulated seconds per step (default 0)
     max_iterations: int = 10_000
+    #: in process: "simulated" (arrival order from a seeded clock, `federation.simulated`) or
+    #: "threads" (workers race in real time); Flower runs in real time whatever it says
+    schedule: str = "simulated"
 
 
 def overdue_workers(last_heard: dict[int, int], heard: set[int], iteration: int,

@@ -67,9 +67,7 @@ class InProcessRuntime(Runtime):
             share = elapsed * rows / total
             cost.client_seconds += share
             cost.client_compute[client.cid] = share
-            out[client.cid] = privatize_reply(self.config.dp, content, message,
-                                              seed=self.config.seed, rnd=cost.round,
-                                              cid=client.cid)
+            out[client.cid] = self._privatize(content, message, cost, client.cid)
         cost.client_batches.append(len(group))
         return out
 
@@ -77,9 +75,8 @@ class InProcessRuntime(Runtime):
         """One client's step alone: its content, or None when it failed (logged)."""
         started = time.perf_counter()
         try:
-            return privatize_reply(self.config.dp, method.client_step(message, client),
-                                   message, seed=self.config.seed, rnd=cost.round,
-                                   cid=client.cid)
+            return self._privatize(method.client_step(message, client), message, cost,
+                                   client.cid)
         except Exception as error:
             if not tolerated(error, self.config.tolerate_client_errors):
                 raise  # a bug in a step must not pass as one party's bad day
@@ -90,6 +87,11 @@ class InProcessRuntime(Runtime):
             elapsed = time.perf_counter() - started
             cost.client_seconds += elapsed
             cost.client_compute[client.cid] = elapsed
+
+    def _privatize(self, content: RecordDict, message, cost: RoundCost, cid: int) -> RecordDict:
+        """What leaves the client: its reply under client-level DP when the run asks."""
+        return privatize_reply(self.config.dp, content, message, seed=self.config.seed,
+                               rnd=cost.round, cid=cid)
 
     def _progress_task(self, label: str, total: int):
         if self.progress is None:

@@ -50,10 +50,10 @@ class MethodRegistry(Mapping[str, type[MethodBase]]):
     warning: one broken package must not break fedsteer."""
 
     def __init__(self) -> None:
-        self._methods: dict[str, type[Method]] | None = None
+        self._methods: dict[str, type[MethodBase]] | None = None
         self.origins: dict[str, str] = {}
 
-    def _loaded(self) -> dict[str, type[Method]]:
+    def _loaded(self) -> dict[str, type[MethodBase]]:
         if self._methods is None:
             self._methods = {cls.name: cls for cls in BUILTIN}
             self.origins = dict.fromkeys(self._methods, "fedsteer")
@@ -76,7 +76,7 @@ class MethodRegistry(Mapping[str, type[MethodBase]]):
             return
         self._methods[point.name], self.origins[point.name] = cls, origin
 
-    def __getitem__(self, name: str) -> type[Method]:
+    def __getitem__(self, name: str) -> type[MethodBase]:
         return self._loaded()[name]
 
     def __iter__(self) -> Iterator[str]:
@@ -90,7 +90,7 @@ class MethodRegistry(Mapping[str, type[MethodBase]]):
         return self.origins[name]
 
 
-def plugin_problem(name: str, cls: Any, known: dict[str, type[Method]]) -> str | None:
+def plugin_problem(name: str, cls: Any, known: dict[str, type[MethodBase]]) -> str | None:
     """Why an entry point's object cannot be a method, or None."""
     if name in known:
         return f"{name!r} is taken by {known[name].__module__}.{known[name].__name__}"

@@ -238,8 +238,7 @@ class AsynDBT(AsyncMethod):
         if step.planes is not None:
             client.state["planes"] = step.planes.to_record()
             metrics["cuts"] = len(step.planes)
-        sent = (self._corrupt(p, z, client, step.iteration, step.words, step.box, step.meter)
-                if client.cid < self.byzantine else p)
+        sent = self._corrupt(p, step, client) if client.cid < self.byzantine else p
         return RecordDict({
             "prompt": ArrayRecord({"p": float32_array(sent)}),
             "metrics": MetricRecord(metrics),
@@ -330,12 +329,12 @@ class AsynDBT(AsyncMethod):
             mask[slot, : len(pool)] = 1.0
         return mask
 
-    def _corrupt(self, p: np.ndarray, z: np.ndarray, client: Client, iteration: int,
-                 words: list[str], box, meter: Usage) -> np.ndarray:
+    def _corrupt(self, p: np.ndarray, step: WorkerStep, client: Client) -> np.ndarray:
         """What a Byzantine worker sends instead of its prompt."""
-        rng = seeded_rng(self.seed, "byzantine", client.cid, iteration)
+        z = step.z
+        rng = seeded_rng(self.seed, "byzantine", client.cid, step.iteration)
         if self.attack == "worst":  # position j: the j-th most harmful word, all its weight
-            worst = self._harmful_words(client, words, box, meter)
+            worst = self._harmful_words(client, step)
             out = np.zeros_like(z)
             out[np.arange(z.shape[0]), worst[: z.shape[0]]] = 1.0
             return out
@@ -349,7 +348,7 @@ class AsynDBT(AsyncMethod):
             return far
         return project_simplex(z + 10.0 * (p - z))  # scale
 
-    def _harmful_words(self, client: Client, words: list[str], box, meter: Usage) -> np.ndarray:
+    def _harmful_words(self, client: Client, step: WorkerStep) -> np.ndarray:
         """The attacker's own search, once (kept in its state): each candidate word repeated
         as the whole prompt, scored on a batch of its data through the black box (billed
         like any call); words by descending loss."""
@@ -359,10 +358,10 @@ class AsynDBT(AsyncMethod):
         rows = train[: self.batch_size * 4]
         demos = env.task.demo_prefix(self.chosen_demonstrations(client))
         labels = np.array([ex.label for ex in rows])
-        losses = [cross_entropy(box.label_logprobs(
+        losses = [cross_entropy(step.box.label_logprobs(
             [env.task.format_query(ex) for ex in rows], env.task.label_words,
-            prefix=prompt_prefix([word] * self.prompt_length, demos), meter=meter), labels)
-            for word in words]
+            prefix=prompt_prefix([word] * self.prompt_length, demos), meter=step.meter), labels)
+            for word in step.words]
         order = np.argsort(losses)[::-1].copy()
         client.state["attack"] = ArrayRecord({"order": Array(order.astype(np.int64))})
         return order

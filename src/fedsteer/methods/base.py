@@ -263,7 +263,8 @@ class AsyncMethod(MethodBase):
         raise NotImplementedError(f"{self.name} has no per-worker evaluation")
 
     def async_config(self) -> dict[str, Any]:
-        """The runtime settings this method asks for: `active`, `staleness`, `latency`."""
+        """The runtime settings this method asks for (`federation.asynchronous.AsyncConfig`'s
+        fields: `active`, `staleness`, `latency`, `schedule`)."""
         return {}
 
 

@@ -29,7 +29,12 @@ from fedsteer.methods.base import (
     seeded_subset,
 )
 from fedsteer.methods.icl import evaluate_prompting
-from fedsteer.methods.local_training import LocalRun, epoch_batches, train_together
+from fedsteer.methods.local_training import (
+    LocalRun,
+    epoch_batches,
+    labelled_run,
+    train_together,
+)
 from fedsteer.methods.records import float32_record
 from fedsteer.models.hooks import RowGroups
 from fedsteer.models.lora import (
@@ -137,13 +142,10 @@ class FedAvgLoRA(Method):
         """Label-word cross-entropy over the full vocabulary on this round's seeded sample;
         AdamW on the client's own adapter only."""
         examples = self.local_sample(client, rnd)
-        scorer = client.env.scorer()
         batches = epoch_batches(seeded_rng(self.seed, "batches", rnd, client.cid),
                                 len(examples), self.batch_size, self.local_epochs)
-        return LocalRun([client.env.task.format_query(ex) for ex in examples],
-                        torch.tensor([scorer.labels.first[ex.label] for ex in examples]),
-                        batches,
-                        torch.optim.AdamW(params, lr=self.lr, weight_decay=self.weight_decay))
+        return labelled_run(client.env, examples, batches,
+                            torch.optim.AdamW(params, lr=self.lr, weight_decay=self.weight_decay))
 
     def local_sample(self, client: Client, rnd: int):
         if not client.data:

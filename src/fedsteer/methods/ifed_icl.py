@@ -72,7 +72,7 @@ from fedsteer.methods.base import (
     seeded_rng,
 )
 from fedsteer.methods.icl import evaluate_prompting, select_demonstrations
-from fedsteer.methods.local_training import LocalRun, epoch_batches, train_together
+from fedsteer.methods.local_training import epoch_batches, labelled_run, train_together
 from fedsteer.methods.records import float32_record
 from fedsteer.models.hooks import (
     COEF_ROWS,
@@ -221,8 +221,9 @@ class IFedICL(Method):
         attn, mlp = vectors[0]
         if any(not (torch.equal(a, attn) and torch.equal(m, mlp)) for a, m in vectors[1:]):
             return None  # clients hold different vectors: no shared injection
-        coefs = [_tensors(message["coef"], "coef")[0] for _ in clients]
-        results = self.calibrate_together(clients, attn, mlp, coefs, int(config["round"]))
+        (coef,) = _tensors(message["coef"], "coef")  # each client trains its own clone
+        results = self.calibrate_together(clients, attn, mlp, [coef] * len(clients),
+                                          int(config["round"]))
         return BatchedSteps(
             [RecordDict({"coef": _record(coef=coef), "metrics": MetricRecord({"loss": loss})})
              for coef, loss, _ in results],
@@ -298,7 +299,6 @@ class IFedICL(Method):
         """One client's calibration: its queries, seeded batch order and noise, AdamW with
         I2CL's warmup + cosine over its own steps of this round."""
         examples = self.demonstrations(client, self.calibration_per_class)
-        scorer = client.env.scorer()
         param = torch.nn.Parameter(coef.float().clone())
         batches = epoch_batches(seeded_rng(self.seed, "batches", rnd, client.cid),
                                 len(examples), self.batch_size, self.local_epochs)
@@ -307,10 +307,7 @@ class IFedICL(Method):
             optimizer, _warmup_cosine(len(batches), self.warmup))
         noise = torch.Generator().manual_seed(
             int(seeded_rng(self.seed, "noise", rnd, client.cid).integers(2**62)))
-        run = LocalRun([client.env.task.format_query(ex) for ex in examples],
-                       torch.tensor([scorer.labels.first[ex.label] for ex in examples]),
-                       batches, optimizer, schedule)
-        return run, param, noise
+        return labelled_run(client.env, examples, batches, optimizer, schedule), param, noise
 
     # ------------------------------------------------------------- evaluation
     def evaluate(self, state: RecordDict, env: Environment) -> dict[str, Any]:

@@ -2,8 +2,8 @@
 
 IFed-ICL calibrates coefficients, FedAvg-LoRA trains adapters and FedPT distils with the
 same loop; what differs is which parameters the loss reaches (hooks the caller sets up
-around it) and, for distillation, the loss. Several
-clients can run it *together* on one frozen model (client-batched simulation): at each step
+around it) and, for distillation, the loss. Several clients can run it *together* on one
+frozen model (client-batched simulation): at each step
 the clients that still have a batch contribute it to one forward over the concatenation,
 each row with its own client's parameters (`prepare` installs them), and the loss is the sum
 of the clients' own mean losses, so each client's gradient is exactly its own. Each keeps
@@ -52,6 +52,16 @@ class LocalRun:
         """Mean loss of the last epoch's steps (what a client reports)."""
         per_epoch = math.ceil(len(self.batches) / max(epochs, 1))
         return float(np.mean(self.losses[-per_epoch:]))
+
+
+def labelled_run(env, examples, batches: list[list[int]], optimizer: torch.optim.Optimizer,
+                 schedule: torch.optim.lr_scheduler.LRScheduler | None = None) -> LocalRun:
+    """A run on labelled examples: their zero-shot queries, trained towards the first token
+    of each gold label word (what calibration and FedAvg-LoRA both train on)."""
+    first = env.scorer().labels.first
+    return LocalRun([env.task.format_query(ex) for ex in examples],
+                    torch.tensor([first[ex.label] for ex in examples]), batches, optimizer,
+                    schedule)
 
 
 def epoch_batches(rng: np.random.Generator, size: int, batch_size: int,

@@ -79,7 +79,8 @@ class AsyncGridRuntime:
                 if not method.finished(state):
                     self._push(method, state, out.cid, iteration + 1, outstanding)
             arrived, given_up = [], []
-        self._give_up(given_up, rounds)
+        if rounds:  # given up after the last update: recorded with it
+            self._give_up(given_up, rounds[-1])
         self._evaluate_on_nodes(method, state, cids)
         return RunOutcome(state, rounds)
 
@@ -87,7 +88,7 @@ class AsyncGridRuntime:
                 rounds: list[RoundCost]):
         """One server update on the replies in; the messages given up since are recorded."""
         cost = RoundCost(round=iteration)
-        self._give_up(given_up, [cost])
+        self._give_up(given_up, cost)
         replies = [r for r in (self._accept(method, out, answer, cost)
                                for out, answer in arrived) if r is not None]
         started = time.perf_counter()
@@ -97,12 +98,12 @@ class AsyncGridRuntime:
         rounds.append(cost)
         return state
 
-    def _give_up(self, given_up: list[_Out], rounds: list[RoundCost]) -> None:
-        """Messages unanswered in time: rejected in the (last) update's record."""
-        for out in given_up if rounds else ():
-            rounds[-1].clients.append(out.cid)
-            rounds[-1].bytes_down += out.bytes_down
-            reject(rounds[-1], out.cid, f"no reply within {self.timeout:g} s")
+    def _give_up(self, given_up: list[_Out], cost: RoundCost) -> None:
+        """Messages unanswered in time, rejected in an update's record."""
+        for out in given_up:
+            cost.clients.append(out.cid)
+            cost.bytes_down += out.bytes_down
+            reject(cost, out.cid, f"no reply within {self.timeout:g} s")
 
     # --------------------------------------------------------------- messages
     def _push(self, method, state, cid: int, iteration: int, outstanding) -> None:
