@@ -7,49 +7,21 @@ import signal
 import socket
 import subprocess
 import sys
-import threading
 import time
 
 import numpy as np
 import pytest
-import uvicorn
 from fastapi import FastAPI
 from fastapi.responses import JSONResponse, PlainTextResponse
 from openai import OpenAI
 
 from fedsteer.blackbox import BlackBoxError, LocalBlackBox, OpenAIBlackBox, score_label_words
-from fedsteer.blackbox.serve import make_app
 from fedsteer.models.scoring import LabelScorer
+from fedsteer.serve import Limits, Server, build_adaptations, make_app
+from http_server import ServerThread, free_port
 
 WORDS = (" negative", " positive")
 PROMPTS = ["Review: lovely film\nSentiment:", "Review: a mess\nSentiment:"]
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-class ServerThread:
-    """uvicorn in a thread, on a free port; stopped on exit."""
-
-    def __init__(self, app: FastAPI) -> None:
-        self.port = free_port()
-        self.server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=self.port,
-                                                    log_level="error"))
-        self.thread = threading.Thread(target=self.server.run, daemon=True)
-
-    def __enter__(self) -> str:
-        self.thread.start()
-        deadline = time.monotonic() + 20
-        while not self.server.started and time.monotonic() < deadline:
-            time.sleep(0.05)
-        return f"http://127.0.0.1:{self.port}/v1"
-
-    def __exit__(self, *exc) -> None:
-        self.server.should_exit = True
-        self.thread.join(10)
 
 
 def test_local_black_box_scores_like_the_scorer_and_bills_each_query(tiny_lm):
@@ -75,8 +47,9 @@ def test_a_label_word_is_scored_by_the_top_token_that_begins_it():
 
 
 def test_fedsteer_serve_answers_the_openai_sdk_and_matches_the_local_box(tiny_lm):
-    app = make_app(tiny_lm, max_top_logprobs=len(tiny_lm.tokenizer))
-    with ServerThread(app) as url:
+    server = Server(build_adaptations(tiny_lm, [], None),
+                    Limits(max_logprobs=len(tiny_lm.tokenizer)))
+    with ServerThread(make_app(server)) as url:
         client = OpenAI(base_url=url, api_key="none")
         assert client.models.list().data[0].id == "tiny-random"
         completion = client.completions.create(model="tiny-random", prompt=PROMPTS,
@@ -91,7 +64,7 @@ def test_fedsteer_serve_answers_the_openai_sdk_and_matches_the_local_box(tiny_lm
         np.testing.assert_allclose(remote.label_logprobs(PROMPTS, WORDS),
                                    local.label_logprobs(PROMPTS, WORDS), atol=1e-4)
         # billing equals what the server logged for those requests
-        logged = app.state.requests[-2:]
+        logged = list(server.requests)[-2:]
         assert remote.usage.calls == 2
         assert remote.usage.prompt_tokens == sum(r["prompt_tokens"] for r in logged)
         assert remote.usage.completion_tokens == sum(r["completion_tokens"] for r in logged)

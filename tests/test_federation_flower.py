@@ -149,7 +149,7 @@ def test_flower_apps_match_the_in_process_runtime(tmp_path, flower_identity, met
 
 
 def test_a_silent_node_is_left_out_and_the_rounds_go_on(tmp_path, flower_identity):
-    record, _ = serve_inline(tiny_config(), tmp_path, silent={101})
+    record, _ = serve_inline(tiny_config(), tmp_path, silent={101}, round_timeout=1.0)
     rounds = record["costs"]["rounds"]
     assert len(rounds) == 3
     for r in rounds:

@@ -20,7 +20,7 @@ LAYERS = [
     {"federation"},
     {"experiment"},
     {"bench", "artifacts"},
-    {"flower"},  # the Flower apps build and run experiments
+    {"flower", "serve"},  # the Flower apps run experiments; serve hosts their artifacts
     {"cli"},
     {"__main__"},
 ]

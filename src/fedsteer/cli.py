@@ -29,6 +29,7 @@ from rich.table import Table
 from safetensors import SafetensorError
 
 from fedsteer import settings
+from fedsteer.blackbox import BlackBoxError
 from fedsteer.data import (
     DataError,
     builtin_task_names,
@@ -56,6 +57,7 @@ from fedsteer.models import (
     model_status,
 )
 from fedsteer.models.scoring import LabelWordError
+from fedsteer.serve.api import Limits
 
 app = typer.Typer(
     help="Steer a frozen LLM with federated data: run methods, compare accuracy and cost.",
@@ -100,7 +102,7 @@ def _setup_logging(verbose: bool) -> None:
 USER_ERRORS = (
     DataError, ModelNotInstalledError, UnknownModelError, UnknownArchitectureError,
     LabelWordError, CheckpointMismatch, CheckpointError, OptionTypeError, SafetensorError,
-    OSError, ValueError,
+    OSError, ValueError, BlackBoxError,
 )
 _DEBUG = {"on": False}  # --debug: user errors keep their traceback
 
@@ -210,6 +212,9 @@ def run(
              "--client-batch-rows allows]. Same results either way, faster", min=1)] = None,
     client_batch_rows: Annotated[int, typer.Option(
         help="memory budget of one batched forward, in rows", min=1)] = 64,
+    threads: Annotated[int | None, typer.Option(
+        help="torch threads of each process that runs a model [default: its share of the "
+             "cores, cores // processes running at once]", min=1)] = None,
     runtime: Annotated[str, typer.Option(
         help="inprocess; flower (Flower's simulation); flower-deployment (a SuperLink and "
              "one SuperNode per client on 127.0.0.1)")] = "inprocess",
@@ -235,7 +240,8 @@ def run(
         "secagg": secagg, "eval_every": eval_every, "max_reply_norm": max_reply_norm,
         "reply_norm_factor": reply_norm_factor, "max_client_weight": max_client_weight,
         "tolerate_client_errors": tolerate_client_errors, "client_batch": client_batch,
-        "client_batch_rows": client_batch_rows, "options": _parse_options(option or []),
+        "client_batch_rows": client_batch_rows, "threads": threads,
+        "options": _parse_options(option or []),
     }
     if resume is not None:
         out, configs = resume, _load_run_configs(resume)
@@ -484,31 +490,68 @@ def report(
 
 @app.command()
 def serve(
-    model: Annotated[str, typer.Option(help="registry name, local dir or HF id")] = DEFAULT_MODEL,
-    host: str = "127.0.0.1",
+    model: Annotated[str, typer.Option(help="the base model: registry name, local dir or HF id")]
+    = DEFAULT_MODEL,
+    artifact: Annotated[list[str] | None, typer.Option(
+        help="NAME=DIR: a `run --save` directory served as the model NAME (repeatable)")]
+    = None,
+    host: Annotated[str, typer.Option(help="bind address (default: this machine only)")]
+    = "127.0.0.1",
     port: int = 8000,
-    max_logprobs: Annotated[int, typer.Option(help="largest top-k of log-probs served")] = 20,
+    api_key_env: Annotated[str | None, typer.Option(
+        help="environment variable holding the API key every request must bear")] = None,
+    max_body_bytes: int = Limits.max_body_bytes,
+    max_prompt_tokens: int = Limits.max_prompt_tokens,
+    max_tokens: Annotated[int, typer.Option(help="largest max_tokens a request may ask")]
+    = Limits.max_tokens,
+    max_n: int = Limits.max_n,
+    max_prompts: int = Limits.max_prompts,
+    max_logprobs: Annotated[int, typer.Option(help="largest top-k of log-probs served")]
+    = Limits.max_logprobs,
+    max_concurrent: Annotated[int, typer.Option(
+        help="requests in flight; one more is answered 429")] = Limits.max_concurrent,
+    timeout: Annotated[float, typer.Option(help="seconds a request may take")]
+    = Limits.timeout_seconds,
+    max_batch_rows: int = 32,
 ) -> None:
-    """Serve a local model as an OpenAI-compatible black box (/v1/completions with logprobs)."""
+    """Serve the base model and every artifact behind one OpenAI-compatible endpoint."""
     import uvicorn
 
-    from fedsteer.blackbox.serve import make_app
+    from fedsteer.serve import Server, build_adaptations, make_app
 
     _setup_logging(False)
     with _user_errors():
-        lm = load_model(model)
-    console.print(f"serving [bold]{model}[/] on http://{host}:{port}/v1")
-    uvicorn.run(make_app(lm, max_top_logprobs=max_logprobs), host=host, port=port,
-                log_level="warning")
+        key = _api_key(api_key_env)
+        limits = Limits(max_body_bytes, max_prompt_tokens, max_tokens, max_n, max_prompts,
+                        max_logprobs, max_concurrent, timeout)
+        adaptations = build_adaptations(load_model(model), artifact or [], load_model)
+        server = Server(adaptations, limits, key, max_batch_rows)
+    for adaptation in adaptations.values():
+        console.print(f"  [bold]{adaptation.name}[/] ({adaptation.kind})")
+    console.print(f"serving on http://{host}:{port}/v1"
+                  + (" (API key required)" if key else ""))
+    uvicorn.run(make_app(server), host=host, port=port, log_level="warning")
+
+
+def _api_key(variable: str | None) -> str | None:
+    if variable is None:
+        return None
+    key = os.environ.get(variable, "")
+    if not key:
+        raise ValueError(f"--api-key-env {variable}: the variable is unset or empty")
+    return key
 
 
 @app.command("eval")
 def eval_cmd(
-    artifact: Annotated[Path, typer.Option(
-        "--artifact", "--steering",
-        help="a directory written by `run ... --save`: IFed-ICL steering, a LoRA adapter "
-             "or a learned prompt")],
     task: Annotated[str, typer.Option(help="built-in task name or a task spec file")],
+    artifact: Annotated[Path | None, typer.Option(
+        "--artifact", "--steering",
+        help="a directory written by `run ... --save`: IFed-ICL steering, a LoRA adapter, "
+             "a FedPT proxy or a learned prompt")] = None,
+    endpoint: Annotated[str | None, typer.Option(
+        help="BASE_URL#NAME: score through an OpenAI-compatible endpoint instead "
+             "(e.g. a `fedsteer serve` artifact)")] = None,
     model: Annotated[str | None, typer.Option(help="default: the model it was made on")]
     = None,
     test_size: Annotated[int, typer.Option(help="test rows scored (0: all)")] = 300,
@@ -516,20 +559,29 @@ def eval_cmd(
     batch_size: int = 16,
     blackbox: Annotated[str, typer.Option(
         help="prompts only: 'local' or 'openai:BASE_URL#MODEL'")] = "local",
+    api_key_env: Annotated[str, typer.Option(help="--endpoint's API key variable")]
+    = "OPENAI_API_KEY",
 ) -> None:
-    """Apply a saved artifact (steering, adapter or prompt) to a task's test inputs."""
-    from fedsteer.artifacts import evaluate_artifact
+    """Apply a saved artifact, or an endpoint's model, to a task's test inputs."""
+    from fedsteer.artifacts import evaluate_artifact, evaluate_endpoint
 
     _setup_logging(False)
     with _user_errors():
+        if (artifact is None) == (endpoint is None):
+            raise ValueError("give exactly one of --artifact DIR and --endpoint URL#NAME")
         t = load_task(task)
-        kind, name, metrics, rows = evaluate_artifact(
-            artifact, t, model, test_size or None, test_seed, batch_size, blackbox)
+        if endpoint is not None:
+            metrics, rows = evaluate_endpoint(endpoint, t, test_size or None, test_seed,
+                                              api_key_env)
+            kind, name, source = "endpoint", endpoint.rsplit("#", 1)[1], endpoint
+        else:
+            kind, name, metrics, rows = evaluate_artifact(
+                artifact, t, model, test_size or None, test_seed, batch_size, blackbox)
+            source = str(artifact)
     table = Table("artifact", "kind", "task", "model", "rows", "acc %", "macro-F1 %")
-    table.add_row(str(artifact), kind, t.name, name, str(rows),
+    table.add_row(source, kind, t.name, name, str(rows),
                   f"{100 * metrics['accuracy']:.1f}", f"{100 * metrics['macro_f1']:.1f}")
     console.print(table)
-
 
 @app.command()
 def tasks() -> None:

@@ -19,10 +19,11 @@ from rich.progress import Progress
 from fedsteer.data import Example, Task, load_task, partition
 from fedsteer.eval.costs import reset_peak_rss, summarize_costs
 from fedsteer.eval.metrics import accuracy_interval
-from fedsteer.eval.record import environment, write_result
+from fedsteer.eval.record import environment, write_provenance, write_result
 from fedsteer.federation import InProcessRuntime, Runtime, RuntimeConfig
 from fedsteer.federation.privacy import ClientDP
 from fedsteer.federation.runtime import client_batch_size
+from fedsteer.federation.threads import thread_budget
 from fedsteer.methods import METHODS, Client, Environment, make_method
 from fedsteer.methods.base import AsyncMethod, seeded_subset
 from fedsteer.models import DEFAULT_MODEL
@@ -56,6 +57,9 @@ class RunConfig:
     #: allows, 1: one by one. An execution choice: the results are the same either way
     client_batch: int | None = None
     client_batch_rows: int = 64  # the row budget of one batched forward
+    #: torch intra-op threads of each process that runs a model; None: its share of the
+    #: cores (cores // processes running at once). An execution choice, like client_batch
+    threads: int | None = None
     dp_clip: float | None = None  # client-level DP: clip each reply record to this L2 norm
     dp_noise: float = 0.0  # ... and add N(0, (dp_noise * dp_clip)^2) noise to it
     dp_delta: float = 1e-5
@@ -175,7 +179,7 @@ def runtime_config(config: RunConfig) -> RuntimeConfig:
                          max_client_weight=config.max_client_weight,
                          tolerate_client_errors=config.tolerate_client_errors,
                          eval_every=config.eval_every, client_batch=config.client_batch,
-                         client_batch_rows=config.client_batch_rows)
+                         client_batch_rows=config.client_batch_rows, threads=config.threads)
 
 
 def build_clients(config: RunConfig, task: Task, env: Environment, centralized: bool):
@@ -218,21 +222,25 @@ def run_experiment(
     hosted = runtime is None  # else the clients live elsewhere (Flower), known by id only
     clients = (build_clients(config, task, env, method.centralized) if hosted
                else list(range(1 if method.centralized else config.clients)))
-    if isinstance(method, AsyncMethod):
-        outcome = (run_asynchronous(method, clients, env) if hosted
-                   else runtime.run(method, clients, env))
-    else:
-        runtime = runtime or InProcessRuntime(
-            runtime_config(config), checkpoint_dir=out_dir / "checkpoint", progress=progress)
-        outcome = runtime.run(
-            method, clients, env, resume=resume,
-            fingerprint={"config": dataclasses.asdict(config), "options": method.options()},
-        )
-    if save_dir is not None:
-        _save_artifacts(method, outcome, clients if hosted else [], Path(save_dir), config, task)
-    record = _record(config, method, task, env, outcome, len(clients), warnings)
+    with thread_budget(threads=config.threads):  # this process, server or all the clients
+        if isinstance(method, AsyncMethod):
+            outcome = (run_asynchronous(method, clients, env) if hosted
+                       else runtime.run(method, clients, env))
+        else:
+            runtime = runtime or InProcessRuntime(
+                runtime_config(config), checkpoint_dir=out_dir / "checkpoint", progress=progress)
+            outcome = runtime.run(
+                method, clients, env, resume=resume,
+                fingerprint={"config": dataclasses.asdict(config), "options": method.options()},
+            )
+        if save_dir is not None:
+            _save_artifacts(method, outcome, clients if hosted else [], Path(save_dir), config,
+                            task)
+        record = _record(config, method, task, env, outcome, len(clients), warnings)
     record["costs"]["wall_seconds"] = time.perf_counter() - started
     write_result(record, out_dir)
+    if save_dir is not None and Path(save_dir).is_dir():
+        write_provenance(Path(save_dir), record)
     log.info("%s on %s: accuracy %.4f -> %s", method.name, task.name,
              record["metrics"]["accuracy"], out_dir)
     return record

@@ -1,7 +1,7 @@
 """Black-box LLMs: what AsynDBT-style methods may use — label scores, never weights.
 
 `LocalBlackBox` wraps a local model (the default); `OpenAIBlackBox` any OpenAI-compatible
-endpoint; `fedsteer serve` (serve.py) puts a local model behind such an endpoint.
+endpoint, such as the one `fedsteer serve` (`fedsteer.serve`) runs.
 """
 
 from fedsteer.blackbox.base import BlackBox, BlackBoxError, Usage

@@ -61,6 +61,8 @@ class RoundCost:
     #: time by rows)
     client_compute: dict[int, float] = field(default_factory=dict)
     client_batches: list[int] = field(default_factory=list)  # clients per batched step
+    #: torch intra-op threads each client's step ran with (its process's thread budget)
+    client_threads: dict[int, int] = field(default_factory=dict)
     server_seconds: float = 0.0
     peak_rss_bytes: int = 0
     rejected: list[dict[str, Any]] = field(default_factory=list)

@@ -63,3 +63,14 @@ def read_result(path: Path) -> dict[str, Any]:
     if missing:
         raise ValueError(f"{path}: not a fedsteer result record (lacks {missing})")
     return record
+
+
+#: beside a saved artifact: which run made it and how it scored (`fedsteer serve` shows it)
+PROVENANCE_FILE = "provenance.json"
+
+
+def write_provenance(directory: Path, record: dict[str, Any]) -> None:
+    metrics = record["metrics"]
+    atomic_write_json(Path(directory) / PROVENANCE_FILE, {
+        "method": record["method"], "task": record["task"], "model": record["model"],
+        **{k: metrics[k] for k in ("accuracy", "accuracy_ci95", "test_rows") if k in metrics}})

@@ -16,17 +16,31 @@ from flwr.app import RecordDict
 from fedsteer.eval.costs import RoundCost, payload_bytes
 from fedsteer.federation.checkpoint import load_recorddict, save_recorddict
 from fedsteer.federation.privacy import privatize_reply
-from fedsteer.federation.runtime import Runtime, client_batch_size, round_label, tolerated
-from fedsteer.methods.base import Client, Method, Reply
+from fedsteer.federation.runtime import (
+    RunOutcome,
+    Runtime,
+    client_batch_size,
+    round_label,
+    tolerated,
+)
+from fedsteer.federation.threads import current_threads, thread_budget
+from fedsteer.methods.base import Client, Method
 
 log = logging.getLogger(__name__)
 
 
 class InProcessRuntime(Runtime):
-    def _collect(self, method, message, sampled: list[Client], cost: RoundCost) -> list[Reply]:
+    def run(self, method, clients, env, **options) -> RunOutcome:
+        """The round loop, in this one process that hosts every client: torch gets all its
+        cores (or the run's `threads`), and its previous count back at the end."""
+        with thread_budget(1, self.config.threads):
+            return super().run(method, clients, env, **options)
+
+    def _collect(self, method, message, sampled: list[Client], cost: RoundCost) -> None:
+        """Each client's reply goes to the round as soon as it is made (`_accept`)."""
         down = payload_bytes(message)
         task = self._progress_task(round_label(method, message, cost.round), len(sampled))
-        size, replies = client_batch_size(self.config, method), []
+        size = client_batch_size(self.config, method)
         for start in range(0, len(sampled), size):
             group = sampled[start : start + size]
             for client in group:
@@ -38,14 +52,12 @@ class InProcessRuntime(Runtime):
                 content = (contents.pop(client.cid) if contents is not None
                            else self._call_client(method, message, client, cost))
                 if content is not None:
-                    reply = self._accept(method, message, client.cid, content,
-                                         len(client.data), cost)
-                    replies += [reply] if reply is not None else []
+                    self._accept(method, message, client.cid, content, len(client.data), cost)
+                del content  # folded or spooled: the runtime keeps no reply
                 if task is not None:
                     self.progress.advance(task)
         if task is not None:
             self.progress.remove_task(task)
-        return replies
 
     def _step_together(self, method: Method, message, group: list[Client],
                        cost: RoundCost) -> dict[int, RecordDict] | None:
@@ -67,6 +79,7 @@ class InProcessRuntime(Runtime):
             share = elapsed * rows / total
             cost.client_seconds += share
             cost.client_compute[client.cid] = share
+            cost.client_threads[client.cid] = current_threads()
             out[client.cid] = self._privatize(content, message, cost, client.cid)
         cost.client_batches.append(len(group))
         return out
@@ -87,6 +100,7 @@ class InProcessRuntime(Runtime):
             elapsed = time.perf_counter() - started
             cost.client_seconds += elapsed
             cost.client_compute[client.cid] = elapsed
+            cost.client_threads[client.cid] = current_threads()
 
     def _privatize(self, content: RecordDict, message, cost: RoundCost, cid: int) -> RecordDict:
         """What leaves the client: its reply under client-level DP when the run asks."""

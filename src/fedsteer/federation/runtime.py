@@ -2,7 +2,9 @@
 
 A runtime knows no method's math: it only calls the five steps of
 `fedsteer.methods.base.Method`. Subclasses differ in one thing, how a round's message
-reaches the sampled clients and how their answers come back (`_collect`).
+reaches the sampled clients and how their answers come back (`_collect`). Each answer goes
+to the round's `RoundReplies` as it arrives (`replies.py`: checks, then the method's
+aggregator), so no runtime holds a list of a round's replies.
 """
 
 from __future__ import annotations
@@ -10,7 +12,6 @@ from __future__ import annotations
 import copy
 import json
 import logging
-import math
 import time
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
@@ -18,11 +19,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 from flwr.app import RecordDict
 from rich.progress import Progress
 
-from fedsteer.eval.costs import RoundCost, payload_bytes, peak_rss_bytes
+from fedsteer.eval.costs import RoundCost, peak_rss_bytes
 from fedsteer.federation.checkpoint import (
     CheckpointError,
     atomic_write_json,
@@ -31,9 +31,15 @@ from fedsteer.federation.checkpoint import (
     load_recorddict,
     save_recorddict,
 )
-from fedsteer.federation.payloads import InvalidReply, check_reply
 from fedsteer.federation.privacy import ClientDP, PrivacyLedger
-from fedsteer.methods.base import Environment, Method, Reply, seeded_rng
+from fedsteer.federation.replies import (  # noqa: F401 - lower_median, reject: re-exported
+    ReplyChecks,
+    RoundReplies,
+    aggregate_problem,
+    lower_median,
+    reject,
+)
+from fedsteer.methods.base import Environment, Method, seeded_rng
 
 log = logging.getLogger(__name__)
 PROGRESS_FILE = "progress.json"
@@ -63,6 +69,9 @@ class RuntimeConfig:
     client_batch: int | None = None
     #: the memory budget of a batched forward, in rows (activation memory grows with it)
     client_batch_rows: int = 64
+    #: torch intra-op threads of a process that hosts clients; None: its share of the cores
+    #: (`fedsteer.federation.threads`)
+    threads: int | None = None
 
 
 def client_batch_size(config: RuntimeConfig, method: Method) -> int:
@@ -124,102 +133,6 @@ def round_label(method: Method, message: RecordDict, rnd: int) -> str:
     return f"{method.name}{phase} · round {rnd + 1}{of} · clients"
 
 
-def record_norms(content: RecordDict) -> dict[str, float]:
-    """The L2 norm of each array record of a reply (all its arrays together)."""
-    norms = {}
-    for name, record in content.array_records.items():
-        squared = sum(float(np.sum(np.square(a.numpy(), dtype=np.float64)))
-                      for a in record.values())
-        norms[name] = math.sqrt(squared)
-    return norms
-
-
-def lower_median(values: Sequence[float]) -> float:
-    """The median that is always one of the values (the lower middle for an even count), so
-    with two replies the honest one, not their mean, sets the scale."""
-    ordered = sorted(values)
-    return ordered[(len(ordered) - 1) // 2]
-
-
-def screen_outliers(replies: list[Reply], factor: float, cost: RoundCost,
-                    norms: dict[int, dict[str, float]]) -> list[Reply]:
-    """Drop replies with a record that is `factor` times larger than the round's typical one
-    (its norm against the lower median norm) or `factor` times farther from the others (its
-    distance to the coordinate-wise median against the lower median distance): a huge reply,
-    and one of honest size pointing elsewhere (a sign flip), cannot outweigh the rest."""
-    if not factor or len(replies) < 2:
-        return replies
-    replies = _keep_within(replies, [norms[id(r)] for r in replies], factor, cost, "norm")
-    if len(replies) < 3:  # with two, the median of distances cannot tell who is odd
-        return replies
-    return _screen_distances(replies, factor, cost)
-
-
-def _screen_distances(replies: list[Reply], factor: float, cost: RoundCost) -> list[Reply]:
-    flat = [_flat_records(r.content) for r in replies]
-    names = set.intersection(*(set(f) for f in flat))
-    centre = {n: np.median(np.stack([f[n] for f in flat]), axis=0) for n in names}
-    distances = [{n: float(np.linalg.norm(f[n] - centre[n])) for n in names} for f in flat]
-    return _keep_within(replies, distances, factor, cost, "distance to the median")
-
-
-def _keep_within(replies, values, factor: float, cost: RoundCost, what: str) -> list[Reply]:
-    scale = {name: lower_median([v[name] for v in values if name in v])
-             for name in set().union(*values)}
-    kept = []
-    for reply, value in zip(replies, values, strict=True):
-        over = [f"{name} {what} {x:.4g} > {factor:g} × median {scale[name]:.4g}"
-                for name, x in value.items() if x > factor * scale[name] and x > 1e-12]
-        if over:
-            reject(cost, reply.cid, "; ".join(over))
-        else:
-            kept.append(reply)
-    return kept
-
-
-def _flat_records(content: RecordDict) -> dict[str, np.ndarray]:
-    return {name: np.concatenate([a.numpy().astype(np.float64).ravel() for a in rec.values()])
-            for name, rec in content.array_records.items() if len(rec)}
-
-
-def cap_weights(replies: list[Reply], cap: float | None, cost: RoundCost) -> list[Reply]:
-    """No reply weighs more than `cap` examples (default 10 × the lower median weight)."""
-    if not replies:
-        return replies
-    limit = cap if cap is not None else 10 * lower_median([r.num_examples for r in replies])
-    for reply in replies:
-        if reply.num_examples > limit:
-            log.warning("round %d: client %s claims %d examples; weighed as %d",
-                        cost.round, reply.cid, reply.num_examples, int(limit))
-            cost.capped.append({"cid": reply.cid, "claimed": reply.num_examples,
-                                "weight": int(limit)})
-            reply.num_examples = int(limit)
-    return replies
-
-
-def aggregate_problem(state: RecordDict, norms: Sequence[dict[str, float]],
-                      max_norm: float | None, factor: float) -> str | None:
-    """Why a new global state must not replace the old one (NaN/Inf, or a record beyond the
-    bound its replies — whose record `norms` are given — were held to), or None."""
-    bounds = {}
-    if factor and norms:
-        for name in set().union(*norms):
-            bounds[name] = factor * lower_median([n[name] for n in norms if name in n])
-    for name, norm in record_norms(state).items():
-        if not math.isfinite(norm):
-            return f"record {name!r} holds NaN or Inf"
-        limits = [b for b in (bounds.get(name), max_norm) if b is not None]
-        if limits and norm > min(limits) * (1 + 1e-6):
-            return f"record {name!r} norm {norm:.4g} exceeds {min(limits):.4g}"
-    return None
-
-
-def reject(cost: RoundCost, cid: int, reason: str) -> None:
-    """Leave a reply out of the round: logged, and recorded with its reason in the costs."""
-    log.warning("round %d: rejected client %d: %s", cost.round, cid, reason)
-    cost.rejected.append({"cid": cid, "reason": reason})
-
-
 class Runtime(ABC):
     """The round loop; `clients` are whatever a subclass addresses them by, indexed by cid."""
 
@@ -232,6 +145,7 @@ class Runtime(ABC):
         self.config = config or RuntimeConfig()
         self.checkpoint_dir = checkpoint_dir
         self.progress = progress
+        self._round: RoundReplies | None = None  # the round under way
 
     def run(
         self,
@@ -274,8 +188,9 @@ class Runtime(ABC):
     @abstractmethod
     def _collect(
         self, method: Method, message: RecordDict, sampled: list[Any], cost: RoundCost
-    ) -> list[Reply]:
-        """Deliver `message` to the sampled clients; return the replies that passed `_accept`."""
+    ) -> None:
+        """Deliver `message` to the sampled clients; hand each answer to `_accept` as it
+        comes (the round folds or spools it: no list of the round's replies is kept)."""
 
     # --------------------------------------------------------------- rounds
     @staticmethod
@@ -293,43 +208,42 @@ class Runtime(ABC):
         chosen = (range(len(clients)) if method.every_client
                   else self.sample_clients(rnd, len(clients)))
         sampled = [clients[cid] for cid in chosen]
-        replies = self._collect(method, message, sampled, cost)
-        norms = {id(r): record_norms(r.content) for r in replies}  # once, for both checks
-        replies = screen_outliers(replies, self.config.reply_norm_factor, cost, norms)
-        replies = cap_weights(replies, self.config.max_client_weight, cost)
-        cost.array_records = max((len(r.content.array_records) for r in replies), default=0)
-        if sampled and not replies:
-            raise RuntimeError(f"round {rnd}: every client failed or was rejected: {cost.rejected}")
-        started = time.perf_counter()
-        previous = copy.deepcopy(state)  # aggregate may change the state in place
-        candidate = method.aggregate(rnd, state, replies)
-        problem = aggregate_problem(candidate, [norms[id(r)] for r in replies],
-                                    self._max_norm(method), self.config.reply_norm_factor)
+        previous = copy.deepcopy(state)  # the aggregator may change the state in place
+        self._round = RoundReplies(method, message, method.aggregator(rnd, state), cost,
+                                   self._reply_checks(method))
+        try:
+            self._collect(method, message, sampled, cost)
+            started = time.perf_counter()
+            norms = self._round.close()
+            if sampled and not norms:
+                raise RuntimeError(
+                    f"round {rnd}: every client failed or was rejected: {cost.rejected}")
+            candidate = self._round.result()
+        finally:
+            self._round.discard()
+        problem = aggregate_problem(candidate, norms, self._max_norm(method),
+                                    self.config.reply_norm_factor)
         if problem:
             log.warning("round %d: aggregate refused, previous state kept: %s", rnd, problem)
             cost.rejected.append({"cid": "aggregate", "reason": problem})
             candidate = previous
-        state = candidate
-        cost.server_seconds = time.perf_counter() - started
+        cost.server_seconds = time.perf_counter() - started + self._round.fold_seconds
         cost.peak_rss_bytes = max(cost.peak_rss_bytes, peak_rss_bytes())
-        return state, cost
+        return candidate, cost
+
+    def _reply_checks(self, method: Method) -> ReplyChecks:
+        return ReplyChecks(max_norm=self._max_norm(method),
+                           factor=self.config.reply_norm_factor,
+                           max_weight=self.config.max_client_weight,
+                           spool_root=self.checkpoint_dir)
 
     def _accept(
         self, method: Method, message: RecordDict, cid: int, content: Any,
         num_examples: int, cost: RoundCost,
-    ) -> Reply | None:
-        """Check a reply before the server may see it; a bad one is logged and left out."""
-        try:
-            check_reply(content, method.reply_shapes(message), self._max_norm(method))
-        except InvalidReply as error:
-            self._reject(cost, cid, str(error))
-            return None
-        problem = method.reply_problem(content)
-        if problem:
-            self._reject(cost, cid, problem)
-            return None
-        cost.bytes_up += payload_bytes(content)
-        return Reply(cid=cid, content=content, num_examples=num_examples)
+    ) -> bool:
+        """Hand a reply to the round: checked before the server may use it (a bad one is
+        logged and left out), then folded in or spooled; the runtime keeps no reference."""
+        return self._round.offer(cid, content, num_examples)
 
     @staticmethod
     def _reject(cost: RoundCost, cid: int, reason: str) -> None:

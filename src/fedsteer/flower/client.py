@@ -28,6 +28,7 @@ from fedsteer.federation.flower.secagg import (
     reply_to_fitres,
 )
 from fedsteer.federation.privacy import privatize_reply
+from fedsteer.federation.threads import apply_threads, client_processes
 from fedsteer.flower.config import FlowerRun, from_run_config, load_run_task
 from fedsteer.methods import Client, Environment, Method, make_method
 
@@ -46,6 +47,7 @@ def step(message: Message, context: Context) -> Message:
     """One client step of the run's method on this node's own data."""
     started = time.perf_counter()
     run = from_run_config(dict(context.run_config))
+    threads = _budget_threads(run, context)
     host = _host(run)
     secure = is_secure_message(message.content)
     method_message = _unwrap(message.content) if secure else message.content
@@ -57,7 +59,7 @@ def step(message: Message, context: Context) -> Message:
                               seed=run.config.seed, rnd=int(message.metadata.group_id or 0),
                               cid=client.cid)
     info = {"num-examples": len(client.data), "seconds": time.perf_counter() - started,
-            "peak-rss-bytes": peak_rss_bytes()}
+            "peak-rss-bytes": peak_rss_bytes(), "threads": threads}
     if secure:
         uniform = bool(message.content["fitins.config"][UNIFORM_KEY])
         fitres = reply_to_fitres(content, host.method.reply_shapes(method_message),
@@ -81,6 +83,7 @@ def secagg_when_asked(message: Message, context: Context, call_next) -> Message:
 def evaluate(message: Message, context: Context) -> Message:
     """The run's result scored on this node with what only it holds (AsynDBT's demos)."""
     run = from_run_config(dict(context.run_config))
+    _budget_threads(run, context)
     host = _host(run)
     client = host.client(_partition_id(context), context.node_config.get("data-file"))
     client.state = context.state
@@ -92,6 +95,12 @@ client_app = ClientApp(mods=[secagg_when_asked])
 client_app.query()(identify)
 client_app.train()(step)
 client_app.evaluate()(evaluate)
+
+
+def _budget_threads(run: FlowerRun, context: Context) -> int:
+    """This client process's share of the cores (a simulation actor's, or one of the
+    SuperNodes on this machine), or the run's `threads`: set before the model runs."""
+    return apply_threads(client_processes(context.node_config), run.config.threads)
 
 
 def _keep_state(kept: RecordDict, new: RecordDict) -> None:

@@ -29,6 +29,7 @@ from typing import TYPE_CHECKING, Any
 import tomli_w
 
 from fedsteer import settings
+from fedsteer.federation.threads import NODES_ON_MACHINE
 
 if TYPE_CHECKING:
     from fedsteer.experiment import RunConfig
@@ -225,12 +226,19 @@ def first_failure(work_dir: Path) -> tuple[Path, str] | None:
 
 
 def simulate(run_config: dict[str, Any], supernodes: int, work_dir: Path,
-             timeout: float = 7200.0, on_wait: Callable[[], None] | None = None) -> None:
-    """Run in Flower's simulation engine: `supernodes` virtual nodes, one per partition."""
+             timeout: float = 7200.0, on_wait: Callable[[], None] | None = None,
+             cpus_per_client: int | None = None) -> None:
+    """Run in Flower's simulation engine: `supernodes` virtual nodes, one per partition.
+
+    `cpus_per_client`: the CPUs each Ray actor is given (Flower's default: 2), so cores //
+    it actors run clients at once, each with that share of the cores as its threads."""
     app_dir = write_app(work_dir / "app", run_config)
+    federation = f"num-supernodes={supernodes}"
+    if cpus_per_client is not None:
+        federation += f" client-resources-num-cpus={int(cpus_per_client)}"
     with flower_processes(work_dir) as processes:
         start_superlink(processes, simulation=True)
-        submit(processes, app_dir, f"num-supernodes={supernodes}", timeout, on_wait)
+        submit(processes, app_dir, federation, timeout, on_wait)
 
 
 def deploy(run_config: dict[str, Any], node_configs: Sequence[dict[str, Any]], work_dir: Path,
@@ -247,7 +255,7 @@ def deploy(run_config: dict[str, Any], node_configs: Sequence[dict[str, Any]], w
 def run_on_flower(
     config: RunConfig, out_dir: Path, *, deployment: bool = False,
     save_dir: Path | None = None, round_timeout: float = 3600.0,
-    on_wait: Callable[[], None] | None = None,
+    on_wait: Callable[[], None] | None = None, cpus_per_client: int | None = None,
 ) -> dict[str, Any]:
     """Run `config` on Flower (simulation, or a localhost deployment); return its record.
 
@@ -271,10 +279,11 @@ def run_on_flower(
     nodes = 1 if centralized else config.clients
     work_dir = out_dir / "flower"
     if deployment:
-        node_configs = [{"partition-id": i, "num-partitions": nodes} for i in range(nodes)]
+        node_configs = [{"partition-id": i, "num-partitions": nodes, NODES_ON_MACHINE: nodes}
+                        for i in range(nodes)]  # all here: each client process's share
         deploy(run_config, node_configs, work_dir, on_wait=on_wait)
     else:
-        simulate(run_config, nodes, work_dir, on_wait=on_wait)
+        simulate(run_config, nodes, work_dir, on_wait=on_wait, cpus_per_client=cpus_per_client)
     if not (out_dir / RESULT_FILE).is_file():
         where, line = first_failure(work_dir) or (work_dir, "no error found in Flower's logs")
         raise FlowerRunFailed(f"Flower finished without a {RESULT_FILE}: {line}; see {where}")

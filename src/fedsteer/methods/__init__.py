@@ -21,6 +21,7 @@ from pydantic import TypeAdapter, ValidationError
 
 from fedsteer.methods.asyndbt import AsynDBT, CenDBT, SyncDBT
 from fedsteer.methods.base import (
+    Aggregator,
     AnyMethod,
     AsyncMethod,
     Client,
@@ -190,7 +191,7 @@ def _check_type(method: str, key: str, value: Any, hint: Any) -> None:
 
 
 __all__ = [
-    "METHODS", "AnyMethod", "AsyncMethod", "Client", "Environment", "Method", "MethodBase",
-    "OptionTypeError", "Reply", "check_options",
+    "METHODS", "Aggregator", "AnyMethod", "AsyncMethod", "Client", "Environment", "Method",
+    "MethodBase", "OptionTypeError", "Reply", "check_options",
     "describe_options", "make_method", "option_names", "seeded_rng",
 ]

@@ -21,7 +21,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 from abc import ABC, abstractmethod
-from collections.abc import Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from functools import cached_property
 from typing import Any, ClassVar, TypeVar
@@ -135,6 +135,51 @@ class Reply:
     num_examples: int
 
 
+class Aggregator(ABC):
+    """One round's aggregate built one reply at a time: a runtime hands it each reply it kept
+    (`add`, in the order it chooses) and asks once for the new state (`result`).
+
+    The runtime needs no list of the round's replies for it: a mean folds each reply into
+    a running weighted sum and drops it, so the server holds one model's worth of replies,
+    not N. A rule that needs every reply at once (median, trimmed mean, Krum, Bulyan, or a
+    method's own `aggregate`) keeps them, and says so with `holds_replies`.
+    """
+
+    #: True when `add` keeps the replies (memory grows with the clients)
+    holds_replies: ClassVar[bool] = False
+
+    @abstractmethod
+    def add(self, reply: Reply) -> None:
+        """Take one reply into the round's aggregate."""
+
+    @abstractmethod
+    def result(self) -> RecordDict:
+        """The new server state, from every reply added."""
+
+
+class HeldReplies(Aggregator):
+    """Keeps every reply for a batch step (`Method.aggregate`) at the end: what a method that
+    defines only `aggregate` gets, since its rule may need them all."""
+
+    holds_replies = True
+
+    def __init__(self, combine: Callable[[list[Reply]], RecordDict]) -> None:
+        self.combine, self.replies = combine, []
+
+    def add(self, reply: Reply) -> None:
+        self.replies.append(reply)
+
+    def result(self) -> RecordDict:
+        return self.combine(self.replies)
+
+
+def fold(aggregator: Aggregator, replies: Iterable[Reply]) -> RecordDict:
+    """The batch form of an aggregator: every reply added, in order, then its result."""
+    for reply in replies:
+        aggregator.add(reply)
+    return aggregator.result()
+
+
 @dataclass
 class BatchedSteps:
     """The replies of clients stepped together (`Method.client_steps`), in their order, and the
@@ -233,6 +278,14 @@ class Method(MethodBase):
 
     def aggregate(self, rnd: int, state: RecordDict, replies: Sequence[Reply]) -> RecordDict:
         return state
+
+    def aggregator(self, rnd: int, state: RecordDict) -> Aggregator:
+        """How round `rnd`'s replies become the new state, one at a time as they arrive;
+        runtimes call this, not `aggregate`. By default every reply is kept for `aggregate`.
+        A method whose rule is a mean returns one that folds each reply in
+        (`methods.aggregation.RecordsAggregator`) and defines `aggregate` as `fold` of it,
+        so the two never differ; a subclass overriding one of them overrides both."""
+        return HeldReplies(lambda replies: self.aggregate(rnd, state, replies))
 
     def secure_weighting(self, message: RecordDict) -> str:
         """How a secure mean weighs this round's replies: "examples" or "uniform"."""

@@ -18,13 +18,15 @@ import numpy as np
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, MetricRecord, RecordDict
 
-from fedsteer.methods.aggregation import aggregate_arrays, record_train_loss
+from fedsteer.methods.aggregation import RecordsAggregator, record_combiner
 from fedsteer.methods.base import (
+    Aggregator,
     BatchedSteps,
     Client,
     Environment,
     Method,
     Reply,
+    fold,
     seeded_rng,
     seeded_subset,
 )
@@ -106,9 +108,18 @@ class FedAvgLoRA(Method):
     def reply_shapes(self, message: RecordDict) -> dict[str, tuple[int, ...]]:
         return {f"adapter.{k}": tuple(v.shape) for k, v in message["adapter"].items()}
 
+    def aggregator(self, rnd: int, state: RecordDict) -> Aggregator:
+        """FedAvg folds each adapter into a running weighted sum as it arrives; the robust
+        rules (median, trimmed mean, Krum, Bulyan) need every adapter, and keep them."""
+        return RecordsAggregator(state, [record_combiner("adapter", self.rule)], losses=True,
+                                 finish=lambda new: self.after_average(rnd, new))
+
     def aggregate(self, rnd: int, state: RecordDict, replies: Sequence[Reply]) -> RecordDict:
-        state["adapter"] = aggregate_arrays(replies, "adapter", rule=self.rule, weighted=True)
-        return record_train_loss(state, replies)
+        return fold(self.aggregator(rnd, state), replies)
+
+    def after_average(self, rnd: int, state: RecordDict) -> RecordDict:
+        """The server's step after the adapters are combined (none here; FedPT distills)."""
+        return state
 
     # ---------------------------------------------------------------- client
     def client_step(self, message: RecordDict, client: Client) -> RecordDict:

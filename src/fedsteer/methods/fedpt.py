@@ -19,8 +19,8 @@ the large model zero-shot, so one run fills a comparison row.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -28,7 +28,8 @@ import torch.nn.functional as F
 from flwr.app import RecordDict
 
 from fedsteer.eval.metrics import classification_metrics
-from fedsteer.methods.base import Environment, Reply, seeded_rng, seeded_subset
+from fedsteer.files import atomic_write_json
+from fedsteer.methods.base import Environment, seeded_rng, seeded_subset
 from fedsteer.methods.fedavg_lora import FedAvgLoRA, adapter_record, record_weights
 from fedsteer.methods.local_training import LocalRun, epoch_batches, train_together
 from fedsteer.models.lora import adapter_weights, lora_adapter
@@ -37,6 +38,9 @@ from fedsteer.models.proxy import (
     check_shared_vocabulary,
     proxy_logprobs,
 )
+
+#: what `save_artifact` adds for the proxy-tuned output: its spec and its adapter's folder
+PROXY_FILE, PROXY_ADAPTER = "proxy.json", "proxy-adapter"
 
 
 @dataclass
@@ -61,8 +65,8 @@ class FedPT(FedAvgLoRA):
         self.server_env = env
         self.vocabulary(env)
 
-    def aggregate(self, rnd: int, state: RecordDict, replies: Sequence[Reply]) -> RecordDict:
-        state = super().aggregate(rnd, state, replies)  # FedAvg of the devices' adapters
+    def after_average(self, rnd: int, state: RecordDict) -> RecordDict:
+        """After FedAvg of the devices' adapters (folded in as they arrive): distillation."""
         state["fedavg_adapter"] = state["adapter"]
         if self.distill_epochs > 0:
             distilled = self.distill(state["adapter"], self.server_env, rnd)
@@ -119,6 +123,20 @@ class FedPT(FedAvgLoRA):
                              "use a task with a dev split or a test_size below the test split")
         rows = seeded_subset(env.transfer, self.distill_examples, self.seed, "transfer", rnd)
         return [env.task.format_query(ex) for ex in rows]  # text only; labels unused
+
+    # --------------------------------------------------------------- artifact
+    def save_artifact(self, state: RecordDict, directory, model_name: str, task_name: str):
+        """The distilled small adapter (peft's format, as FedAvg-LoRA saves it), and the
+        run's output beside it: `proxy.json` names the large model, the small pair and α,
+        and `proxy-adapter/` holds the averaged adapter the proxy is tuned with."""
+        directory = Path(super().save_artifact(state, directory, model_name, task_name))
+        averaged = state["fedavg_adapter"] if "fedavg_adapter" in state else state["adapter"]
+        proxy_state = RecordDict({"adapter": averaged})
+        super().save_artifact(proxy_state, directory / PROXY_ADAPTER, model_name, task_name)
+        spec = {"large": self.large, "small": model_name, "alpha": self.alpha,
+                "adapter": PROXY_ADAPTER, "task": task_name}
+        atomic_write_json(directory / PROXY_FILE, spec)
+        return directory
 
     # ------------------------------------------------------------- evaluation
     def evaluate(self, state: RecordDict, env: Environment) -> dict[str, Any]:

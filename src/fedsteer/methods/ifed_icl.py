@@ -62,13 +62,15 @@ import torch
 from flwr.app import ArrayRecord, ConfigRecord, MetricRecord, RecordDict
 
 from fedsteer.data import Example
-from fedsteer.methods.aggregation import aggregate_arrays, record_train_loss
+from fedsteer.methods.aggregation import RecordMean, RecordsAggregator
 from fedsteer.methods.base import (
+    Aggregator,
     BatchedSteps,
     Client,
     Environment,
     Method,
     Reply,
+    fold,
     seeded_rng,
 )
 from fedsteer.methods.icl import evaluate_prompting, select_demonstrations
@@ -188,14 +190,16 @@ class IFedICL(Method):
             return "uniform"
         return "examples"
 
+    def aggregator(self, rnd: int, state: RecordDict) -> Aggregator:
+        """Both phases are means, folded in as the replies arrive: round 0 the paper's
+        unweighted mean of the vectors (or FedAvg by |D_k|), then FedAvg of the coefficients."""
+        if rnd == 0:
+            return RecordsAggregator(
+                state, [RecordMean("vectors", weighted=self.weighting == "size")])
+        return RecordsAggregator(state, [RecordMean("coef", weighted=True)], losses=True)
+
     def aggregate(self, rnd: int, state: RecordDict, replies: Sequence[Reply]) -> RecordDict:
-        if rnd == 0:  # the paper's unweighted mean of the vectors, or FedAvg by |D_k|
-            state["vectors"] = aggregate_arrays(
-                replies, "vectors", weighted=self.weighting == "size"
-            )
-            return state
-        state["coef"] = aggregate_arrays(replies, "coef", weighted=True)
-        return record_train_loss(state, replies)
+        return fold(self.aggregator(rnd, state), replies)
 
     # ---------------------------------------------------------------- client
     def client_step(self, message: RecordDict, client: Client) -> RecordDict:

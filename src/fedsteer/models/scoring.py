@@ -16,6 +16,7 @@ find most likely right after the prompt? This module answers it fast and exactly
 from __future__ import annotations
 
 import copy
+import functools
 import inspect
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -34,6 +35,22 @@ class GroupedBatch:
     ids: torch.Tensor
     mask: torch.Tensor
     groups: RowGroups
+
+
+def forward_kwargs(model, keep: int, cache: DynamicCache | None) -> dict:
+    """`logits_to_keep` where the model takes it (the LM head only where read) and the
+    cache under its name (transformers 5.x renamed `past_key_values` to `cache`)."""
+    params = _forward_parameters(type(model))
+    kwargs: dict = {"logits_to_keep": keep} if "logits_to_keep" in params else {}
+    kwargs["use_cache"] = cache is not None
+    if cache is not None:
+        kwargs["cache" if "cache" in params else "past_key_values"] = cache
+    return kwargs
+
+
+@functools.cache
+def _forward_parameters(model_type: type) -> frozenset[str]:
+    return frozenset(inspect.signature(model_type.forward).parameters)
 
 
 class LabelWordError(ValueError):
@@ -86,10 +103,6 @@ class LabelScorer:
         self.batch_size = batch_size
         self.multi_token = multi_token
         self.labels = tokenize_label_words(lm.tokenizer, label_words, multi_token)
-        params = inspect.signature(lm.model.forward).parameters
-        self._keeps_logits = "logits_to_keep" in params
-        # transformers 5.x renamed `past_key_values` to `cache`; accept either.
-        self._cache_kwarg = "cache" if "cache" in params else "past_key_values"
 
     # ----------------------------------------------------------------- public
     @torch.no_grad()
@@ -230,13 +243,5 @@ class LabelScorer:
         positions = prefix_len + (mask.cumsum(-1) - 1).clamp(min=0)
         if prefix_len:
             mask = torch.cat([torch.ones(len(ids), prefix_len, dtype=mask.dtype), mask], dim=1)
-        kwargs = {"logits_to_keep": keep} if self._keeps_logits else {}
-        if cache is not None:
-            kwargs[self._cache_kwarg] = cache
-        return self.lm.model(
-            input_ids=ids,
-            attention_mask=mask,
-            position_ids=positions,
-            use_cache=cache is not None,
-            **kwargs,
-        )
+        return self.lm.model(input_ids=ids, attention_mask=mask, position_ids=positions,
+                             **forward_kwargs(self.lm.model, keep, cache))

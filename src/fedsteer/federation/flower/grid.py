@@ -33,51 +33,64 @@ class GridRuntime(Runtime):
     """
 
     def __init__(self, grid: Grid, nodes: dict[int, NodeInfo], config: RuntimeConfig,
-                 timeout: float = 3600.0, secure: bool = False) -> None:
+                 timeout: float = 3600.0, secure: bool = False, poll: float = 0.2) -> None:
         super().__init__(config)
         self.grid, self.nodes, self.timeout, self.secure = grid, nodes, timeout, secure
         self.node_of = {cid: info.node_id for cid, info in nodes.items()}
+        self.poll = poll  # seconds between two pulls of the replies in
 
     def _collect(self, method: Method, message: RecordDict, sampled: list[int],
-                 cost: RoundCost) -> list[Reply]:
+                 cost: RoundCost) -> None:
+        """Push the round's messages, then pull the replies as they come and hand each to
+        the round at once (`Grid.send_and_receive` would hold all of them until the last)."""
         if self.secure:
             return self._collect_secure(method, message, sampled, cost)
         down = payload_bytes(message)
-        outgoing = [
+        outgoing = [  # a list: Flower's grids go over the messages more than once
             Message(content=copy.deepcopy(message), dst_node_id=self.node_of[cid],
                     message_type=MessageType.TRAIN, group_id=str(cost.round))
             for cid in sampled
         ]
         cost.clients.extend(sampled)
         cost.bytes_down += down * len(sampled)
-        answers = {m.metadata.src_node_id: m for m in
-                   self.grid.send_and_receive(outgoing, timeout=self.timeout)}
-        replies = []
-        for cid in sampled:
-            reply = self._receive(method, message, cid, answers.get(self.node_of[cid]), cost)
-            if reply is not None:
-                replies.append(reply)
-        return replies
+        waiting = dict(zip(self.grid.push_messages(outgoing), sampled, strict=True))
+        del outgoing
+        deadline = time.monotonic() + self.timeout
+        while waiting and time.monotonic() < deadline:
+            answers = list(self.grid.pull_messages(list(waiting)))
+            for answer in answers:
+                cid = waiting.pop(answer.metadata.reply_to_message_id, None)
+                if cid is not None:
+                    self._receive(method, message, cid, answer, cost)
+            del answers
+            if waiting:
+                time.sleep(self.poll)
+        for cid in waiting.values():
+            self._receive(method, message, cid, None, cost)
+        return None
 
-    def _receive(self, method, message, cid: int, answer: Message | None, cost: RoundCost):
+    def _receive(self, method, message, cid: int, answer: Message | None,
+                 cost: RoundCost) -> None:
         if answer is None:
             self._reject(cost, cid, f"no reply within {self.timeout:g} s")
-            return None
+            return
         if answer.has_error():
             self._reject(cost, cid, f"client failed: {answer.error.reason}")
-            return None
+            return
         content = answer.content
         info = content.metric_records.get(CLIENT_INFO)
         if info is None:
             self._reject(cost, cid, f"reply carries no {CLIENT_INFO!r} record")
-            return None
+            return
         del content[CLIENT_INFO]
         cost.client_seconds += float(info["seconds"])
         cost.peak_rss_bytes = max(cost.peak_rss_bytes, int(info["peak-rss-bytes"]))
-        return self._accept(method, message, cid, content, int(info["num-examples"]), cost)
+        if "threads" in info:
+            cost.client_threads[cid] = int(info["threads"])
+        self._accept(method, message, cid, content, int(info["num-examples"]), cost)
 
     def _collect_secure(self, method: Method, message: RecordDict, sampled: list[int],
-                        cost: RoundCost) -> list[Reply]:
+                        cost: RoundCost) -> None:
         """SecAgg+: one reply holding the (weighted) mean; no single payload is ever seen."""
         uniform = method.secure_weighting(message) == "uniform"
         result = secure_round(
@@ -95,13 +108,13 @@ class GridRuntime(Runtime):
         for cid in sorted(set(sampled) - {cid_of[n] for n in result.answered}):
             self._reject(cost, cid, "dropped out of secure aggregation")
         if result.mean is None:
-            return []
+            return
         try:
             check_reply(result.mean, method.reply_shapes(message), None)
         except InvalidReply as error:
             self._reject(cost, -1, f"secure mean: {error}")
-            return []
-        return [Reply(cid=-1, content=result.mean, num_examples=result.total_weight)]
+            return
+        self._round.take(Reply(cid=-1, content=result.mean, num_examples=result.total_weight))
 
 
 @dataclass
