@@ -23,6 +23,7 @@ import time
 from common import RESULTS, cell, grid_arguments, pct, summarize, write_outputs
 
 from fedsteer.data import load_task
+from fedsteer.eval.metrics import mcnemar_exact
 from fedsteer.experiment import RunConfig
 from fedsteer.methods import seeded_rng
 from fedsteer.methods.icl import select_demonstrations
@@ -60,7 +61,28 @@ def scoring_cost(lm, task_name: str, n: int = 96, shots: int = 4, repeats: int =
     }
 
 
-def markdown(rows: dict, cost: dict, wall: float, args) -> str:
+def paired_lines(records: list[dict]) -> list[str]:
+    """Central ICL against zero-shot on the same rows, per seed: exact McNemar. (Local ICL's
+    rows stay with its clients, which report only their accuracy, so it has no paired test.)"""
+    zero = {(r["model"], r["task"]): r for r in records if r["method"] == "zero-shot"}
+    lines = ["", "Central ICL vs zero-shot on the same rows (exact McNemar per seed: rows only "
+             "central ICL gets right / only zero-shot gets right, p):", "",
+             "| model | task | seed | Δ acc (points) | only central / only zero-shot | p |",
+             "|---|---|---:|---:|---:|---:|"]
+    for r in sorted((r for r in records if r["method"] == "central-icl"),
+                    key=lambda r: (r["model"], r["task"], r["config"]["seed"])):
+        base = zero.get((r["model"], r["task"]))
+        if base is None or not (r.get("per_row") and base.get("per_row")):
+            continue
+        only_central, only_zero, p = mcnemar_exact(r["per_row"]["correct"],
+                                                   base["per_row"]["correct"])
+        delta = 100 * (r["metrics"]["accuracy"] - base["metrics"]["accuracy"])
+        lines.append(f"| {r['model']} | {r['task']} | {r['config']['seed']} | {delta:+.1f} | "
+                     f"{only_central} / {only_zero} | {p:.2g}{' *' if p < 0.05 else ''} |")
+    return lines
+
+
+def markdown(rows: dict, records: list[dict], cost: dict, wall: float, args) -> str:
     lines = [f"{args.clients} clients, Dirichlet α = {args.alpha}, {args.test_size} test rows "
              f"(the same rows for every method), seeds {args.seeds}; accuracy % as mean ± std "
              "over seeds [95 % interval: Wilson for one run, t over seeds]; ICL shows `shots` "
@@ -72,6 +94,7 @@ def markdown(rows: dict, cost: dict, wall: float, args) -> str:
             return pct(rows.get(f"{model}/{task}/{method}"), with_clients=True)
         lines.append(f"| {model} | {task} | {get('zero-shot')} | {get('local-icl')} | "
                      f"{get('central-icl')} |")
+    lines += paired_lines(records)
     lines += [
         "",
         f"Scoring cost on {cost['task']} ({cost['examples']} queries, {cost['shots']}-shot "
@@ -133,7 +156,7 @@ def main() -> None:
     rows = summarize(records)
     wall = time.time() - started
     summary = {"rows": rows, "scoring_cost": cost, "wall_seconds": wall}
-    write_outputs(RESULTS, args.name, summary, markdown(rows, cost, wall, args), args)
+    write_outputs(RESULTS, args.name, summary, markdown(rows, records, cost, wall, args), args)
 
 
 if __name__ == "__main__":

@@ -147,9 +147,29 @@ def plot(points: list[dict], path: Path) -> None:
     plt.close(fig)
 
 
-def markdown(speed: dict, points: list[dict], args) -> str:
-    lines = [f"# Performance: {args.model} scorer, {args.scale_model} at scale", "",
-             f"## Scoring throughput ({speed['examples']} sst2 queries, batch "
+def markdown(speed: dict | None, points: list[dict], args) -> str:
+    lines = [f"# Performance: {args.model} scorer, {args.scale_model} at scale", ""]
+    if speed is not None:
+        lines += throughput_lines(speed, args)
+    lines += [f"## Scale (IID, {args.examples_per_client} examples per client, one round, "
+              f"{args.scale_test_size} test rows, fresh process each)", "",
+              "| method | clients | wall s | peak RSS GB | bytes up/round | client s |",
+              "|---|---:|---:|---:|---:|---:|"]
+    for p in points:
+        lines.append(f"| {p['method']} | {p['clients']} | {p['wall_seconds']:.0f} | "
+                     f"{p['peak_rss_bytes'] / 1e9:.2f} | {p['bytes_up_per_round']:.0f} | "
+                     f"{p['client_seconds']:.0f} |")
+    for method in sorted({p["method"] for p in points}):
+        mine = sorted((p for p in points if p["method"] == method), key=lambda p: p["clients"])
+        if len(mine) > 1:
+            ratio = mine[-1]["peak_rss_bytes"] / mine[0]["peak_rss_bytes"]
+            lines.append(f"\n{method}: peak RSS at {mine[-1]['clients']} clients is "
+                         f"{ratio:.2f}× that at {mine[0]['clients']} (issue 20's bar: ≤ 1.2×).")
+    return "\n".join(lines) + "\n"
+
+
+def throughput_lines(speed: dict, args) -> list[str]:
+    lines = [f"## Scoring throughput ({speed['examples']} sst2 queries, batch "
              f"{speed['batch_size']}, best of {args.repeats})", "",
              "| path | examples/s | time vs plain forward | vs last-position forward |",
              "|---|---:|---:|---:|"]
@@ -159,16 +179,8 @@ def markdown(speed: dict, points: list[dict], args) -> str:
     lines += ["", f"Predictions of the plain forward and the scorer agree on "
               f"{100 * speed['agreement']:.0f} % of {speed['agreement_checked']} queries. The "
               "plain forward computes logits at every position, as `model(**inputs)` does; "
-              "the scorer asks for the last position only (`logits_to_keep=1`).", "",
-              f"## Scale (IID, {args.examples_per_client} examples per client, one round, "
-              f"{args.scale_test_size} test rows, fresh process each)", "",
-              "| method | clients | wall s | peak RSS GB | bytes up/round | client s |",
-              "|---|---:|---:|---:|---:|---:|"]
-    for p in points:
-        lines.append(f"| {p['method']} | {p['clients']} | {p['wall_seconds']:.0f} | "
-                     f"{p['peak_rss_bytes'] / 1e9:.2f} | {p['bytes_up_per_round']:.0f} | "
-                     f"{p['client_seconds']:.0f} |")
-    return "\n".join(lines) + "\n"
+              "the scorer asks for the last position only (`logits_to_keep=1`).", ""]
+    return lines
 
 
 def main() -> None:
@@ -182,16 +194,22 @@ def main() -> None:
     parser.add_argument("--methods", nargs="+", default=["ifed-icl", "fedavg-lora"])
     parser.add_argument("--examples-per-client", type=int, default=4)
     parser.add_argument("--scale-test-size", type=int, default=50)
+    parser.add_argument("--skip-throughput", action="store_true",
+                        help="only the scale part (e.g. memory vs clients)")
+    parser.add_argument("--name", default="performance",
+                        help="summary files <report-dir>/<name>.{md,json,_scale.png}")
     output_arguments(parser, "performance")
     args = parser.parse_args()
     started = time.time()
-    speed = throughput(load_model(args.model), args.examples, args.batch_size, args.repeats)
-    print("throughput:", json.dumps(speed), flush=True)
+    speed = None
+    if not args.skip_throughput:
+        speed = throughput(load_model(args.model), args.examples, args.batch_size, args.repeats)
+        print("throughput:", json.dumps(speed), flush=True)
     points = [scale_point(m, c, args) for m in args.methods for c in args.clients]
     args.report_dir.mkdir(parents=True, exist_ok=True)
-    plot(points, args.report_dir / "performance_scale.png")
+    plot(points, args.report_dir / f"{args.name}_scale.png")
     summary = {"throughput": speed, "scale": points, "wall_seconds": time.time() - started}
-    write_outputs(args.report_dir, "performance", summary, markdown(speed, points, args), args)
+    write_outputs(args.report_dir, args.name, summary, markdown(speed, points, args), args)
 
 
 if __name__ == "__main__":

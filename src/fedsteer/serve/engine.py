@@ -1,10 +1,11 @@
 """The one thread that runs the models: requests for the same served name are batched.
 
 HTTP handlers put `Job`s in a queue; the engine takes the oldest job's name, waits a short
-window for more jobs of that name, and runs them (up to `max_batch_rows` rows) as one
-left-padded forward with a key/value cache, then one token per step for every row until
-each has its answer. Jobs of other names wait their turn, so a batch never mixes names and
-an adaptation's hooks are on only around its own forwards. A cancelled job (timeout, client
+window for more jobs of that name, and runs them (up to `max_batch_rows` rows), sorted by
+length into forwards of `chunk_rows` (little padding), each a left-padded forward with a
+key/value cache, then one token per step for every row until each has its answer. Jobs of
+other names wait their turn, so a batch never mixes names and an adaptation's hooks are on
+only around its own forwards. A cancelled job (timeout, client
 gone) drops out between steps; an error fails that batch's jobs, never the engine.
 """
 
@@ -76,14 +77,16 @@ class Engine:
     """Owns the models' thread; `submit` is safe from any thread."""
 
     def __init__(self, adaptations: dict[str, Adaptation], max_batch_rows: int = 32,
-                 window_seconds: float = 0.005) -> None:
+                 window_seconds: float = 0.005, chunk_rows: int = 16) -> None:
         self.adaptations = adaptations
         self.max_batch_rows, self.window = max_batch_rows, window_seconds
+        self.chunk_rows = chunk_rows  # rows of one forward, sorted by length within a batch
         self.tokenizer_lock = threading.Lock()  # HF tokenizers are not safe across threads
         self._jobs: deque[Job] = deque()
         self._ready = threading.Condition()
         self._stopped = False
-        self.batches: list[tuple[str, int]] = []  # (name, rows) per forward batch, for tests
+        #: (name, rows) of the latest batches: what batching did, for tests and logs
+        self.batches: deque[tuple[str, int]] = deque(maxlen=1000)
         self._thread = threading.Thread(target=self._loop, name="fedsteer-engine", daemon=True)
         self._thread.start()
 
@@ -182,18 +185,34 @@ def left_pad(seqs: list[list[int]], pad: int) -> tuple[torch.Tensor, torch.Tenso
 
 @torch.no_grad()
 def generate(engine: Engine, adaptation: Adaptation, jobs: list[Job]) -> list[Answer]:
-    """Every row of `jobs` answered in one batched decode (greedy unless a temperature)."""
-    rows = [(job, row) for job in jobs for row in job.rows]
+    """Every row of `jobs` answered, in chunks of `chunk_rows` rows of similar length (as
+    the offline scorer batches: arrival order padded a batch of sst2 rows to 1.7x the
+    tokens)."""
+    rows = [(job, row, i) for job in jobs for i, row in enumerate(job.rows)]
+    order = sorted(range(len(rows)), key=lambda i: len(rows[i][1].ids))
+    answers: list[Answer] = [Answer()] * len(rows)
+    for start in range(0, len(order), engine.chunk_rows):
+        chunk = order[start : start + engine.chunk_rows]
+        for i, answer in zip(chunk, decode(engine, adaptation, [rows[i] for i in chunk]),
+                             strict=True):
+            answers[i] = answer
+    return answers
+
+
+def decode(engine: Engine, adaptation: Adaptation, rows: list[tuple[Job, Row, int]]
+           ) -> list[Answer]:
+    """One left-padded forward with a cache, then a token per step (greedy unless a
+    temperature) until every row has its answer."""
     tokenizer = adaptation.base.tokenizer
-    ids, mask = left_pad([row.ids for _, row in rows], tokenizer.pad_token_id or 0)
+    ids, mask = left_pad([row.ids for _, row, _ in rows], tokenizer.pad_token_id or 0)
     forwards = [Forward(stream, ids, mask) for stream in adaptation.streams]
-    echo = any(row.echo for _, row in rows)
+    echo = any(row.echo for _, row, _ in rows)
     logprobs = adaptation.combine([f.first(echo) for f in forwards])
     decoding = Decoding(engine, tokenizer, rows)
     if echo:
         decoding.echo(ids, mask, logprobs)
     last = logprobs[:, -1]
-    for _ in range(max(row.max_tokens for _, row in rows)):
+    for _ in range(max(row.max_tokens for _, row, _ in rows)):
         tokens = decoding.step(last)
         if decoding.finished():
             break
@@ -204,17 +223,17 @@ def generate(engine: Engine, adaptation: Adaptation, jobs: list[Job]) -> list[An
 class Decoding:
     """Per-row bookkeeping of a batched decode: chosen tokens, texts, stops, streaming."""
 
-    def __init__(self, engine: Engine, tokenizer, rows: list[tuple[Job, Row]]) -> None:
+    def __init__(self, engine: Engine, tokenizer, rows: list[tuple[Job, Row, int]]) -> None:
         self.engine, self.tokenizer, self.rows = engine, tokenizer, rows
         self.out = [Answer() for _ in rows]
-        self.generators = [_generator(row) for _, row in rows]
-        for (_, row), answer in zip(rows, self.out, strict=True):
+        self.generators = [_generator(row) for _, row, _ in rows]
+        for (_, row, _), answer in zip(rows, self.out, strict=True):
             if row.max_tokens == 0:
                 answer.finish_reason = "length"
 
     def echo(self, ids: torch.Tensor, mask: torch.Tensor, logprobs: torch.Tensor) -> None:
         """The prompt's own tokens and the log-prob the model gave each (None for the first)."""
-        for i, ((_, row), answer) in enumerate(zip(self.rows, self.out, strict=True)):
+        for i, ((_, row, _), answer) in enumerate(zip(self.rows, self.out, strict=True)):
             if not row.echo:
                 continue
             start = ids.shape[1] - row.prompt_tokens
@@ -226,17 +245,17 @@ class Decoding:
     def step(self, last: torch.Tensor) -> torch.Tensor:
         """Choose each row's next token; record it for rows still going."""
         chosen = torch.zeros((len(self.rows), 1), dtype=torch.long)
-        for i, ((job, row), answer) in enumerate(zip(self.rows, self.out, strict=True)):
+        for i, ((job, row, index), answer) in enumerate(zip(self.rows, self.out, strict=True)):
             if answer.finish_reason is None and job.cancelled.is_set():
                 answer.finish_reason = "cancelled"
             if answer.finish_reason is not None:
                 continue
             token = _choose(last[i], row, self.generators[i])
             chosen[i, 0] = token
-            self._append(i, job, row, answer, token, last[i])
+            self._append(index, job, row, answer, token, last[i])
         return chosen
 
-    def _append(self, i: int, job: Job, row: Row, answer: Answer, token: int,
+    def _append(self, index: int, job: Job, row: Row, answer: Answer, token: int,
                 logprobs: torch.Tensor) -> None:
         if token == self.tokenizer.eos_token_id:
             answer.finish_reason = "stop"
@@ -251,11 +270,8 @@ class Decoding:
         elif len(answer.tokens) >= row.max_tokens:
             answer.finish_reason = "length"
         if job.on_token is not None:
-            job.on_token(i - self._first_row(job), piece, text[len(answer.text):])
+            job.on_token(index, piece, text[len(answer.text):])
         answer.text = text
-
-    def _first_row(self, job: Job) -> int:
-        return next(i for i, (owner, _) in enumerate(self.rows) if owner is job)
 
     def _token(self, token: int, logprobs: torch.Tensor | None, top: int | None) -> Token:
         with self.engine.tokenizer_lock:
