@@ -180,9 +180,14 @@ def run(
     save: Annotated[Path | None, typer.Option(
         help="write the adapted model (e.g. IFed-ICL's vectors + coefficients) here")] = None,
     dp_clip: Annotated[float | None, typer.Option(
-        help="client-level DP: clip each reply record's update to this L2 norm")] = None,
+        help="DP: each client clips each reply record's update to this L2 norm")] = None,
     dp_noise: Annotated[float, typer.Option(
-        help="client-level DP: Gaussian noise std as a multiple of --dp-clip")] = 0.0,
+        help="DP: Gaussian noise std as a multiple of --dp-clip (local: on each reply; "
+             "central: once on the round's mean, divided by the replies)")] = 0.0,
+    dp_mode: Annotated[str, typer.Option(
+        help="local: clients noise their replies; central: clients clip, the server adds "
+             "noise once to the mean (trusted server; Flower's fixed-clipping recipe)")]
+    = "local",
     dp_delta: Annotated[float, typer.Option(help="δ at which ε is reported")] = 1e-5,
     dp_clip_record: Annotated[list[str] | None, typer.Option(
         help="a record's own clip norm, NAME=NORM (repeatable), e.g. vectors=60")] = None,
@@ -235,7 +240,7 @@ def run(
         "task": task, "model": model, "clients": clients, "alpha": alpha,
         "partition": partition_scheme, "rounds": rounds, "fraction": fraction, "seed": seed,
         "test_size": test_size or None, "shots": shots, "batch_size": batch_size,
-        "dp_clip": dp_clip, "dp_noise": dp_noise, "dp_delta": dp_delta,
+        "dp_clip": dp_clip, "dp_noise": dp_noise, "dp_delta": dp_delta, "dp_mode": dp_mode,
         "dp_record_clips": _parse_options(dp_clip_record or []), "dp_adjacency": dp_adjacency,
         "secagg": secagg, "eval_every": eval_every, "max_reply_norm": max_reply_norm,
         "reply_norm_factor": reply_norm_factor, "max_client_weight": max_client_weight,

@@ -21,7 +21,7 @@ from fedsteer.eval.costs import reset_peak_rss, summarize_costs
 from fedsteer.eval.metrics import accuracy_interval
 from fedsteer.eval.record import environment, write_provenance, write_result
 from fedsteer.federation import InProcessRuntime, Runtime, RuntimeConfig
-from fedsteer.federation.privacy import ClientDP
+from fedsteer.federation.privacy import CentralDP, ClientDP
 from fedsteer.federation.runtime import client_batch_size
 from fedsteer.federation.threads import thread_budget
 from fedsteer.methods import METHODS, Client, Environment, make_method
@@ -65,6 +65,8 @@ class RunConfig:
     dp_delta: float = 1e-5
     dp_record_clips: dict[str, float] = field(default_factory=dict)  # per-record clip norms
     dp_adjacency: str = "replace-one"  # what ε protects: a client replaced (or added/removed)
+    #: local: each client noises its reply; central: clients clip, the server noises the mean
+    dp_mode: str = "local"
     secagg: bool = False  # Flower only: SecAgg+, the server sees only the mean of replies
     eval_every: int = 0  # evaluate after every k-th round too (accuracy per round); 0: at the end
     options: dict[str, Any] = field(default_factory=dict)  # method-specific extras
@@ -100,14 +102,31 @@ def test_set_warnings(test: list[Example], labels: tuple[str, ...]) -> list[str]
 
 
 def client_dp(config: RunConfig) -> ClientDP | None:
+    """What each client does to its reply: clip and noise (local DP), clip only (central)."""
     if config.dp_clip is None:
         return None
+    central = central_dp(config)
+    if central is not None:
+        return central.client_side()
     if config.dp_adjacency == "add-remove" and not config.secagg:
         raise ValueError("dp adjacency add-remove holds only when the server sees no more than "
                          "the sum of the replies (--secagg on Flower); the server here sees "
                          "each reply, so one client's replacement is the unit: replace-one")
     return ClientDP(clip=config.dp_clip, noise_multiplier=config.dp_noise, delta=config.dp_delta,
                     record_clips=dict(config.dp_record_clips), adjacency=config.dp_adjacency)
+
+
+def central_dp(config: RunConfig) -> CentralDP | None:
+    """The server's part of central DP (its noise and accounting), when asked for."""
+    if config.dp_mode not in ("local", "central"):
+        raise ValueError(f"dp mode {config.dp_mode!r}: use 'local' or 'central'")
+    if config.dp_clip is None or config.dp_mode == "local":
+        return None
+    if config.secagg:
+        raise ValueError("central DP with --secagg is not built yet: the noise would have to "
+                         "join the secure mean; use one or the other")
+    return CentralDP(clip=config.dp_clip, noise_multiplier=config.dp_noise,
+                     delta=config.dp_delta, record_clips=dict(config.dp_record_clips))
 
 
 def transfer_rows(task: Task, evaluated: list[Example]) -> list[Example]:
@@ -175,6 +194,7 @@ def async_config(method: AsyncMethod):
 def runtime_config(config: RunConfig) -> RuntimeConfig:
     return RuntimeConfig(fraction=config.fraction, seed=config.seed,
                          max_reply_norm=config.max_reply_norm, dp=client_dp(config),
+                         central_dp=central_dp(config),
                          reply_norm_factor=config.reply_norm_factor,
                          max_client_weight=config.max_client_weight,
                          tolerate_client_errors=config.tolerate_client_errors,

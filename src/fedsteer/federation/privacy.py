@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+from typing import Any
 
 import dp_accounting
 import numpy as np
@@ -114,7 +115,8 @@ class PrivacyLedger:
     dp: ClientDP
     noise_multipliers: list[float] = field(default_factory=list)
 
-    def record_round(self, array_records: int) -> None:
+    def record_round(self, array_records: int, sampled: int = 0) -> None:
+        """One round's release (`sampled` is unused: each client noises its own reply)."""
         if array_records:  # k records, each its own clip: one mechanism of z/(s·√k)
             self.noise_multipliers.append(
                 self.dp.noise_multiplier / (self.dp.sensitivity * math.sqrt(array_records)))
@@ -124,7 +126,8 @@ class PrivacyLedger:
 
     def summary(self) -> dict[str, float | int]:
         """The result record's `privacy` block."""
-        return {"epsilon": self.epsilon(), "delta": self.dp.delta, "clip": self.dp.clip,
+        return {"mode": "local", "epsilon": self.epsilon(), "delta": self.dp.delta,
+                "clip": self.dp.clip,
                 "record_clips": self.dp.record_clips,
                 "noise_multiplier": self.dp.noise_multiplier,
                 "adjacency": self.dp.adjacency, "sensitivity_in_clips": self.dp.sensitivity,
@@ -154,3 +157,135 @@ def noise_for_epsilon(epsilon: float, delta: float, rounds: int,
         lambda z: dp_accounting.SelfComposedDpEvent(dp_accounting.GaussianDpEvent(z), rounds),
         epsilon, delta,
     ))
+
+
+# ------------------------------------------------------------------ central DP
+@dataclass
+class CentralDP:
+    """Central DP: clients clip (no noise), the server adds Gaussian noise once to the mean.
+
+    Flower's fixed-clipping recipe (`DifferentialPrivacyClientSideFixedClipping` with
+    `fixedclipping_mod`): each client clips its update to `clip` (per array record; the
+    update of a record the message also carries, as `ClientDP` does), every reply weighs the
+    same, and the server adds N(0, σ²) with σ = `compute_stdv(z, clip, m)` = z·clip/m to the
+    mean of the m replies. Here the noise N(0, (z·clip)²) joins the running sum with the
+    first reply folded, which is the same distribution on the mean and needs no list of the
+    replies. The server sees each clipped reply (it is trusted; the guarantee holds against
+    everyone who sees the results). Accounted with Flower's RDP accountant (Google's
+    `dp_accounting` underneath) over the rounds that ran: all clients each round → no
+    amplification, add-or-remove-one adjacency (sensitivity clip); a fixed-size sample of
+    m of N (`--fraction`) → sampling without replacement, replace-one adjacency
+    (sensitivity 2·clip), the only pairs Flower's accountant supports.
+    """
+
+    clip: float
+    noise_multiplier: float
+    delta: float = 1e-5
+    record_clips: dict[str, float] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.clip <= 0 or any(c <= 0 for c in self.record_clips.values()):
+            raise ValueError(f"dp clip norms must be > 0, got {self.clip}, {self.record_clips}")
+        if self.noise_multiplier < 0:
+            raise ValueError(f"dp noise multiplier must be >= 0, got {self.noise_multiplier}")
+
+    def client_side(self) -> ClientDP:
+        """What each client does: clip, add nothing (the server's noise is the mechanism)."""
+        return ClientDP(self.clip, 0.0, self.delta, self.record_clips)
+
+    def unclipped(self, reply: RecordDict, message: RecordDict) -> str | None:
+        """Why a reply is not clipped as promised (the server checks: its sensitivity, hence
+        ε, rests on it), or None."""
+        for name, record in reply.array_records.items():
+            clip, reference = self.record_clips.get(name, self.clip), message.array_records.get(
+                name)
+            squared = sum(float(np.sum(np.square(
+                a.numpy().astype(np.float64) - _reference(reference, key, a.numpy()))))
+                for key, a in record.items())
+            if math.sqrt(squared) > clip * (1 + 1e-4):
+                return (f"record {name!r} update norm {math.sqrt(squared):.4g} exceeds the DP "
+                        f"clip {clip:g}")
+        return None
+
+    def noised(self, reply: RecordDict, rng: np.random.Generator,
+               contributors: int = 1) -> RecordDict:
+        """`reply` with the round's noise added to each array record: σ = z·clip/`contributors`
+        (Flower's `compute_stdv`) on a reply that stands for `contributors` clients' sum
+        share, so that the mean of the round carries σ = z·clip/m."""
+        from flwr.supercore.differential_privacy import compute_stdv
+
+        noisy = RecordDict()
+        for name, record in reply.items():
+            if isinstance(record, ArrayRecord):
+                sigma = compute_stdv(self.noise_multiplier, self.record_clips.get(
+                    name, self.clip), 1) / contributors
+                record = ArrayRecord({k: Array((a.numpy() + rng.normal(0.0, sigma, a.shape))
+                                               .astype(a.numpy().dtype))
+                                      for k, a in record.items()})
+            noisy[name] = record
+        return noisy
+
+
+@dataclass
+class CentralLedger:
+    """Central DP's spending: one sampled Gaussian release per round, Flower's accountant."""
+
+    dp: CentralDP
+    population: int
+    #: per round: z/√k (k array records, each with its own clip) and the clients sampled
+    releases: list[tuple[float, int]] = field(default_factory=list)
+
+    def record_round(self, array_records: int, sampled: int) -> None:
+        if array_records and sampled:
+            self.releases.append((self.dp.noise_multiplier / math.sqrt(array_records),
+                                  min(sampled, self.population)))
+
+    @property
+    def every_client(self) -> bool:
+        """Every round heard all clients: no amplification, add-or-remove adjacency."""
+        return all(m >= self.population for _, m in self.releases)
+
+    @property
+    def sensitivity(self) -> float:
+        """In clips: a client added or removed moves the sum by clip, one replaced by 2·clip."""
+        return 1.0 if self.every_client else 2.0
+
+    def epsilon(self) -> float:
+        if not self.releases:
+            return 0.0
+        if min(z for z, _ in self.releases) == 0:
+            return math.inf
+        return float(self._accountant().get_epsilon(self.dp.delta))
+
+    def _accountant(self):
+        from flwr.supercore.privacy_accounting import (
+            GaussianPrivacyEvent,
+            NeighboringRelation,
+            PrivacyConfig,
+            SamplingMethod,
+        )
+        from flwr.supercore.privacy_accounting.rdp_accountant import RdpAccountant
+
+        config = PrivacyConfig(
+            self.dp.delta, self.population,
+            NeighboringRelation.ADD_OR_REMOVE_ONE if self.every_client
+            else NeighboringRelation.REPLACE_ONE,
+            SamplingMethod.NO_AMPLIFICATION if self.every_client
+            else SamplingMethod.WITHOUT_REPLACEMENT)
+        accountant = RdpAccountant(config)
+        for z, sampled in self.releases:
+            accountant.compose(GaussianPrivacyEvent(z / self.sensitivity, sampled,
+                                                    self.population))
+        return accountant
+
+    def summary(self) -> dict[str, Any]:
+        """The result record's `privacy` block."""
+        sampled_all = self.every_client
+        return {"mode": "central", "epsilon": self.epsilon(), "delta": self.dp.delta,
+                "clip": self.dp.clip, "record_clips": self.dp.record_clips,
+                "noise_multiplier": self.dp.noise_multiplier,
+                "adjacency": "add-remove" if sampled_all else "replace-one",
+                "sensitivity_in_clips": self.sensitivity,
+                "sampling": "none (every client)" if sampled_all
+                else "fixed size, without replacement",
+                "population": self.population, "rounds_accounted": len(self.releases)}

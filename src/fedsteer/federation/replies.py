@@ -36,7 +36,8 @@ from flwr.app import Array, ArrayRecord, RecordDict
 
 from fedsteer.eval.costs import RoundCost, payload_bytes
 from fedsteer.federation.payloads import InvalidReply, check_reply
-from fedsteer.methods.base import Aggregator, Method, Reply
+from fedsteer.federation.privacy import CentralDP
+from fedsteer.methods.base import Aggregator, Method, Reply, seeded_rng
 
 log = logging.getLogger(__name__)
 
@@ -213,6 +214,7 @@ class RoundReplies:
         self.kept: list[Kept] = []
         self.spool: ReplySpool | None = None
         self.fold_seconds = 0.0
+        self.noised = False  # central DP's noise has joined the sum
         #: every check decided reply by reply: fold on arrival, keep nothing
         self.direct = not settings.factor and settings.max_weight is not None
 
@@ -224,11 +226,14 @@ class RoundReplies:
             reject(self.cost, cid, str(error))
             return False
         problem = self.method.reply_problem(content)
+        if problem is None and self.checks.central_dp is not None:
+            problem = self.checks.central_dp.unclipped(content, self.message)
         if problem:
             reject(self.cost, cid, problem)
             return False
         self.cost.bytes_up += payload_bytes(content)
-        self.take(Reply(cid=cid, content=content, num_examples=num_examples))
+        weight = 1 if self.checks.central_dp is not None else num_examples  # uniform: DP's
+        self.take(Reply(cid=cid, content=content, num_examples=weight))  # sensitivity
         return True
 
     def take(self, reply: Reply) -> None:
@@ -270,6 +275,11 @@ class RoundReplies:
 
     def _fold(self, reply: Reply) -> None:
         started = time.perf_counter()
+        if self.checks.central_dp is not None and not self.noised:
+            self.noised = True  # once per round: the mean then carries σ = z·clip/m
+            rng = seeded_rng(self.checks.seed, "central-dp", self.cost.round)
+            reply = Reply(reply.cid, self.checks.central_dp.noised(reply.content, rng),
+                          reply.num_examples)
         self.aggregator.add(reply)
         self.fold_seconds += time.perf_counter() - started
 
@@ -282,6 +292,9 @@ class ReplyChecks:
     factor: float  # outlier screens: k × the round's median; 0: off
     max_weight: float | None  # cap on a reply's weight; None: 10 × the round's median
     spool_root: Path | None = None  # where spooled replies wait (None: the system's temp)
+    #: central DP: every reply weighs 1 and the round's noise joins the first reply folded
+    central_dp: CentralDP | None = None
+    seed: int = 0  # of the central noise (drawn per round)
 
 
 def aggregate_problem(state: RecordDict, norms: Sequence[dict[str, float]],

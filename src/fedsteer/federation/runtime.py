@@ -31,7 +31,7 @@ from fedsteer.federation.checkpoint import (
     load_recorddict,
     save_recorddict,
 )
-from fedsteer.federation.privacy import ClientDP, PrivacyLedger
+from fedsteer.federation.privacy import CentralDP, CentralLedger, ClientDP, PrivacyLedger
 from fedsteer.federation.replies import (  # noqa: F401 - lower_median, reject: re-exported
     ReplyChecks,
     RoundReplies,
@@ -59,6 +59,8 @@ class RuntimeConfig:
     #: None: 10 × the round's (lower) median weight. What a server can verify stops here.
     max_client_weight: float | None = None
     dp: ClientDP | None = None  # client-level DP on every reply (see privacy.py)
+    #: central DP: `dp` is then its client side (clip only) and the server adds the noise
+    central_dp: CentralDP | None = None
     eval_every: int = 0  # also evaluate after every k-th round (accuracy per round); 0: never
     #: leave out a client whose step raised anything; by default only what a party's machine
     #: or link causes (ENVIRONMENT_FAULTS) is left out, and a bug fails the run
@@ -164,9 +166,9 @@ class Runtime(ABC):
         method.setup(env)
         restored = self._restore(clients, fingerprint) if resume else None
         state, rounds = restored or (method.initial_state(env), [])
-        ledger = PrivacyLedger(self.config.dp) if self.config.dp else None
+        ledger = self._ledger(len(clients))
         for cost in rounds if ledger else ():  # a resumed run has spent these already
-            ledger.record_round(cost.array_records)
+            ledger.record_round(cost.array_records, len(cost.clients))
         metrics = None
         for rnd in range(len(rounds), self.config.max_rounds):
             message = method.configure_round(rnd, state)
@@ -177,10 +179,15 @@ class Runtime(ABC):
             if self.config.eval_every and (rnd + 1) % self.config.eval_every == 0:
                 metrics = self._evaluate_round(method, state, env, cost)
             if ledger:
-                ledger.record_round(cost.array_records)
+                ledger.record_round(cost.array_records, len(cost.clients))
             rounds.append(cost)
             self._checkpoint(state, clients, rounds, fingerprint)
         return RunOutcome(state, rounds, ledger.summary() if ledger else None, metrics)
+
+    def _ledger(self, population: int) -> PrivacyLedger | CentralLedger | None:
+        if self.config.central_dp is not None:
+            return CentralLedger(self.config.central_dp, population)
+        return PrivacyLedger(self.config.dp) if self.config.dp else None
 
     def sample_clients(self, rnd: int, num_clients: int) -> list[int]:
         return sample_clients(self.config, rnd, num_clients)
@@ -221,8 +228,11 @@ class Runtime(ABC):
             candidate = self._round.result()
         finally:
             self._round.discard()
-        problem = aggregate_problem(candidate, norms, self._max_norm(method),
-                                    self.config.reply_norm_factor)
+        # Central DP's noise is meant to move the mean beyond its replies' norms; each reply
+        # was held to the clip instead, so the new state is checked for NaN/Inf only
+        central = self.config.central_dp is not None
+        problem = aggregate_problem(candidate, norms, None if central else self._max_norm(method),
+                                    0.0 if central else self.config.reply_norm_factor)
         if problem:
             log.warning("round %d: aggregate refused, previous state kept: %s", rnd, problem)
             cost.rejected.append({"cid": "aggregate", "reason": problem})
@@ -235,7 +245,8 @@ class Runtime(ABC):
         return ReplyChecks(max_norm=self._max_norm(method),
                            factor=self.config.reply_norm_factor,
                            max_weight=self.config.max_client_weight,
-                           spool_root=self.checkpoint_dir)
+                           spool_root=self.checkpoint_dir,
+                           central_dp=self.config.central_dp, seed=self.config.seed)
 
     def _accept(
         self, method: Method, message: RecordDict, cid: int, content: Any,
