@@ -25,6 +25,8 @@ from fedsteer.federation.privacy import noise_for_epsilon
 from fedsteer.flower.launch import run_on_flower
 from fedsteer.models import DEFAULT_MODEL
 
+RUNTIMES = ("simulation", "secagg", "deployment")
+
 
 def timed_cell(path: Path, run) -> dict:
     """Run once (`run(path)` returns a record) unless recorded; keep the outer wall time."""
@@ -92,6 +94,10 @@ def main() -> None:
     parser.add_argument("--vector-clip", type=float, default=60.0)
     output_arguments(parser, "runtimes")
     parser.add_argument("--skip-deployment", action="store_true")
+    parser.add_argument("--runtimes", nargs="+", default=list(RUNTIMES), choices=RUNTIMES,
+                        help="which runtimes to run (in-process is always the reference)")
+    parser.add_argument("--name", default="runtimes",
+                        help="summary files <report-dir>/<name>.{md,json}")
     args = parser.parse_args()
     started = time.time()
 
@@ -101,12 +107,14 @@ def main() -> None:
     out = args.out / args.model
     rows = [row("in-process", timed_cell(out / "inprocess",
                                          lambda p: run_experiment(config, p)))]
-    rows.append(row("Flower simulation", timed_cell(out / "simulation",
-                                                    lambda p: run_on_flower(config, p))))
+    if "simulation" in args.runtimes:
+        rows.append(row("Flower simulation", timed_cell(out / "simulation",
+                                                        lambda p: run_on_flower(config, p))))
     secure = RunConfig(**{**config.__dict__, "secagg": True})
-    rows.append(row("Flower simulation + SecAgg+", timed_cell(
-        out / "simulation-secagg", lambda p: run_on_flower(secure, p))))
-    if not args.skip_deployment:
+    if "secagg" in args.runtimes:
+        rows.append(row("Flower simulation + SecAgg+", timed_cell(
+            out / "simulation-secagg", lambda p: run_on_flower(secure, p))))
+    if "deployment" in args.runtimes and not args.skip_deployment:
         rows.append(row("Flower deployment (127.0.0.1)", timed_cell(
             out / "deployment", lambda p: run_on_flower(config, p, deployment=True))))
 
@@ -126,7 +134,7 @@ def main() -> None:
     summary = {"rows": rows, "dp": dp_rows, "wall_seconds": time.time() - started}
     args.report_dir.mkdir(parents=True, exist_ok=True)
     text = markdown(rows, dp_rows, args)
-    write_outputs(args.report_dir, "runtimes", summary, text, args)
+    write_outputs(args.report_dir, args.name, summary, text, args)
 
 
 if __name__ == "__main__":
