@@ -51,14 +51,19 @@ class Steps(Method):
         return {"accuracy": 0.0, "macro_f1": 0.0}
 
 
-def test_the_server_adds_noise_once_with_sigma_z_clip_over_m():
+def run_round(noise_multiplier: float):
+    """One round of 8 clients under central DP (clip 1); the outcome and the noiseless mean."""
     env, clients = make_clients(8)
-    dp = CentralDP(clip=1.0, noise_multiplier=4.0)
+    dp = CentralDP(clip=1.0, noise_multiplier=noise_multiplier)
     config = RuntimeConfig(dp=dp.client_side(), central_dp=dp, reply_norm_factor=0,
                            max_client_weight=1)
     outcome = InProcessRuntime(config).run(Steps(), clients, env)
     clipped = [seeded_rng("steps", c.cid).normal(size=WIDE) for c in clients]
-    mean = np.mean([v / np.linalg.norm(v) for v in clipped], axis=0)  # norm 3 → clip 1
+    return outcome, np.mean([v / np.linalg.norm(v) for v in clipped], axis=0)  # norm 3 → 1
+
+
+def test_the_server_adds_noise_once_with_sigma_z_clip_over_m():
+    outcome, mean = run_round(noise_multiplier=4.0)
     noise = outcome.state["w"]["w"].numpy() - mean
     assert np.std(noise) == pytest.approx(4.0 * 1.0 / 8, rel=0.03)  # Flower's compute_stdv
     privacy = outcome.privacy
@@ -70,13 +75,7 @@ def test_the_server_adds_noise_once_with_sigma_z_clip_over_m():
 
 def test_without_dp_the_same_round_is_the_plain_mean():
     """The control: the noise above comes from central DP, not from the toy."""
-    env, clients = make_clients(8)
-    dp = CentralDP(clip=1.0, noise_multiplier=0.0)
-    config = RuntimeConfig(dp=dp.client_side(), central_dp=dp, reply_norm_factor=0,
-                           max_client_weight=1)
-    outcome = InProcessRuntime(config).run(Steps(), clients, env)
-    clipped = [seeded_rng("steps", c.cid).normal(size=WIDE) for c in clients]
-    mean = np.mean([v / np.linalg.norm(v) for v in clipped], axis=0)
+    outcome, mean = run_round(noise_multiplier=0.0)
     np.testing.assert_allclose(outcome.state["w"]["w"].numpy(), mean, atol=1e-6)
     assert outcome.privacy["epsilon"] == math.inf
 
