@@ -291,3 +291,10 @@ def test_an_artifact_made_on_another_model_is_refused(base, artifacts, tmp_path)
         build_adaptations(base, [artifacts["lora"]], load_model)
     with pytest.raises(ValueError, match="already served"):
         build_adaptations(base, [f"tiny-random={artifacts['lora']}"], load_model)
+
+
+@pytest.mark.parametrize("flag", [["--max-concurrent", "0"], ["--timeout", "0"],
+                                  ["--max-tokens", "-1"]])
+def test_serve_refuses_a_limit_that_would_refuse_everything(flag):
+    result = CliRunner().invoke(cli, ["serve", "--model", "tiny-random", *flag])
+    assert result.exit_code == 2  # refused before any model is loaded or port bound

@@ -505,19 +505,19 @@ def serve(
     port: int = 8000,
     api_key_env: Annotated[str | None, typer.Option(
         help="environment variable holding the API key every request must bear")] = None,
-    max_body_bytes: int = Limits.max_body_bytes,
-    max_prompt_tokens: int = Limits.max_prompt_tokens,
-    max_tokens: Annotated[int, typer.Option(help="largest max_tokens a request may ask")]
-    = Limits.max_tokens,
-    max_n: int = Limits.max_n,
-    max_prompts: int = Limits.max_prompts,
-    max_logprobs: Annotated[int, typer.Option(help="largest top-k of log-probs served")]
-    = Limits.max_logprobs,
+    max_body_bytes: Annotated[int, typer.Option(min=1)] = Limits.max_body_bytes,
+    max_prompt_tokens: Annotated[int, typer.Option(min=1)] = Limits.max_prompt_tokens,
+    max_tokens: Annotated[int, typer.Option(help="largest max_tokens a request may ask",
+                                            min=1)] = Limits.max_tokens,
+    max_n: Annotated[int, typer.Option(min=1)] = Limits.max_n,
+    max_prompts: Annotated[int, typer.Option(min=1)] = Limits.max_prompts,
+    max_logprobs: Annotated[int, typer.Option(help="largest top-k of log-probs served",
+                                              min=0)] = Limits.max_logprobs,
     max_concurrent: Annotated[int, typer.Option(
-        help="requests in flight; one more is answered 429")] = Limits.max_concurrent,
-    timeout: Annotated[float, typer.Option(help="seconds a request may take")]
-    = Limits.timeout_seconds,
-    max_batch_rows: int = 32,
+        help="requests in flight; one more is answered 429", min=1)] = Limits.max_concurrent,
+    timeout: Annotated[float, typer.Option(help="seconds a request may take",
+                                           callback=_positive)] = Limits.timeout_seconds,
+    max_batch_rows: Annotated[int, typer.Option(min=1)] = 32,
 ) -> None:
     """Serve the base model and every artifact behind one OpenAI-compatible endpoint."""
     import uvicorn
