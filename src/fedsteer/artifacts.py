@@ -24,8 +24,8 @@ from fedsteer.methods import Environment
 from fedsteer.methods.fedpt import PROXY_ADAPTER, PROXY_FILE
 
 __all__ = ["PROVENANCE_FILE", "PROXY_ADAPTER", "PROXY_FILE", "ArtifactScores",
-           "artifact_kind", "evaluate_artifact", "evaluate_endpoint", "read_provenance",
-           "score_artifact"]
+           "artifact_kind", "evaluate_artifact", "evaluate_endpoint", "read_adapter",
+           "read_provenance", "score_artifact"]
 
 KIND_MARKERS = (("steering", "steering.json"), ("proxy", PROXY_FILE),
                 ("lora", "adapter_config.json"), ("prompt", "prompt.json"))
@@ -100,7 +100,7 @@ def score_artifact(directory: Path, task: Task, model: str | None, test_size: in
     if kind == "lora":
         from fedsteer.models.lora import lora_adapter
 
-        config, weights = _read_adapter(directory)
+        config, weights = read_adapter(directory)
         env = environment(model or config.base_model_name_or_path)
         with torch.no_grad(), lora_adapter(env.lm, config, weights):
             scores = env.scorer().score(queries)
@@ -114,7 +114,8 @@ def score_artifact(directory: Path, task: Task, model: str | None, test_size: in
     return ArtifactScores(kind, env.model_name, scores, test, box.usage.to_dict())
 
 
-def _read_adapter(directory: Path):
+def read_adapter(directory: Path):
+    """A peft adapter directory: its `LoraConfig` and weights (numpy, by peft's names)."""
     from peft import LoraConfig
     from safetensors.numpy import load_file
 
@@ -130,7 +131,7 @@ def _score_proxy(directory: Path, queries: list[str], test: list[Example],
     from fedsteer.methods.fedpt import FedPT
 
     spec = json.loads((directory / PROXY_FILE).read_text())
-    config, weights = _read_adapter(directory / PROXY_ADAPTER)
+    config, weights = read_adapter(directory / PROXY_ADAPTER)
     method = FedPT(large=model or spec["large"], alpha=float(spec["alpha"]), distill_epochs=0,
                    rank=config.r, lora_alpha=config.lora_alpha,
                    target_modules=tuple(sorted(config.target_modules)))
@@ -155,7 +156,5 @@ def evaluate_endpoint(endpoint: str, task: Task, test_size: int | None, test_see
     box = OpenAIBlackBox(url, name, api_key_env=api_key_env)
     scores = box.label_logprobs([task.spec.format_query(ex) for ex in test],
                                 task.spec.label_words)
-    metrics = classification_metrics([ex.label for ex in test], scores.argmax(axis=1).tolist(),
-                                     len(task.spec.labels))
-    metrics.update({f"api_{k}": v for k, v in box.usage.to_dict().items()})
-    return metrics, len(test)
+    scored = ArtifactScores("endpoint", name, scores, test, box.usage.to_dict())
+    return scored.metrics(), len(test)

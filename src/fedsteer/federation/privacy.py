@@ -76,17 +76,25 @@ class ClientDP:
     def _record(self, record: ArrayRecord, reference: ArrayRecord | None, clip: float,
                 rng: np.random.Generator) -> ArrayRecord:
         """Clip the record's update as one vector (all its arrays), then add noise."""
-        arrays = {key: array.numpy() for key, array in record.items()}
-        base = {key: _reference(reference, key, value) for key, value in arrays.items()}
-        updates = {key: arrays[key].astype(np.float64) - base[key] for key in arrays}
-        norm = math.sqrt(sum(float(np.sum(u * u)) for u in updates.values()))
+        base, updates, norm = record_update(record, reference)
         scale = min(1.0, clip / norm) if norm > 0 else 1.0
         sigma = self.noise_multiplier * clip
         return ArrayRecord({
             key: Array((base[key] + u * scale + rng.normal(0.0, sigma, u.shape))
-                       .astype(arrays[key].dtype))
+                       .astype(np.dtype(record[key].dtype)))
             for key, u in updates.items()
         })
+
+
+def record_update(record: ArrayRecord, reference: ArrayRecord | None
+                  ) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray], float]:
+    """What a reply record changes: the global arrays it updates (zeros where the message
+    has none), the update per array (float64), and the update's L2 norm over all arrays —
+    what clipping bounds, on the client and when the server checks it."""
+    arrays = {key: array.numpy() for key, array in record.items()}
+    base = {key: _reference(reference, key, value) for key, value in arrays.items()}
+    updates = {key: arrays[key].astype(np.float64) - base[key] for key in arrays}
+    return base, updates, math.sqrt(sum(float(np.sum(u * u)) for u in updates.values()))
 
 
 def _reference(reference: ArrayRecord | None, key: str, value: np.ndarray) -> np.ndarray:
@@ -197,28 +205,23 @@ class CentralDP:
         """Why a reply is not clipped as promised (the server checks: its sensitivity, hence
         ε, rests on it), or None."""
         for name, record in reply.array_records.items():
-            clip, reference = self.record_clips.get(name, self.clip), message.array_records.get(
-                name)
-            squared = sum(float(np.sum(np.square(
-                a.numpy().astype(np.float64) - _reference(reference, key, a.numpy()))))
-                for key, a in record.items())
-            if math.sqrt(squared) > clip * (1 + 1e-4):
-                return (f"record {name!r} update norm {math.sqrt(squared):.4g} exceeds the DP "
-                        f"clip {clip:g}")
+            clip = self.record_clips.get(name, self.clip)
+            _, _, norm = record_update(record, message.array_records.get(name))
+            if norm > clip * (1 + 1e-4):
+                return f"record {name!r} update norm {norm:.4g} exceeds the DP clip {clip:g}"
         return None
 
-    def noised(self, reply: RecordDict, rng: np.random.Generator,
-               contributors: int = 1) -> RecordDict:
-        """`reply` with the round's noise added to each array record: σ = z·clip/`contributors`
-        (Flower's `compute_stdv`) on a reply that stands for `contributors` clients' sum
-        share, so that the mean of the round carries σ = z·clip/m."""
+    def noised(self, reply: RecordDict, rng: np.random.Generator) -> RecordDict:
+        """`reply` with the round's noise added to each array record, σ = z·clip (Flower's
+        `compute_stdv` for one reply): folded into a mean of m replies, the round's mean
+        carries σ = z·clip/m."""
         from flwr.supercore.differential_privacy import compute_stdv
 
         noisy = RecordDict()
         for name, record in reply.items():
             if isinstance(record, ArrayRecord):
-                sigma = compute_stdv(self.noise_multiplier, self.record_clips.get(
-                    name, self.clip), 1) / contributors
+                sigma = compute_stdv(self.noise_multiplier,
+                                     self.record_clips.get(name, self.clip), 1)
                 record = ArrayRecord({k: Array((a.numpy() + rng.normal(0.0, sigma, a.shape))
                                                .astype(a.numpy().dtype))
                                       for k, a in record.items()})

@@ -37,6 +37,18 @@ class GroupedBatch:
     groups: RowGroups
 
 
+def left_pad(seqs: list[list[int]], pad: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token ids right-aligned in one tensor, and the mask of the real ones (positions are
+    then counted over real tokens only, so a padded row sees what it would alone)."""
+    width = max(len(s) for s in seqs)
+    ids = torch.full((len(seqs), width), pad, dtype=torch.long)
+    mask = torch.zeros((len(seqs), width), dtype=torch.long)
+    for row, seq in enumerate(seqs):
+        ids[row, width - len(seq) :] = torch.tensor(seq, dtype=torch.long)
+        mask[row, width - len(seq) :] = 1
+    return ids, mask
+
+
 def forward_kwargs(model, keep: int, cache: DynamicCache | None) -> dict:
     """`logits_to_keep` where the model takes it (the LM head only where read) and the
     cache under its name (transformers 5.x renamed `past_key_values` to `cache`)."""
@@ -221,14 +233,7 @@ class LabelScorer:
         return scores
 
     def _left_pad(self, seqs: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
-        pad = self.lm.tokenizer.pad_token_id or 0
-        width = max(len(s) for s in seqs)
-        ids = torch.full((len(seqs), width), pad, dtype=torch.long)
-        mask = torch.zeros((len(seqs), width), dtype=torch.long)
-        for row, seq in enumerate(seqs):
-            ids[row, width - len(seq) :] = torch.tensor(seq)
-            mask[row, width - len(seq) :] = 1
-        return ids, mask
+        return left_pad(seqs, self.lm.tokenizer.pad_token_id or 0)
 
     @staticmethod
     def _expand(prefix_cache: DynamicCache | None, batch: int) -> DynamicCache | None:

@@ -17,11 +17,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 from fedsteer.models.hooks import RowGroups, inject
 from fedsteer.models.load import LoadedModel
-from fedsteer.models.lora import RowAdapters, per_row_lora, trainable_adapter
+from fedsteer.models.lora import RowAdapters, per_row_lora
 from fedsteer.models.proxy import check_shared_vocabulary, proxy_logprobs
 
 #: a model's context for one forward over `rows` rows and `width` tokens
@@ -159,13 +160,11 @@ def load_adaptation(name: str, directory: Path, base: LoadedModel,
 
 
 def _read_lora(directory: Path) -> tuple[Any, dict[str, torch.Tensor], str | None]:
-    from peft import LoraConfig
-    from safetensors.numpy import load_file
+    """The adapter as tensors for the per-row hooks, and the model it was made on."""
+    from fedsteer.artifacts import read_adapter
 
-    config = LoraConfig.from_pretrained(str(directory))
-    weights = trainable_adapter(load_file(str(directory / "adapter_model.safetensors")))
-    for tensor in weights.values():
-        tensor.requires_grad_(False)
+    config, arrays = read_adapter(directory)
+    weights = {k: torch.tensor(np.asarray(v, dtype=np.float32)) for k, v in arrays.items()}
     return config, weights, config.base_model_name_or_path
 
 

@@ -321,9 +321,11 @@ async def _disconnected(request: Request) -> None:
 
 
 def log_request(server: Server, model: str, prepared: Prepared, answers: list[Answer]) -> None:
+    """What each request cost, as billed (what a client's own accounting is checked against)."""
+    used = billed(prepared, answers)
     server.requests.append({"model": model, "prompts": len(prepared.rows),
-                            "prompt_tokens": sum(r.prompt_tokens for r in prepared.rows),
-                            "completion_tokens": sum(len(a.tokens) for a in answers)})
+                            "prompt_tokens": used["prompt_tokens"],
+                            "completion_tokens": used["completion_tokens"]})
 
 
 def billed(prepared: Prepared, answers: list[Answer]) -> dict[str, int]:

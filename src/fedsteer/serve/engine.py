@@ -21,8 +21,7 @@ from dataclasses import dataclass, field
 import torch
 from transformers import DynamicCache
 
-from fedsteer.models.load import LoadedModel
-from fedsteer.models.scoring import forward_kwargs
+from fedsteer.models.scoring import forward_kwargs, left_pad
 from fedsteer.serve.adaptations import Adaptation, Stream
 
 log = logging.getLogger(__name__)
@@ -172,17 +171,6 @@ class Forward:
         return (logits if keep == 0 else logits[:, -keep:]).float().log_softmax(-1)
 
 
-def left_pad(seqs: list[list[int]], pad: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Rows right-aligned, as the offline scorer pads (positions then count real tokens)."""
-    width = max(len(s) for s in seqs)
-    ids = torch.full((len(seqs), width), pad, dtype=torch.long)
-    mask = torch.zeros((len(seqs), width), dtype=torch.long)
-    for row, seq in enumerate(seqs):
-        ids[row, width - len(seq):] = torch.tensor(seq, dtype=torch.long)
-        mask[row, width - len(seq):] = 1
-    return ids, mask
-
-
 @torch.no_grad()
 def generate(engine: Engine, adaptation: Adaptation, jobs: list[Job]) -> list[Answer]:
     """Every row of `jobs` answered, in chunks of `chunk_rows` rows of similar length (as
@@ -307,12 +295,3 @@ def _choose(logprobs: torch.Tensor, row: Row, generator: torch.Generator | None)
         return int(logprobs.argmax())
     probs = (logprobs / row.temperature).softmax(-1)
     return int(torch.multinomial(probs, 1, generator=generator))
-
-
-def served_models(adaptations: dict[str, Adaptation]) -> list[LoadedModel]:
-    """Each distinct model once (a proxy's small model beside the base)."""
-    seen: dict[int, LoadedModel] = {}
-    for adaptation in adaptations.values():
-        for stream in adaptation.streams:
-            seen.setdefault(id(stream.lm), stream.lm)
-    return list(seen.values())
