@@ -14,7 +14,8 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, RecordDict
 
 from fedsteer.experiment import RunConfig, run_experiment
 from fedsteer.federation import InProcessRuntime, RuntimeConfig
-from fedsteer.federation.privacy import CentralDP, CentralLedger
+from fedsteer.federation.privacy import CentralDP, CentralLedger, noise_for_target
+from fedsteer.federation.runtime import sample_clients
 from fedsteer.methods import Method, seeded_rng
 from fedsteer.methods.aggregation import aggregate_arrays
 from test_federation_runtime import make_clients
@@ -108,11 +109,10 @@ def test_a_central_dp_run_records_its_epsilon(tmp_path):
 
 
 @pytest.mark.parametrize("settings, message", [
-    ({"dp_mode": "central", "secagg": True}, "central DP with --secagg is not built yet"),
     ({"dp_mode": "global"}, "dp mode 'global'"),
 ])
 def test_central_dp_settings_are_checked(tmp_path, settings, message):
-    """Refused before any work (SecAgg+ would need the noise inside the secure mean)."""
+    """Refused before any work."""
     config = RunConfig(method="ifed-icl", model="tiny-random", clients=3, test_size=10,
                        dp_clip=1.0, dp_noise=1.0, **settings)
     with pytest.raises(ValueError, match=message):
@@ -127,3 +127,70 @@ def test_a_reply_beyond_the_clip_is_rejected_by_the_server():
                            central_dp=dp, reply_norm_factor=0, max_client_weight=1)
     with pytest.raises(RuntimeError, match="every client failed or was rejected"):
         InProcessRuntime(config).run(Steps(), clients, env)  # norm 3 > the server's clip 1
+
+
+# ------------------------------------------------------------- Poisson sampling
+@dataclass
+class ShapedSteps(Steps):
+    """`Steps` that declares its reply's shape (what the fixed denominator needs)."""
+
+    def reply_shapes(self, message):
+        return {"w.w": (WIDE,)}
+
+
+def poisson_round(population: int, rate: float, noise_multiplier: float = 0.0):
+    env, clients = make_clients(population)
+    dp = CentralDP(clip=1.0, noise_multiplier=noise_multiplier)
+    config = RuntimeConfig(fraction=rate, sampling="poisson", dp=dp.client_side(),
+                           central_dp=dp, reply_norm_factor=0, max_client_weight=1)
+    runtime = InProcessRuntime(config)
+    return runtime.run(ShapedSteps(), clients, env), runtime.sample_clients(0, population)
+
+
+def test_poisson_sampling_draws_each_client_on_its_own_and_is_seeded():
+    config = RuntimeConfig(fraction=0.1, sampling="poisson", seed=3)
+    sizes = [len(sample_clients(config, rnd, 1000)) for rnd in range(50)]
+    assert len(set(sizes)) > 5  # not a fixed size
+    assert np.mean(sizes) == pytest.approx(100, rel=0.05)
+    assert sample_clients(config, 7, 1000) == sample_clients(config, 7, 1000)
+    with pytest.raises(ValueError, match="sampling 'bernoulli'"):
+        sample_clients(RuntimeConfig(sampling="bernoulli"), 0, 10)
+
+
+def test_central_dp_with_poisson_divides_by_the_expected_count():
+    """DP-FedAvg's fixed denominator: Σ clipped updates / (q·N), however many came."""
+    outcome, sampled = poisson_round(population=20, rate=0.5)
+    assert sampled and len(sampled) != 10  # this seed's draw is not the expected 10
+    clipped = [seeded_rng("steps", c).normal(size=WIDE) for c in sampled]
+    expected = np.sum([v / np.linalg.norm(v) for v in clipped], axis=0) / 10
+    np.testing.assert_allclose(outcome.state["w"]["w"].numpy(), expected, atol=1e-6)
+
+
+def test_a_poisson_ledger_matches_dp_accounting_directly():
+    """Poisson at rate q: add-or-remove adjacency (sensitivity clip), amplified."""
+    ledger = CentralLedger(CentralDP(clip=1.0, noise_multiplier=1.5), population=1000,
+                           poisson_rate=0.1)
+    for sampled in (93, 0, 110):  # what the draws were does not change what was spent
+        ledger.record_round(array_records=1, sampled=sampled)
+    reference = rdp.RdpAccountant(neighboring_relation=ADD_REMOVE)
+    reference.compose(dp_accounting.PoissonSampledDpEvent(
+        0.1, dp_accounting.GaussianDpEvent(1.5)), 3)
+    assert ledger.epsilon() == pytest.approx(reference.get_epsilon(1e-5))
+    assert ledger.summary()["adjacency"] == "add-remove"
+    assert ledger.summary()["sampling"] == "poisson, rate 0.1"
+    with pytest.raises(ValueError, match="whole number"):
+        CentralLedger(CentralDP(clip=1.0, noise_multiplier=1.0), population=15,
+                      poisson_rate=0.1)
+
+
+def test_noise_is_calibrated_on_the_ledger_that_records_it():
+    def ledger_for(z):
+        return CentralLedger(CentralDP(clip=1.0, noise_multiplier=z), population=1000,
+                             poisson_rate=0.1)
+
+    z = noise_for_target(4.0, ledger_for, rounds=5)
+    ledger = ledger_for(z)
+    for _ in range(5):
+        ledger.record_round(1, 0)
+    assert ledger.epsilon() == pytest.approx(4.0, rel=1e-3)
+    assert noise_for_target(math.inf, ledger_for, rounds=5) == 0.0

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import copy
 import json
+import math
 import os
 import time
 import uuid
@@ -354,6 +355,24 @@ def test_secure_aggregation_of_lora_adapters(tmp_path, flower_identity):
                          for d in ("plain-adapter", "secure-adapter"))
     for key, value in plain_w.items():
         np.testing.assert_allclose(secure_w[key], value, atol=1e-4)
+
+
+def test_central_dp_inside_secure_aggregation(tmp_path, flower_identity):
+    """Issue 20: clients clip, SecAgg+ hands the server only the mean, and the noise joins
+    that mean: with no noise the run equals in-process central DP (uniform weights), with
+    noise it moves, is accounted, and no single update ever reaches the server."""
+    dp = {"dp_clip": 100.0, "dp_mode": "central", "dp_record_clips": {"coef": 5.0}}
+    plain = run_experiment(tiny_config(dp_noise=0.0, **dp), tmp_path / "plain")
+    quiet, grid = serve_inline(tiny_config(secagg=True, dp_noise=0.0, **dp), tmp_path / "quiet")
+    _assert_nothing_but_protocol_reached_the_server(grid)
+    assert all(r["rejected"] == [] for r in quiet["costs"]["rounds"])
+    for key in ("lam_attn_mean", "beta_attn_mean", "lam_mlp_mean", "beta_mlp_mean"):
+        assert quiet["metrics"][key] == pytest.approx(plain["metrics"][key], abs=1e-4), key
+    noisy, grid = serve_inline(tiny_config(secagg=True, dp_noise=1.0, **dp), tmp_path / "noisy")
+    _assert_nothing_but_protocol_reached_the_server(grid)
+    assert noisy["privacy"]["mode"] == "central" and noisy["privacy"]["epsilon"] < math.inf
+    assert noisy["metrics"]["lam_attn_mean"] != pytest.approx(
+        quiet["metrics"]["lam_attn_mean"], abs=1e-3)
 
 
 def _assert_nothing_but_protocol_reached_the_server(grid) -> None:

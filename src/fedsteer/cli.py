@@ -157,6 +157,9 @@ def run(
         help="rounds (default: the method's)", min=1)] = None,
     fraction: Annotated[float, typer.Option(
         help="share of clients sampled per round, in (0, 1]", callback=_share)] = 1.0,
+    sampling: Annotated[str, typer.Option(
+        help="fixed: exactly fraction × clients per round; poisson: each client with "
+             "probability fraction (DP's amplification by sampling)")] = "fixed",
     seed: int = 0,
     test_size: Annotated[int, typer.Option(help="test rows scored (0: all)", min=0)] = 300,
     shots: Annotated[int, typer.Option(
@@ -238,7 +241,8 @@ def run(
                                  "client state lives in the nodes", param_hint="--runtime")
     fields = {  # RunConfig's fields as the flags set them (task: below, for a new run)
         "task": task, "model": model, "clients": clients, "alpha": alpha,
-        "partition": partition_scheme, "rounds": rounds, "fraction": fraction, "seed": seed,
+        "partition": partition_scheme, "rounds": rounds, "fraction": fraction,
+        "sampling": sampling, "seed": seed,
         "test_size": test_size or None, "shots": shots, "batch_size": batch_size,
         "dp_clip": dp_clip, "dp_noise": dp_noise, "dp_delta": dp_delta, "dp_mode": dp_mode,
         "dp_record_clips": _parse_options(dp_clip_record or []), "dp_adjacency": dp_adjacency,

@@ -22,7 +22,7 @@ from fedsteer.eval.metrics import accuracy_interval
 from fedsteer.eval.record import environment, write_provenance, write_result
 from fedsteer.federation import InProcessRuntime, Runtime, RuntimeConfig
 from fedsteer.federation.privacy import CentralDP, ClientDP
-from fedsteer.federation.runtime import client_batch_size
+from fedsteer.federation.runtime import SAMPLINGS, client_batch_size
 from fedsteer.federation.threads import thread_budget
 from fedsteer.methods import METHODS, Client, Environment, make_method
 from fedsteer.methods.base import AsyncMethod, seeded_subset
@@ -44,6 +44,7 @@ class RunConfig:
     min_per_client: int = 2
     rounds: int | None = None  # None: the method's own default
     fraction: float = 1.0
+    sampling: str = "fixed"  # or "poisson": each client on its own with probability fraction
     seed: int = 0
     test_size: int | None = 300  # None: the whole test split
     test_seed: int = 0  # fixed apart from `seed`, so every method sees the same test rows
@@ -122,9 +123,6 @@ def central_dp(config: RunConfig) -> CentralDP | None:
         raise ValueError(f"dp mode {config.dp_mode!r}: use 'local' or 'central'")
     if config.dp_clip is None or config.dp_mode == "local":
         return None
-    if config.secagg:
-        raise ValueError("central DP with --secagg is not built yet: the noise would have to "
-                         "join the secure mean; use one or the other")
     return CentralDP(clip=config.dp_clip, noise_multiplier=config.dp_noise,
                      delta=config.dp_delta, record_clips=dict(config.dp_record_clips))
 
@@ -140,6 +138,8 @@ def transfer_rows(task: Task, evaluated: list[Example]) -> list[Example]:
 
 def check_settings(config: RunConfig, method, resume: bool = False) -> None:
     """Refuse run settings this method's runtime would ignore, before any work is done."""
+    if config.sampling not in SAMPLINGS:
+        raise ValueError(f"sampling {config.sampling!r}: use one of {', '.join(SAMPLINGS)}")
     if config.dp_clip is not None and not method.supports_client_dp:
         private = sorted(n for n, cls in METHODS.items() if cls.supports_client_dp)
         raise ValueError(f"{method.name} reports through metrics, which client-level DP drops; "
@@ -148,7 +148,7 @@ def check_settings(config: RunConfig, method, resume: bool = False) -> None:
         client_batch_size(runtime_config(config), method)  # refuses a batch it cannot step
         return
     ignored = {"dp_clip": config.dp_clip is not None, "eval_every": config.eval_every > 0,
-               "fraction": config.fraction < 1,
+               "fraction": config.fraction < 1, "sampling": config.sampling != "fixed",
                "client_batch": config.client_batch not in (None, 1)}
     named = [name for name, is_set in ignored.items() if is_set]
     if named:
@@ -192,7 +192,7 @@ def async_config(method: AsyncMethod):
 
 
 def runtime_config(config: RunConfig) -> RuntimeConfig:
-    return RuntimeConfig(fraction=config.fraction, seed=config.seed,
+    return RuntimeConfig(fraction=config.fraction, sampling=config.sampling, seed=config.seed,
                          max_reply_norm=config.max_reply_norm, dp=client_dp(config),
                          central_dp=central_dp(config),
                          reply_norm_factor=config.reply_norm_factor,

@@ -178,12 +178,16 @@ class CentralDP:
     same, and the server adds N(0, σ²) with σ = `compute_stdv(z, clip, m)` = z·clip/m to the
     mean of the m replies. Here the noise N(0, (z·clip)²) joins the running sum with the
     first reply folded, which is the same distribution on the mean and needs no list of the
-    replies. The server sees each clipped reply (it is trusted; the guarantee holds against
-    everyone who sees the results). Accounted with Flower's RDP accountant (Google's
-    `dp_accounting` underneath) over the rounds that ran: all clients each round → no
-    amplification, add-or-remove-one adjacency (sensitivity clip); a fixed-size sample of
-    m of N (`--fraction`) → sampling without replacement, replace-one adjacency
-    (sensitivity 2·clip), the only pairs Flower's accountant supports.
+    replies. In process the server sees each clipped reply (it is trusted; the guarantee
+    holds against everyone who sees the results); on Flower with `--secagg` it sees only
+    SecAgg+'s mean of the clipped replies, and the noise, σ = z·clip/m, joins that mean.
+
+    Accounted with Flower's RDP accountant (Google's `dp_accounting` underneath) over the
+    rounds that ran, in the three pairs it supports: all clients each round → no
+    amplification, add-or-remove-one adjacency (sensitivity clip); `--sampling poisson` at
+    rate q → Poisson amplification, add-or-remove-one, and the mean divides by q·N (not by
+    who came, which would reveal it); a fixed-size sample of m of N → sampling without
+    replacement, replace-one adjacency (sensitivity 2·clip).
     """
 
     clip: float
@@ -201,27 +205,29 @@ class CentralDP:
         """What each client does: clip, add nothing (the server's noise is the mechanism)."""
         return ClientDP(self.clip, 0.0, self.delta, self.record_clips)
 
-    def unclipped(self, reply: RecordDict, message: RecordDict) -> str | None:
-        """Why a reply is not clipped as promised (the server checks: its sensitivity, hence
-        ε, rests on it), or None."""
+    def unclipped(self, reply: RecordDict, message: RecordDict, slack: float = 1e-4
+                  ) -> str | None:
+        """Why a reply (or a secure mean of clipped replies) is not clipped as promised (the
+        server checks: its sensitivity, hence ε, rests on it), or None."""
         for name, record in reply.array_records.items():
             clip = self.record_clips.get(name, self.clip)
             _, _, norm = record_update(record, message.array_records.get(name))
-            if norm > clip * (1 + 1e-4):
+            if norm > clip * (1 + slack):
                 return f"record {name!r} update norm {norm:.4g} exceeds the DP clip {clip:g}"
         return None
 
-    def noised(self, reply: RecordDict, rng: np.random.Generator) -> RecordDict:
-        """`reply` with the round's noise added to each array record, σ = z·clip (Flower's
-        `compute_stdv` for one reply): folded into a mean of m replies, the round's mean
-        carries σ = z·clip/m."""
+    def noised(self, reply: RecordDict, rng: np.random.Generator, replies: int = 1
+               ) -> RecordDict:
+        """`reply` — one client's, or the mean of `replies` that SecAgg+ handed over — with
+        the round's noise added to each array record, σ = z·clip/`replies` (Flower's
+        `compute_stdv`): one reply folded into a mean of m carries σ = z·clip/m to it too."""
         from flwr.supercore.differential_privacy import compute_stdv
 
         noisy = RecordDict()
         for name, record in reply.items():
             if isinstance(record, ArrayRecord):
                 sigma = compute_stdv(self.noise_multiplier,
-                                     self.record_clips.get(name, self.clip), 1)
+                                     self.record_clips.get(name, self.clip), replies)
                 record = ArrayRecord({k: Array((a.numpy() + rng.normal(0.0, sigma, a.shape))
                                                .astype(a.numpy().dtype))
                                       for k, a in record.items()})
@@ -235,23 +241,38 @@ class CentralLedger:
 
     dp: CentralDP
     population: int
+    #: Poisson sampling's rate (`--sampling poisson`); None: a fixed-size sample, or everyone
+    poisson_rate: float | None = None
     #: per round: z/√k (k array records, each with its own clip) and the clients sampled
     releases: list[tuple[float, int]] = field(default_factory=list)
 
+    def __post_init__(self) -> None:
+        if self.poisson_rate is not None:
+            expected = self.poisson_rate * self.population
+            if abs(expected - round(expected)) > 1e-9 or round(expected) < 1:
+                raise ValueError(
+                    f"Poisson sampling at fraction {self.poisson_rate:g} of {self.population} "
+                    "clients: fraction × clients must be a whole number ≥ 1 (the accountant's "
+                    "expected sample size)")
+
     def record_round(self, array_records: int, sampled: int) -> None:
+        if self.poisson_rate is not None:  # a release every round, whoever the draw picked
+            sampled = round(self.poisson_rate * self.population)
         if array_records and sampled:
             self.releases.append((self.dp.noise_multiplier / math.sqrt(array_records),
                                   min(sampled, self.population)))
 
     @property
-    def every_client(self) -> bool:
-        """Every round heard all clients: no amplification, add-or-remove adjacency."""
-        return all(m >= self.population for _, m in self.releases)
+    def sampling(self) -> str:
+        if self.poisson_rate is not None:
+            return "poisson"
+        return "none" if all(m >= self.population for _, m in self.releases) else "fixed"
 
     @property
     def sensitivity(self) -> float:
-        """In clips: a client added or removed moves the sum by clip, one replaced by 2·clip."""
-        return 1.0 if self.every_client else 2.0
+        """In clips: a client added or removed moves the sum by clip, one replaced by 2·clip.
+        Fixed-size samples are accounted under replacement, the rest under add/remove."""
+        return 2.0 if self.sampling == "fixed" else 1.0
 
     def epsilon(self) -> float:
         if not self.releases:
@@ -269,13 +290,13 @@ class CentralLedger:
         )
         from flwr.supercore.privacy_accounting.rdp_accountant import RdpAccountant
 
-        config = PrivacyConfig(
-            self.dp.delta, self.population,
-            NeighboringRelation.ADD_OR_REMOVE_ONE if self.every_client
-            else NeighboringRelation.REPLACE_ONE,
-            SamplingMethod.NO_AMPLIFICATION if self.every_client
-            else SamplingMethod.WITHOUT_REPLACEMENT)
-        accountant = RdpAccountant(config)
+        method, relation = {
+            "none": (SamplingMethod.NO_AMPLIFICATION, NeighboringRelation.ADD_OR_REMOVE_ONE),
+            "poisson": (SamplingMethod.POISSON, NeighboringRelation.ADD_OR_REMOVE_ONE),
+            "fixed": (SamplingMethod.WITHOUT_REPLACEMENT, NeighboringRelation.REPLACE_ONE),
+        }[self.sampling]
+        accountant = RdpAccountant(PrivacyConfig(self.dp.delta, self.population, relation,
+                                                 method))
         for z, sampled in self.releases:
             accountant.compose(GaussianPrivacyEvent(z / self.sensitivity, sampled,
                                                     self.population))
@@ -283,12 +304,40 @@ class CentralLedger:
 
     def summary(self) -> dict[str, Any]:
         """The result record's `privacy` block."""
-        sampled_all = self.every_client
         return {"mode": "central", "epsilon": self.epsilon(), "delta": self.dp.delta,
                 "clip": self.dp.clip, "record_clips": self.dp.record_clips,
                 "noise_multiplier": self.dp.noise_multiplier,
-                "adjacency": "add-remove" if sampled_all else "replace-one",
+                "adjacency": "replace-one" if self.sampling == "fixed" else "add-remove",
                 "sensitivity_in_clips": self.sensitivity,
-                "sampling": "none (every client)" if sampled_all
-                else "fixed size, without replacement",
+                "sampling": self._sampling_note(),
                 "population": self.population, "rounds_accounted": len(self.releases)}
+
+
+    def _sampling_note(self) -> str:
+        if self.poisson_rate is not None:
+            return f"poisson, rate {self.poisson_rate:g}"
+        return {"none": "none (every client)",
+                "fixed": "fixed size, without replacement"}[self.sampling]
+
+
+def noise_for_target(epsilon: float, ledger_for: Any, rounds: int, array_records: int = 1,
+                     sampled: int | None = None) -> float:
+    """The noise multiplier z at which `ledger_for(z)`, after `rounds` releases of
+    `sampled` clients (None: all), spends ε — found by bisection on the ledger itself, so
+    calibration and the record can never disagree."""
+    if math.isinf(epsilon):
+        return 0.0
+
+    def spent(z: float) -> float:
+        ledger = ledger_for(z)
+        for _ in range(rounds):
+            ledger.record_round(array_records, sampled or ledger.population)
+        return ledger.epsilon()
+
+    low, high = 1e-3, 1.0
+    while spent(high) > epsilon:
+        low, high = high, high * 2
+    for _ in range(60):
+        middle = (low + high) / 2
+        low, high = (middle, high) if spent(middle) > epsilon else (low, middle)
+    return high

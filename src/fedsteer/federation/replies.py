@@ -236,6 +236,21 @@ class RoundReplies:
         self.take(Reply(cid=cid, content=content, num_examples=weight))  # sensitivity
         return True
 
+    def take_mean(self, mean: RecordDict, replies: int) -> None:
+        """The one mean of a secure round (SecAgg+: no single reply is ever seen). Under
+        central DP the clients clipped before masking; the mean must be within the clip too
+        (slack for SecAgg+'s quantization), and the round's noise, σ = z·clip/m, joins it."""
+        dp = self.checks.central_dp
+        if dp is not None:
+            problem = dp.unclipped(mean, self.message, slack=1e-2)
+            if problem:
+                reject(self.cost, -1, f"secure mean: {problem}")
+                return
+            self.noised = True
+            mean = dp.noised(mean, seeded_rng(self.checks.seed, "central-dp", self.cost.round),
+                             replies)
+        self.take(Reply(cid=-1, content=mean, num_examples=replies))
+
     def take(self, reply: Reply) -> None:
         """A reply that passed its own checks (or the one mean of a secure round)."""
         entry = Kept(reply.cid, reply.num_examples, record_norms(reply.content),
@@ -263,7 +278,30 @@ class RoundReplies:
                 self._fold(Reply(entry.cid, self.spool.load(entry.slot), entry.num_examples))
             self.discard()
         self.cost.array_records = max((k.array_records for k in self.kept), default=0)
+        if self.checks.expected_replies is not None:
+            self._fold_to_expected(self.checks.expected_replies)
         return [k.norms for k in self.kept]
+
+    def _fold_to_expected(self, expected: float) -> None:
+        """Divide the round's sum by the expected number of replies (DP-FedAvg's fixed
+        denominator, McMahan et al. 2018): fold in an update of zero weighing `expected − m`.
+        The mean becomes `global + Σ updates / expected`, noise included, whoever came."""
+        shapes = self.method.reply_shapes(self.message)
+        if not shapes:
+            raise ValueError(f"{self.method.name} declares no reply shapes: central DP with "
+                             "Poisson sampling needs them to divide by the expected count")
+        arrays: dict[str, dict[str, Array]] = {}
+        for key, shape in shapes.items():
+            record, array = key.split(".", 1)
+            reference = self.message.array_records.get(record)
+            base = (reference[array].numpy() if reference is not None and array in reference
+                    and tuple(reference[array].shape) == tuple(shape)
+                    else np.zeros(shape, np.float32))
+            arrays.setdefault(record, {})[array] = Array(base.copy())
+        unchanged = RecordDict({name: ArrayRecord(a) for name, a in arrays.items()})
+        self.cost.array_records = max(self.cost.array_records, len(unchanged.array_records))
+        weight = expected - sum(k.num_examples for k in self.kept)
+        self._fold(Reply(-1, unchanged, weight))
 
     def result(self) -> RecordDict:
         return self.aggregator.result()
@@ -295,6 +333,8 @@ class ReplyChecks:
     #: central DP: every reply weighs 1 and the round's noise joins the first reply folded
     central_dp: CentralDP | None = None
     seed: int = 0  # of the central noise (drawn per round)
+    #: central DP with Poisson sampling: the mean's denominator (fraction × clients)
+    expected_replies: float | None = None
 
 
 def aggregate_problem(state: RecordDict, norms: Sequence[dict[str, float]],

@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 from flwr.app import RecordDict
 from rich.progress import Progress
 
@@ -48,6 +49,9 @@ PROGRESS_FILE = "progress.json"
 @dataclass
 class RuntimeConfig:
     fraction: float = 1.0  # share of clients sampled each round
+    #: fixed: exactly round(fraction × N) clients; poisson: each client on its own with
+    #: probability `fraction` (what DP's amplification by Poisson sampling assumes)
+    sampling: str = "fixed"
     min_clients: int = 1
     seed: int = 0
     max_rounds: int = 10_000  # a guard against a method that never finishes
@@ -104,8 +108,17 @@ class CheckpointMismatch(RuntimeError):
     """A resume was asked of a checkpoint written by a different run configuration."""
 
 
+SAMPLINGS = ("fixed", "poisson")
+
+
 def sample_clients(config: RuntimeConfig, rnd: int, num_clients: int) -> list[int]:
-    """A seeded sample per round: the same clients in every runtime and after a resume."""
+    """A seeded sample per round: the same clients in every runtime and after a resume.
+    Poisson sampling may pick no client at all (its round then changes nothing)."""
+    if config.sampling not in SAMPLINGS:
+        raise ValueError(f"sampling {config.sampling!r}: use one of {', '.join(SAMPLINGS)}")
+    if config.sampling == "poisson":
+        drawn = seeded_rng(config.seed, "poisson", rnd).random(num_clients)
+        return [int(c) for c in np.flatnonzero(drawn < config.fraction)]
     wanted = max(config.min_clients, round(config.fraction * num_clients))
     wanted = min(wanted, num_clients)
     rng = seeded_rng(config.seed, "sample", rnd)
@@ -166,6 +179,7 @@ class Runtime(ABC):
         method.setup(env)
         restored = self._restore(clients, fingerprint) if resume else None
         state, rounds = restored or (method.initial_state(env), [])
+        self._population = len(clients)
         ledger = self._ledger(len(clients))
         for cost in rounds if ledger else ():  # a resumed run has spent these already
             ledger.record_round(cost.array_records, len(cost.clients))
@@ -186,7 +200,9 @@ class Runtime(ABC):
 
     def _ledger(self, population: int) -> PrivacyLedger | CentralLedger | None:
         if self.config.central_dp is not None:
-            return CentralLedger(self.config.central_dp, population)
+            poisson = self.config.sampling == "poisson" and self.config.fraction < 1
+            return CentralLedger(self.config.central_dp, population,
+                                 self.config.fraction if poisson else None)
         return PrivacyLedger(self.config.dp) if self.config.dp else None
 
     def sample_clients(self, rnd: int, num_clients: int) -> list[int]:
@@ -222,6 +238,8 @@ class Runtime(ABC):
             self._collect(method, message, sampled, cost)
             started = time.perf_counter()
             norms = self._round.close()
+            if not sampled:  # a Poisson draw of nobody: the round changes nothing but noise
+                log.info("round %d: no client sampled", rnd)
             if sampled and not norms:
                 raise RuntimeError(
                     f"round {rnd}: every client failed or was rejected: {cost.rejected}")
@@ -246,7 +264,16 @@ class Runtime(ABC):
                            factor=self.config.reply_norm_factor,
                            max_weight=self.config.max_client_weight,
                            spool_root=self.checkpoint_dir,
-                           central_dp=self.config.central_dp, seed=self.config.seed)
+                           central_dp=self.config.central_dp, seed=self.config.seed,
+                           expected_replies=self._expected_replies(method))
+
+    def _expected_replies(self, method: Method) -> float | None:
+        """Under central DP with Poisson sampling, the mean divides by the expected number
+        of replies, not the number that came (which would reveal who took part)."""
+        if (self.config.central_dp is None or self.config.sampling != "poisson"
+                or self.config.fraction >= 1 or method.every_client):
+            return None
+        return self.config.fraction * self._population
 
     def _accept(
         self, method: Method, message: RecordDict, cid: int, content: Any,

@@ -17,7 +17,7 @@ from fedsteer.eval.costs import RoundCost, payload_bytes
 from fedsteer.federation.flower.secagg import secure_round
 from fedsteer.federation.payloads import InvalidReply, check_reply
 from fedsteer.federation.runtime import Runtime, RuntimeConfig
-from fedsteer.methods import Method, Reply
+from fedsteer.methods import Method
 
 log = logging.getLogger(__name__)
 #: the metric record a ClientApp adds to each reply: its compute time, wait and memory
@@ -92,7 +92,9 @@ class GridRuntime(Runtime):
     def _collect_secure(self, method: Method, message: RecordDict, sampled: list[int],
                         cost: RoundCost) -> None:
         """SecAgg+: one reply holding the (weighted) mean; no single payload is ever seen."""
-        uniform = method.secure_weighting(message) == "uniform"
+        # central DP weighs every reply the same (its sensitivity is one clip per client)
+        uniform = (method.secure_weighting(message) == "uniform"
+                   or self._round.checks.central_dp is not None)
         result = secure_round(
             self.grid, cost.round, message, method.reply_shapes(message),
             [self.node_of[cid] for cid in sampled], uniform,
@@ -114,7 +116,7 @@ class GridRuntime(Runtime):
         except InvalidReply as error:
             self._reject(cost, -1, f"secure mean: {error}")
             return
-        self._round.take(Reply(cid=-1, content=result.mean, num_examples=result.total_weight))
+        self._round.take_mean(result.mean, result.total_weight)
 
 
 @dataclass
