@@ -194,3 +194,22 @@ def test_noise_is_calibrated_on_the_ledger_that_records_it():
         ledger.record_round(1, 0)
     assert ledger.epsilon() == pytest.approx(4.0, rel=1e-3)
     assert noise_for_target(math.inf, ledger_for, rounds=5) == 0.0
+
+
+def test_each_round_records_the_median_update_norm_a_clip_is_chosen_by():
+    env, clients = make_clients(4)
+    plain = InProcessRuntime(RuntimeConfig(reply_norm_factor=0, max_client_weight=1))
+    assert plain.run(Steps(), clients, env).rounds[0].update_norms == {"w": pytest.approx(3.0)}
+    outcome, _ = run_round(noise_multiplier=0.0)  # clipped to 1 by the clients
+    assert outcome.rounds[0].update_norms == {"w": pytest.approx(1.0)}
+
+
+def test_a_poisson_draw_of_nobody_keeps_the_state():
+    env, clients = make_clients(3)
+    config = RuntimeConfig(fraction=0.01, sampling="poisson", reply_norm_factor=0,
+                           max_client_weight=1)
+    runtime = InProcessRuntime(config)
+    assert runtime.sample_clients(0, 3) == []
+    outcome = runtime.run(ShapedSteps(), clients, env)
+    assert outcome.rounds[0].clients == []
+    assert not outcome.state["w"]["w"].numpy().any()

@@ -27,7 +27,7 @@ import shutil
 import tempfile
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -36,7 +36,7 @@ from flwr.app import Array, ArrayRecord, RecordDict
 
 from fedsteer.eval.costs import RoundCost, payload_bytes
 from fedsteer.federation.payloads import InvalidReply, check_reply
-from fedsteer.federation.privacy import CentralDP
+from fedsteer.federation.privacy import CentralDP, record_update
 from fedsteer.methods.base import Aggregator, Method, Reply, seeded_rng
 
 log = logging.getLogger(__name__)
@@ -78,6 +78,7 @@ class Kept:
     norms: dict[str, float]
     array_records: int
     slot: int = -1
+    update_norms: dict[str, float] = field(default_factory=dict)  # of updates, per record
 
 
 class ReplySpool:
@@ -233,7 +234,9 @@ class RoundReplies:
             return False
         self.cost.bytes_up += payload_bytes(content)
         weight = 1 if self.checks.central_dp is not None else num_examples  # uniform: DP's
-        self.take(Reply(cid=cid, content=content, num_examples=weight))  # sensitivity
+        self.take(Reply(cid=cid, content=content, num_examples=weight),  # sensitivity
+                  {name: record_update(record, self.message.array_records.get(name))[2]
+                   for name, record in content.array_records.items()})
         return True
 
     def take_mean(self, mean: RecordDict, replies: int) -> None:
@@ -251,10 +254,10 @@ class RoundReplies:
                              replies)
         self.take(Reply(cid=-1, content=mean, num_examples=replies))
 
-    def take(self, reply: Reply) -> None:
+    def take(self, reply: Reply, update_norms: dict[str, float] | None = None) -> None:
         """A reply that passed its own checks (or the one mean of a secure round)."""
         entry = Kept(reply.cid, reply.num_examples, record_norms(reply.content),
-                     len(reply.content.array_records))
+                     len(reply.content.array_records), update_norms=update_norms or {})
         self.kept.append(entry)
         if self.direct:
             (entry,) = cap_weights([entry], self.checks.max_weight, self.cost)
@@ -278,6 +281,10 @@ class RoundReplies:
                 self._fold(Reply(entry.cid, self.spool.load(entry.slot), entry.num_examples))
             self.discard()
         self.cost.array_records = max((k.array_records for k in self.kept), default=0)
+        self.cost.update_norms = {
+            name: float(np.median([k.update_norms[name] for k in self.kept
+                                   if name in k.update_norms]))
+            for name in sorted({n for k in self.kept for n in k.update_norms})}
         if self.checks.expected_replies is not None:
             self._fold_to_expected(self.checks.expected_replies)
         return [k.norms for k in self.kept]

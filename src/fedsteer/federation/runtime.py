@@ -238,12 +238,14 @@ class Runtime(ABC):
             self._collect(method, message, sampled, cost)
             started = time.perf_counter()
             norms = self._round.close()
-            if not sampled:  # a Poisson draw of nobody: the round changes nothing but noise
-                log.info("round %d: no client sampled", rnd)
             if sampled and not norms:
                 raise RuntimeError(
                     f"round {rnd}: every client failed or was rejected: {cost.rejected}")
-            candidate = self._round.result()
+            if sampled or self._round.checks.expected_replies is not None:
+                candidate = self._round.result()
+            else:  # a Poisson draw of nobody (under central DP the noise is still released)
+                log.info("round %d: no client sampled; the state stays", rnd)
+                candidate = previous
         finally:
             self._round.discard()
         # Central DP's noise is meant to move the mean beyond its replies' norms; each reply

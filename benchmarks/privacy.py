@@ -1,0 +1,240 @@
+"""Privacy–utility (issue 20): central vs local DP at ε ∈ {1, 4, 8, ∞}, 100 and 1,000 clients.
+
+sst2 on smollm2-135m (fast enough for many clients), IID shards, 500 test rows, seed 0.
+- IFed-ICL takes every client in every round (its vectors are sent once, to everyone); its
+  central noise is divided by all N. FedAvg-LoRA samples clients by Poisson at rate
+  `--fraction`, and under central DP divides by the expected count (amplification by
+  sampling is accounted).
+- Clips: each record's median update norm in the non-private cell of the same method and
+  client count (`RoundCost.update_norms`). This choice reads private data and is *not*
+  accounted; adaptive clipping would make it private (not built).
+- Noise: z calibrated so the run spends exactly ε at δ = 1e-5 over its releases, on the very
+  ledger the run records (`noise_for_target`; local DP: `noise_for_epsilon`, replace-one).
+
+Cells resume (a finished cell is read back); each is `<out>/<method>-clients<N>-<mode>-eps<ε>`.
+The issue's bar: at ε = 8 with 1,000 clients, central DP within 3 points of the non-private
+run for at least one method. Run it in parts under the 2-hour limit, e.g.
+
+    nohup .venv/bin/python benchmarks/privacy.py --clients 100 >> benchmarks/results/privacy.log &
+    nohup .venv/bin/python benchmarks/privacy.py --clients 1000 >> benchmarks/results/privacy.log &
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import time
+from pathlib import Path
+
+from common import output_arguments, write_outputs
+
+from fedsteer.bench import reuse_finished
+from fedsteer.data import load_task
+from fedsteer.eval.metrics import mcnemar_exact
+from fedsteer.experiment import RunConfig, run_experiment
+from fedsteer.federation.privacy import (
+    CentralDP,
+    CentralLedger,
+    noise_for_epsilon,
+    noise_for_target,
+)
+from fedsteer.models import load_model
+
+METHODS = {  # the same small budget at every client count
+    "ifed-icl": {"rounds": 1, "local_epochs": 1, "demos_per_class": 2,
+                 "calibration_per_class": 2},
+    "fedavg-lora": {"rounds": 5, "local_examples": 8, "batch_size": 8},
+}
+#: how many releases (rounds that send replies) each method's run makes
+RELEASES = {"ifed-icl": lambda o: 1 + o["rounds"], "fedavg-lora": lambda o: o["rounds"]}
+
+
+def base_config(method: str, clients: int, args) -> RunConfig:
+    sampled = method != "ifed-icl"
+    return RunConfig(method=method, task="sst2", model=args.model, clients=clients,
+                     partition="iid", test_size=args.test_size, seed=0,
+                     fraction=args.fraction if sampled else 1.0,
+                     sampling="poisson" if sampled else "fixed",
+                     options=dict(METHODS[method]))
+
+
+def clips_from(record: dict) -> dict[str, float]:
+    """Each record's median update norm over the rounds that sent it (the largest round's)."""
+    clips: dict[str, float] = {}
+    for cost in record["costs"]["rounds"]:
+        for name, norm in cost.get("update_norms", {}).items():
+            clips[name] = max(clips.get(name, 0.0), norm)
+    if not clips:
+        raise RuntimeError("the non-private cell recorded no update norms (an older record?)")
+    return clips
+
+
+def noise(method: str, mode: str, epsilon: float, config: RunConfig) -> float:
+    """z for the run to spend exactly ε at δ (central: on the ledger it will keep)."""
+    releases = RELEASES[method](config.options)
+    if mode == "local":
+        return noise_for_epsilon(epsilon, 1e-5, releases, "replace-one")
+    rate = config.fraction if config.sampling == "poisson" else None
+
+    def ledger_for(z: float) -> CentralLedger:
+        return CentralLedger(CentralDP(clip=1.0, noise_multiplier=z), config.clients, rate)
+
+    return noise_for_target(epsilon, ledger_for, releases)
+
+
+def run_cell(out: Path, config: RunConfig, lm, task, name: str) -> dict:
+    path = out / name
+    record = reuse_finished(path, config)
+    if record is None:
+        started = time.time()
+        record = run_experiment(config, path, lm=lm, task=task, resume=True)
+        print(f"{name}: acc {record['metrics']['accuracy']:.4f}, "
+              f"ε {(record.get('privacy') or {}).get('epsilon', math.inf):.3g} "
+              f"({time.time() - started:.0f} s)", flush=True)
+    return record
+
+
+def cells_for(method: str, clients: int, args, lm, task) -> list[dict]:
+    plain_config = base_config(method, clients, args)
+    plain = run_cell(args.out, plain_config, lm, task, f"{method}-clients{clients}-none")
+    clips = clips_from(plain)
+    rows = [row(method, clients, "none", math.inf, plain, plain)]
+    for epsilon in args.epsilons:
+        for mode in args.modes:
+            z = noise(method, mode, epsilon, plain_config)
+            config = RunConfig(**{**plain_config.__dict__, "dp_clip": max(clips.values()),
+                                  "dp_record_clips": clips, "dp_noise": z, "dp_mode": mode})
+            name = f"{method}-clients{clients}-{mode}-eps{epsilon:g}"
+            rows.append(row(method, clients, mode, epsilon,
+                            run_cell(args.out, config, lm, task, name), plain))
+    return rows
+
+
+def row(method, clients, mode, epsilon, record, plain) -> dict:
+    metrics = record["metrics"]
+    correct, base = record["per_row"]["correct"], plain["per_row"]["correct"]
+    only_this, only_plain, p = mcnemar_exact(correct, base)
+    privacy = record.get("privacy") or {}
+    return {"method": method, "clients": clients, "mode": mode, "target_epsilon": epsilon,
+            "epsilon": privacy.get("epsilon", math.inf),
+            "noise_multiplier": privacy.get("noise_multiplier", 0.0),
+            "clips": privacy.get("record_clips"), "sampling": privacy.get("sampling"),
+            "accuracy": metrics["accuracy"], "accuracy_ci95": metrics["accuracy_ci95"],
+            "num_test": metrics["num_test"], "vs_plain_points": 100 * (
+                metrics["accuracy"] - plain["metrics"]["accuracy"]),
+            "paired_p": p, "only_this": only_this, "only_plain": only_plain,
+            "client_seconds": record["costs"]["client_seconds"]}
+
+
+def report(rows: list[dict], zero: dict, args) -> str:
+    lines = [f"# Privacy–utility: sst2, {args.model}, {zero['num_test']} test rows", "",
+             "IID shards; IFed-ICL every client every round (extract + 1 calibration round, "
+             "1 epoch, 2 demos and 2 calibration queries per class); FedAvg-LoRA 5 rounds, "
+             f"Poisson sampling at rate {args.fraction}, 8 local examples. δ = 1e-5. Clips: "
+             "each record's median update norm in the non-private run (not accounted).", "",
+             f"Zero-shot: {pct(zero)}.", "",
+             "| method | clients | DP | ε (spent) | z | accuracy [95 %] | vs non-private "
+             "(points) | paired p |", "|---|---:|---|---:|---:|---:|---:|---:|"]
+    for r in rows:
+        eps = "∞" if math.isinf(r["epsilon"]) else f"{r['epsilon']:.2f}"
+        lines.append(f"| {r['method']} | {r['clients']} | {r['mode']} | {eps} | "
+                     f"{r['noise_multiplier']:.3g} | {pct(r)} | {r['vs_plain_points']:+.1f} | "
+                     f"{r['paired_p']:.3g} |")
+    lines += ["", bar(rows)]
+    return "\n".join(lines) + "\n"
+
+
+def bar(rows: list[dict]) -> str:
+    at_bar = [r for r in rows if r["clients"] == 1000 and r["mode"] == "central"
+              and r["target_epsilon"] == 8]
+    if not at_bar:
+        return "Bar (ε = 8, 1,000 clients, central within 3 points): not measured yet."
+    met = [r["method"] for r in at_bar if r["vs_plain_points"] >= -3]
+    verdict = f"met by {', '.join(met)}" if met else "NOT met"
+    detail = ", ".join(f"{r['method']} {r['vs_plain_points']:+.1f}" for r in at_bar)
+    return (f"Bar (ε = 8, 1,000 clients, central DP within 3 points of non-private): "
+            f"{verdict} ({detail}).")
+
+
+def pct(r: dict) -> str:
+    low, high = r["accuracy_ci95"]
+    return f"{100 * r['accuracy']:.1f} [{100 * low:.1f}, {100 * high:.1f}]"
+
+
+def plot(rows: list[dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    methods = sorted({r["method"] for r in rows})
+    fig, axes = plt.subplots(1, len(methods), figsize=(5.5 * len(methods), 4), squeeze=False)
+    for ax, method in zip(axes[0], methods, strict=True):
+        for clients in sorted({r["clients"] for r in rows if r["method"] == method}):
+            mine = [r for r in rows if r["method"] == method and r["clients"] == clients]
+            plain = next(r for r in mine if r["mode"] == "none")
+            ax.axhline(100 * plain["accuracy"], ls=":", color="grey")
+            for mode, marker in (("central", "o-"), ("local", "s--")):
+                points = sorted((r["target_epsilon"], r) for r in mine if r["mode"] == mode)
+                if points:
+                    ax.errorbar([e for e, _ in points], [100 * r["accuracy"] for _, r in points],
+                                yerr=[[100 * (r["accuracy"] - r["accuracy_ci95"][0])
+                                       for _, r in points],
+                                      [100 * (r["accuracy_ci95"][1] - r["accuracy"])
+                                       for _, r in points]],
+                                fmt=marker, capsize=3, label=f"{mode}, {clients} clients")
+        ax.set(xscale="log", xlabel="ε (δ = 1e-5)", ylabel="accuracy %", title=method)
+        ax.legend(fontsize=8)
+    fig.suptitle("sst2 accuracy vs privacy (dotted: non-private; bars: 95 % Wilson)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default="smollm2-135m")
+    parser.add_argument("--methods", nargs="+", default=list(METHODS))
+    parser.add_argument("--clients", nargs="+", type=int, default=[100, 1000])
+    parser.add_argument("--epsilons", nargs="+", type=float, default=[8.0, 4.0, 1.0])
+    parser.add_argument("--modes", nargs="+", default=["central", "local"])
+    parser.add_argument("--fraction", type=float, default=0.1)
+    parser.add_argument("--test-size", type=int, default=500)
+    parser.add_argument("--report-only", action="store_true",
+                        help="only read the cells recorded so far and write the report")
+    output_arguments(parser, "privacy")
+    args = parser.parse_args()
+    task = load_task("sst2")
+    lm = None if args.report_only else load_model(args.model)
+    zero_config = RunConfig(method="zero-shot", task="sst2", model=args.model,
+                            test_size=args.test_size, clients=1)
+    zero = run_cell(args.out, zero_config, lm, task, "zero-shot")["metrics"]
+    rows = []
+    for clients in sorted({100, 1000} | set(args.clients)):
+        for method in args.methods:
+            if args.report_only or clients not in args.clients:
+                rows += recorded_rows(method, clients, args, task)
+            else:
+                rows += cells_for(method, clients, args, lm, task)
+    text = report(rows, zero, args)
+    plot(rows, args.report_dir / "privacy.png")
+    write_outputs(args.report_dir, "privacy", {"zero_shot": zero, "rows": rows}, text, args)
+
+
+def recorded_rows(method: str, clients: int, args, task) -> list[dict]:
+    """The rows of cells already on disk (a part of the grid another invocation ran)."""
+    from fedsteer.eval.record import read_result
+
+    plain_dir = args.out / f"{method}-clients{clients}-none"
+    if not (plain_dir / "result.json").exists():
+        return []
+    plain = read_result(plain_dir)
+    rows = [row(method, clients, "none", math.inf, plain, plain)]
+    for folder in sorted(args.out.glob(f"{method}-clients{clients}-*-eps*")):
+        if (folder / "result.json").exists():
+            mode, eps = folder.name.rsplit("-", 2)[-2:]
+            rows.append(row(method, clients, mode, float(eps[3:]), read_result(folder), plain))
+    return rows
+
+
+if __name__ == "__main__":
+    main()
