@@ -432,3 +432,41 @@ def test_asyndbt_on_flower_never_counts_a_timeout_as_a_reply(tmp_path, flower_id
     for r in rounds:
         rejected = {rej["cid"] for rej in r["rejected"]}
         assert len([c for c in r["clients"] if c not in rejected]) >= 2, r
+
+
+@pytest.fixture
+def ray_cluster(tmp_path):
+    """A single-node Ray cluster started as a user would start its head node (`ray start
+    --head`): the stand-in for a multi-node cluster, whose other nodes would join it."""
+    import subprocess
+    import sys
+    import tempfile
+
+    ray = str(Path(sys.executable).parent / "ray")
+    temp = tempfile.mkdtemp(prefix="rc")  # Ray's socket paths must stay short
+    port = launch.free_port()
+    env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0"}
+    subprocess.run([ray, "start", "--head", f"--port={port}", "--num-cpus=2",
+                    f"--temp-dir={temp}", "--include-dashboard=false", "--disable-usage-stats"],
+                   check=True, capture_output=True, env=env, timeout=120)
+    try:
+        yield f"127.0.0.1:{port}", Path(temp)
+    finally:
+        subprocess.run([ray, "stop", "--force"], capture_output=True, env=env, timeout=120)
+
+
+@pytest.mark.slow
+def test_simulation_runs_on_a_ray_cluster_named_by_ray_address(tmp_path, ray_cluster,
+                                                             monkeypatch):
+    """Issue 20: `RAY_ADDRESS=<head>:<port> fedsteer run --runtime flower` runs Flower's
+    simulation on that cluster (Ray's own variable, passed through to the engine): the
+    ClientApp actors are the cluster's, and the result is the in-process one."""
+    address, temp = ray_cluster
+    config = tiny_config(method="ifed-icl", client_batch=1)
+    expected = run_experiment(config, tmp_path / "inprocess")
+    monkeypatch.setenv("RAY_ADDRESS", address)
+    record = launch.run_on_flower(config, tmp_path / "sim")
+    assert record["metrics"]["accuracy"] == expected["metrics"]["accuracy"]
+    actor_logs = [p for p in temp.glob("session_*/logs/worker-*")
+                  if "ClientAppActor" in p.read_text(errors="replace")]
+    assert actor_logs, f"no ClientApp actor ran on the cluster at {address}"
