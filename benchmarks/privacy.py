@@ -41,8 +41,8 @@ from fedsteer.federation.privacy import (
 from fedsteer.models import load_model
 
 METHODS = {  # the same small budget at every client count
-    "ifed-icl": {"rounds": 1, "local_epochs": 1, "demos_per_class": 2,
-                 "calibration_per_class": 2},
+    "ifed-icl": {"rounds": 1, "local_epochs": 1, "demos_per_class": 1,
+                 "calibration_per_class": 1},
     "fedavg-lora": {"rounds": 5, "local_examples": 8, "batch_size": 8},
 }
 #: how many releases (rounds that send replies) each method's run makes
@@ -129,7 +129,7 @@ def row(method, clients, mode, epsilon, record, plain) -> dict:
 def report(rows: list[dict], zero: dict, args) -> str:
     lines = [f"# Privacy–utility: sst2, {args.model}, {zero['num_test']} test rows", "",
              "IID shards; IFed-ICL every client every round (extract + 1 calibration round, "
-             "1 epoch, 2 demos and 2 calibration queries per class); FedAvg-LoRA 5 rounds, "
+             "1 epoch, 1 demonstration and 1 calibration query per class); FedAvg-LoRA 5 rounds, "
              f"Poisson sampling at rate {args.fraction}, 8 local examples. δ = 1e-5. Clips: "
              "each record's median update norm in the non-private run (not accounted).", "",
              f"Zero-shot: {pct(zero)}.", "",
