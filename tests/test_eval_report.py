@@ -143,6 +143,23 @@ def test_the_table_marks_a_difference_from_zero_shot_only_where_the_paired_test_
     assert "65.0 (55–74)" in text and "+15.0 (p=6.1e-05) *" in text
 
 
+def test_clients_evaluating_on_their_own_are_paired_by_the_share_of_them_right():
+    """Local ICL and AsynDBT score each row as the share of their clients right: paired
+    with zero-shot by Wilcoxon on those shares (was left unpaired, "—")."""
+    from fedsteer.eval.report import versus_zero_shot
+
+    zero = _scored("zero-shot", [1] * 50 + [0] * 50)
+    local = _scored("local-icl", [0] * 100)
+    local["per_row"] = {"correct_fraction": [1.0] * 50 + [2 / 3] * 40 + [0.0] * 10}
+    local["metrics"]["accuracy"] = (50 + 40 * 2 / 3) / 100
+    flat = _scored("asyndbt", [0] * 100)
+    flat["per_row"] = {"correct_fraction": [1.0] * 50 + [0.0] * 50}
+    flat["metrics"]["accuracy"] = 0.5
+    marks = versus_zero_shot([zero, local, flat])
+    assert marks[1].startswith("+26.7 (p=") and marks[1].endswith(", W) *")
+    assert marks[2] == "+0.0 (p=1, W)"
+
+
 def test_every_result_records_its_interval_and_rows(tmp_path, tiny_lm):
     from fedsteer.eval.metrics import wilson_interval
     from fedsteer.experiment import RunConfig, run_experiment

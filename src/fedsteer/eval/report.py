@@ -45,22 +45,32 @@ def same_rows(record: dict[str, Any]) -> tuple:
 
 
 def versus_zero_shot(records: Sequence[dict[str, Any]]) -> list[str]:
-    """Per record: its accuracy minus zero-shot's on the same rows, with the exact McNemar p
-    ("*" where p < 0.05); "—" where there is no zero-shot or no per-row result to pair."""
-    from fedsteer.eval.metrics import mcnemar_exact
+    """Per record: its accuracy minus zero-shot's on the same rows, with a paired test's p
+    ("*" where p < 0.05): exact McNemar on rows right or wrong, or — where clients evaluated
+    on their own (local ICL, AsynDBT) and a row's score is the share of them right — the
+    Wilcoxon signed-rank test (marked W). "—" where there is nothing to pair."""
+    from fedsteer.eval.metrics import mcnemar_exact, paired_fraction_test
 
     zero = {same_rows(r): r for r in records
             if r["method"] == "zero-shot" and (r.get("per_row") or {}).get("correct")}
     out = []
     for rec in records:
         base = zero.get(same_rows(rec))
-        mine = (rec.get("per_row") or {}).get("correct")
-        if rec["method"] == "zero-shot" or base is None or not mine:
+        rows = rec.get("per_row") or {}
+        if rec["method"] == "zero-shot" or base is None or not rows:
             out.append("—")
             continue
-        _, _, p = mcnemar_exact(mine, base["per_row"]["correct"])
+        if rows.get("correct"):
+            _, _, p = mcnemar_exact(rows["correct"], base["per_row"]["correct"])
+            test = ""
+        elif rows.get("correct_fraction"):
+            _, p = paired_fraction_test(rows["correct_fraction"], base["per_row"]["correct"])
+            test = ", W"
+        else:
+            out.append("—")
+            continue
         delta = 100 * (rec["metrics"]["accuracy"] - base["metrics"]["accuracy"])
-        out.append(f"{delta:+.1f} (p={p:.2g}){' *' if p < 0.05 else ''}")
+        out.append(f"{delta:+.1f} (p={p:.2g}{test}){' *' if p < 0.05 else ''}")
     return out
 
 
