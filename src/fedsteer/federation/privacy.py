@@ -92,18 +92,25 @@ def record_update(record: ArrayRecord, reference: ArrayRecord | None
     has none), the update per array (float64), and the update's L2 norm over all arrays —
     what clipping bounds, on the client and when the server checks it."""
     arrays = {key: array.numpy() for key, array in record.items()}
-    base = {key: _reference(reference, key, value) for key, value in arrays.items()}
+    base = {key: global_array(reference, key, value.shape) for key, value in arrays.items()}
     updates = {key: arrays[key].astype(np.float64) - base[key] for key in arrays}
     return base, updates, math.sqrt(sum(float(np.sum(u * u)) for u in updates.values()))
 
 
-def _reference(reference: ArrayRecord | None, key: str, value: np.ndarray) -> np.ndarray:
-    """The global array this reply updates, or zeros when the message has none like it."""
+def update_norms(reply: RecordDict, message: RecordDict) -> dict[str, float]:
+    """Per array record of a reply, the L2 norm of its update (`record_update`)."""
+    return {name: record_update(record, message.array_records.get(name))[2]
+            for name, record in reply.array_records.items()}
+
+
+def global_array(reference: ArrayRecord | None, key: str, shape: tuple[int, ...]) -> np.ndarray:
+    """The global array a reply's array of `shape` updates (float64), or zeros when the
+    message has none like it."""
     if reference is not None and key in reference:
         ref = reference[key].numpy()
-        if ref.shape == value.shape:
+        if tuple(ref.shape) == tuple(shape):
             return ref.astype(np.float64)
-    return np.zeros(value.shape, np.float64)
+    return np.zeros(shape, np.float64)
 
 
 def privatize_reply(dp: ClientDP | None, reply: RecordDict, message: RecordDict, *,
@@ -205,13 +212,12 @@ class CentralDP:
         """What each client does: clip, add nothing (the server's noise is the mechanism)."""
         return ClientDP(self.clip, 0.0, self.delta, self.record_clips)
 
-    def unclipped(self, reply: RecordDict, message: RecordDict, slack: float = 1e-4
-                  ) -> str | None:
-        """Why a reply (or a secure mean of clipped replies) is not clipped as promised (the
-        server checks: its sensitivity, hence ε, rests on it), or None."""
-        for name, record in reply.array_records.items():
+    def unclipped(self, norms: dict[str, float], slack: float = 1e-4) -> str | None:
+        """Why a reply (or a secure mean of clipped replies), whose records' update norms
+        are `norms` (`update_norms`), is not clipped as promised (the server checks: its
+        sensitivity, hence ε, rests on it), or None."""
+        for name, norm in norms.items():
             clip = self.record_clips.get(name, self.clip)
-            _, _, norm = record_update(record, message.array_records.get(name))
             if norm > clip * (1 + slack):
                 return f"record {name!r} update norm {norm:.4g} exceeds the DP clip {clip:g}"
         return None
@@ -311,7 +317,6 @@ class CentralLedger:
                 "sensitivity_in_clips": self.sensitivity,
                 "sampling": self._sampling_note(),
                 "population": self.population, "rounds_accounted": len(self.releases)}
-
 
     def _sampling_note(self) -> str:
         if self.poisson_rate is not None:

@@ -36,7 +36,7 @@ from flwr.app import Array, ArrayRecord, RecordDict
 
 from fedsteer.eval.costs import RoundCost, payload_bytes
 from fedsteer.federation.payloads import InvalidReply, check_reply
-from fedsteer.federation.privacy import CentralDP, record_update
+from fedsteer.federation.privacy import CentralDP, global_array, update_norms
 from fedsteer.methods.base import Aggregator, Method, Reply, seeded_rng
 
 log = logging.getLogger(__name__)
@@ -227,16 +227,15 @@ class RoundReplies:
             reject(self.cost, cid, str(error))
             return False
         problem = self.method.reply_problem(content)
+        norms = update_norms(content, self.message)  # the clip check's and the record's
         if problem is None and self.checks.central_dp is not None:
-            problem = self.checks.central_dp.unclipped(content, self.message)
+            problem = self.checks.central_dp.unclipped(norms)
         if problem:
             reject(self.cost, cid, problem)
             return False
         self.cost.bytes_up += payload_bytes(content)
         weight = 1 if self.checks.central_dp is not None else num_examples  # uniform: DP's
-        self.take(Reply(cid=cid, content=content, num_examples=weight),  # sensitivity
-                  {name: record_update(record, self.message.array_records.get(name))[2]
-                   for name, record in content.array_records.items()})
+        self.take(Reply(cid=cid, content=content, num_examples=weight), norms)  # sensitivity
         return True
 
     def take_mean(self, mean: RecordDict, replies: int) -> None:
@@ -245,7 +244,7 @@ class RoundReplies:
         (slack for SecAgg+'s quantization), and the round's noise, σ = z·clip/m, joins it."""
         dp = self.checks.central_dp
         if dp is not None:
-            problem = dp.unclipped(mean, self.message, slack=1e-2)
+            problem = dp.unclipped(update_norms(mean, self.message), slack=1e-2)
             if problem:
                 reject(self.cost, -1, f"secure mean: {problem}")
                 return
@@ -300,11 +299,8 @@ class RoundReplies:
         arrays: dict[str, dict[str, Array]] = {}
         for key, shape in shapes.items():
             record, array = key.split(".", 1)
-            reference = self.message.array_records.get(record)
-            base = (reference[array].numpy() if reference is not None and array in reference
-                    and tuple(reference[array].shape) == tuple(shape)
-                    else np.zeros(shape, np.float32))
-            arrays.setdefault(record, {})[array] = Array(base.copy())
+            base = global_array(self.message.array_records.get(record), array, shape)
+            arrays.setdefault(record, {})[array] = Array(base.astype(np.float32))
         unchanged = RecordDict({name: ArrayRecord(a) for name, a in arrays.items()})
         self.cost.array_records = max(self.cost.array_records, len(unchanged.array_records))
         weight = expected - sum(k.num_examples for k in self.kept)
