@@ -213,3 +213,23 @@ def test_a_poisson_draw_of_nobody_keeps_the_state():
     outcome = runtime.run(ShapedSteps(), clients, env)
     assert outcome.rounds[0].clients == []
     assert not outcome.state["w"]["w"].numpy().any()
+
+
+def test_a_method_that_takes_every_client_is_not_accounted_as_poisson_sampled():
+    """IFed-ICL-like methods ignore `fraction`: every client answers every round, so no
+    amplification may be claimed (the ledger took the rate regardless: ε understated)."""
+
+    @dataclass
+    class EverySteps(ShapedSteps):
+        every_client = True
+
+    env, clients = make_clients(10)
+    dp = CentralDP(clip=1.0, noise_multiplier=2.0)
+    config = RuntimeConfig(fraction=0.1, sampling="poisson", dp=dp.client_side(),
+                           central_dp=dp, reply_norm_factor=0, max_client_weight=1)
+    outcome = InProcessRuntime(config).run(EverySteps(), clients, env)
+    assert outcome.rounds[0].clients == list(range(10))
+    assert outcome.privacy["sampling"] == "none (every client)"
+    reference = rdp.RdpAccountant(neighboring_relation=ADD_REMOVE)
+    reference.compose(dp_accounting.GaussianDpEvent(2.0))
+    assert outcome.privacy["epsilon"] == pytest.approx(reference.get_epsilon(1e-5))

@@ -179,8 +179,7 @@ class Runtime(ABC):
         method.setup(env)
         restored = self._restore(clients, fingerprint) if resume else None
         state, rounds = restored or (method.initial_state(env), [])
-        self._population = len(clients)
-        ledger = self._ledger(len(clients))
+        ledger = self._ledger(method, len(clients))
         for cost in rounds if ledger else ():  # a resumed run has spent these already
             ledger.record_round(cost.array_records, len(cost.clients))
         metrics = None
@@ -198,12 +197,19 @@ class Runtime(ABC):
             self._checkpoint(state, clients, rounds, fingerprint)
         return RunOutcome(state, rounds, ledger.summary() if ledger else None, metrics)
 
-    def _ledger(self, population: int) -> PrivacyLedger | CentralLedger | None:
+    def _ledger(self, method: Method, population: int
+                ) -> PrivacyLedger | CentralLedger | None:
         if self.config.central_dp is not None:
-            poisson = self.config.sampling == "poisson" and self.config.fraction < 1
-            return CentralLedger(self.config.central_dp, population,
-                                 self.config.fraction if poisson else None)
+            return CentralLedger(self.config.central_dp, population, self._poisson_rate(method))
         return PrivacyLedger(self.config.dp) if self.config.dp else None
+
+    def _poisson_rate(self, method: Method) -> float | None:
+        """The rate clients are Poisson-sampled at, or None: fixed-size samples, or a method
+        that takes every client in every round whatever `fraction` says."""
+        if (self.config.sampling != "poisson" or self.config.fraction >= 1
+                or method.every_client):
+            return None
+        return self.config.fraction
 
     def sample_clients(self, rnd: int, num_clients: int) -> list[int]:
         return sample_clients(self.config, rnd, num_clients)
@@ -233,7 +239,7 @@ class Runtime(ABC):
         sampled = [clients[cid] for cid in chosen]
         previous = copy.deepcopy(state)  # the aggregator may change the state in place
         self._round = RoundReplies(method, message, method.aggregator(rnd, state), cost,
-                                   self._reply_checks(method))
+                                   self._reply_checks(method, len(clients)))
         try:
             self._collect(method, message, sampled, cost)
             started = time.perf_counter()
@@ -261,21 +267,21 @@ class Runtime(ABC):
         cost.peak_rss_bytes = max(cost.peak_rss_bytes, peak_rss_bytes())
         return candidate, cost
 
-    def _reply_checks(self, method: Method) -> ReplyChecks:
+    def _reply_checks(self, method: Method, population: int) -> ReplyChecks:
         return ReplyChecks(max_norm=self._max_norm(method),
                            factor=self.config.reply_norm_factor,
                            max_weight=self.config.max_client_weight,
                            spool_root=self.checkpoint_dir,
                            central_dp=self.config.central_dp, seed=self.config.seed,
-                           expected_replies=self._expected_replies(method))
+                           expected_replies=self._expected_replies(method, population))
 
-    def _expected_replies(self, method: Method) -> float | None:
+    def _expected_replies(self, method: Method, population: int) -> float | None:
         """Under central DP with Poisson sampling, the mean divides by the expected number
         of replies, not the number that came (which would reveal who took part)."""
-        if (self.config.central_dp is None or self.config.sampling != "poisson"
-                or self.config.fraction >= 1 or method.every_client):
+        rate = self._poisson_rate(method)
+        if self.config.central_dp is None or rate is None:
             return None
-        return self.config.fraction * self._population
+        return rate * population
 
     def _accept(
         self, method: Method, message: RecordDict, cid: int, content: Any,
