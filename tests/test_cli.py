@@ -36,6 +36,10 @@ def test_run_three_baselines_writes_records_table_and_plot(tmp_path, tiny_lm):
     assert len(local["metrics"]["per_client"]) == 4
     assert local["metrics"]["num_clients"] == 4
     assert (out / "comparison.png").stat().st_size > 10_000
+    # local ICL's rows can be paired with zero-shot's: each row's share of clients right
+    fraction = local["per_row"]["correct_fraction"]
+    assert len(fraction) == 12 and all(0.0 <= f <= 1.0 for f in fraction)
+    assert sum(fraction) / 12 == pytest.approx(local["metrics"]["accuracy"])
 
 
 def test_resume_skips_finished_methods(tmp_path, tiny_lm):

@@ -247,6 +247,23 @@ def test_icl_shows_shots_per_class_so_every_trec_label_appears(tmp_path, tiny_lm
     assert record["config"]["method_options"]["per_class"] is per_class
 
 
+@pytest.mark.parametrize("metrics, reason", [
+    ({"accuracy": 0.5, "macro_f1": 0.5, "correct": [1, 2]}, "0/1"),
+    ({"accuracy": 0.5, "macro_f1": 0.5, "correct": []}, "0/1"),
+    ({"accuracy": 1.0, "macro_f1": 0.5, "correct": [1, 0]}, "share of rows"),
+    ({"accuracy": 0.5, "macro_f1": 1.5, "correct": [1, 0]}, "macro-F1"),
+])
+def test_a_local_icl_score_that_is_not_one_is_rejected(metrics, reason):
+    from flwr.app import MetricRecord
+
+    from fedsteer.methods import make_method
+
+    method = make_method("local-icl")
+    assert reason in method.reply_problem(RecordDict({"metrics": MetricRecord(metrics)}))
+    honest = {"accuracy": 0.5, "macro_f1": 0.5, "correct": [1, 0], "num_demos": 2}
+    assert method.reply_problem(RecordDict({"metrics": MetricRecord(honest)})) is None
+
+
 @dataclass
 class Drifting(ToyAverage):
     """Replies share a large common part (the global model) plus a small local change, as a

@@ -44,33 +44,47 @@ def same_rows(record: dict[str, Any]) -> tuple:
             config.get("test_seed", 0))
 
 
+def row_scores(record: dict[str, Any]) -> tuple[list[float], bool] | None:
+    """A record's score on each test row and whether it is 0/1 (one evaluation) rather than a
+    share of clients right (clients that evaluated on their own); None if it kept no rows."""
+    rows = record.get("per_row") or {}
+    if rows.get("correct"):
+        return [float(x) for x in rows["correct"]], True
+    if rows.get("correct_fraction"):
+        return [float(x) for x in rows["correct_fraction"]], False
+    return None
+
+
+def paired_difference(record: dict[str, Any], base: dict[str, Any]) -> tuple[float, float, str]:
+    """`record` minus `base` on the same rows: (accuracy points, two-sided p, test) — exact
+    McNemar where both score rows 0/1, else Wilcoxon signed-rank ("W") on the rows' scores."""
+    from fedsteer.eval.metrics import mcnemar_exact, paired_fraction_test
+
+    mine, theirs = row_scores(record), row_scores(base)
+    if mine is None or theirs is None:
+        raise ValueError(f"{record['method']} vs {base['method']}: a record kept no rows")
+    delta = 100 * (record["metrics"]["accuracy"] - base["metrics"]["accuracy"])
+    if mine[1] and theirs[1]:
+        return delta, mcnemar_exact(mine[0], theirs[0])[2], "McNemar"
+    return delta, paired_fraction_test(mine[0], theirs[0])[1], "W"
+
+
 def versus_zero_shot(records: Sequence[dict[str, Any]]) -> list[str]:
     """Per record: its accuracy minus zero-shot's on the same rows, with a paired test's p
     ("*" where p < 0.05): exact McNemar on rows right or wrong, or — where clients evaluated
     on their own (local ICL, AsynDBT) and a row's score is the share of them right — the
     Wilcoxon signed-rank test (marked W). "—" where there is nothing to pair."""
-    from fedsteer.eval.metrics import mcnemar_exact, paired_fraction_test
-
     zero = {same_rows(r): r for r in records
             if r["method"] == "zero-shot" and (r.get("per_row") or {}).get("correct")}
     out = []
     for rec in records:
         base = zero.get(same_rows(rec))
-        rows = rec.get("per_row") or {}
-        if rec["method"] == "zero-shot" or base is None or not rows:
+        if rec["method"] == "zero-shot" or base is None or row_scores(rec) is None:
             out.append("—")
             continue
-        if rows.get("correct"):
-            _, _, p = mcnemar_exact(rows["correct"], base["per_row"]["correct"])
-            test = ""
-        elif rows.get("correct_fraction"):
-            _, p = paired_fraction_test(rows["correct_fraction"], base["per_row"]["correct"])
-            test = ", W"
-        else:
-            out.append("—")
-            continue
-        delta = 100 * (rec["metrics"]["accuracy"] - base["metrics"]["accuracy"])
-        out.append(f"{delta:+.1f} (p={p:.2g}{test}){' *' if p < 0.05 else ''}")
+        delta, p, test = paired_difference(rec, base)
+        mark = ", W" if test == "W" else ""
+        out.append(f"{delta:+.1f} (p={p:.2g}{mark}){' *' if p < 0.05 else ''}")
     return out
 
 

@@ -104,18 +104,30 @@ class LocalICL(Method):
         rng = seeded_rng(self.seed, "demos", client.cid)
         demos = select_demonstrations(client.data, self._total(message, client), rng)
         metrics = evaluate_prompting(client.env, client.env.task.demo_prefix(demos))
-        if not self.centralized:  # per-row results stay with the client; the mean travels
-            metrics.pop("correct")
+        # `correct` is the client's score on the server's public test rows (no training data),
+        # sent so the record can be paired row by row with other methods
         return RecordDict({"metrics": MetricRecord({**metrics, "num_demos": len(demos)})})
+
+    def reply_problem(self, content: RecordDict) -> str | None:
+        """A score must be one: 0/1 per row, and its accuracy the share of rows right."""
+        metrics = content["metrics"]
+        correct = list(metrics.get("correct", []))
+        if not correct or any(x not in (0, 1) for x in correct):
+            return "per-row correctness must be a non-empty list of 0/1"
+        if abs(float(metrics["accuracy"]) - sum(correct) / len(correct)) > 1e-9:
+            return "accuracy is not the share of rows marked correct"
+        if not 0.0 <= float(metrics["macro_f1"]) <= 1.0:
+            return "macro-F1 outside [0, 1]"
+        return None
 
     def aggregate(self, rnd: int, state: RecordDict, replies: Sequence[Reply]) -> RecordDict:
         columns = {"cid": [r.cid for r in replies]}
         for key in ("accuracy", "macro_f1", "num_demos"):
             columns[key] = [float(r.content["metrics"][key]) for r in replies]
         state["clients"] = MetricRecord(columns)
-        if self.centralized:  # the one client holding all data: its rows, for paired tests
-            correct = list(replies[0].content["metrics"]["correct"])
-            state["rows"] = MetricRecord({"correct": correct})
+        # every client's per-row results, end to end in reply order (for paired tests)
+        state["rows"] = MetricRecord({"correct": [
+            int(x) for r in replies for x in r.content["metrics"]["correct"]]})
         return state
 
     def evaluate(self, state: RecordDict, env: Environment) -> dict[str, Any]:
@@ -127,13 +139,23 @@ class LocalICL(Method):
             for c, a, f in zip(cols["cid"], cols["accuracy"], cols["macro_f1"], strict=True)
         ]
         if "rows" in state:
-            rows[0]["correct"] = [int(x) for x in state["rows"]["correct"]]
+            for row, correct in zip(rows, split_evenly(state["rows"]["correct"], len(rows)),
+                                    strict=True):
+                row["correct"] = correct
         metrics = summarize_clients(rows)
         demos = [int(d) for d in cols["num_demos"]] if "num_demos" in cols else []
         if demos:  # the budget each client spent in context, for the tables
             metrics["demonstrations"] = demos[0] if len(demos) == 1 else {
                 "mean": sum(demos) / len(demos), "min": min(demos), "max": max(demos)}
         return metrics
+
+
+def split_evenly(flat: Sequence[int], parts: int) -> list[list[int]]:
+    """`flat` cut into `parts` equal runs (each client scored the same test rows)."""
+    size, rest = divmod(len(flat), parts)
+    if rest:
+        raise ValueError(f"{len(flat)} per-row results do not split over {parts} clients")
+    return [[int(x) for x in flat[i * size:(i + 1) * size]] for i in range(parts)]
 
 
 @dataclass

@@ -1,0 +1,164 @@
+"""IFed-ICL at the paper's budget (issue 22): 10 rounds × 10 local epochs, beside its rivals.
+
+Per task and seed, on the same test rows: zero-shot, local ICL and central ICL with the fair
+demonstration budget (`shots` per class, capped by what the holder has), central I2CL at
+the same number of calibration epochs in all (10 × 10 = 100), and IFed-ICL (10 clients,
+Dirichlet α = 0.5). Accuracy with its 95 % interval (Wilson for one seed, t over seeds), and
+IFed-ICL's paired difference from zero-shot, local ICL and central ICL on every seed
+(McNemar where both score rows 0/1; Wilcoxon on the share of clients right for local ICL).
+
+The model defaults to smollm2-135m: on qwen2.5-coder-0.5b one seed of sst2 alone costs
+≈ 85 min of calibration here (README), so the paper's grid cannot fit 2 hours on 2 cores;
+the 135M model is ≈ 4× cheaper. Cells resume, so the grid runs in parts, e.g.
+
+    nohup .venv/bin/python benchmarks/ifed_icl_full.py --tasks sst2 \
+        >> benchmarks/results/ifed_icl_full.log 2>&1 &
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+from pathlib import Path
+
+from common import RESULTS, cell, grid_arguments, write_outputs
+
+from fedsteer.data import load_task
+from fedsteer.eval.metrics import mean_interval, recorded_interval
+from fedsteer.eval.report import paired_difference
+from fedsteer.experiment import RunConfig
+from fedsteer.models import load_model
+
+METHODS = ("zero-shot", "local-icl", "central-icl", "central-i2cl", "ifed-icl")
+RIVALS = ("zero-shot", "local-icl", "central-icl", "central-i2cl")
+
+
+def task_cells(args, lm, task_name: str) -> dict[str, list[dict]]:
+    """Every method's record per seed (zero-shot has no seed: one record, reused)."""
+    task = load_task(task_name)
+    common = dict(clients=args.clients, alpha=args.alpha, test_size=args.test_size)
+    steering = dict(rounds=args.rounds, options={"local_epochs": args.local_epochs})
+    zero = cell(args.out, RunConfig("zero-shot", task_name, args.model, **common), lm, task)
+    records: dict[str, list[dict]] = {m: [] for m in METHODS}
+    for seed in args.seeds:
+        records["zero-shot"].append(zero)
+        records["local-icl"].append(cell(args.out, RunConfig(
+            "local-icl", task_name, args.model, seed=seed, fraction=args.local_fraction,
+            shots=args.shots, **common), lm, task))
+        records["central-icl"].append(cell(args.out, RunConfig(
+            "central-icl", task_name, args.model, seed=seed, shots=args.shots, **common),
+            lm, task))
+        for method in ("central-i2cl", "ifed-icl"):
+            records[method].append(cell(args.out, RunConfig(
+                method, task_name, args.model, seed=seed, **steering, **common), lm, task))
+    return records
+
+
+def accuracy_row(records: list[dict]) -> dict:
+    """Mean accuracy over seeds with its 95 % interval (the record's own for one record:
+    one seed, or zero-shot, which has no seed)."""
+    distinct = list({id(r): r for r in records}.values())
+    acc = [r["metrics"]["accuracy"] for r in distinct]
+    interval = (mean_interval(acc) if len(distinct) > 1
+                else recorded_interval(distinct[0]["metrics"]))
+    return {"accuracy": statistics.mean(acc), "accuracy_ci95": list(interval),
+            "per_seed": acc, "budget": budget(distinct[0]),
+            "client_seconds": statistics.mean(r["costs"]["client_seconds"] for r in distinct)}
+
+
+def budget(record: dict) -> str:
+    """What a method spends: demonstrations shown in context, or turned into vectors and
+    calibrated on (per class, per holder), and its calibration epochs."""
+    demos = record["metrics"].get("demonstrations")
+    if isinstance(demos, dict):  # local ICL: clients show what they hold
+        return f"{demos['mean']:.1f} shown (clients {demos['min']}–{demos['max']})"
+    if demos is not None:
+        return f"{demos} shown"
+    options = record["config"].get("method_options", {})
+    if "demos_per_class" in options:
+        epochs = options["rounds"] * options["local_epochs"]
+        return (f"{options['demos_per_class']}/class into vectors, "
+                f"{options['calibration_per_class']}/class calibrated, {epochs} epochs")
+    return "none"
+
+
+def versus(records: dict[str, list[dict]], rival: str) -> dict:
+    """IFed-ICL minus `rival`, seed by seed on the same rows: points, p and the test."""
+    seeds = [paired_difference(mine, theirs) for mine, theirs in
+             zip(records["ifed-icl"], records[rival], strict=True)]
+    points = [d for d, _, _ in seeds]
+    return {"rival": rival, "points": statistics.mean(points), "per_seed_points": points,
+            "per_seed_p": [p for _, p, _ in seeds], "test": seeds[0][2],
+            "points_ci95": list(mean_interval(points)) if len(points) > 1 else None}
+
+
+def verdict(result: dict) -> str:
+    """'beats' / 'loses to' only where every seed's paired test has p < 0.05, one way."""
+    signs = {d > 0 for d in result["per_seed_points"]}
+    if all(p < 0.05 for p in result["per_seed_p"]) and len(signs) == 1:
+        return "beats" if signs == {True} else "loses to"
+    return "no supported difference from"
+
+
+def markdown(summary: dict, args) -> str:
+    lines = [f"# IFed-ICL at the paper's budget: {args.model}", "",
+             f"IFed-ICL: {args.clients} clients, Dirichlet α = {args.alpha}, {args.rounds} "
+             f"calibration rounds × {args.local_epochs} local epochs; central I2CL "
+             f"{args.rounds * args.local_epochs} epochs on the pooled data; local and central "
+             f"ICL {args.shots} demonstrations per class (capped by what the holder has; "
+             f"local ICL: a seeded {args.local_fraction:g} of the clients evaluate). "
+             f"{args.test_size} test rows per task (fewer where the split is smaller). "
+             "Accuracy % [95 %: Wilson for one seed, t over seeds].", ""]
+    for task, entry in summary["tasks"].items():
+        rows = entry["accuracy"]
+        lines += [f"## {task} ({entry['num_test']} test rows, seeds {entry['seeds']})", "",
+                  "| method | accuracy [95 %] | per seed | budget (per holder) | client s |",
+                  "|---|---:|---|---:|---:|"]
+        for method in METHODS:
+            r = rows[method]
+            low, high = r["accuracy_ci95"]
+            lines.append(
+                f"| {method} | {100 * r['accuracy']:.1f} [{100 * low:.1f}, {100 * high:.1f}] "
+                f"| {', '.join(f'{100 * a:.1f}' for a in r['per_seed'])} "
+                f"| {r['budget']} "
+                f"| {r['client_seconds']:.0f} |")
+        lines += ["", "| IFed-ICL vs | points (mean over seeds) | per seed: points (p) | test "
+                  "| verdict |", "|---|---:|---|---|---|"]
+        for result in entry["versus"]:
+            seeds = ", ".join(f"{d:+.1f} ({p:.2g})" for d, p in
+                              zip(result["per_seed_points"], result["per_seed_p"], strict=True))
+            lines.append(f"| {result['rival']} | {result['points']:+.1f} | {seeds} | "
+                         f"{result['test']} | IFed-ICL {verdict(result)} {result['rival']} |")
+        lines.append("")
+    lines.append(f"Wall time of this invocation: {summary['wall_seconds'] / 60:.1f} min.")
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    parser = grid_arguments(argparse.ArgumentParser(description=__doc__.splitlines()[0]),
+                            RESULTS / "ifed_icl_full")
+    parser.set_defaults(test_size=500, tasks=["sst2", "subj", "trec", "agnews"])
+    parser.add_argument("--model", default="smollm2-135m")
+    parser.add_argument("--rounds", type=int, default=10)
+    parser.add_argument("--local-epochs", type=int, default=10)
+    parser.add_argument("--shots", type=int, default=5,
+                        help="ICL demonstrations per class (IFed-ICL: 5 per class into vectors)")
+    parser.add_argument("--report-dir", type=Path, default=RESULTS)
+    args = parser.parse_args()
+    started = time.time()
+    lm = load_model(args.model)
+    summary: dict = {"tasks": {}}
+    for task_name in args.tasks:
+        records = task_cells(args, lm, task_name)
+        summary["tasks"][task_name] = {
+            "seeds": list(args.seeds),
+            "num_test": records["zero-shot"][0]["metrics"]["num_test"],
+            "accuracy": {m: accuracy_row(records[m]) for m in METHODS},
+            "versus": [versus(records, rival) for rival in RIVALS]}
+    summary["wall_seconds"] = time.time() - started
+    write_outputs(args.report_dir, "ifed_icl_full", summary, markdown(summary, args), args)
+
+
+if __name__ == "__main__":
+    main()
