@@ -10,6 +10,9 @@
    a fresh process:
    wall time, peak RSS, bytes up per round. The in-process runtime shares one model among all
    clients, so memory should stay flat while time and bytes grow with the client count.
+   `--equal-words N`: the scale runs on sst2 rows cut to their first N words (rows shorter
+   dropped), so every client's batch is about as long and the client count is the only
+   thing that changes (a step's activations grow with its longest query).
 
     nohup .venv/bin/python benchmarks/performance.py > benchmarks/results/performance.log 2>&1 &
 """
@@ -18,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import subprocess
 import sys
 import time
@@ -117,11 +121,33 @@ def scale_point(method: str, clients: int, args) -> dict:
     config = {"method": method, "task": "sst2", "model": args.scale_model, "clients": clients,
               "partition": "iid", "test_size": args.scale_test_size, "options": options}
     out = args.out / f"{method}-clients{clients}"
+    env = dict(os.environ)
+    if args.equal_words:
+        env["FEDSTEER_DATA_DIR"] = str(equal_length_sst2(args.out, args.equal_words))
     line = subprocess.run([sys.executable, "-c", SCALE_RUN, json.dumps(config), str(out)],
-                          capture_output=True, text=True, check=True).stdout.splitlines()[-1]
+                          capture_output=True, text=True, check=True, env=env
+                          ).stdout.splitlines()[-1]
     point = {"method": method, "clients": clients, **json.loads(line)}
     print("scale:", json.dumps(point), flush=True)
     return point
+
+
+def equal_length_sst2(out: Path, words: int) -> Path:
+    """A data dir whose `sst2` holds the built-in rows of at least `words` words, cut to
+    their first `words` (same labels, same source otherwise)."""
+    root = out / f"sst2-{words}-words"
+    task = load_task("sst2")
+    meta = {"name": "sst2", "labels": list(task.spec.labels), "splits": {},
+            "source": f"built-in sst2, rows cut to their first {words} words"}
+    (root / "sst2").mkdir(parents=True, exist_ok=True)
+    for split, rows in (("train", task.train), ("test", task.test)):
+        kept = [{"text": " ".join(ex.text.split()[:words]), "label": ex.label}
+                for ex in rows if len(ex.text.split()) >= words]
+        meta["splits"][split] = len(kept)
+        (root / "sst2" / f"{split}.jsonl").write_text(
+            "".join(json.dumps(row) + "\n" for row in kept))
+    (root / "sst2" / "meta.json").write_text(json.dumps(meta, indent=1))
+    return root
 
 
 def plot(points: list[dict], path: Path) -> None:
@@ -151,8 +177,10 @@ def markdown(speed: dict | None, points: list[dict], args) -> str:
     lines = [f"# Performance: {args.model} scorer, {args.scale_model} at scale", ""]
     if speed is not None:
         lines += throughput_lines(speed, args)
+    rows = (f"sst2 rows cut to {args.equal_words} words" if args.equal_words
+            else "sst2 rows as they are")
     lines += [f"## Scale (IID, {args.examples_per_client} examples per client, one round, "
-              f"{args.scale_test_size} test rows, fresh process each)", "",
+              f"{args.scale_test_size} test rows, {rows}, fresh process each)", "",
               "| method | clients | wall s | peak RSS GB | bytes up/round | client s |",
               "|---|---:|---:|---:|---:|---:|"]
     for p in points:
@@ -194,6 +222,8 @@ def main() -> None:
     parser.add_argument("--methods", nargs="+", default=["ifed-icl", "fedavg-lora"])
     parser.add_argument("--examples-per-client", type=int, default=4)
     parser.add_argument("--scale-test-size", type=int, default=50)
+    parser.add_argument("--equal-words", type=int, default=0,
+                        help="scale on sst2 rows cut to this many words (0: as they are)")
     parser.add_argument("--skip-throughput", action="store_true",
                         help="only the scale part (e.g. memory vs clients)")
     parser.add_argument("--name", default="performance",
