@@ -94,11 +94,11 @@ def run_cell(out: Path, config: RunConfig, lm, task, name: str) -> dict:
     return record
 
 
-def cells_for(method: str, clients: int, args, lm, task) -> list[dict]:
+def cells_for(method: str, clients: int, args, lm, task, zero: dict) -> list[dict]:
     plain_config = base_config(method, clients, args)
     plain = run_cell(args.out, plain_config, lm, task, f"{method}-clients{clients}-none")
     clips = clips_from(plain)
-    rows = [row(method, clients, "none", math.inf, plain, plain)]
+    rows = [row(method, clients, "none", math.inf, plain, plain, zero)]
     for epsilon in args.epsilons:
         for mode in args.modes:
             z = noise(method, mode, epsilon, plain_config)
@@ -106,14 +106,15 @@ def cells_for(method: str, clients: int, args, lm, task) -> list[dict]:
                                   "dp_record_clips": clips, "dp_noise": z, "dp_mode": mode})
             name = f"{method}-clients{clients}-{mode}-eps{epsilon:g}"
             rows.append(row(method, clients, mode, epsilon,
-                            run_cell(args.out, config, lm, task, name), plain))
+                            run_cell(args.out, config, lm, task, name), plain, zero))
     return rows
 
 
-def row(method, clients, mode, epsilon, record, plain) -> dict:
+def row(method, clients, mode, epsilon, record, plain, zero) -> dict:
     metrics = record["metrics"]
     correct, base = record["per_row"]["correct"], plain["per_row"]["correct"]
     only_this, only_plain, p = mcnemar_exact(correct, base)
+    _, _, p_zero = mcnemar_exact(correct, zero["per_row"]["correct"])
     privacy = record.get("privacy") or {}
     return {"method": method, "clients": clients, "mode": mode, "target_epsilon": epsilon,
             "epsilon": privacy.get("epsilon", math.inf),
@@ -123,6 +124,8 @@ def row(method, clients, mode, epsilon, record, plain) -> dict:
             "num_test": metrics["num_test"], "vs_plain_points": 100 * (
                 metrics["accuracy"] - plain["metrics"]["accuracy"]),
             "paired_p": p, "only_this": only_this, "only_plain": only_plain,
+            "vs_zero_shot_points": 100 * (metrics["accuracy"] - zero["metrics"]["accuracy"]),
+            "vs_zero_shot_p": p_zero,
             "client_seconds": record["costs"]["client_seconds"]}
 
 
@@ -134,12 +137,14 @@ def report(rows: list[dict], zero: dict, args) -> str:
              "each record's median update norm in the non-private run (not accounted).", "",
              f"Zero-shot: {pct(zero)}.", "",
              "| method | clients | DP | ε (spent) | z | accuracy [95 %] | vs non-private "
-             "(points) | paired p |", "|---|---:|---|---:|---:|---:|---:|---:|"]
+             "(points) | paired p | vs zero-shot (points, p) |",
+             "|---|---:|---|---:|---:|---:|---:|---:|---:|"]
     for r in rows:
         eps = "∞" if math.isinf(r["epsilon"]) else f"{r['epsilon']:.2f}"
         lines.append(f"| {r['method']} | {r['clients']} | {r['mode']} | {eps} | "
                      f"{r['noise_multiplier']:.3g} | {pct(r)} | {r['vs_plain_points']:+.1f} | "
-                     f"{r['paired_p']:.3g} |")
+                     f"{r['paired_p']:.3g} | {r['vs_zero_shot_points']:+.1f} "
+                     f"({r['vs_zero_shot_p']:.2g}) |")
     lines += ["", bar(rows)]
     return "\n".join(lines) + "\n"
 
@@ -207,20 +212,21 @@ def main() -> None:
     lm = None if args.report_only else load_model(args.model)
     zero_config = RunConfig(method="zero-shot", task="sst2", model=args.model,
                             test_size=args.test_size, clients=1)
-    zero = run_cell(args.out, zero_config, lm, task, "zero-shot")["metrics"]
+    zero_record = run_cell(args.out, zero_config, lm, task, "zero-shot")
     rows = []
     for clients in sorted({100, 1000} | set(args.clients)):
         for method in args.methods:
             if args.report_only or clients not in args.clients:
-                rows += recorded_rows(method, clients, args, task)
+                rows += recorded_rows(method, clients, args, zero_record)
             else:
-                rows += cells_for(method, clients, args, lm, task)
+                rows += cells_for(method, clients, args, lm, task, zero_record)
+    zero = zero_record["metrics"]
     text = report(rows, zero, args)
     plot(rows, args.report_dir / "privacy.png")
     write_outputs(args.report_dir, "privacy", {"zero_shot": zero, "rows": rows}, text, args)
 
 
-def recorded_rows(method: str, clients: int, args, task) -> list[dict]:
+def recorded_rows(method: str, clients: int, args, zero: dict) -> list[dict]:
     """The rows of cells already on disk (a part of the grid another invocation ran)."""
     from fedsteer.eval.record import read_result
 
@@ -228,11 +234,12 @@ def recorded_rows(method: str, clients: int, args, task) -> list[dict]:
     if not (plain_dir / "result.json").exists():
         return []
     plain = read_result(plain_dir)
-    rows = [row(method, clients, "none", math.inf, plain, plain)]
+    rows = [row(method, clients, "none", math.inf, plain, plain, zero)]
     for folder in sorted(args.out.glob(f"{method}-clients{clients}-*-eps*")):
         if (folder / "result.json").exists():
             mode, eps = folder.name.rsplit("-", 2)[-2:]
-            rows.append(row(method, clients, mode, float(eps[3:]), read_result(folder), plain))
+            rows.append(row(method, clients, mode, float(eps[3:]), read_result(folder), plain,
+                            zero))
     return rows
 
 
