@@ -462,3 +462,29 @@ def test_one_update_rule_for_every_asynchronous_runtime():
     overdue = {0: 3, 1: 3, 2: 0}
     assert not ready_to_update([0, 1], overdue, active=2, iteration=3, staleness=3)
     assert ready_to_update([0, 1, 2], overdue, active=2, iteration=3, staleness=3)
+
+
+def test_on_the_simulated_clock_no_step_starts_after_the_last_update_and_none_outlives_it():
+    """The last update's senders get no new message (old code sent one: a wasted step, and a
+    worker thread still in torch when the interpreter exits aborts the process); the run
+    returns only when no worker is inside a step."""
+    import threading
+    import time
+
+    from fedsteer.federation.simulated import SimulatedClockRuntime
+
+    started: list[int] = []
+
+    class Slow(Counting):
+        def client_step(self, message, client):
+            started.append(client.cid)
+            time.sleep(0.05)
+            return super().client_step(message, client)
+
+    env = Environment(task=SPEC, test=[], model_name="none")
+    outcome = SimulatedClockRuntime(AsyncConfig(active=1)).run(
+        Slow(iterations=3), clients(2, env), env)
+    assert len(outcome.rounds) == 3
+    # each worker's first step, then one per update that was not the last
+    assert len(started) == 2 + 2
+    assert not [t for t in threading.enumerate() if t.name.endswith("(_worker)")]

@@ -105,6 +105,17 @@ def step_on_draft(method: AsyncMethod, client: Client, message: RecordDict, issu
                    draft_state=draft.state)
 
 
+def join_workers(workers: Sequence[threading.Thread], warn_every: float = 60.0) -> None:
+    """Wait for every worker to finish the step it is in, however long: a thread left
+    running inside torch when the interpreter exits aborts the process ("terminate called
+    without an active exception"), after the run had succeeded."""
+    for worker in workers:
+        while worker.is_alive():
+            worker.join(timeout=warn_every)
+            if worker.is_alive():
+                log.warning("waiting for %s to finish its last step", worker.name)
+
+
 def accept_posted(method: AsyncMethod, posted: _Posted, cost: RoundCost) -> Reply | None:
     """Count a posted reply into the round's costs and check it; marks it `used` if it will
     go into the server's update, None if it is rejected (logged with the reason)."""
@@ -171,8 +182,7 @@ class AsyncInProcessRuntime:
             stop.set()
             for event in consumed.values():
                 event.set()
-            for worker in workers:
-                worker.join(timeout=60)
+            join_workers(workers)
         return RunOutcome(shared["state"], rounds)
 
     # ------------------------------------------------------------------ server

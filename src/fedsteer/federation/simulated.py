@@ -26,6 +26,7 @@ from fedsteer.federation.asynchronous import (
     WorkerDied,
     _Posted,
     accept_posted,
+    join_workers,
     ready_to_update,
     step_on_draft,
 )
@@ -77,6 +78,8 @@ class SimulatedClockRuntime:
                 cost.server_seconds = time.perf_counter() - started
                 cost.peak_rss_bytes = peak_rss_bytes()
                 rounds.append(cost)
+                # the run's last update: no worker starts a step whose reply nobody will use
+                over = method.finished(state) or iteration + 1 >= self.config.max_iterations
                 for posted in batch:
                     if isinstance(posted.content, WorkerDied):
                         last_heard.pop(posted.cid, None)
@@ -86,13 +89,13 @@ class SimulatedClockRuntime:
                         by_cid[posted.cid].state = posted.draft_state
                     steps[posted.cid] += 1
                     arrival[posted.cid] = clock + self.step_time(posted.cid, steps[posted.cid])
-                    inboxes[posted.cid].put(method.worker_message(state, posted.cid,
-                                                                  iteration + 1))
+                    if not over:
+                        inboxes[posted.cid].put(method.worker_message(state, posted.cid,
+                                                                      iteration + 1))
         finally:
             for inbox in inboxes.values():
                 inbox.put(_STOP)
-            for worker in workers:
-                worker.join(timeout=60)
+            join_workers(workers)
         return RunOutcome(state, rounds)
 
     def _gather(self, outboxes, arrival, last_heard, iteration, active) -> list[_Posted]:
