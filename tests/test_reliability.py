@@ -264,6 +264,25 @@ def test_a_local_icl_score_that_is_not_one_is_rejected(metrics, reason):
     assert method.reply_problem(RecordDict({"metrics": MetricRecord(honest)})) is None
 
 
+def test_a_local_icl_score_of_another_length_than_the_test_set_is_rejected():
+    """Every client scores the same test rows; a reply of another length is refused on
+    arrival instead of breaking the round's per-row record at evaluation."""
+    from flwr.app import MetricRecord
+
+    from fedsteer.data import Example
+    from fedsteer.methods import Environment, make_method
+    from toy import SPEC
+
+    method = make_method("local-icl")
+    method.setup(Environment(task=SPEC, test=[Example("a", 0), Example("b", 1)],
+                             model_name="none"))
+    short = {"accuracy": 1.0, "macro_f1": 1.0, "correct": [1], "num_demos": 2}
+    assert "1 per-row results for 2 test rows" in method.reply_problem(
+        RecordDict({"metrics": MetricRecord(short)}))
+    honest = {"accuracy": 0.5, "macro_f1": 0.5, "correct": [1, 0], "num_demos": 2}
+    assert method.reply_problem(RecordDict({"metrics": MetricRecord(honest)})) is None
+
+
 @dataclass
 class Drifting(ToyAverage):
     """Replies share a large common part (the global model) plus a small local change, as a

@@ -108,12 +108,21 @@ class LocalICL(Method):
         # sent so the record can be paired row by row with other methods
         return RecordDict({"metrics": MetricRecord({**metrics, "num_demos": len(demos)})})
 
+    def setup(self, env: Environment) -> None:
+        """The number of test rows every client scores, so a reply of another length is
+        refused on arrival (it could not be paired, and would break the round's record)."""
+        self._test_rows = len(env.test) or None
+
     def reply_problem(self, content: RecordDict) -> str | None:
-        """A score must be one: 0/1 per row, and its accuracy the share of rows right."""
+        """A score must be one: 0/1 per row, one per test row, and its accuracy the share
+        of rows right."""
         metrics = content["metrics"]
         correct = list(metrics.get("correct", []))
         if not correct or any(x not in (0, 1) for x in correct):
             return "per-row correctness must be a non-empty list of 0/1"
+        expected = getattr(self, "_test_rows", None)
+        if expected is not None and len(correct) != expected:
+            return f"{len(correct)} per-row results for {expected} test rows"
         if abs(float(metrics["accuracy"]) - sum(correct) / len(correct)) > 1e-9:
             return "accuracy is not the share of rows marked correct"
         if not 0.0 <= float(metrics["macro_f1"]) <= 1.0:
