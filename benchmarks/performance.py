@@ -112,7 +112,7 @@ def throughput(lm, n: int, batch_size: int, repeats: int) -> dict:
                       for name, t in runs.items()}}
 
 
-def scale_point(method: str, clients: int, args) -> dict:
+def scale_point(method: str, clients: int, args, data_dir: Path | None = None) -> dict:
     per_class = max(args.examples_per_client // 2, 1)  # sst2 has 2 classes
     options = ({"rounds": 1, "local_epochs": 1, "demos_per_class": per_class,
                 "calibration_per_class": per_class} if method == "ifed-icl"
@@ -122,8 +122,8 @@ def scale_point(method: str, clients: int, args) -> dict:
               "partition": "iid", "test_size": args.scale_test_size, "options": options}
     out = args.out / f"{method}-clients{clients}"
     env = dict(os.environ)
-    if args.equal_words:
-        env["FEDSTEER_DATA_DIR"] = str(equal_length_sst2(args.out, args.equal_words))
+    if data_dir is not None:
+        env["FEDSTEER_DATA_DIR"] = str(data_dir)
     line = subprocess.run([sys.executable, "-c", SCALE_RUN, json.dumps(config), str(out)],
                           capture_output=True, text=True, check=True, env=env
                           ).stdout.splitlines()[-1]
@@ -235,7 +235,8 @@ def main() -> None:
     if not args.skip_throughput:
         speed = throughput(load_model(args.model), args.examples, args.batch_size, args.repeats)
         print("throughput:", json.dumps(speed), flush=True)
-    points = [scale_point(m, c, args) for m in args.methods for c in args.clients]
+    data_dir = equal_length_sst2(args.out, args.equal_words) if args.equal_words else None
+    points = [scale_point(m, c, args, data_dir) for m in args.methods for c in args.clients]
     args.report_dir.mkdir(parents=True, exist_ok=True)
     plot(points, args.report_dir / f"{args.name}_scale.png")
     summary = {"throughput": speed, "scale": points, "wall_seconds": time.time() - started}
