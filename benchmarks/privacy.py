@@ -166,14 +166,14 @@ def pct(r: dict) -> str:
     return f"{100 * r['accuracy']:.1f} [{100 * low:.1f}, {100 * high:.1f}]"
 
 
-def plot(rows: list[dict], path: Path) -> None:
+def plot(rows: list[dict], zero_accuracy: float, path: Path) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     methods = sorted({r["method"] for r in rows})
-    fig, axes = plt.subplots(1, len(methods), figsize=(5.5 * len(methods), 4), squeeze=False)
+    fig, axes = plt.subplots(1, len(methods), figsize=(5.5 * len(methods), 4.6), squeeze=False)
     for ax, method in zip(axes[0], methods, strict=True):
         for clients in sorted({r["clients"] for r in rows if r["method"] == method}):
             mine = [r for r in rows if r["method"] == method and r["clients"] == clients]
@@ -188,11 +188,19 @@ def plot(rows: list[dict], path: Path) -> None:
                                       [100 * (r["accuracy_ci95"][1] - r["accuracy"])
                                        for _, r in points]],
                                 fmt=marker, capsize=3, label=f"{mode}, {clients} clients")
-        ax.set(xscale="log", xlabel="ε (δ = 1e-5)", ylabel="accuracy %", title=method)
-        ax.legend(fontsize=8)
-    fig.suptitle("sst2 accuracy vs privacy (dotted: non-private; bars: 95 % Wilson)")
+        ax.axhline(100 * zero_accuracy, ls="--", color="black", lw=0.8)
+        ax.axhline(50, ls="-", color="lightgrey", lw=0.8)
+        epsilons = sorted({r["target_epsilon"] for r in rows if r["mode"] != "none"})
+        ax.set(xscale="log", xlabel="ε (δ = 1e-5)", ylabel="accuracy %", title=method,
+               ylim=(40, 85))
+        ax.set_xticks(epsilons, [f"{e:g}" for e in epsilons])
+        ax.minorticks_off()
+        ax.legend(fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.16), ncol=3)
+    fig.suptitle("sst2 accuracy vs privacy (dotted: non-private; dashed: zero-shot; "
+                 "solid grey: chance; bars: 95 % Wilson)")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
+    plt.close(fig)
 
 
 def main() -> None:
@@ -222,7 +230,7 @@ def main() -> None:
                 rows += cells_for(method, clients, args, lm, task, zero_record)
     zero = zero_record["metrics"]
     text = report(rows, zero, args)
-    plot(rows, args.report_dir / "privacy.png")
+    plot(rows, zero_record["metrics"]["accuracy"], args.report_dir / "privacy.png")
     write_outputs(args.report_dir, "privacy", {"zero_shot": zero, "rows": rows}, text, args)
 
 
