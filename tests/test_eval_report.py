@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -60,6 +62,21 @@ def test_peak_memory_restarts_per_run_so_a_bench_s_cells_report_their_own():
     del ballast
     assert reset_peak_rss()
     assert peak_rss_bytes() < with_ballast - 200 * 2**20
+
+
+@pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="Linux only")
+def test_a_child_process_reports_its_own_peak_not_its_parent_s():
+    """Linux's ru_maxrss survives fork + exec: a scale point started from a bench that had
+    loaded a 4 GB model reported 4 GB whatever it used. VmHWM is the child's own."""
+    ballast = bytearray(600 * 2**20)
+    ballast[::4096] = b"x" * len(ballast[::4096])
+    parent = peak_rss_bytes()
+    child = subprocess.run(
+        [sys.executable, "-c",
+         "from fedsteer.eval.costs import peak_rss_bytes; print(peak_rss_bytes())"],
+        capture_output=True, text=True, check=True).stdout
+    del ballast
+    assert int(child) < parent - 500 * 2**20
 
 
 def test_wilson_interval_matches_the_closed_form():
