@@ -94,7 +94,7 @@ def test_a_batched_run_equals_the_one_by_one_run_and_bills_each_client(tiny_lm):
 
 def test_the_row_budget_sets_how_many_clients_step_together():
     method = IFedICL(batch_size=2)
-    assert client_batch_size(RuntimeConfig(), method) == 32  # 64 rows / 2 a client
+    assert client_batch_size(RuntimeConfig(), method) == 4  # 8 rows / 2 a client
     assert client_batch_size(RuntimeConfig(client_batch_rows=6), method) == 3
     assert client_batch_size(RuntimeConfig(client_batch=100, client_batch_rows=6), method) == 3
     assert client_batch_size(RuntimeConfig(client_batch=1), method) == 1

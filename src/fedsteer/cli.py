@@ -44,6 +44,7 @@ from fedsteer.eval.report import comparison_table, human_bytes, takeaways
 from fedsteer.experiment import RunConfig, default_run_dir, run_experiment
 from fedsteer.federation import CheckpointMismatch
 from fedsteer.federation.checkpoint import CheckpointError
+from fedsteer.federation.runtime import DEFAULT_CLIENT_BATCH_ROWS
 from fedsteer.files import atomic_write_json
 from fedsteer.methods import METHODS, OptionTypeError, check_options, describe_options
 from fedsteer.methods.base import AsyncMethod
@@ -219,7 +220,7 @@ def run(
              "calibration, FedAvg-LoRA, FedPT); 1: one by one [default: as many as "
              "--client-batch-rows allows]. Same results either way, faster", min=1)] = None,
     client_batch_rows: Annotated[int, typer.Option(
-        help="memory budget of one batched forward, in rows", min=1)] = 64,
+        help="memory budget of one batched forward, in rows", min=1)] = DEFAULT_CLIENT_BATCH_ROWS,
     threads: Annotated[int | None, typer.Option(
         help="torch threads of each process that runs a model [default: its share of the "
              "cores, cores // processes running at once]", min=1)] = None,

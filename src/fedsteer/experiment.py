@@ -22,7 +22,11 @@ from fedsteer.eval.metrics import accuracy_interval
 from fedsteer.eval.record import environment, write_provenance, write_result
 from fedsteer.federation import InProcessRuntime, Runtime, RuntimeConfig
 from fedsteer.federation.privacy import CentralDP, ClientDP
-from fedsteer.federation.runtime import SAMPLINGS, client_batch_size
+from fedsteer.federation.runtime import (
+    DEFAULT_CLIENT_BATCH_ROWS,
+    SAMPLINGS,
+    client_batch_size,
+)
 from fedsteer.federation.threads import thread_budget
 from fedsteer.methods import METHODS, Client, Environment, make_method
 from fedsteer.methods.base import AsyncMethod, seeded_subset
@@ -57,7 +61,7 @@ class RunConfig:
     #: clients stepped together in one forward (in process); None: as many as the row budget
     #: allows, 1: one by one. An execution choice: the results are the same either way
     client_batch: int | None = None
-    client_batch_rows: int = 64  # the row budget of one batched forward
+    client_batch_rows: int = DEFAULT_CLIENT_BATCH_ROWS  # the row budget of one batched forward
     #: torch intra-op threads of each process that runs a model; None: its share of the
     #: cores (cores // processes running at once). An execution choice, like client_batch
     threads: int | None = None

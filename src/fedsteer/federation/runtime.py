@@ -46,6 +46,13 @@ log = logging.getLogger(__name__)
 PROGRESS_FILE = "progress.json"
 
 
+#: rows in one client-batched forward. 8: on 2 CPU cores IFed-ICL calibration is fastest at
+#: batch 8 and slower beyond (`benchmarks/results/compute_ceiling.md`), while activation
+#: memory grows with the rows (100 clients: 2.3 GB and 137 s at 8 rows, 10.6 GB and 197 s at 64,
+#: `benchmarks/results/client_batch_memory.md`)
+DEFAULT_CLIENT_BATCH_ROWS = 8
+
+
 @dataclass
 class RuntimeConfig:
     fraction: float = 1.0  # share of clients sampled each round
@@ -74,7 +81,7 @@ class RuntimeConfig:
     #: `client_batch_rows`; 1: one by one
     client_batch: int | None = None
     #: the memory budget of a batched forward, in rows (activation memory grows with it)
-    client_batch_rows: int = 64
+    client_batch_rows: int = DEFAULT_CLIENT_BATCH_ROWS
     #: torch intra-op threads of a process that hosts clients; None: its share of the cores
     #: (`fedsteer.federation.threads`)
     threads: int | None = None
