@@ -100,7 +100,8 @@ def test_the_row_budget_sets_how_many_clients_step_together():
     assert client_batch_size(RuntimeConfig(client_batch=1), method) == 1
     lora = METHODS["fedavg-lora"](batch_size=8)  # measured slower batched: on request only
     assert client_batch_size(RuntimeConfig(), lora) == 1
-    assert client_batch_size(RuntimeConfig(client_batch=4), lora) == 4
+    assert client_batch_size(RuntimeConfig(client_batch=4), lora) == 1  # 8 rows: one client
+    assert client_batch_size(RuntimeConfig(client_batch=4, client_batch_rows=32), lora) == 4
     icl = METHODS["local-icl"]()
     assert client_batch_size(RuntimeConfig(), icl) == 1
     with pytest.raises(ValueError, match="cannot step its clients together"):
