@@ -12,27 +12,9 @@ from __future__ import annotations
 
 import argparse
 import json
-import subprocess
-import sys
 from pathlib import Path
 
-RESULTS = Path(__file__).parent / "results"
-ONE_RUN = """
-import json, sys, time
-from fedsteer.eval.costs import peak_rss_bytes
-from fedsteer.experiment import RunConfig, run_experiment
-rows, clients, out = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3]
-config = RunConfig(method="ifed-icl", task="sst2", model="smollm2-135m", clients=clients,
-                   partition="iid", test_size=50, client_batch_rows=rows,
-                   options={"rounds": 1, "local_epochs": 1, "demos_per_class": 2,
-                            "calibration_per_class": 2})
-started = time.perf_counter()
-record = run_experiment(config, out)
-print(json.dumps({"rows": rows, "clients": clients, "wall_seconds": time.perf_counter() - started,
-                  "peak_rss_bytes": peak_rss_bytes(),
-                  "client_batches": record["costs"]["rounds"][-1]["client_batches"],
-                  "accuracy": record["metrics"]["accuracy"]}))
-"""
+from common import RESULTS, run_in_fresh_process
 
 
 def main() -> None:
@@ -43,11 +25,15 @@ def main() -> None:
     args = parser.parse_args()
     points = []
     for rows in args.rows:
-        line = subprocess.run([sys.executable, "-c", ONE_RUN, str(rows), str(args.clients),
-                               str(args.out / f"rows{rows}")], capture_output=True, text=True,
-                              check=True).stdout.splitlines()[-1]
-        points.append(json.loads(line))
-        print(line, flush=True)
+        config = {"method": "ifed-icl", "task": "sst2", "model": "smollm2-135m",
+                  "clients": args.clients, "partition": "iid", "test_size": 50,
+                  "client_batch_rows": rows,
+                  "options": {"rounds": 1, "local_epochs": 1, "demos_per_class": 2,
+                              "calibration_per_class": 2}}
+        point = {"rows": rows, "clients": args.clients,
+                 **run_in_fresh_process(config, args.out / f"rows{rows}")}
+        points.append(point)
+        print(json.dumps(point), flush=True)
     lines = [f"# IFed-ICL client-batched calibration vs the row budget ({args.clients} clients, "
              "smollm2-135m, sst2, fresh process each, VmHWM)", "",
              "| rows per batched forward | clients per forward | wall s | peak RSS GB | accuracy |",

@@ -10,6 +10,8 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -18,6 +20,33 @@ from fedsteer.eval.metrics import mean_interval, recorded_interval
 from fedsteer.experiment import RunConfig, run_experiment
 
 RESULTS = Path(__file__).parent / "results"
+
+
+#: one run in a process of its own; prints its costs as one JSON line. The peak is VmHWM,
+#: the process's own: ru_maxrss would carry over the launching script's peak (fork + exec)
+FRESH_RUN = """
+import json, sys, time
+from fedsteer.eval.costs import peak_rss_bytes
+from fedsteer.experiment import RunConfig, run_experiment
+started = time.perf_counter()
+record = run_experiment(RunConfig(**json.loads(sys.argv[1])), sys.argv[2])
+costs = record["costs"]
+print(json.dumps({"wall_seconds": time.perf_counter() - started,
+                  "peak_rss_bytes": peak_rss_bytes(),
+                  "bytes_up_per_round": costs["bytes_up_per_round"],
+                  "client_seconds": costs["client_seconds"],
+                  "client_batches": (costs["rounds"] or [{}])[-1].get("client_batches", []),
+                  "accuracy": record["metrics"]["accuracy"]}))
+"""
+
+
+def run_in_fresh_process(config: dict, out: Path, env: dict[str, str] | None = None) -> dict:
+    """`run_experiment(RunConfig(**config), out)` in a new Python process: its memory is its
+    own, not what the calling script has loaded."""
+    line = subprocess.run([sys.executable, "-c", FRESH_RUN, json.dumps(config), str(out)],
+                          capture_output=True, text=True, check=True, env=env
+                          ).stdout.splitlines()[-1]
+    return json.loads(line)
 
 
 def grid_arguments(parser: argparse.ArgumentParser, out: Path) -> argparse.ArgumentParser:

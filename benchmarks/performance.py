@@ -22,8 +22,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -32,25 +30,12 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import torch  # noqa: E402
-from common import output_arguments, write_outputs  # noqa: E402
+from common import output_arguments, run_in_fresh_process, write_outputs  # noqa: E402
 
 from fedsteer.data import load_task  # noqa: E402
 from fedsteer.models import DEFAULT_MODEL, load_model  # noqa: E402
 from fedsteer.models.hooks import initial_coefficients, inject  # noqa: E402
 from fedsteer.models.scoring import LabelScorer  # noqa: E402
-
-SCALE_RUN = """
-import json, resource, sys, time
-from fedsteer.experiment import RunConfig, run_experiment
-config = RunConfig(**json.loads(sys.argv[1]))
-started = time.perf_counter()
-record = run_experiment(config, sys.argv[2])
-print(json.dumps({"wall_seconds": time.perf_counter() - started,
-                  "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
-                  "bytes_up_per_round": record["costs"]["bytes_up_per_round"],
-                  "client_seconds": record["costs"]["client_seconds"],
-                  "accuracy": record["metrics"]["accuracy"]}))
-"""
 
 
 def plain_forward(lm, queries: list[str], label_ids: list[int], batch_size: int,
@@ -124,10 +109,7 @@ def scale_point(method: str, clients: int, args, data_dir: Path | None = None) -
     env = dict(os.environ)
     if data_dir is not None:
         env["FEDSTEER_DATA_DIR"] = str(data_dir)
-    line = subprocess.run([sys.executable, "-c", SCALE_RUN, json.dumps(config), str(out)],
-                          capture_output=True, text=True, check=True, env=env
-                          ).stdout.splitlines()[-1]
-    point = {"method": method, "clients": clients, **json.loads(line)}
+    point = {"method": method, "clients": clients, **run_in_fresh_process(config, out, env)}
     print("scale:", json.dumps(point), flush=True)
     return point
 

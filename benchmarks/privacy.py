@@ -230,7 +230,7 @@ def main() -> None:
                 rows += cells_for(method, clients, args, lm, task, zero_record)
     zero = zero_record["metrics"]
     text = report(rows, zero, args)
-    plot(rows, zero_record["metrics"]["accuracy"], args.report_dir / "privacy.png")
+    plot(rows, zero["accuracy"], args.report_dir / "privacy.png")
     write_outputs(args.report_dir, "privacy", {"zero_shot": zero, "rows": rows}, text, args)
 
 
