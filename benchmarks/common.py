@@ -43,10 +43,12 @@ print(json.dumps({"wall_seconds": time.perf_counter() - started,
 def run_in_fresh_process(config: dict, out: Path, env: dict[str, str] | None = None) -> dict:
     """`run_experiment(RunConfig(**config), out)` in a new Python process: its memory is its
     own, not what the calling script has loaded."""
-    line = subprocess.run([sys.executable, "-c", FRESH_RUN, json.dumps(config), str(out)],
-                          capture_output=True, text=True, check=True, env=env
-                          ).stdout.splitlines()[-1]
-    return json.loads(line)
+    done = subprocess.run([sys.executable, "-c", FRESH_RUN, json.dumps(config), str(out)],
+                          capture_output=True, text=True, env=env)
+    if done.returncode != 0:  # say why, not just the exit status
+        tail = "\n".join(done.stderr.strip().splitlines()[-5:])
+        raise RuntimeError(f"the run for {out} failed (exit {done.returncode}):\n{tail}")
+    return json.loads(done.stdout.splitlines()[-1])
 
 
 def grid_arguments(parser: argparse.ArgumentParser, out: Path) -> argparse.ArgumentParser:
