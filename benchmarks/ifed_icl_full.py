@@ -6,6 +6,8 @@ the same number of calibration epochs in all (10 × 10 = 100), and IFed-ICL (10 
 Dirichlet α = 0.5). Accuracy with its 95 % interval (Wilson for one seed, t over seeds), and
 IFed-ICL's paired difference from zero-shot, local ICL and central ICL on every seed
 (McNemar where both score rows 0/1; Wilcoxon on the share of clients right for local ICL).
+`--pooled-i2cl` adds central I2CL on as many examples as the clients hold in all (clients ×
+5 per class): IFed-ICL may beat plain I2CL only because it sees up to 10× the examples.
 
 The model defaults to smollm2-135m: on qwen2.5-coder-0.5b one seed of sst2 alone costs
 ≈ 85 min of calibration here (README), so the paper's grid cannot fit 2 hours on 2 cores;
@@ -28,10 +30,19 @@ from fedsteer.data import load_task
 from fedsteer.eval.metrics import mean_interval, recorded_interval
 from fedsteer.eval.report import paired_difference
 from fedsteer.experiment import RunConfig
+from fedsteer.methods.ifed_icl import IFedICL
 from fedsteer.models import load_model
 
-METHODS = ("zero-shot", "local-icl", "central-icl", "central-i2cl", "ifed-icl")
 RIVALS = ("zero-shot", "local-icl", "central-icl", "central-i2cl")
+POOLED = "central-i2cl-pooled"  # I2CL on as many examples as all clients together hold
+
+
+def rivals(args) -> tuple[str, ...]:
+    return RIVALS + ((POOLED,) if args.pooled_i2cl else ())
+
+
+def methods(args) -> tuple[str, ...]:
+    return (*rivals(args), "ifed-icl")
 
 
 def task_cells(args, lm, task_name: str) -> dict[str, list[dict]]:
@@ -40,7 +51,7 @@ def task_cells(args, lm, task_name: str) -> dict[str, list[dict]]:
     common = dict(clients=args.clients, alpha=args.alpha, test_size=args.test_size)
     steering = dict(rounds=args.rounds, options={"local_epochs": args.local_epochs})
     zero = cell(args.out, RunConfig("zero-shot", task_name, args.model, **common), lm, task)
-    records: dict[str, list[dict]] = {m: [] for m in METHODS}
+    records: dict[str, list[dict]] = {m: [] for m in methods(args)}
     for seed in args.seeds:
         records["zero-shot"].append(zero)
         records["local-icl"].append(cell(args.out, RunConfig(
@@ -52,7 +63,22 @@ def task_cells(args, lm, task_name: str) -> dict[str, list[dict]]:
         for method in ("central-i2cl", "ifed-icl"):
             records[method].append(cell(args.out, RunConfig(
                 method, task_name, args.model, seed=seed, **steering, **common), lm, task))
+        if args.pooled_i2cl:
+            records[POOLED].append(pooled_i2cl(args, lm, task, seed, steering, common))
     return records
+
+
+def pooled_i2cl(args, lm, task, seed: int, steering: dict, common: dict) -> dict:
+    """Central I2CL with `clients` times the per-class budget: the examples IFed-ICL's
+    clients can hold in all (each turns up to `demos_per_class` per label it holds into
+    vectors and calibrates on as many), so a gap between them is not just more data.
+    Its own folder: the plain central-i2cl cell of the same seed has other options."""
+    pooled = args.clients * IFedICL.demos_per_class
+    options = {**steering["options"], "demos_per_class": pooled,
+               "calibration_per_class": pooled}
+    return cell(args.out / "pooled", RunConfig(
+        "central-i2cl", task.name, args.model, seed=seed, rounds=steering["rounds"],
+        options=options, **common), lm, task)
 
 
 def accuracy_row(records: list[dict]) -> dict:
@@ -105,7 +131,9 @@ def markdown(summary: dict, args) -> str:
     lines = [f"# IFed-ICL at the paper's budget: {args.model}", "",
              f"IFed-ICL: {args.clients} clients, Dirichlet α = {args.alpha}, {args.rounds} "
              f"calibration rounds × {args.local_epochs} local epochs; central I2CL "
-             f"{args.rounds * args.local_epochs} epochs on the pooled data; local and central "
+             f"{args.rounds * args.local_epochs} epochs on 5 per class from the pooled data"
+             + (f" ({POOLED}: on {args.clients} × 5 per class)" if args.pooled_i2cl else "")
+             + "; local and central "
              f"ICL {args.shots} demonstrations per class (capped by what the holder has; "
              f"local ICL: a seeded {args.local_fraction:g} of the clients evaluate). "
              f"{args.test_size} test rows per task (fewer where the split is smaller). "
@@ -115,7 +143,7 @@ def markdown(summary: dict, args) -> str:
         lines += [f"## {task} ({entry['num_test']} test rows, seeds {entry['seeds']})", "",
                   "| method | accuracy [95 %] | per seed | budget (per holder) | client s |",
                   "|---|---:|---|---:|---:|"]
-        for method in METHODS:
+        for method in methods(args):
             r = rows[method]
             low, high = r["accuracy_ci95"]
             lines.append(
@@ -145,6 +173,8 @@ def main() -> None:
     parser.add_argument("--shots", type=int, default=5,
                         help="ICL demonstrations per class (IFed-ICL: 5 per class into vectors)")
     parser.add_argument("--report-dir", type=Path, default=RESULTS)
+    parser.add_argument("--pooled-i2cl", action="store_true",
+                        help=f"add {POOLED}: central I2CL on clients × 5 examples per class")
     args = parser.parse_args()
     started = time.time()
     lm = load_model(args.model)
@@ -154,10 +184,11 @@ def main() -> None:
         summary["tasks"][task_name] = {
             "seeds": list(args.seeds),
             "num_test": records["zero-shot"][0]["metrics"]["num_test"],
-            "accuracy": {m: accuracy_row(records[m]) for m in METHODS},
-            "versus": [versus(records, rival) for rival in RIVALS]}
+            "accuracy": {m: accuracy_row(records[m]) for m in methods(args)},
+            "versus": [versus(records, rival) for rival in rivals(args)]}
     summary["wall_seconds"] = time.time() - started
-    write_outputs(args.report_dir, "ifed_icl_full", summary, markdown(summary, args), args)
+    name = "ifed_icl_full_pooled" if args.pooled_i2cl else "ifed_icl_full"
+    write_outputs(args.report_dir, name, summary, markdown(summary, args), args)
 
 
 if __name__ == "__main__":
