@@ -213,3 +213,22 @@ def test_a_batched_lora_run_keeps_to_the_row_budget(tiny_lm):
         LabelScorer.grouped_logprobs = original
     assert outcome.rounds[0].client_batches == [2, 2]  # the fifth client alone, unbatched
     assert max(seen) <= 7 and 6 in seen
+
+
+def test_a_run_resumes_and_a_record_is_reused_under_other_batching_or_threads(tmp_path):
+    """Client batching and threads choose how a run executes, never what it computes: a
+    checkpoint or a finished record written under one setting serves another. (Changing the
+    row budget's default once made every recorded benchmark cell refuse to be reused.)"""
+    import dataclasses
+
+    from fedsteer.bench import reuse_finished
+    from fedsteer.experiment import RunConfig, run_experiment
+
+    config = RunConfig("ifed-icl", "sst2", "tiny-random", clients=3, rounds=2, test_size=6,
+                       client_batch_rows=64, threads=1, options={"local_epochs": 1})
+    first = run_experiment(config, tmp_path)
+    other = dataclasses.replace(config, client_batch=1, client_batch_rows=8, threads=None)
+    assert reuse_finished(tmp_path, other)["metrics"] == first["metrics"]
+    resumed = run_experiment(other, tmp_path, resume=True)  # from the finished checkpoint
+    assert resumed["metrics"]["accuracy"] == first["metrics"]["accuracy"]
+    assert resumed["costs"]["num_rounds"] == first["costs"]["num_rounds"]

@@ -21,7 +21,6 @@ never silently reused.
 
 from __future__ import annotations
 
-import dataclasses
 import itertools
 import json
 import re
@@ -34,7 +33,7 @@ from typing import Any
 import yaml
 
 from fedsteer.eval.record import RESULT_FILE, read_result
-from fedsteer.experiment import RunConfig, run_experiment
+from fedsteer.experiment import RunConfig, result_settings, run_experiment
 from fedsteer.methods import METHODS, check_options, make_method
 
 KNOWN_KEYS = {"name", "out", "models", "tasks", "methods", "seeds", "alphas", "clients",
@@ -108,11 +107,12 @@ class StaleCell(ValueError):
 def recorded_differences(cell: Cell) -> dict[str, tuple[Any, Any]]:
     """{field: (recorded, asked)} where a finished cell's record disagrees with its config.
 
+    Execution choices (client batching, threads) are not counted: they change no number.
     RunConfig fields the record lacks (added after it was written) are not counted; a method
     option it lacks is (a new option may change what the old name meant, as ICL's `shots`
     becoming per class did)."""
     recorded = read_result(cell.path)["config"]
-    asked = json.loads(json.dumps(dataclasses.asdict(cell.config)))  # compare as it reads back
+    asked = json.loads(json.dumps(result_settings(cell.config)))  # compare as it reads back
     diff = {key: (recorded[key], value) for key, value in asked.items()
             if key in recorded and recorded[key] != value}
     if "method_options" in recorded:  # every option of the method as it ran, defaults too

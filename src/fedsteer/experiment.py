@@ -86,6 +86,17 @@ class RunConfig:
         return {"shots": self.shots, "seed": self.seed, "rounds": self.rounds, **self.options}
 
 
+#: RunConfig fields that choose how a run executes, never what it computes (client batching
+#: is tested equal to one by one): a finished cell is reused, and a run resumes, under others
+EXECUTION_CHOICES = frozenset({"client_batch", "client_batch_rows", "threads"})
+
+
+def result_settings(config: RunConfig) -> dict[str, Any]:
+    """The fields that decide a run's result, as its record stores them."""
+    return {key: value for key, value in dataclasses.asdict(config).items()
+            if key not in EXECUTION_CHOICES}
+
+
 def default_run_dir(config: RunConfig) -> Path:
     stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
     return Path("runs") / f"{stamp}-{config.method}-{Path(config.task).stem}"
@@ -255,7 +266,7 @@ def run_experiment(
                 runtime_config(config), checkpoint_dir=out_dir / "checkpoint", progress=progress)
             outcome = runtime.run(
                 method, clients, env, resume=resume,
-                fingerprint={"config": dataclasses.asdict(config), "options": method.options()},
+                fingerprint={"config": result_settings(config), "options": method.options()},
             )
         if save_dir is not None:
             _save_artifacts(method, outcome, clients if hosted else [], Path(save_dir), config,
