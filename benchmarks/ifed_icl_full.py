@@ -64,20 +64,21 @@ def task_cells(args, lm, task_name: str) -> dict[str, list[dict]]:
             records[method].append(cell(args.out, RunConfig(
                 method, task_name, args.model, seed=seed, **steering, **common), lm, task))
         if args.pooled_i2cl:
-            records[POOLED].append(pooled_i2cl(args, lm, task, seed, steering, common))
+            records[POOLED].append(pooled_i2cl(args, lm, task, task_name, seed, steering, common))
     return records
 
 
-def pooled_i2cl(args, lm, task, seed: int, steering: dict, common: dict) -> dict:
+def pooled_i2cl(args, lm, task, task_name: str, seed: int, steering: dict, common: dict) -> dict:
     """Central I2CL with `clients` times the per-class budget: the examples IFed-ICL's
     clients can hold in all (each turns up to `demos_per_class` per label it holds into
     vectors and calibrates on as many), so a gap between them is not just more data.
-    Its own folder: the plain central-i2cl cell of the same seed has other options."""
+    Its own folder: the plain central-i2cl cell of the same seed has other options. The task
+    as the other cells name it (a user's task path, not the task's own name)."""
     pooled = args.clients * IFedICL.demos_per_class
     options = {**steering["options"], "demos_per_class": pooled,
                "calibration_per_class": pooled}
     return cell(args.out / "pooled", RunConfig(
-        "central-i2cl", task.name, args.model, seed=seed, rounds=steering["rounds"],
+        "central-i2cl", task_name, args.model, seed=seed, rounds=steering["rounds"],
         options=options, **common), lm, task)
 
 
