@@ -232,3 +232,73 @@ def test_a_run_resumes_and_a_record_is_reused_under_other_batching_or_threads(tm
     resumed = run_experiment(other, tmp_path, resume=True)  # from the finished checkpoint
     assert resumed["metrics"]["accuracy"] == first["metrics"]["accuracy"]
     assert resumed["costs"]["num_rounds"] == first["costs"]["num_rounds"]
+
+
+def test_forward_chunks_split_only_where_padding_costs_more_than_a_forward():
+    from fedsteer.methods.local_training import forward_chunks
+
+    assert forward_chunks([30, 30, 30], [2, 2, 2], overhead=16) == [[0, 1, 2]]
+    # a 200-token client would pad the two 10-token clients' 4 rows by 760 tokens
+    assert forward_chunks([200, 10, 12], [2, 2, 2], overhead=16) == [[1, 2], [0]]
+    assert forward_chunks([200, 10, 12], [2, 2, 2], overhead=10**9) == [[0, 1, 2]]
+    assert forward_chunks([200, 10, 12], [2, 2, 2], overhead=0) == [[1], [2], [0]]
+    assert forward_chunks([], [], overhead=16) == []
+
+
+def _spy_forwards(monkeypatch) -> list[tuple[int, int, tuple[int, ...]]]:
+    """Record each client-batched forward's rows, width and its groups' own widths."""
+    seen: list[tuple[int, int, tuple[int, ...]]] = []
+    original = LabelScorer.grouped_logprobs
+
+    def spy(self, batch):
+        seen.append((*batch.ids.shape, batch.groups.widths))
+        return original(self, batch)
+
+    monkeypatch.setattr(LabelScorer, "grouped_logprobs", spy)
+    return seen
+
+
+def test_a_long_client_does_not_pad_the_short_clients_rows(tiny_lm, monkeypatch):
+    """Three clients step together; one's queries are ~60 tokens longer. The short two share
+    a forward, the long one has its own: no row is padded to the long client's width."""
+    from fedsteer.methods.local_training import LocalRun, train_together
+
+    long = "Review: " + "a very long and winding film " * 12 + "\nSentiment:"
+    texts = [["Review: great\nSentiment:", "Review: awful\nSentiment:"],
+             ["Review: fine\nSentiment:", "Review: dull\nSentiment:"], [long, long]]
+    scale = [torch.nn.Parameter(torch.ones(())) for _ in texts]
+    scorer = LabelScorer(tiny_lm, SPEC.label_words)
+
+    def run(k: int) -> LocalRun:
+        def loss(logp, rows):
+            return -(scale[k] * logp[:, 0]).mean()
+        return LocalRun(texts[k], None, [[0, 1]], torch.optim.SGD([scale[k]], lr=0.1), loss=loss)
+
+    seen = _spy_forwards(monkeypatch)
+    train_together([run(k) for k in range(3)], scorer, lambda active, groups: None)
+    widths = scorer.grouped(texts).groups.widths
+    assert sorted(seen) == sorted([(4, max(widths[:2]), widths[:2]), (2, widths[2], widths[2:])])
+    assert all(s.grad is not None for s in scale)
+
+
+@pytest.mark.parametrize("overhead", [0, 10**9])
+def test_batched_calibration_equals_one_by_one_however_a_step_is_split(tiny_lm, monkeypatch,
+                                                                       overhead):
+    """Forwards of one width only (0) or all clients in one (10⁹): the same coefficients."""
+    from fedsteer.methods import local_training
+
+    monkeypatch.setattr(local_training, "FORWARD_OVERHEAD_TOKENS", overhead)
+    seen = _spy_forwards(monkeypatch)
+    env = make_env(tiny_lm)
+    clients = make_clients(env, sizes=(2, 5, 9))
+    attn, mlp = (0.1 * v for v in random_vectors(tiny_lm))
+    method = IFedICL(local_epochs=2, calibration_per_class=4, noise=0.01)
+    start = initial_coefficients(tiny_lm.num_layers, 0.1, 1.0)
+    alone = [method.calibrate(c, attn, mlp, start, rnd=1) for c in clients]
+    seen.clear()
+    together = method.calibrate_together(clients, attn, mlp, [start] * 3, rnd=1)
+    mixed = [len(set(group_widths)) > 1 for _, _, group_widths in seen]
+    assert any(mixed) == (overhead > 0) and len(seen) >= 2 * 4  # the 9-row client: 2 × 4 steps
+    for (coef, loss), (coef_b, loss_b, _) in zip(alone, together, strict=True):
+        torch.testing.assert_close(coef_b, coef, atol=1e-5, rtol=0)
+        assert loss_b == pytest.approx(loss, abs=1e-5)

@@ -74,26 +74,65 @@ def epoch_batches(rng: np.random.Generator, size: int, batch_size: int,
     return batches
 
 
+#: A forward's fixed cost, in padded tokens of one row: what it pays to split one client-batched
+#: step into two forwards. From `benchmarks/results/compute_ceiling.md` (2 cores, sst2 rows
+#: of ≈ 34 tokens): 1.65 rows/s at batch 2 and 1.92 at batch 8 fit 0.23 s a forward plus
+#: 0.49 s a row, so a forward costs about half a row: ≈ 16 tokens.
+FORWARD_OVERHEAD_TOKENS = 16
+
+
+def forward_chunks(widths: Sequence[int], rows: Sequence[int],
+                   overhead: float | None = None) -> list[list[int]]:
+    """Split a step's groups into forwards that cost the least in padded tokens.
+
+    A forward pads every row to its widest group, so one long client makes every short
+    client's rows as long as its own (on agnews 4 clients pad ≈ 1.3× the tokens they need).
+    Sorted by width, the best split into runs of neighbours is found exactly: each forward
+    costs `overhead` + its rows × its widest width. Returns group indices per forward.
+    """
+    overhead = FORWARD_OVERHEAD_TOKENS if overhead is None else overhead
+    order = sorted(range(len(widths)), key=lambda g: widths[g])
+    best, cut = [0.0] + [math.inf] * len(order), [0] * (len(order) + 1)
+    for stop in range(1, len(order) + 1):
+        for start in range(stop):
+            members = order[start:stop]
+            cost = best[start] + overhead + sum(rows[g] for g in members) * widths[order[stop - 1]]
+            if cost < best[stop]:
+                best[stop], cut[stop] = cost, start
+    chunks, stop = [], len(order)
+    while stop > 0:
+        chunks.append(sorted(order[cut[stop]:stop]))
+        stop = cut[stop]
+    return chunks[::-1]
+
+
 def train_together(runs: Sequence[LocalRun], scorer,
                    prepare: Callable[[list[int], RowGroups], None]) -> None:
-    """Step every run through its own batches; one forward per step over the active runs.
+    """Step every run through its own batches, the active runs sharing forwards.
 
     `prepare(active, groups)` is called before each forward with the indices of the runs
-    taking part and which rows are whose, to install their parameters for those rows.
+    taking part and which rows are whose, to install their parameters for those rows. A
+    step's runs go in as few forwards as pay (`forward_chunks`): each run is in exactly one,
+    so its gradient, and hence the result, is what it would be alone.
     """
     for step in range(max((len(r.batches) for r in runs), default=0)):
         active = [i for i, r in enumerate(runs) if step < len(r.batches)]
-        batch = scorer.grouped([[runs[i].queries[j] for j in runs[i].batches[step]]
-                                for i in active])
-        prepare(active, batch.groups)
-        logp = scorer.grouped_logprobs(batch)
-        losses = [runs[i].loss_of(logp[start:stop], runs[i].batches[step])
-                  for i, (start, stop) in zip(active, batch.groups.spans, strict=True)]
+        queries = [[runs[i].queries[j] for j in runs[i].batches[step]] for i in active]
+        widths = scorer.grouped(queries).groups.widths
         for i in active:
             runs[i].optimizer.zero_grad()
-        torch.stack(losses).sum().backward()  # each client's parameters see only its loss
-        for i, loss in zip(active, losses, strict=True):
+        losses: dict[int, torch.Tensor] = {}
+        for chunk in forward_chunks(widths, [len(q) for q in queries]):
+            members = [active[c] for c in chunk]
+            batch = scorer.grouped([queries[c] for c in chunk])
+            prepare(members, batch.groups)
+            logp = scorer.grouped_logprobs(batch)
+            for i, (start, stop) in zip(members, batch.groups.spans, strict=True):
+                losses[i] = runs[i].loss_of(logp[start:stop], runs[i].batches[step])
+            # each client's parameters see only its own loss
+            torch.stack([losses[i] for i in members]).sum().backward()
+        for i in active:
             runs[i].optimizer.step()
             if runs[i].schedule is not None:
                 runs[i].schedule.step()
-            runs[i].losses.append(loss.item())
+            runs[i].losses.append(losses[i].item())
