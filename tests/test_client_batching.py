@@ -53,18 +53,42 @@ def test_row_groups_index_rows_by_client():
     assert groups.index.tolist() == [0, 0, 1] and groups.rows == 3
 
 
-def test_batched_calibration_equals_calibrating_clients_one_by_one(tiny_lm):
+def _spy_forwards(monkeypatch) -> list[tuple[int, int, tuple[int, ...]]]:
+    """Record each client-batched forward's rows, width and its groups' own widths."""
+    seen: list[tuple[int, int, tuple[int, ...]]] = []
+    original = LabelScorer.grouped_logprobs
+
+    def spy(self, batch):
+        seen.append((*batch.ids.shape, batch.groups.widths))
+        return original(self, batch)
+
+    monkeypatch.setattr(LabelScorer, "grouped_logprobs", spy)
+    return seen
+
+
+@pytest.mark.parametrize("overhead", [None, 0, 10**9])
+def test_batched_calibration_equals_calibrating_clients_one_by_one(tiny_lm, monkeypatch,
+                                                                   overhead):
     """Losses, coefficients and rows of three clients of different sizes (their batches run
-    out at different steps), noise on: batched = sequential to 1e-5."""
+    out at different steps), noise on: batched = sequential to 1e-5, however a step is split
+    into forwards — by width (default), one width a forward (0) or all in one (10⁹)."""
+    from fedsteer.methods import local_training
+
+    if overhead is not None:
+        monkeypatch.setattr(local_training, "FORWARD_OVERHEAD_TOKENS", overhead)
     env = make_env(tiny_lm)
     clients = make_clients(env, sizes=(2, 5, 9))
     attn, mlp = (0.1 * v for v in random_vectors(tiny_lm))
     method = IFedICL(local_epochs=3, calibration_per_class=4, noise=0.01)
     start = initial_coefficients(tiny_lm.num_layers, 0.1, 1.0)
     alone = [method.calibrate(c, attn, mlp, start, rnd=1) for c in clients]
+    seen = _spy_forwards(monkeypatch)
     together = method.calibrate_together(clients, attn, mlp, [start] * 3, rnd=1)
     sizes = [rows for _, _, rows in together]
     assert sizes == [3 * 2, 3 * 5, 3 * 8]  # calibration rows per client: data-capped
+    if overhead is not None:
+        mixed = [len(set(group_widths)) > 1 for _, _, group_widths in seen]
+        assert any(mixed) == (overhead > 0) and len(seen) >= 3 * 4  # the 8-row client's steps
     for (coef, loss), (coef_b, loss_b, _) in zip(alone, together, strict=True):
         assert not torch.allclose(coef, start)
         torch.testing.assert_close(coef_b, coef, atol=1e-5, rtol=0)
@@ -245,19 +269,6 @@ def test_forward_chunks_split_only_where_padding_costs_more_than_a_forward():
     assert forward_chunks([], [], overhead=16) == []
 
 
-def _spy_forwards(monkeypatch) -> list[tuple[int, int, tuple[int, ...]]]:
-    """Record each client-batched forward's rows, width and its groups' own widths."""
-    seen: list[tuple[int, int, tuple[int, ...]]] = []
-    original = LabelScorer.grouped_logprobs
-
-    def spy(self, batch):
-        seen.append((*batch.ids.shape, batch.groups.widths))
-        return original(self, batch)
-
-    monkeypatch.setattr(LabelScorer, "grouped_logprobs", spy)
-    return seen
-
-
 def test_a_long_client_does_not_pad_the_short_clients_rows(tiny_lm, monkeypatch):
     """Three clients step together; one's queries are ~60 tokens longer. The short two share
     a forward, the long one has its own: no row is padded to the long client's width."""
@@ -279,26 +290,3 @@ def test_a_long_client_does_not_pad_the_short_clients_rows(tiny_lm, monkeypatch)
     widths = scorer.grouped(texts).groups.widths
     assert sorted(seen) == sorted([(4, max(widths[:2]), widths[:2]), (2, widths[2], widths[2:])])
     assert all(s.grad is not None for s in scale)
-
-
-@pytest.mark.parametrize("overhead", [0, 10**9])
-def test_batched_calibration_equals_one_by_one_however_a_step_is_split(tiny_lm, monkeypatch,
-                                                                       overhead):
-    """Forwards of one width only (0) or all clients in one (10⁹): the same coefficients."""
-    from fedsteer.methods import local_training
-
-    monkeypatch.setattr(local_training, "FORWARD_OVERHEAD_TOKENS", overhead)
-    seen = _spy_forwards(monkeypatch)
-    env = make_env(tiny_lm)
-    clients = make_clients(env, sizes=(2, 5, 9))
-    attn, mlp = (0.1 * v for v in random_vectors(tiny_lm))
-    method = IFedICL(local_epochs=2, calibration_per_class=4, noise=0.01)
-    start = initial_coefficients(tiny_lm.num_layers, 0.1, 1.0)
-    alone = [method.calibrate(c, attn, mlp, start, rnd=1) for c in clients]
-    seen.clear()
-    together = method.calibrate_together(clients, attn, mlp, [start] * 3, rnd=1)
-    mixed = [len(set(group_widths)) > 1 for _, _, group_widths in seen]
-    assert any(mixed) == (overhead > 0) and len(seen) >= 2 * 4  # the 9-row client: 2 × 4 steps
-    for (coef, loss), (coef_b, loss_b, _) in zip(alone, together, strict=True):
-        torch.testing.assert_close(coef_b, coef, atol=1e-5, rtol=0)
-        assert loss_b == pytest.approx(loss, abs=1e-5)
