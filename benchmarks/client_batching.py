@@ -76,7 +76,8 @@ def main() -> None:
     parser.add_argument("--clients", nargs="+", type=int, default=[10, 100])
     parser.add_argument("--ifed-epochs", nargs="+", type=int, default=[10, 2],
                         help="IFed-ICL local epochs, one per --clients entry")
-    parser.add_argument("--methods", nargs="+", default=["ifed-icl", "fedavg-lora"])
+    parser.add_argument("--methods", nargs="+", default=["ifed-icl", "fedavg-lora"],
+                        choices=["ifed-icl", "fedavg-lora"])
     parser.add_argument("--one-forward", action="store_true",
                         help="also time batching as it was before width-split forwards: "
                              "every client of a step in one forward, padded to the longest")

@@ -216,27 +216,18 @@ def test_batched_lora_training_equals_training_clients_one_by_one(tiny_lm):
     assert max(moved) > 1e-3
 
 
-def test_a_batched_lora_run_keeps_to_the_row_budget(tiny_lm):
+def test_a_batched_lora_run_keeps_to_the_row_budget(tiny_lm, monkeypatch):
     """budget 7 rows, 3 rows a client step: two clients a forward, never more."""
     from fedsteer.methods.fedavg_lora import FedAvgLoRA
 
     env = make_env(tiny_lm)
     method = FedAvgLoRA(rank=2, rounds=1, batch_size=3, local_examples=6)
-    seen = []
-    original = LabelScorer.grouped_logprobs
-
-    def spy(self, batch):
-        seen.append(batch.groups.rows)
-        return original(self, batch)
-
-    LabelScorer.grouped_logprobs = spy
-    try:
-        outcome = InProcessRuntime(RuntimeConfig(client_batch=8, client_batch_rows=7)).run(
-            method, make_clients(env, sizes=(6, 6, 6, 6, 6)), env)
-    finally:
-        LabelScorer.grouped_logprobs = original
+    seen = _spy_forwards(monkeypatch)
+    outcome = InProcessRuntime(RuntimeConfig(client_batch=8, client_batch_rows=7)).run(
+        method, make_clients(env, sizes=(6, 6, 6, 6, 6)), env)
+    rows = [r for r, _, _ in seen]
     assert outcome.rounds[0].client_batches == [2, 2]  # the fifth client alone, unbatched
-    assert max(seen) <= 7 and 6 in seen
+    assert max(rows) <= 7 and 6 in rows
 
 
 def test_a_run_resumes_and_a_record_is_reused_under_other_batching_or_threads(tmp_path):
@@ -267,6 +258,15 @@ def test_forward_chunks_split_only_where_padding_costs_more_than_a_forward():
     assert forward_chunks([200, 10, 12], [2, 2, 2], overhead=10**9) == [[0, 1, 2]]
     assert forward_chunks([200, 10, 12], [2, 2, 2], overhead=0) == [[1], [2], [0]]
     assert forward_chunks([], [], overhead=16) == []
+
+
+def test_selected_groups_are_the_forward_those_groups_get_alone(tiny_lm):
+    scorer = LabelScorer(tiny_lm, SPEC.label_words)
+    whole = scorer.grouped(QUERIES)
+    for members in ([0, 2], [1], [2, 0, 1]):
+        alone, part = scorer.grouped([QUERIES[g] for g in members]), whole.select(members)
+        assert part.groups == alone.groups
+        assert torch.equal(part.ids, alone.ids) and torch.equal(part.mask, alone.mask)
 
 
 def test_a_long_client_does_not_pad_the_short_clients_rows(tiny_lm, monkeypatch):

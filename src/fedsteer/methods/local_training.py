@@ -94,10 +94,11 @@ def forward_chunks(widths: Sequence[int], rows: Sequence[int],
     order = sorted(range(len(widths)), key=lambda g: widths[g])
     best, cut = [0.0] + [math.inf] * len(order), [0] * (len(order) + 1)
     for stop in range(1, len(order) + 1):
-        for start in range(stop):
-            members = order[start:stop]
-            cost = best[start] + overhead + sum(rows[g] for g in members) * widths[order[stop - 1]]
-            if cost < best[stop]:
+        chunk_rows = 0
+        for start in range(stop - 1, -1, -1):  # on a tie the longer chunk (smaller start) wins
+            chunk_rows += rows[order[start]]
+            cost = best[start] + overhead + chunk_rows * widths[order[stop - 1]]
+            if cost <= best[stop]:
                 best[stop], cut[stop] = cost, start
     chunks, stop = [], len(order)
     while stop > 0:
@@ -118,13 +119,13 @@ def train_together(runs: Sequence[LocalRun], scorer,
     for step in range(max((len(r.batches) for r in runs), default=0)):
         active = [i for i, r in enumerate(runs) if step < len(r.batches)]
         queries = [[runs[i].queries[j] for j in runs[i].batches[step]] for i in active]
-        widths = scorer.grouped(queries).groups.widths
+        step_batch = scorer.grouped(queries)
         for i in active:
             runs[i].optimizer.zero_grad()
         losses: dict[int, torch.Tensor] = {}
-        for chunk in forward_chunks(widths, [len(q) for q in queries]):
+        for chunk in forward_chunks(step_batch.groups.widths, [len(q) for q in queries]):
             members = [active[c] for c in chunk]
-            batch = scorer.grouped([queries[c] for c in chunk])
+            batch = step_batch.select(chunk)
             prepare(members, batch.groups)
             logp = scorer.grouped_logprobs(batch)
             for i, (start, stop) in zip(members, batch.groups.spans, strict=True):

@@ -36,6 +36,20 @@ class GroupedBatch:
     mask: torch.Tensor
     groups: RowGroups
 
+    def select(self, members: Sequence[int]) -> GroupedBatch:
+        """Some groups' rows as a forward of their own, padded only to the widest of them:
+        what `grouped` gives for those groups alone, without encoding them again (left
+        padding, so the columns dropped are padding in every row kept)."""
+        width = max(self.groups.widths[g] for g in members)
+        spans, start = [], 0
+        for g in members:
+            first, stop = self.groups.spans[g]
+            spans.append((start, start + stop - first))
+            start += stop - first
+        rows = torch.cat([torch.arange(*self.groups.spans[g]) for g in members])
+        return GroupedBatch(self.ids[rows, -width:], self.mask[rows, -width:],
+                            RowGroups(tuple(spans), tuple(self.groups.widths[g] for g in members)))
+
 
 def left_pad(seqs: list[list[int]], pad: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Token ids right-aligned in one tensor, and the mask of the real ones (positions are
