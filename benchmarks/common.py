@@ -84,9 +84,14 @@ def cell_tag(config: RunConfig, default_clients: int = 10, default_alpha: float 
     return tag
 
 
+def cell_path(out: Path, config: RunConfig) -> Path:
+    """Where a cell's record and checkpoints live: model / task / method-tag."""
+    return out / config.model / config.task / f"{config.method}-{cell_tag(config)}"
+
+
 def cell(out: Path, config: RunConfig, lm, task) -> dict:
     """Run one cell unless its result is already recorded; print one line when it ran."""
-    path = out / config.model / config.task / f"{config.method}-{cell_tag(config)}"
+    path = cell_path(out, config)
     finished = reuse_finished(path, config)  # refuses a record of other settings, by name
     if finished is not None:
         return finished

@@ -13,8 +13,11 @@ The model defaults to smollm2-135m: on qwen2.5-coder-0.5b one seed of sst2 alone
 ≈ 85 min of calibration here (README), so the paper's grid cannot fit 2 hours on 2 cores;
 the 135M model is ≈ 4× cheaper. Cells resume, so the grid runs in parts, e.g.
 
-    nohup .venv/bin/python benchmarks/ifed_icl_full.py --tasks sst2 \
-        >> benchmarks/results/ifed_icl_full.log 2>&1 &
+    nohup .venv/bin/python benchmarks/ifed_icl_full.py --tasks sst2 --seeds 1 \
+        --report-dir /tmp/sst2 >> benchmarks/results/ifed_icl_full.log 2>&1 &
+
+and `--recorded` then writes the summary of every task and seed whose cells are all finished
+(running nothing), so a part never overwrites the whole.
 """
 
 from __future__ import annotations
@@ -24,8 +27,9 @@ import statistics
 import time
 from pathlib import Path
 
-from common import RESULTS, cell, grid_arguments, write_outputs
+from common import RESULTS, cell, cell_path, grid_arguments, write_outputs
 
+from fedsteer.bench import reuse_finished
 from fedsteer.data import load_task
 from fedsteer.eval.metrics import mean_interval, recorded_interval
 from fedsteer.eval.report import paired_difference
@@ -45,30 +49,57 @@ def methods(args) -> tuple[str, ...]:
     return (*rivals(args), "ifed-icl")
 
 
-def task_cells(args, lm, task_name: str) -> dict[str, list[dict]]:
+class Unfinished(LookupError):
+    """A cell `--recorded` needs has no finished record."""
+
+
+def recorded_cell(out: Path, config: RunConfig, lm, task) -> dict:
+    """`cell` that never runs: the finished record, or `Unfinished`."""
+    finished = reuse_finished(cell_path(out, config), config)
+    if finished is None:
+        raise Unfinished(cell_path(out, config))
+    return finished
+
+
+def finished_seeds(args, task_name: str) -> list[int]:
+    """The seeds of `args.seeds` whose every cell of `task_name` is recorded."""
+    seeds = []
+    for seed in args.seeds:
+        try:
+            task_cells(args, None, task_name, [seed], recorded_cell)
+        except Unfinished:
+            continue
+        seeds.append(seed)
+    return seeds
+
+
+def task_cells(args, lm, task_name: str, seeds: list[int],
+               run_cell=cell) -> dict[str, list[dict]]:
     """Every method's record per seed (zero-shot has no seed: one record, reused)."""
     task = load_task(task_name)
     common = dict(clients=args.clients, alpha=args.alpha, test_size=args.test_size)
     steering = dict(rounds=args.rounds, options={"local_epochs": args.local_epochs})
-    zero = cell(args.out, RunConfig("zero-shot", task_name, args.model, **common), lm, task)
+    zero = run_cell(args.out, RunConfig("zero-shot", task_name, args.model, **common), lm, task)
     records: dict[str, list[dict]] = {m: [] for m in methods(args)}
-    for seed in args.seeds:
+    for seed in seeds:
         records["zero-shot"].append(zero)
-        records["local-icl"].append(cell(args.out, RunConfig(
+        records["local-icl"].append(run_cell(args.out, RunConfig(
             "local-icl", task_name, args.model, seed=seed, fraction=args.local_fraction,
             shots=args.shots, **common), lm, task))
-        records["central-icl"].append(cell(args.out, RunConfig(
+        records["central-icl"].append(run_cell(args.out, RunConfig(
             "central-icl", task_name, args.model, seed=seed, shots=args.shots, **common),
             lm, task))
         for method in ("central-i2cl", "ifed-icl"):
-            records[method].append(cell(args.out, RunConfig(
+            records[method].append(run_cell(args.out, RunConfig(
                 method, task_name, args.model, seed=seed, **steering, **common), lm, task))
         if args.pooled_i2cl:
-            records[POOLED].append(pooled_i2cl(args, lm, task, task_name, seed, steering, common))
+            records[POOLED].append(pooled_i2cl(args, lm, task, task_name, seed, steering,
+                                               common, run_cell))
     return records
 
 
-def pooled_i2cl(args, lm, task, task_name: str, seed: int, steering: dict, common: dict) -> dict:
+def pooled_i2cl(args, lm, task, task_name: str, seed: int, steering: dict, common: dict,
+                run_cell=cell) -> dict:
     """Central I2CL with `clients` times the per-class budget: the examples IFed-ICL's
     clients can hold in all (each turns up to `demos_per_class` per label it holds into
     vectors and calibrates on as many), so a gap between them is not just more data.
@@ -77,7 +108,7 @@ def pooled_i2cl(args, lm, task, task_name: str, seed: int, steering: dict, commo
     pooled = args.clients * IFedICL.demos_per_class
     options = {**steering["options"], "demos_per_class": pooled,
                "calibration_per_class": pooled}
-    return cell(args.out / "pooled", RunConfig(
+    return run_cell(args.out / "pooled", RunConfig(
         "central-i2cl", task_name, args.model, seed=seed, rounds=steering["rounds"],
         options=options, **common), lm, task)
 
@@ -160,7 +191,11 @@ def markdown(summary: dict, args) -> str:
             lines.append(f"| {result['rival']} | {result['points']:+.1f} | {seeds} | "
                          f"{result['test']} | IFed-ICL {verdict(result)} {result['rival']} |")
         lines.append("")
-    lines.append(f"Wall time of this invocation: {summary['wall_seconds'] / 60:.1f} min.")
+    if args.recorded:
+        lines.append("Summarised from the recorded cells (`--recorded`); each invocation's "
+                     "wall time is in `ifed_icl_full.log`.")
+    else:
+        lines.append(f"Wall time of this invocation: {summary['wall_seconds'] / 60:.1f} min.")
     return "\n".join(lines) + "\n"
 
 
@@ -176,14 +211,25 @@ def main() -> None:
     parser.add_argument("--report-dir", type=Path, default=RESULTS)
     parser.add_argument("--pooled-i2cl", action="store_true",
                         help=f"add {POOLED}: central I2CL on clients × 5 examples per class")
+    parser.add_argument("--recorded", action="store_true",
+                        help="run nothing: summarise each task's seeds whose cells are all "
+                             "finished")
     args = parser.parse_args()
     started = time.time()
-    lm = load_model(args.model)
+    lm = None if args.recorded else load_model(args.model)
     summary: dict = {"tasks": {}}
     for task_name in args.tasks:
-        records = task_cells(args, lm, task_name)
+        if args.recorded:
+            seeds = finished_seeds(args, task_name)
+            if not seeds:
+                print(f"{task_name}: no seed with every cell finished; left out", flush=True)
+                continue
+            records = task_cells(args, lm, task_name, seeds, recorded_cell)
+        else:
+            seeds = list(args.seeds)
+            records = task_cells(args, lm, task_name, seeds)
         summary["tasks"][task_name] = {
-            "seeds": list(args.seeds),
+            "seeds": seeds,
             "num_test": records["zero-shot"][0]["metrics"]["num_test"],
             "accuracy": {m: accuracy_row(records[m]) for m in methods(args)},
             "versus": [versus(records, rival) for rival in rivals(args)]}
