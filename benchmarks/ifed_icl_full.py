@@ -55,47 +55,48 @@ class Unfinished(LookupError):
 
 def recorded_cell(out: Path, config: RunConfig, lm, task) -> dict:
     """`cell` that never runs: the finished record, or `Unfinished`."""
-    finished = reuse_finished(cell_path(out, config), config)
+    path = cell_path(out, config)
+    finished = reuse_finished(path, config)
     if finished is None:
-        raise Unfinished(cell_path(out, config))
+        raise Unfinished(path)
     return finished
 
 
-def finished_seeds(args, task_name: str) -> list[int]:
-    """The seeds of `args.seeds` whose every cell of `task_name` is recorded."""
-    seeds = []
-    for seed in args.seeds:
-        try:
-            task_cells(args, None, task_name, [seed], recorded_cell)
-        except Unfinished:
-            continue
-        seeds.append(seed)
-    return seeds
-
-
-def task_cells(args, lm, task_name: str, seeds: list[int],
-               run_cell=cell) -> dict[str, list[dict]]:
-    """Every method's record per seed (zero-shot has no seed: one record, reused)."""
+def task_cells(args, lm, task_name: str,
+               run_cell=cell) -> tuple[list[int], dict[str, list[dict]]]:
+    """The seeds of `args.seeds` that have every method's record, and those records per
+    seed (zero-shot has no seed: one record, reused). A seed is left out only where
+    `run_cell` raises `Unfinished` for it (`recorded_cell`); `cell` runs what is missing."""
     task = load_task(task_name)
     common = dict(clients=args.clients, alpha=args.alpha, test_size=args.test_size)
     steering = dict(rounds=args.rounds, options={"local_epochs": args.local_epochs})
     zero = run_cell(args.out, RunConfig("zero-shot", task_name, args.model, **common), lm, task)
-    records: dict[str, list[dict]] = {m: [] for m in methods(args)}
-    for seed in seeds:
-        records["zero-shot"].append(zero)
-        records["local-icl"].append(run_cell(args.out, RunConfig(
-            "local-icl", task_name, args.model, seed=seed, fraction=args.local_fraction,
-            shots=args.shots, **common), lm, task))
-        records["central-icl"].append(run_cell(args.out, RunConfig(
-            "central-icl", task_name, args.model, seed=seed, shots=args.shots, **common),
-            lm, task))
-        for method in ("central-i2cl", "ifed-icl"):
-            records[method].append(run_cell(args.out, RunConfig(
-                method, task_name, args.model, seed=seed, **steering, **common), lm, task))
-        if args.pooled_i2cl:
-            records[POOLED].append(pooled_i2cl(args, lm, task, task_name, seed, steering,
-                                               common, run_cell))
-    return records
+    seeds, records = [], {m: [] for m in methods(args)}
+    for seed in args.seeds:
+        try:
+            found = seed_cells(args, lm, task, task_name, seed, steering, common, run_cell)
+        except Unfinished:
+            continue
+        seeds.append(seed)
+        for method, record in {"zero-shot": zero, **found}.items():
+            records[method].append(record)
+    return seeds, records
+
+
+def seed_cells(args, lm, task, task_name: str, seed: int, steering: dict, common: dict,
+               run_cell=cell) -> dict[str, dict]:
+    """One seed's record of every method but zero-shot."""
+    found = {"local-icl": run_cell(args.out, RunConfig(
+        "local-icl", task_name, args.model, seed=seed, fraction=args.local_fraction,
+        shots=args.shots, **common), lm, task)}
+    found["central-icl"] = run_cell(args.out, RunConfig(
+        "central-icl", task_name, args.model, seed=seed, shots=args.shots, **common), lm, task)
+    for method in ("central-i2cl", "ifed-icl"):
+        found[method] = run_cell(args.out, RunConfig(
+            method, task_name, args.model, seed=seed, **steering, **common), lm, task)
+    if args.pooled_i2cl:
+        found[POOLED] = pooled_i2cl(args, lm, task, task_name, seed, steering, common, run_cell)
+    return found
 
 
 def pooled_i2cl(args, lm, task, task_name: str, seed: int, steering: dict, common: dict,
@@ -185,11 +186,11 @@ def markdown(summary: dict, args) -> str:
         for method in methods(args):
             r = rows[method]
             low, high = r["accuracy_ci95"]
-            seeds = "; ".join(percent_interval(a, ci) for a, ci in
-                              zip(r["per_seed"], r["per_seed_ci95"], strict=True))
+            per_seed = "; ".join(percent_interval(a, ci) for a, ci in
+                                 zip(r["per_seed"], r["per_seed_ci95"], strict=True))
             lines.append(
                 f"| {method} | {100 * r['accuracy']:.1f} [{100 * low:.1f}, {100 * high:.1f}] "
-                f"| {seeds} "
+                f"| {per_seed} "
                 f"| {r['budget']} "
                 f"| {r['client_seconds']:.0f} |")
         lines += ["", "| IFed-ICL vs | points (mean over seeds) | per seed: points (p) | test "
@@ -228,15 +229,14 @@ def main() -> None:
     lm = None if args.recorded else load_model(args.model)
     summary: dict = {"tasks": {}}
     for task_name in args.tasks:
-        if args.recorded:
-            seeds = finished_seeds(args, task_name)
-            if not seeds:
-                print(f"{task_name}: no seed with every cell finished; left out", flush=True)
-                continue
-            records = task_cells(args, lm, task_name, seeds, recorded_cell)
-        else:
-            seeds = list(args.seeds)
-            records = task_cells(args, lm, task_name, seeds)
+        try:
+            seeds, records = task_cells(args, lm, task_name,
+                                        recorded_cell if args.recorded else cell)
+        except Unfinished:  # its zero-shot cell
+            seeds = []
+        if not seeds:
+            print(f"{task_name}: no seed with every cell finished; left out", flush=True)
+            continue
         summary["tasks"][task_name] = {
             "seeds": seeds,
             "num_test": records["zero-shot"][0]["metrics"]["num_test"],
