@@ -104,6 +104,31 @@ def test_no_client_weighs_more_than_ten_times_the_median():
     assert capped == {"cid": 4, "claimed": 100_000, "weight": 10 * sizes[(5 - 1) // 2]}
 
 
+
+class UniformAverage(ToyAverage):
+    """The unweighted mean IFed-ICL's vectors use: a claimed size weighs nothing."""
+
+    def reply_weighting(self, message):
+        return "uniform"
+
+    def aggregate(self, rnd, state, replies):
+        mean = np.mean([r.content["update"]["w"].numpy() for r in replies], axis=0)
+        state["global"] = ArrayRecord({"w": Array(mean.astype(np.float32))})
+        return state
+
+
+@pytest.mark.parametrize("max_weight", [None, 3])
+def test_a_uniform_mean_caps_no_weight(caplog, max_weight):
+    """An honest client holding 15x the median under a skewed partition was logged as
+    'capped' in IFed-ICL's unweighted round, a cut that never happened."""
+    env, clients = make_clients(5)
+    clients[4] = Client(cid=4, data=[Example("x", 0)] * 100_000, env=env)
+    runtime = InProcessRuntime(RuntimeConfig(max_client_weight=max_weight))
+    outcome = runtime.run(UniformAverage(rounds=1), clients, env)
+    assert outcome.rounds[0].capped == [] and "weighed as" not in caplog.text
+    assert sorted(outcome.rounds[0].clients) == [0, 1, 2, 3, 4]
+
+
 # --- data oddities -----------------------------------------------------------------------
 
 

@@ -218,6 +218,8 @@ class RoundReplies:
         self.noised = False  # central DP's noise has joined the sum
         #: every check decided reply by reply: fold on arrival, keep nothing
         self.direct = not settings.factor and settings.max_weight is not None
+        #: a uniform mean ignores the claimed sizes: capping them would report a false cut
+        self.weighted = method.reply_weighting(message) == "examples"
 
     def offer(self, cid: int, content: Any, num_examples: int) -> bool:
         """Check a reply before the server may use it; a bad one is logged and left out."""
@@ -259,7 +261,8 @@ class RoundReplies:
                      len(reply.content.array_records), update_norms=update_norms or {})
         self.kept.append(entry)
         if self.direct:
-            (entry,) = cap_weights([entry], self.checks.max_weight, self.cost)
+            if self.weighted:
+                (entry,) = cap_weights([entry], self.checks.max_weight, self.cost)
             self._fold(Reply(reply.cid, reply.content, entry.num_examples))
         else:
             self.spool = self.spool or ReplySpool(self.checks.spool_root)
@@ -275,7 +278,8 @@ class RoundReplies:
         if not self.direct:
             kept = sorted(self.kept, key=lambda k: k.cid)  # client order, in every runtime
             kept = screen_outliers(kept, self.checks.factor, self.cost, self.spool)
-            self.kept = cap_weights(kept, self.checks.max_weight, self.cost)
+            self.kept = (cap_weights(kept, self.checks.max_weight, self.cost)
+                         if self.weighted else kept)
             for entry in self.kept:
                 self._fold(Reply(entry.cid, self.spool.load(entry.slot), entry.num_examples))
             self.discard()

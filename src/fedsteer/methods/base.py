@@ -287,8 +287,10 @@ class Method(MethodBase):
         so the two never differ; a subclass overriding one of them overrides both."""
         return HeldReplies(lambda replies: self.aggregate(rnd, state, replies))
 
-    def secure_weighting(self, message: RecordDict) -> str:
-        """How a secure mean weighs this round's replies: "examples" or "uniform"."""
+    def reply_weighting(self, message: RecordDict) -> str:
+        """How this round's mean weighs the replies: "examples" (FedAvg) or "uniform". A
+        secure mean follows it, and the weight cap applies only to "examples": in a uniform
+        mean a claimed size weighs nothing, so there is nothing to cap."""
         return "examples"
 
 

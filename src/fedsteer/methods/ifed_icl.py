@@ -185,7 +185,7 @@ class IFedICL(Method):
             return {"vectors.attn": shape, "vectors.mlp": shape}
         return {"coef.coef": tuple(message["coef"]["coef"].shape)}
 
-    def secure_weighting(self, message: RecordDict) -> str:
+    def reply_weighting(self, message: RecordDict) -> str:
         if _config(message)["phase"] == EXTRACT and self.weighting == "uniform":
             return "uniform"
         return "examples"

@@ -93,7 +93,7 @@ class GridRuntime(Runtime):
                         cost: RoundCost) -> None:
         """SecAgg+: one reply holding the (weighted) mean; no single payload is ever seen."""
         # central DP weighs every reply the same (its sensitivity is one clip per client)
-        uniform = (method.secure_weighting(message) == "uniform"
+        uniform = (method.reply_weighting(message) == "uniform"
                    or self._round.checks.central_dp is not None)
         result = secure_round(
             self.grid, cost.round, message, method.reply_shapes(message),
