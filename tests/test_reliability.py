@@ -104,7 +104,6 @@ def test_no_client_weighs_more_than_ten_times_the_median():
     assert capped == {"cid": 4, "claimed": 100_000, "weight": 10 * sizes[(5 - 1) // 2]}
 
 
-
 class UniformAverage(ToyAverage):
     """The unweighted mean IFed-ICL's vectors use: a claimed size weighs nothing."""
 

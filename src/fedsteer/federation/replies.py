@@ -218,7 +218,6 @@ class RoundReplies:
         self.noised = False  # central DP's noise has joined the sum
         #: every check decided reply by reply: fold on arrival, keep nothing
         self.direct = not settings.factor and settings.max_weight is not None
-        #: a uniform mean ignores the claimed sizes: capping them would report a false cut
         self.weighted = method.reply_weighting(message) == "examples"
 
     def offer(self, cid: int, content: Any, num_examples: int) -> bool:
@@ -261,8 +260,7 @@ class RoundReplies:
                      len(reply.content.array_records), update_norms=update_norms or {})
         self.kept.append(entry)
         if self.direct:
-            if self.weighted:
-                (entry,) = cap_weights([entry], self.checks.max_weight, self.cost)
+            (entry,) = self._capped([entry])
             self._fold(Reply(reply.cid, reply.content, entry.num_examples))
         else:
             self.spool = self.spool or ReplySpool(self.checks.spool_root)
@@ -272,14 +270,18 @@ class RoundReplies:
         # soon as its sender drops it (about a millisecond)
         gc.collect(1)
 
+    def _capped(self, kept: list[Kept]) -> list[Kept]:
+        """The weight cap, where weights count: a uniform mean ignores the claimed sizes,
+        and capping them would report a cut that never happened."""
+        return cap_weights(kept, self.checks.max_weight, self.cost) if self.weighted else kept
+
     def close(self) -> list[dict[str, float]]:
         """Run the round-level checks and fold what passes; the record norms of every reply
         folded in (the bounds the new state is held to)."""
         if not self.direct:
             kept = sorted(self.kept, key=lambda k: k.cid)  # client order, in every runtime
             kept = screen_outliers(kept, self.checks.factor, self.cost, self.spool)
-            self.kept = (cap_weights(kept, self.checks.max_weight, self.cost)
-                         if self.weighted else kept)
+            self.kept = self._capped(kept)
             for entry in self.kept:
                 self._fold(Reply(entry.cid, self.spool.load(entry.slot), entry.num_examples))
             self.discard()
