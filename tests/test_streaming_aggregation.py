@@ -108,8 +108,9 @@ def test_a_method_with_only_a_batch_aggregate_holds_its_replies():
 class CountingMean(Aggregator):
     """The toy's streaming mean, counting the replies folded in so far."""
 
-    def __init__(self, method: StreamingToy, state: RecordDict) -> None:
-        self.method, self.inner = method, RecordsAggregator(state, [RecordMean("update")])
+    def __init__(self, method: StreamingToy, state: RecordDict, weighted: bool = True) -> None:
+        self.method = method
+        self.inner = RecordsAggregator(state, [RecordMean("update", weighted=weighted)])
 
     def add(self, reply: Reply) -> None:
         self.method.folds += 1
@@ -177,6 +178,19 @@ class HostileHeld(Hostile):
         return HeldReplies(lambda replies: self.aggregate(rnd, state, replies))
 
 
+class UniformToy(StreamingToy):
+    """The streaming toy with an unweighted mean, as IFed-ICL's first round."""
+
+    name = "uniform-toy"
+
+    def reply_weighting(self, message):
+        return "uniform"
+
+    def aggregator(self, rnd, state):
+        self.folds = 0
+        return CountingMean(self, state, weighted=False)
+
+
 def clients_with_a_big_one(n=7):
     env, clients = make_clients(n)
     clients[4] = Client(cid=4, data=[Example("x", 0)] * 500, env=env)  # over 10 × median
@@ -224,6 +238,17 @@ def test_folded_on_arrival_equals_holding_every_reply():
     assert [r.capped for r in streamed.rounds] == [r.capped for r in held.rounds]
     assert np.array_equal(streamed.state["global"]["w"].numpy(),
                           held.state["global"]["w"].numpy())
+
+
+def test_a_uniform_round_folds_on_arrival_under_the_default_cap():
+    """The default cap (10 × the round's median weight) needs every reply only where the
+    mean weighs them; with the screens off a uniform round spools nothing."""
+    env, clients = clients_with_a_big_one()
+    method = UniformToy(rounds=2)
+    outcome = InProcessRuntime(RuntimeConfig(seed=1, reply_norm_factor=0)).run(
+        method, clients, env)
+    assert method.peak_alive == 0 and method.folded_at_step == [*range(7)] * 2
+    assert all(r.capped == [] for r in outcome.rounds)
 
 
 def test_the_spool_gives_back_each_reply_as_it_was(tmp_path):

@@ -6,7 +6,8 @@ checks), and then:
 
 - folded into the method's `Aggregator` at once, when no check still to come needs the
   other replies (outlier screens off, `reply_norm_factor=0`, and an explicit
-  `max_client_weight`): nothing of the reply is kept but its norms;
+  `max_client_weight` or a uniform mean, where no weight is capped): nothing of the reply
+  is kept but its norms;
 - otherwise written to a spool on disk, keeping only scalars in memory. The round-level
   checks need every reply: the outlier screens compare each reply's norms with the round's
   median norm and its distance to the coordinate-wise median with the median distance, and
@@ -216,9 +217,11 @@ class RoundReplies:
         self.spool: ReplySpool | None = None
         self.fold_seconds = 0.0
         self.noised = False  # central DP's noise has joined the sum
-        #: every check decided reply by reply: fold on arrival, keep nothing
-        self.direct = not settings.factor and settings.max_weight is not None
         self.weighted = method.reply_weighting(message) == "examples"
+        #: every check decided reply by reply: fold on arrival, keep nothing (the default
+        #: cap needs the round's median weight, but only where weights count)
+        self.direct = not settings.factor and (settings.max_weight is not None
+                                               or not self.weighted)
 
     def offer(self, cid: int, content: Any, num_examples: int) -> bool:
         """Check a reply before the server may use it; a bad one is logged and left out."""
