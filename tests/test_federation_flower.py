@@ -19,6 +19,8 @@ import numpy as np
 import psutil
 import pytest
 from flwr.app import Array, Context, Error, Message, RecordDict
+from flwr.common.constant import ErrorCode
+from flwr.server.superlink.linkstate.utils import NODE_UNAVAILABLE_ERROR_REASON
 from flwr.supercore.task_identity import TaskIdentity
 from safetensors.numpy import load_file
 
@@ -41,13 +43,15 @@ class InlineGrid:
     """A Flower Grid whose nodes are ClientApp calls in this process.
 
     `silent` nodes join, then never answer a train message (killed after joining);
+    `offline` nodes' train messages get the error the SuperLink writes for a node that
+    missed its heartbeats;
     `tamper(node, content)` may rewrite a reply (a hostile client); `crash` nodes raise on
     train messages. Exceptions become
     error replies, as Flower sends them.
     """
 
     def __init__(self, run_config, partitions: int, silent=(), tamper=None,
-                 node_config=None, crash=(), delays=None) -> None:
+                 node_config=None, crash=(), delays=None, offline=()) -> None:
         extra = node_config or {}
         self.contexts = {
             100 + p: Context(run_id=1, node_id=100 + p, state=RecordDict(), run_config=run_config,
@@ -56,7 +60,7 @@ class InlineGrid:
             for p in range(partitions)
         }
         self.silent, self.tamper, self.sent = set(silent), tamper, []
-        self.crash, self.received = set(crash), []
+        self.crash, self.received, self.offline = set(crash), [], set(offline)
         self.delays, self.held = dict(delays or {}), []
 
     def get_node_ids(self):
@@ -96,6 +100,11 @@ class InlineGrid:
             if node in self.silent and message.metadata.message_type == "train":
                 continue
             TaskIdentity.node_id = node
+            if node in self.offline and message.metadata.message_type == "train":
+                replies.append(Message(Error(code=ErrorCode.NODE_UNAVAILABLE,
+                                             reason=NODE_UNAVAILABLE_ERROR_REASON),
+                                       reply_to=message))
+                continue
             try:
                 if node in self.crash and message.metadata.message_type == "train":
                     raise RuntimeError("crashed on purpose")
@@ -155,7 +164,17 @@ def test_a_silent_node_is_left_out_and_the_rounds_go_on(tmp_path, flower_identit
     assert len(rounds) == 3
     for r in rounds:
         assert [x["cid"] for x in r["rejected"]] == [1]
-        assert "no reply" in r["rejected"][0]["reason"]
+        assert r["rejected"][0]["reason"].startswith("node lost: no reply")
+
+
+def test_a_node_flower_declares_offline_is_rejected_as_lost_not_as_failed(tmp_path,
+                                                                          flower_identity):
+    """A killed node may be reported by the SuperLink (missed heartbeats) before our timeout:
+    the same verdict, a lost node (was "client failed", which blames client code)."""
+    record, _ = serve_inline(tiny_config(), tmp_path, offline={101}, round_timeout=30.0)
+    for r in record["costs"]["rounds"]:
+        assert [x["cid"] for x in r["rejected"]] == [1]
+        assert r["rejected"][0]["reason"].startswith("node lost: Error: Node Unavailable")
 
 
 def test_a_poisoned_reply_is_rejected_with_its_reason(tmp_path, flower_identity):
@@ -174,7 +193,7 @@ def test_a_failing_client_becomes_an_error_reply_and_is_logged(tmp_path, flower_
     record, _ = serve_inline(tiny_config(), tmp_path, crash={101})
     for r in record["costs"]["rounds"]:
         assert [x["cid"] for x in r["rejected"]] == [1]
-        assert "client failed" in r["rejected"][0]["reason"]
+        assert r["rejected"][0]["reason"].startswith("client failed")
         assert "crashed on purpose" in r["rejected"][0]["reason"]
 
 
@@ -279,7 +298,8 @@ def test_a_supernode_killed_mid_round_does_not_hang_the_server(tmp_path, no_left
     record = read_result(tmp_path / "out")
     rejected = [x for r in record["costs"]["rounds"] for x in r["rejected"]]
     assert rejected and {x["cid"] for x in rejected} == {1}
-    assert all("no reply" in x["reason"] for x in rejected)
+    # our timeout or the SuperLink's missed-heartbeat verdict, whichever comes first
+    assert all(x["reason"].startswith("node lost: ") for x in rejected), rejected
     assert record["metrics"]["num_clients"] == 3
     assert json.loads(json.dumps(record))  # a complete, readable record
 

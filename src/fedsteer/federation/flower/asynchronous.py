@@ -21,7 +21,7 @@ from flwr.app import ConfigRecord, Message, MessageType, MetricRecord
 
 from fedsteer.eval.costs import RoundCost, payload_bytes, peak_rss_bytes
 from fedsteer.federation.asynchronous import AsyncConfig, ready_to_update, reported_wait
-from fedsteer.federation.flower.grid import CLIENT_INFO
+from fedsteer.federation.flower.grid import CLIENT_INFO, error_reply_reason, no_reply_reason
 from fedsteer.federation.payloads import InvalidReply, check_reply
 from fedsteer.federation.runtime import RunOutcome, reject
 from fedsteer.methods import AsyncMethod, Environment, Reply
@@ -103,7 +103,7 @@ class AsyncGridRuntime:
         for out in given_up:
             cost.clients.append(out.cid)
             cost.bytes_down += out.bytes_down
-            reject(cost, out.cid, f"no reply within {self.timeout:g} s")
+            reject(cost, out.cid, no_reply_reason(self.timeout))
 
     # --------------------------------------------------------------- messages
     def _push(self, method, state, cid: int, iteration: int, outstanding) -> None:
@@ -134,7 +134,7 @@ class AsyncGridRuntime:
         cost.bytes_down += out.bytes_down
         reason = None
         if answer.has_error():
-            reason = f"client failed: {answer.error.reason}"
+            reason = error_reply_reason(answer.error)
         elif CLIENT_INFO not in answer.content.metric_records:
             reason = f"reply carries no {CLIENT_INFO!r} record"
         if reason is None:

@@ -10,7 +10,8 @@ import logging
 import time
 from dataclasses import dataclass
 
-from flwr.app import Message, MessageType, RecordDict
+from flwr.app import Error, Message, MessageType, RecordDict
+from flwr.common.constant import ErrorCode
 from flwr.serverapp import Grid
 
 from fedsteer.eval.costs import RoundCost, payload_bytes
@@ -22,6 +23,22 @@ from fedsteer.methods import Method
 log = logging.getLogger(__name__)
 #: the metric record a ClientApp adds to each reply: its compute time, wait and memory
 CLIENT_INFO = "fedsteer.client"
+#: the errors the SuperLink writes itself for a message nobody will answer: its node missed
+#: its heartbeats (killed, cut off) or the message expired. The node is lost; no client code
+#: failed, and the reason says so whichever comes first, Flower's verdict or our timeout.
+LOST_NODE_ERRORS = frozenset({ErrorCode.NODE_UNAVAILABLE, ErrorCode.MESSAGE_UNAVAILABLE,
+                              ErrorCode.REPLY_MESSAGE_UNAVAILABLE})
+
+
+def no_reply_reason(timeout: float) -> str:
+    return f"node lost: no reply within {timeout:g} s"
+
+
+def error_reply_reason(error: Error) -> str:
+    """Why an error reply is rejected: a node Flower declared lost, or a client that failed."""
+    if error.code in LOST_NODE_ERRORS:
+        return f"node lost: {error.reason}"
+    return f"client failed: {error.reason}"
 
 
 class GridRuntime(Runtime):
@@ -72,10 +89,10 @@ class GridRuntime(Runtime):
     def _receive(self, method, message, cid: int, answer: Message | None,
                  cost: RoundCost) -> None:
         if answer is None:
-            self._reject(cost, cid, f"no reply within {self.timeout:g} s")
+            self._reject(cost, cid, no_reply_reason(self.timeout))
             return
         if answer.has_error():
-            self._reject(cost, cid, f"client failed: {answer.error.reason}")
+            self._reject(cost, cid, error_reply_reason(answer.error))
             return
         content = answer.content
         info = content.metric_records.get(CLIENT_INFO)
