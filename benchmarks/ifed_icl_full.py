@@ -203,7 +203,7 @@ def markdown(summary: dict, args) -> str:
         lines.append("")
     if args.recorded:
         lines.append("Summarised from the recorded cells (`--recorded`); each invocation's "
-                     "wall time is in `ifed_icl_full.log`.")
+                     f"wall time is in `{summary_name(args)}.log`.")
     else:
         lines.append(f"Wall time of this invocation: {summary['wall_seconds'] / 60:.1f} min.")
     return "\n".join(lines) + "\n"
@@ -243,8 +243,12 @@ def main() -> None:
             "accuracy": {m: accuracy_row(records[m]) for m in methods(args)},
             "versus": [versus(records, rival) for rival in rivals(args)]}
     summary["wall_seconds"] = time.time() - started
-    name = "ifed_icl_full_pooled" if args.pooled_i2cl else "ifed_icl_full"
-    write_outputs(args.report_dir, name, summary, markdown(summary, args), args)
+    write_outputs(args.report_dir, summary_name(args), summary, markdown(summary, args), args)
+
+
+def summary_name(args) -> str:
+    """The pooled check has its own summary and log, beside the grid's."""
+    return "ifed_icl_full_pooled" if args.pooled_i2cl else "ifed_icl_full"
 
 
 if __name__ == "__main__":
