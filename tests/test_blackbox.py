@@ -22,6 +22,8 @@ from http_server import ServerThread, free_port
 
 WORDS = (" negative", " positive")
 PROMPTS = ["Review: lovely film\nSentiment:", "Review: a mess\nSentiment:"]
+PREFIXES = ["Definition: film words here\n", "Definition: a\n",
+            "Definition: a much longer sampled prompt of many words\n"]
 
 
 def test_local_black_box_scores_like_the_scorer_and_bills_each_query(tiny_lm):
@@ -68,6 +70,12 @@ def test_fedsteer_serve_answers_the_openai_sdk_and_matches_the_local_box(tiny_lm
         assert remote.usage.calls == 2
         assert remote.usage.prompt_tokens == sum(r["prompt_tokens"] for r in logged)
         assert remote.usage.completion_tokens == sum(r["completion_tokens"] for r in logged)
+        # a batch of prefixes is in flight together and comes back request by request
+        requests = [(prefix, PROMPTS[::-1][: i + 1]) for i, prefix in enumerate(PREFIXES)]
+        for got, (prefix, rows) in zip(remote.label_logprobs_many(requests, WORDS), requests,
+                                       strict=True):
+            np.testing.assert_allclose(got, local.label_logprobs(rows, WORDS, prefix=prefix),
+                                       atol=1e-4)
 
 
 def misbehaving_app(mode: str, hits: list) -> FastAPI:
@@ -144,3 +152,33 @@ def test_the_serve_command_runs_and_stops_by_pid():
         os.killpg(process.pid, signal.SIGTERM)
         process.wait(20)
     assert process.returncode is not None
+
+
+def test_different_prefixes_scored_together_equal_each_prefix_alone(tiny_lm):
+    scorer = LabelScorer(tiny_lm, WORDS, batch_size=3)  # batches mix the prefixes' rows
+    queries = [*PROMPTS, "Review: an utterly long and winding plot\nSentiment:"]
+    requests = [(prefix, queries[: i + 1]) for i, prefix in enumerate(PREFIXES)]
+    together = scorer.score_prefixed(requests)
+    for (prefix, rows), scores in zip(requests, together, strict=True):
+        alone = scorer.score(rows, prefix=prefix)
+        assert scores.shape == alone.shape
+        np.testing.assert_allclose(scores.numpy(), alone.numpy(), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("cache", [True, False])
+def test_a_batch_of_prefixes_is_billed_and_cached_as_asking_them_in_turn(tiny_lm, cache):
+    requests = [(PREFIXES[0], PROMPTS), (PREFIXES[1], PROMPTS[:1]), (PREFIXES[0], PROMPTS),
+                (PREFIXES[2], PROMPTS + PROMPTS[:1])]  # a repeated request, a repeated row
+    in_turn = LocalBlackBox(tiny_lm, batch_size=2, cache=cache, batch_prefixes=False)
+    together = LocalBlackBox(tiny_lm, batch_size=2, cache=cache)
+    for box in (in_turn, together):
+        box.label_logprobs(PROMPTS, WORDS, prefix=PREFIXES[1])  # one row cached before
+    expected = [in_turn.label_logprobs(rows, WORDS, prefix=prefix) for prefix, rows in requests]
+    scores = together.label_logprobs_many(requests, WORDS)
+    for a, b in zip(scores, expected, strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
+    assert together.usage.to_dict() == in_turn.usage.to_dict()
+    # cached: the second request's row and the third request's two; the last request's
+    # repeated row is asked twice, as within any one request
+    assert together.usage.cache_hits == (3 if cache else 0)
+    assert together.usage.calls == (2 + 2 + 3 if cache else 2 + 2 + 1 + 2 + 3)

@@ -290,3 +290,35 @@ def test_a_long_client_does_not_pad_the_short_clients_rows(tiny_lm, monkeypatch)
     widths = scorer.grouped(texts).groups.widths
     assert sorted(seen) == sorted([(4, max(widths[:2]), widths[:2]), (2, widths[2], widths[2:])])
     assert all(s.grad is not None for s in scale)
+
+
+@pytest.mark.parametrize("method", ["bdpl", "asyndbt"])
+def test_a_prompt_step_scoring_its_sampled_prompts_together_equals_one_at_a_time(
+        tmp_path, monkeypatch, method):
+    """BDPL's and AsynDBT's I sampled prompts are a batch of different prefixes: scored in
+    shared forwards, the run learns the same prompt and pays the same bill."""
+    import json
+
+    from fedsteer.blackbox import BlackBox, LocalBlackBox
+    from fedsteer.experiment import RunConfig, run_experiment
+
+    options = {"prompt_length": 2, "candidates": 6, "samples": 4, "shots_per_class": 2,
+               "batch_size": 3, "steps_per_round": 2, "lr": 0.05}
+    if method == "asyndbt":  # the simulated clock: the same worker order in both runs
+        options |= {"iterations": 3, "demo_candidates": 2, "active": 1,
+                    "latency": [0.5, 1.0, 2.0]}
+    config = RunConfig(method, "sst2", "tiny-random", clients=3, test_size=6, options=options)
+
+    def run(name: str) -> tuple[dict, dict]:
+        record = run_experiment(config, tmp_path / name, save_dir=tmp_path / name / "saved")
+        prompt = json.loads((tmp_path / name / "saved" / "prompt.json").read_text())
+        return record["metrics"], prompt
+
+    together, prompt_together = run("together")
+    calls = []
+    monkeypatch.setattr(LocalBlackBox, "_query_many", lambda self, requests, words: (
+        calls.append(len(requests)), BlackBox._query_many(self, requests, words))[1])
+    in_turn, prompt_in_turn = run("in-turn")
+    assert max(calls) == 4  # the step's prompts reached the box together, here asked in turn
+    assert together == in_turn  # accuracy, the learned prompt, every call and token billed
+    np.testing.assert_allclose(prompt_together["probs"], prompt_in_turn["probs"], atol=1e-5)

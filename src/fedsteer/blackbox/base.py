@@ -54,32 +54,64 @@ class BlackBox(ABC):
         given, also counts this request's calls and cache hits (one worker's share of a
         black box that several workers use at once).
         """
+        return self.label_logprobs_many([(prefix, prompts)], label_words, meter)[0]
+
+    def label_logprobs_many(self, requests: Sequence[tuple[str, Sequence[str]]],
+                            label_words: Sequence[str], meter: Usage | None = None
+                            ) -> list[np.ndarray]:
+        """`label_logprobs(prompts, label_words, prefix)` for each `(prefix, prompts)`, with
+        the same numbers, bill and cache as asking them in turn, but handed to the backend
+        at once: a policy-gradient step's sampled prompts are a batch of different prefixes,
+        which a local model scores in shared forwards and an API in concurrent requests.
+        """
         words = tuple(label_words)
-        keys = [(prefix + p, words) for p in prompts]
-        missing = [i for i, key in enumerate(keys)
-                   if self._cache is None or key not in self._cache]
-        fresh: dict[tuple, np.ndarray] = {}
+        keys = [[(prefix + p, words) for p in prompts] for prefix, prompts in requests]
+        missing = self._missing(keys)
         self._queued.seconds = 0.0
-        if missing:
-            scores = self._query(prefix, [prompts[i] for i in missing], words)
-            fresh = {keys[i]: row for i, row in zip(missing, scores, strict=True)}
+        asked = [(prefix, [prompts[i] for i in todo])
+                 for (prefix, prompts), todo in zip(requests, missing, strict=True) if todo]
+        answers = iter(self._query_many(asked, words) if asked else [])
+        fresh: dict[tuple, np.ndarray] = {}
+        for request_keys, todo in zip(keys, missing, strict=True):
+            if todo:
+                rows = next(answers)
+                fresh.update({request_keys[i]: row for i, row in zip(todo, rows, strict=True)})
+        total, asked_rows = sum(map(len, keys)), sum(map(len, missing))
         with self._lock:
             self.usage.wait_seconds += self._queued.seconds
             if meter is not None:
                 meter.wait_seconds += self._queued.seconds
+                meter.calls += asked_rows
+                meter.cache_hits += total - asked_rows
             if self._cache is not None:
                 self._cache.update(fresh)
-            self.usage.cache_hits += len(prompts) - len(missing)
-            if meter is not None:
-                meter.calls += len(missing)
-                meter.cache_hits += len(prompts) - len(missing)
-            rows = [fresh[k] if k in fresh else self._cache[k] for k in keys]
-        return np.stack(rows) if rows else np.empty((0, len(words)))
+            self.usage.cache_hits += total - asked_rows
+            return [np.stack([fresh[k] if k in fresh else self._cache[k] for k in request_keys])
+                    if request_keys else np.empty((0, len(words))) for request_keys in keys]
+
+    def _missing(self, keys: list[list[tuple]]) -> list[list[int]]:
+        """Per request, the queries to ask: those neither cached nor asked by an earlier
+        request of the same call (asked in turn, that one would have filled the cache)."""
+        if self._cache is None:
+            return [list(range(len(request))) for request in keys]
+        earlier: set[tuple] = set()
+        missing = []
+        for request in keys:
+            missing.append([i for i, key in enumerate(request)
+                            if key not in self._cache and key not in earlier])
+            earlier.update(request)
+        return missing
 
     @abstractmethod
     def _query(self, prefix: str, prompts: list[str], label_words: tuple[str, ...]
                ) -> list[np.ndarray]:
         """Ask the model; add to `self.usage`; return one `[C]` row per prompt, in order."""
+
+    def _query_many(self, requests: list[tuple[str, list[str]]], label_words: tuple[str, ...]
+                    ) -> list[list[np.ndarray]]:
+        """`_query` for each `(prefix, prompts)`; a backend that can run different prefixes
+        together overrides this."""
+        return [self._query(prefix, prompts, label_words) for prefix, prompts in requests]
 
     def _note_queued(self, seconds: float) -> None:
         """A backend that serialises its users reports how long this query waited its turn."""

@@ -49,11 +49,21 @@ class OpenAIBlackBox(BlackBox):
 
     def _query(self, prefix: str, prompts: list[str], label_words: tuple[str, ...]
                ) -> list[np.ndarray]:
-        batches = [prompts[i : i + self.batch_size] for i in range(0, len(prompts),
-                                                                   self.batch_size)]
+        return self._query_many([(prefix, prompts)], label_words)[0]
+
+    def _query_many(self, requests: list[tuple[str, list[str]]], label_words: tuple[str, ...]
+                    ) -> list[list[np.ndarray]]:
+        """Every request's batches through one pool: the prompts of a policy-gradient step
+        are in flight together, `max_concurrency` requests at a time."""
+        batches = [(r, prefix, prompts[i : i + self.batch_size])
+                   for r, (prefix, prompts) in enumerate(requests)
+                   for i in range(0, len(prompts), self.batch_size)]
         with ThreadPoolExecutor(self.max_concurrency) as pool:
-            results = list(pool.map(lambda b: self._batch(prefix, b, label_words), batches))
-        return [row for rows in results for row in rows]
+            results = list(pool.map(lambda b: self._batch(b[1], b[2], label_words), batches))
+        out: list[list[np.ndarray]] = [[] for _ in requests]
+        for (r, _, _), rows in zip(batches, results, strict=True):
+            out[r].extend(rows)
+        return out
 
     def _batch(self, prefix: str, prompts: list[str], label_words: tuple[str, ...]):
         """One request. Transport errors are retried by the SDK; an answer that does not

@@ -2,8 +2,10 @@
 
 The method sees no weights and no gradients, by construction. Queries sharing a prefix
 reuse its key/value cache (one encoding of a sampled prompt for all the examples scored
-with it); billing counts each query as an API would: one call, its full prompt's tokens,
-one completion token.
+with it); requests with different prefixes (a policy-gradient step's sampled prompts) are
+scored together, each row continuing from its own prefix's cache (`batch_prefixes`, an
+execution choice). Billing counts each query as an API would: one call, its full prompt's
+tokens, one completion token.
 """
 
 from __future__ import annotations
@@ -19,9 +21,11 @@ from fedsteer.models.scoring import LabelScorer
 
 
 class LocalBlackBox(BlackBox):
-    def __init__(self, lm, batch_size: int = 16, cache: bool = True) -> None:
+    def __init__(self, lm, batch_size: int = 16, cache: bool = True,
+                 batch_prefixes: bool = True) -> None:
         super().__init__(cache=cache)
         self.lm, self.name, self.batch_size = lm, f"local:{lm.name}", batch_size
+        self.batch_prefixes = batch_prefixes  # False: one prefix's queries at a time
         self._scorers: dict[tuple[str, ...], LabelScorer] = {}
         # One query at a time: workers in threads share the model and its tokenizer (which
         # is not safe to use concurrently), and the cores are busy anyway.
@@ -42,3 +46,17 @@ class LocalBlackBox(BlackBox):
             tokens = sum(len(self.lm.tokenizer(prefix + p)["input_ids"]) for p in prompts)
         self._bill(calls=len(prompts), prompt_tokens=tokens, completion_tokens=len(prompts))
         return list(scores)
+
+    def _query_many(self, requests: list[tuple[str, list[str]]], label_words: tuple[str, ...]
+                    ) -> list[list[np.ndarray]]:
+        if not self.batch_prefixes or len(requests) == 1:
+            return super()._query_many(requests, label_words)
+        queued = time.perf_counter()
+        with self._model_lock:
+            self._note_queued(time.perf_counter() - queued)
+            scores = self._scorer(label_words).score_prefixed(requests)
+            tokens = sum(len(self.lm.tokenizer(prefix + p)["input_ids"])
+                         for prefix, prompts in requests for p in prompts)
+        calls = sum(len(prompts) for _, prompts in requests)
+        self._bill(calls=calls, prompt_tokens=tokens, completion_tokens=calls)
+        return [list(rows.numpy()) for rows in scores]

@@ -289,13 +289,13 @@ class AsynDBT(AsyncMethod):
             batch = rng.choice(len(train), min(self.batch_size, len(train)), replace=False)
             prompt_samples = sample_prompts(p, self.samples, rng)
             demo_samples = sample_prompts(q, self.samples, rng)
-            step_losses = []
-            for prompt, chosen in zip(prompt_samples, demo_samples, strict=True):
-                demo_text = spec.demo_prefix([demos[s][j] for s, j in enumerate(chosen)])
-                prefix = prompt_prefix([words[j] for j in prompt], demo_text)
-                scores = box.label_logprobs([queries[i] for i in batch], spec.label_words,
-                                            prefix=prefix, meter=meter)
-                step_losses.append(cross_entropy(scores, labels[batch]))
+            rows = [queries[i] for i in batch]
+            prefixes = [prompt_prefix([words[j] for j in prompt], spec.demo_prefix(
+                [demos[s][j] for s, j in enumerate(chosen)]))
+                for prompt, chosen in zip(prompt_samples, demo_samples, strict=True)]
+            scores = box.label_logprobs_many([(prefix, rows) for prefix in prefixes],
+                                             spec.label_words, meter=meter)
+            step_losses = [cross_entropy(each, labels[batch]) for each in scores]
             grad_p = policy_gradient(p, prompt_samples, step_losses)
             grad_q = policy_gradient(q, demo_samples, step_losses)
             cut_q, cut_p = self._cuts(planes, step_losses, grad_q, grad_p, q, p)

@@ -236,10 +236,11 @@ class BDPL(Method):
         for _ in range(self.steps_per_round):
             batch = rng.choice(len(train), min(self.batch_size, len(train)), replace=False)
             samples = sample_prompts(probs, self.samples, rng)
-            step_losses = [cross_entropy(box.label_logprobs(
-                [queries[i] for i in batch], env.task.label_words,
-                prefix=prompt_prefix([words[j] for j in s])),
-                labels[batch]) for s in samples]
+            rows = [queries[i] for i in batch]
+            scores = box.label_logprobs_many(  # the I prompts: one batch of prefixes
+                [(prompt_prefix([words[j] for j in s]), rows) for s in samples],
+                env.task.label_words)
+            step_losses = [cross_entropy(each, labels[batch]) for each in scores]
             probs = optimizer.step(policy_gradient(probs, samples, step_losses))
             losses.append(float(np.mean(step_losses)))
         return probs, float(np.mean(losses)) if losses else float("nan")

@@ -10,7 +10,8 @@ find most likely right after the prompt? This module answers it fast and exactly
 * **Shared-prefix reuse.** In-context demonstrations precede every query unchanged, so their
   key/value cache is computed once and each batch of queries continues from a copy of it.
   Prefix and query are tokenized separately in *both* paths, so reuse changes cost, never
-  the result.
+  the result. Different prefixes (a policy-gradient step's sampled prompts) are encoded in
+  one forward and their queries scored together, each row from its own prefix's cache.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ import functools
 import inspect
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from transformers import DynamicCache
@@ -158,6 +160,36 @@ class LabelScorer:
         return self._by_length(query_ids, score_batch, on_batch)
 
     @torch.no_grad()
+    def score_prefixed(self, requests: Sequence[tuple[str, Sequence[str]]]
+                       ) -> list[torch.Tensor]:
+        """`score(queries, prefix)` for each `(prefix, queries)`, as one batch of different
+        prefixes: the distinct prefixes go through one left-padded forward, then every
+        request's queries are scored together in batches of similar length, each row
+        continuing from its own prefix's cache (the one-prefix-at-a-time numbers, up to
+        float summation order)."""
+        if self.multi_token or any(not prefix for prefix, _ in requests):
+            return [self.score(queries, prefix) for prefix, queries in requests]
+        prefixes = list(dict.fromkeys(prefix for prefix, _ in requests))
+        prefix_ids, prefix_mask = self._left_pad([self._encode(p, first=True) for p in prefixes])
+        cache = DynamicCache()
+        self._forward(prefix_ids, prefix_mask, cache, 0, keep=1)
+        owner = {prefix: i for i, prefix in enumerate(prefixes)}
+        rows = [(owner[prefix], self._encode(q, first=False))
+                for prefix, queries in requests for q in queries]
+
+        def score_batch(batch: list[tuple[int, list[int]]]) -> torch.Tensor:
+            which = torch.tensor([i for i, _ in batch])
+            ids, mask = self._left_pad([q for _, q in batch])
+            rows_cache = copy.deepcopy(cache)
+            rows_cache.batch_select_indices(which)
+            logits = self._forward(ids, mask, rows_cache, 0, keep=1,
+                                   prefix_mask=prefix_mask[which]).logits[:, -1]
+            return logits.float().log_softmax(-1)[:, self.labels.first]
+
+        scores = self._by_length(rows, score_batch, size=lambda row: len(row[1]))
+        return list(scores.split([len(queries) for _, queries in requests]))
+
+    @torch.no_grad()
     def next_token_logprobs(self, queries: Sequence[str]) -> torch.Tensor:
         """Full-vocabulary log-probs `[N, V]` at each answer position, without gradients:
         the numbers `logprobs` gives, batched by length as `score` is (FedPT's proxy)."""
@@ -166,10 +198,11 @@ class LabelScorer:
             return torch.empty(0)
         return self._by_length(ids, self._vocab_batch)
 
-    def _by_length(self, seqs: list[list[int]], run: Callable[[list[list[int]]], torch.Tensor],
-                   on_batch: Callable[[int], None] | None = None) -> torch.Tensor:
-        """`run` over batches of similar length (less padding), rows back in input order."""
-        order = sorted(range(len(seqs)), key=lambda i: len(seqs[i]))
+    def _by_length(self, seqs: list, run: Callable[[list], torch.Tensor],
+                   on_batch: Callable[[int], None] | None = None,
+                   size: Callable[[Any], int] = len) -> torch.Tensor:
+        """`run` over batches of similar `size` (less padding), rows back in input order."""
+        order = sorted(range(len(seqs)), key=lambda i: size(seqs[i]))
         out = []
         for start in range(0, len(order), self.batch_size):
             batch = [seqs[i] for i in order[start : start + self.batch_size]]
@@ -258,9 +291,15 @@ class LabelScorer:
         cache.batch_repeat_interleave(batch)
         return cache
 
-    def _forward(self, ids, mask, cache, prefix_len: int, keep: int):
-        positions = prefix_len + (mask.cumsum(-1) - 1).clamp(min=0)
-        if prefix_len:
-            mask = torch.cat([torch.ones(len(ids), prefix_len, dtype=mask.dtype), mask], dim=1)
+    def _forward(self, ids, mask, cache, prefix_len: int, keep: int,
+                 prefix_mask: torch.Tensor | None = None):
+        """Continue from `cache`: `prefix_len` real tokens in every row, or, when rows hold
+        different (left-padded) prefixes, each row's own `prefix_mask`."""
+        if prefix_mask is None and prefix_len:
+            prefix_mask = torch.ones(len(ids), prefix_len, dtype=mask.dtype)
+        start = prefix_mask.sum(-1, keepdim=True) if prefix_mask is not None else 0
+        positions = start + (mask.cumsum(-1) - 1).clamp(min=0)
+        if prefix_mask is not None:
+            mask = torch.cat([prefix_mask.to(mask.dtype), mask], dim=1)
         return self.lm.model(input_ids=ids, attention_mask=mask, position_ids=positions,
                              **forward_kwargs(self.lm.model, keep, cache))
