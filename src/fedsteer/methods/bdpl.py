@@ -4,7 +4,8 @@ The prompt is M discrete tokens, each drawn from a categorical over N candidates
 the black box's label scores are used (no weights, no gradients). One step:
 
 1. sample I prompts from the categoricals; score a mini-batch with each through the black
-   box; loss_k = cross-entropy of the label scores;
+   box (the I prompts in one request, a batch of different prefixes that the box may run
+   together); loss_k = cross-entropy of the label scores;
 2. the variance-reduced policy gradient over the probabilities,
    g = 1/(I−1) · Σ_k (loss_k − mean loss) · ∇_p log P(prompt_k), where for a categorical
    parametrised by its probabilities ∂ log P / ∂p_{m,j} = +1/p_{m,j} at the sampled j and
