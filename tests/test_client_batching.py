@@ -299,7 +299,6 @@ def test_a_prompt_step_scoring_its_sampled_prompts_together_equals_one_at_a_time
     shared forwards, the run learns the same prompt and pays the same bill."""
     import json
 
-    from fedsteer.blackbox import BlackBox, LocalBlackBox
     from fedsteer.experiment import RunConfig, run_experiment
 
     options = {"prompt_length": 2, "candidates": 6, "samples": 4, "shots_per_class": 2,
@@ -316,8 +315,9 @@ def test_a_prompt_step_scoring_its_sampled_prompts_together_equals_one_at_a_time
 
     together, prompt_together = run("together")
     calls = []
-    monkeypatch.setattr(LocalBlackBox, "_query_many", lambda self, requests, words: (
-        calls.append(len(requests)), BlackBox._query_many(self, requests, words))[1])
+    monkeypatch.setattr(LabelScorer, "score_prefixed", lambda self, requests: (
+        calls.append(len(requests)),
+        [self.score(queries, prefix=prefix) for prefix, queries in requests])[1])
     in_turn, prompt_in_turn = run("in-turn")
     assert max(calls) == 4  # the step's prompts reached the box together, here asked in turn
     assert together == in_turn  # accuracy, the learned prompt, every call and token billed

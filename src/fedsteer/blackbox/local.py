@@ -39,22 +39,19 @@ class LocalBlackBox(BlackBox):
 
     def _query(self, prefix: str, prompts: list[str], label_words: tuple[str, ...]
                ) -> list[np.ndarray]:
-        queued = time.perf_counter()
-        with self._model_lock:
-            self._note_queued(time.perf_counter() - queued)
-            scores = self._scorer(label_words).score(prompts, prefix=prefix).numpy()
-            tokens = sum(len(self.lm.tokenizer(prefix + p)["input_ids"]) for p in prompts)
-        self._bill(calls=len(prompts), prompt_tokens=tokens, completion_tokens=len(prompts))
-        return list(scores)
+        return self._query_many([(prefix, prompts)], label_words)[0]
 
     def _query_many(self, requests: list[tuple[str, list[str]]], label_words: tuple[str, ...]
                     ) -> list[list[np.ndarray]]:
-        if not self.batch_prefixes or len(requests) == 1:
-            return super()._query_many(requests, label_words)
+        """One turn at the model for all the requests: different prefixes scored together
+        (`batch_prefixes`), or one prefix's queries at a time from its cache."""
         queued = time.perf_counter()
         with self._model_lock:
             self._note_queued(time.perf_counter() - queued)
-            scores = self._scorer(label_words).score_prefixed(requests)
+            scorer = self._scorer(label_words)
+            scores = (scorer.score_prefixed(requests)
+                      if self.batch_prefixes and len(requests) > 1
+                      else [scorer.score(prompts, prefix=prefix) for prefix, prompts in requests])
             tokens = sum(len(self.lm.tokenizer(prefix + p)["input_ids"])
                          for prefix, prompts in requests for p in prompts)
         calls = sum(len(prompts) for _, prompts in requests)
