@@ -80,6 +80,18 @@ def test_only_the_two_newest_rounds_are_kept(tmp_path):
     assert not list(tmp_path.glob(".*partial"))
 
 
+def test_past_round_9999_the_newest_rounds_are_kept_and_resumed(tmp_path):
+    """`round-10000` sorts before `round-9999` as text: pruning deleted the newest round."""
+
+    def write(folder):
+        (folder / "marker.txt").write_text(folder.name)
+
+    for done in (9998, 9999, 10000):
+        ckpt.commit_round(tmp_path, done, write)
+    assert [p.name for p in ckpt.round_dirs(tmp_path)] == ["round-9999", "round-10000"]
+    assert ckpt.latest_round(tmp_path).name == "round-10000"
+
+
 @pytest.mark.parametrize("victim", ["server.safetensors", "progress.json",
                                     "clients/client2.safetensors"])
 def test_a_truncated_file_is_named_with_what_to_do(tmp_path, victim):

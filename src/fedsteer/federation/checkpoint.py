@@ -82,9 +82,18 @@ def load_recorddict(path: Path) -> RecordDict:
 # ------------------------------------------------------------------ round checkpoints
 
 
+def round_number(folder: Path) -> int | None:
+    """The round count a `round-NNNN` folder's name carries, or None for any other name."""
+    digits = folder.name.removeprefix(ROUND_PREFIX)
+    return int(digits) if folder.name.startswith(ROUND_PREFIX) and digits.isdigit() else None
+
+
 def round_dirs(root: Path) -> list[Path]:
-    """Committed round folders, oldest first."""
-    return sorted(p for p in root.glob(f"{ROUND_PREFIX}[0-9]*") if p.is_dir())
+    """Committed round folders, oldest first: by their number, since `{:04d}` grows a digit
+    past round 9,999 and "round-10000" sorts before "round-9999" as text."""
+    folders = [p for p in root.glob(f"{ROUND_PREFIX}[0-9]*")
+               if p.is_dir() and round_number(p) is not None]
+    return sorted(folders, key=round_number)
 
 
 def commit_round(root: Path, done: int, write: Callable[[Path], None]) -> Path:
