@@ -95,13 +95,67 @@ def test_a_bad_aggregate_keeps_the_previous_state_and_is_logged():
         {"cid": "aggregate", "reason": "record 'global' holds NaN or Inf"}]
 
 
-def test_no_client_weighs_more_than_ten_times_the_median():
-    env, clients = make_clients(5)
-    clients[4] = Client(cid=4, data=[Example("x", 0)] * 100_000, env=env)  # claims 100k rows
+def _equal_clients(n: int, rows: int = 3, big: int | None = None):
+    """`n` clients of `rows` rows each; the last one holds (claims) `big` rows."""
+    env, _ = make_clients(1)
+    sizes = [rows] * (n - 1) + [big or rows]
+    return env, [Client(cid=i, data=[Example("x", 0)] * k, env=env) for i, k in enumerate(sizes)]
+
+
+@pytest.mark.parametrize("n", [2, 5, 10])
+def test_no_client_outweighs_the_rest(n):
+    """The old cap, 10 × the median, let one of ≤ 10 equal clients hold over half the
+    weight (10 of 19 with ten): now it weighs at most all the others together."""
+    env, clients = _equal_clients(n, big=100_000)
     outcome = InProcessRuntime().run(ToyAverage(rounds=1), clients, env)
     (capped,) = outcome.rounds[0].capped
-    sizes = sorted(len(c.data) for c in clients)
-    assert capped == {"cid": 4, "claimed": 100_000, "weight": 10 * sizes[(5 - 1) // 2]}
+    assert capped == {"cid": n - 1, "claimed": 100_000, "weight": 3 * (n - 1)}
+
+
+def test_among_many_no_client_weighs_more_than_ten_times_the_median():
+    env, clients = _equal_clients(30, big=100_000)
+    outcome = InProcessRuntime().run(ToyAverage(rounds=1), clients, env)
+    assert outcome.rounds[0].capped == [{"cid": 29, "claimed": 100_000, "weight": 30}]
+
+
+def test_an_explicit_cap_is_the_cap():
+    env, clients = _equal_clients(2, big=100_000)
+    outcome = InProcessRuntime(RuntimeConfig(max_client_weight=50)).run(
+        ToyAverage(rounds=1), clients, env)
+    assert outcome.rounds[0].capped == [{"cid": 1, "claimed": 100_000, "weight": 50}]
+
+
+class SelfReported(InProcessRuntime):
+    """Clients report their own example counts, as on Flower; `claims` are the lies."""
+
+    def __init__(self, claims: dict, config: RuntimeConfig | None = None) -> None:
+        super().__init__(config)
+        self.claims = claims
+
+    def _accept(self, method, message, cid, content, num_examples, cost):
+        claimed = self.claims.get(cid, num_examples)
+        return super()._accept(method, message, cid, content, claimed, cost)
+
+
+def _honest_total(n=10, without=3):
+    _, clients = make_clients(n)
+    return sum(len(c.data) for c in clients if c.cid != without)
+
+
+@pytest.mark.parametrize("claim", [0, -1, -_honest_total(), 0.5, 2.5, float("nan"),
+                                   float("inf"), -float("inf"), True, "7", None, 2**60])
+@pytest.mark.parametrize("screens", [True, False])
+def test_a_weight_below_one_or_not_a_count_is_a_rejected_reply(claim, screens):
+    """A cap bounds a weight from above only: -1 shifted the mean by the honest total times
+    its update, minus the total made it NaN and lost the round; a string failed the run."""
+    env, clients = make_clients(10)
+    config = RuntimeConfig() if screens else RuntimeConfig(reply_norm_factor=0,
+                                                           max_client_weight=100)
+    outcome = SelfReported({3: claim}, config).run(Unbounded(), clients, env)
+    for cost in outcome.rounds:
+        assert [x["cid"] for x in cost.rejected] == [3], cost.rejected
+        assert "num-examples" in cost.rejected[0]["reason"]
+    np.testing.assert_allclose(final_w(outcome), _honest(), rtol=1e-6)
 
 
 class UniformAverage(ToyAverage):

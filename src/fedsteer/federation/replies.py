@@ -11,7 +11,8 @@ checks), and then:
 - otherwise written to a spool on disk, keeping only scalars in memory. The round-level
   checks need every reply: the outlier screens compare each reply's norms with the round's
   median norm and its distance to the coordinate-wise median with the median distance, and
-  the default weight cap is 10 × the median weight. At `close` they run on those scalars
+  the default weight cap needs the round's median and total weight. At `close` they run on
+  those scalars
   and on the spooled arrays, read a block of coordinates at a time, and the replies that
   pass are read back one by one, in client order, into the aggregator.
 
@@ -27,7 +28,7 @@ import math
 import shutil
 import tempfile
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -36,7 +37,7 @@ import numpy as np
 from flwr.app import Array, ArrayRecord, RecordDict
 
 from fedsteer.eval.costs import RoundCost, payload_bytes
-from fedsteer.federation.payloads import InvalidReply, check_reply
+from fedsteer.federation.payloads import InvalidReply, check_reply, example_count
 from fedsteer.federation.privacy import CentralDP, global_array, update_norms
 from fedsteer.methods.base import Aggregator, Method, Reply, seeded_rng
 
@@ -44,6 +45,8 @@ log = logging.getLogger(__name__)
 
 #: values of one block of the distance screen (all replies × a slice of coordinates)
 BLOCK_VALUES = 1 << 23  # 64 MB of float64
+#: the default weight cap's first part: this many times the round's lower median weight
+MEDIAN_WEIGHT_FACTOR = 10
 
 
 def lower_median(values: Sequence[float]) -> float:
@@ -67,6 +70,16 @@ def reject(cost: RoundCost, cid: int, reason: str) -> None:
     """Leave a reply out of the round: logged, and recorded with its reason in the costs."""
     log.warning("round %d: rejected client %d: %s", cost.round, cid, reason)
     cost.rejected.append({"cid": cid, "reason": reason})
+
+
+def checked(check: Callable[[RecordDict], str | None], content: RecordDict) -> str | None:
+    """A method's (or aggregator's) own check of a reply; one that fails on a reply it did
+    not foresee (a record missing, a string where it reads a number) rejects that reply,
+    not the run."""
+    try:
+        return check(content)
+    except Exception as error:  # noqa: BLE001 - a malformed reply is rejected, not fatal
+        return f"reply check failed: {error!r}"
 
 
 @dataclass
@@ -179,7 +192,8 @@ def screen_outliers(kept: list[Kept], factor: float, cost: RoundCost,
     """Drop replies with a record that is `factor` times larger than the round's typical one
     (its norm against the lower median norm) or `factor` times farther from the others (its
     distance to the coordinate-wise median against the lower median distance): a huge reply,
-    and one of honest size pointing elsewhere (a sign flip), cannot outweigh the rest."""
+    and one of honest size pointing elsewhere (a sign flip), are left out (how much weight a
+    reply that passes may carry: `cap_weights`)."""
     if not factor or len(kept) < 2:
         return kept
     kept = keep_within(kept, [k.norms for k in kept], factor, cost, "norm")
@@ -189,12 +203,29 @@ def screen_outliers(kept: list[Kept], factor: float, cost: RoundCost,
                        "distance to the median")
 
 
+def default_weight_limits(weights: Sequence[int]) -> list[int]:
+    """Each reply's weight limit when no cap is given: 10 × the round's lower median weight,
+    and no more than all the other replies together (as so capped). A claim moves neither
+    its own limit nor the median (while a majority is honest), so one party cannot outweigh
+    the rest: it holds at most half the total weight, and among many at most 10 × the
+    median (10/109 of a round with 99 equal others). Only the largest reply can exceed
+    half, so it alone is cut to the rest. One reply alone is the mean, whatever it weighs."""
+    if len(weights) < 2:
+        return list(weights)
+    median_cap = MEDIAN_WEIGHT_FACTOR * lower_median(weights)
+    median_capped = [min(w, median_cap) for w in weights]
+    total = sum(median_capped)
+    return [min(w, total - w) for w in median_capped]
+
+
 def cap_weights(kept: list[Kept], cap: float | None, cost: RoundCost) -> list[Kept]:
-    """No reply weighs more than `cap` examples (default 10 × the lower median weight)."""
+    """No reply weighs more than `cap` examples, or by default than `default_weight_limits`
+    (10 × the round's lower median weight, and than all the other replies together)."""
     if not kept:
         return kept
-    limit = cap if cap is not None else 10 * lower_median([k.num_examples for k in kept])
-    for entry in kept:
+    limits = ([cap] * len(kept) if cap is not None
+              else default_weight_limits([k.num_examples for k in kept]))
+    for entry, limit in zip(kept, limits, strict=True):
         if entry.num_examples > limit:
             log.warning("round %d: client %s claims %d examples; weighed as %d",
                         cost.round, entry.cid, entry.num_examples, int(limit))
@@ -219,20 +250,25 @@ class RoundReplies:
         self.noised = False  # central DP's noise has joined the sum
         self.weighted = method.reply_weighting(message) == "examples"
         #: every check decided reply by reply: fold on arrival, keep nothing (the default
-        #: cap needs the round's median weight, but only where weights count)
+        #: cap needs the round's median and total weight, but only where weights count)
         self.direct = not settings.factor and (settings.max_weight is not None
                                                or not self.weighted)
 
     def offer(self, cid: int, content: Any, num_examples: int) -> bool:
         """Check a reply before the server may use it; a bad one is logged and left out."""
         try:
+            num_examples = example_count(num_examples)  # its weight, as the client claims
             check_reply(content, self.method.reply_shapes(self.message), self.checks.max_norm)
         except InvalidReply as error:
             reject(self.cost, cid, str(error))
             return False
-        problem = self.method.reply_problem(content)
+        problem = (checked(self.method.reply_problem, content)
+                   or checked(self.aggregator.reply_problem, content))
+        if problem:
+            reject(self.cost, cid, problem)
+            return False
         norms = update_norms(content, self.message)  # the clip check's and the record's
-        if problem is None and self.checks.central_dp is not None:
+        if self.checks.central_dp is not None:
             problem = self.checks.central_dp.unclipped(norms)
         if problem:
             reject(self.cost, cid, problem)
@@ -340,7 +376,9 @@ class ReplyChecks:
 
     max_norm: float | None  # absolute bound on a reply's norm (the run's, else the method's)
     factor: float  # outlier screens: k × the round's median; 0: off
-    max_weight: float | None  # cap on a reply's weight; None: 10 × the round's median
+    #: cap on a reply's weight; None: `default_weight_limits` (10 × the round's median,
+    #: and no more than the other replies together)
+    max_weight: float | None
     spool_root: Path | None = None  # where spooled replies wait (None: the system's temp)
     #: central DP: every reply weighs 1 and the round's noise joins the first reply folded
     central_dp: CentralDP | None = None

@@ -63,11 +63,14 @@ class RuntimeConfig:
     seed: int = 0
     max_rounds: int = 10_000  # a guard against a method that never finishes
     max_reply_norm: float | None = None  # absolute bound; overrides the method's own when set
-    #: reject a reply any of whose array records has a norm above k × that record's (lower)
-    #: median over the round's replies: one party cannot outweigh the rest. 0: off.
+    #: reject a reply any of whose array records has a norm (or distance to the round's
+    #: coordinate-wise median) above k × that record's (lower) median over the round's
+    #: replies: a huge or sign-flipped reply is left out. 0: off.
     reply_norm_factor: float = 10.0
-    #: cap on one reply's aggregation weight (its example count, self-reported on Flower);
-    #: None: 10 × the round's (lower) median weight. What a server can verify stops here.
+    #: cap on one reply's aggregation weight (its example count, self-reported on Flower; a
+    #: count below 1 is a rejected reply); None: 10 × the round's (lower) median weight and
+    #: never more than all the other replies together, so one party cannot outweigh the
+    #: rest. An explicit cap replaces that rule (and lets replies fold on arrival).
     max_client_weight: float | None = None
     dp: ClientDP | None = None  # client-level DP on every reply (see privacy.py)
     #: central DP: `dp` is then its client side (clip only) and the server adds the noise

@@ -11,6 +11,7 @@ record until the round's end, and say so (`holds_replies`).
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Sequence
 
 import numpy as np
@@ -148,6 +149,19 @@ class RecordsAggregator(Aggregator):
         self.state, self.combiners, self.finish = state, list(combiners), finish
         self.losses: list[float] | None = [] if losses else None
         self.holds_replies = any(c.holds_replies for c in self.combiners)
+
+    def reply_problem(self, content: RecordDict) -> str | None:
+        """Each combined record must be an array record; a reply's metrics, when the round
+        averages the clients' loss, must hold one finite `loss`."""
+        for combiner in self.combiners:
+            if combiner.record not in content.array_records:
+                return f"no array record {combiner.record!r}"
+        if self.losses is not None and "metrics" in content:
+            metrics = content.metric_records.get("metrics")
+            loss = metrics.get("loss") if metrics is not None else None
+            if not isinstance(loss, int | float) or not math.isfinite(loss):
+                return f"its metrics hold no finite 'loss' (found {loss!r})"
+        return None
 
     def add(self, reply: Reply) -> None:
         for combiner in self.combiners:

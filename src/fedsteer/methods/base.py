@@ -148,6 +148,12 @@ class Aggregator(ABC):
     #: True when `add` keeps the replies (memory grows with the clients)
     holds_replies: ClassVar[bool] = False
 
+    def reply_problem(self, content: RecordDict) -> str | None:
+        """What in a reply this aggregator could not fold (a record it reads missing or of
+        the wrong kind), or None. A runtime asks on arrival, so such a reply is rejected
+        instead of failing the round when it is folded in."""
+        return None
+
     @abstractmethod
     def add(self, reply: Reply) -> None:
         """Take one reply into the round's aggregate."""

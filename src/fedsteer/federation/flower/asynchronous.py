@@ -21,7 +21,7 @@ from flwr.app import ConfigRecord, Message, MessageType, MetricRecord
 
 from fedsteer.eval.costs import RoundCost, payload_bytes, peak_rss_bytes
 from fedsteer.federation.asynchronous import AsyncConfig, ready_to_update, reported_wait
-from fedsteer.federation.flower.grid import CLIENT_INFO, error_reply_reason, no_reply_reason
+from fedsteer.federation.flower.grid import ClientInfo, error_reply_reason, no_reply_reason
 from fedsteer.federation.payloads import InvalidReply, check_reply
 from fedsteer.federation.runtime import RunOutcome, reject
 from fedsteer.methods import AsyncMethod, Environment, Reply
@@ -135,15 +135,12 @@ class AsyncGridRuntime:
         reason = None
         if answer.has_error():
             reason = error_reply_reason(answer.error)
-        elif CLIENT_INFO not in answer.content.metric_records:
-            reason = f"reply carries no {CLIENT_INFO!r} record"
-        if reason is None:
+        else:
             content = answer.content
-            info = content[CLIENT_INFO]
-            del content[CLIENT_INFO]
-            cost.client_seconds += float(info["seconds"])
-            cost.peak_rss_bytes = max(cost.peak_rss_bytes, int(info["peak-rss-bytes"]))
             try:
+                info = ClientInfo.pop(content)  # checked: a count below 1 is refused too
+                cost.client_seconds += info.seconds
+                cost.peak_rss_bytes = max(cost.peak_rss_bytes, info.peak_rss_bytes)
                 check_reply(content)
             except InvalidReply as error:
                 reason = str(error)
@@ -153,7 +150,7 @@ class AsyncGridRuntime:
             reject(cost, out.cid, reason)
             return None
         cost.bytes_up += payload_bytes(content)
-        return Reply(cid=out.cid, content=content, num_examples=int(info["num-examples"]))
+        return Reply(cid=out.cid, content=content, num_examples=info.num_examples)
 
     def _evaluate_on_nodes(self, method, state, cids: list[int]) -> None:
         """Each worker scores the result with what only it holds; the metrics come back."""

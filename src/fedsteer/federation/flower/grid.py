@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import copy
 import logging
+import math
 import time
 from dataclasses import dataclass
 
@@ -16,7 +17,7 @@ from flwr.serverapp import Grid
 
 from fedsteer.eval.costs import RoundCost, payload_bytes
 from fedsteer.federation.flower.secagg import secure_round
-from fedsteer.federation.payloads import InvalidReply, check_reply
+from fedsteer.federation.payloads import InvalidReply, check_reply, example_count
 from fedsteer.federation.runtime import Runtime, RuntimeConfig
 from fedsteer.methods import Method
 
@@ -28,6 +29,36 @@ CLIENT_INFO = "fedsteer.client"
 #: failed, and the reason says so whichever comes first, Flower's verdict or our timeout.
 LOST_NODE_ERRORS = frozenset({ErrorCode.NODE_UNAVAILABLE, ErrorCode.MESSAGE_UNAVAILABLE,
                               ErrorCode.REPLY_MESSAGE_UNAVAILABLE})
+
+
+@dataclass
+class ClientInfo:
+    """What a ClientApp reports beside its reply (the `CLIENT_INFO` record). The party
+    reports it itself, so it is checked like the reply: a missing or absurd value (a count
+    below 1, a negative time) is a rejected reply, never a crash of the server."""
+
+    num_examples: int  # its weight in the round's mean
+    seconds: float
+    peak_rss_bytes: int
+    threads: int | None
+
+    @classmethod
+    def pop(cls, content: RecordDict) -> ClientInfo:
+        """Take the record out of `content` and check it; `InvalidReply` says what is wrong."""
+        info = content.metric_records.get(CLIENT_INFO)
+        if info is None:
+            raise InvalidReply(f"reply carries no {CLIENT_INFO!r} record")
+        del content[CLIENT_INFO]
+        missing = sorted({"num-examples", "seconds", "peak-rss-bytes"} - set(info))
+        if missing:
+            raise InvalidReply(f"{CLIENT_INFO!r} lacks {', '.join(missing)}")
+        seconds, rss, threads = info["seconds"], info["peak-rss-bytes"], info.get("threads")
+        if not (isinstance(seconds, int | float) and 0 <= seconds < math.inf):
+            raise InvalidReply(f"{CLIENT_INFO!r} seconds {seconds!r} is not a time")
+        if not all(isinstance(v, int) and v >= 0 for v in (rss, threads or 0)):
+            raise InvalidReply(f"{CLIENT_INFO!r} peak-rss-bytes {rss!r} or threads "
+                               f"{threads!r} is not a count")
+        return cls(example_count(info["num-examples"]), float(seconds), rss, threads)
 
 
 def no_reply_reason(timeout: float) -> str:
@@ -95,16 +126,16 @@ class GridRuntime(Runtime):
             self._reject(cost, cid, error_reply_reason(answer.error))
             return
         content = answer.content
-        info = content.metric_records.get(CLIENT_INFO)
-        if info is None:
-            self._reject(cost, cid, f"reply carries no {CLIENT_INFO!r} record")
+        try:
+            info = ClientInfo.pop(content)
+        except InvalidReply as error:
+            self._reject(cost, cid, str(error))
             return
-        del content[CLIENT_INFO]
-        cost.client_seconds += float(info["seconds"])
-        cost.peak_rss_bytes = max(cost.peak_rss_bytes, int(info["peak-rss-bytes"]))
-        if "threads" in info:
-            cost.client_threads[cid] = int(info["threads"])
-        self._accept(method, message, cid, content, int(info["num-examples"]), cost)
+        cost.client_seconds += info.seconds
+        cost.peak_rss_bytes = max(cost.peak_rss_bytes, info.peak_rss_bytes)
+        if info.threads is not None:
+            cost.client_threads[cid] = info.threads
+        self._accept(method, message, cid, content, info.num_examples, cost)
 
     def _collect_secure(self, method: Method, message: RecordDict, sampled: list[int],
                         cost: RoundCost) -> None:
