@@ -1,0 +1,147 @@
+"""The documentation site keeps its two promises: every measured number on it is rendered from
+a record (benchmarks/render_docs.py), and every shell block marked runnable runs.
+
+Also: `mkdocs build --strict` passes (no broken link, missing page or snippet).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+DOCS = ROOT / "docs"
+GENERATED = DOCS / "generated"
+
+
+def _render_docs():
+    spec = importlib.util.spec_from_file_location("render_docs",
+                                                  ROOT / "benchmarks" / "render_docs.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _pages() -> list[Path]:
+    """The hand-written pages (and the README draft): everything but the generated files."""
+    return [p for p in sorted(DOCS.rglob("*.md")) if GENERATED not in p.parents]
+
+
+# --- numbers from records -------------------------------------------------------------------
+
+def test_generated_pages_match_their_records():
+    render = _render_docs()
+    assert render.stale(render.render_all()) == [], (
+        "docs/generated is out of date: run python benchmarks/render_docs.py")
+
+
+def test_a_number_edited_by_hand_in_a_generated_page_is_caught(tmp_path):
+    render = _render_docs()
+    pages = render.render_all()
+    copy = tmp_path / "generated"
+    shutil.copytree(GENERATED, copy)
+    headline = copy / "headline.md"
+    text = headline.read_text()
+    first_number = re.search(r"\d+\.\d", text)
+    assert first_number, "the headline table has numbers"
+    digit = text[first_number.end() - 1]
+    edited = (text[:first_number.end() - 1] + str((int(digit) + 1) % 10)
+              + text[first_number.end():])
+    headline.write_text(edited)
+    assert render.stale(pages, copy) == ["headline.md"]
+
+
+#: what a measured number looks like in prose; settings ("10 clients", "α = 0.5") are fine
+MEASURED = {
+    "an interval": re.compile(r"\[\s*\d+(\.\d+)?\s*,\s*\d+(\.\d+)?\s*\]"),
+    "a p-value": re.compile(r"\bp\s*[=<≈]\s*(?!0\.05\b)\d"),  # p < 0.05 is the bar
+    "a percentage": re.compile(r"\b(?!95\s?%)\d+(\.\d+)?\s?%"),  # 95 %: the interval's level
+    "bytes": re.compile(r"\b\d+(\.\d+)?\s?(KB|MB|GB|TB|GiB|MiB)\b|\b\d+\s+B\b"),  # not 0.5B
+    "a time": re.compile(r"\b\d+(\.\d+)?\s?(s|ms|min|h)\b(?!-)"),
+    "a ratio": re.compile(r"\b\d+\.\d+\s?×"),
+}
+
+
+def measured_numbers(markdown: str) -> list[str]:
+    """Measured-looking numbers in a page's prose: outside code blocks, inline code, HTML
+    comments and the snippet lines that include generated files."""
+    prose = re.sub(r"^(```|~~~).*?^\1", "", markdown, flags=re.S | re.M)
+    prose = re.sub(r"`[^`\n]*`", "", prose)
+    prose = re.sub(r"<!--.*?-->", "", prose, flags=re.S)
+    found = []
+    for line in prose.splitlines():
+        if line.lstrip().startswith("--8<--"):
+            continue
+        for what, pattern in MEASURED.items():
+            found += [f"{what}: {m.group(0)!r} in {line.strip()[:80]!r}"
+                      for m in pattern.finditer(line)]
+    return found
+
+
+def test_the_number_check_sees_what_the_readme_used_to_type():
+    typed = ("subj's IFed-ICL 79.6 [75.8, 82.9], −8.2 (p = 0.00028), 3.5 MB a run, "
+             "5.9 min for the grid, 2.22× in-process")
+    kinds = {hit.split(":")[0] for hit in measured_numbers(typed)}
+    assert kinds == {"an interval", "a p-value", "bytes", "a time", "a ratio"}
+    assert measured_numbers("10 clients, α = 0.5, 95 % intervals, `--test-size 300`") == []
+
+
+@pytest.mark.parametrize("page", _pages(), ids=lambda p: str(p.relative_to(DOCS)))
+def test_pages_type_no_measured_number_by_hand(page):
+    assert measured_numbers(page.read_text()) == [], (
+        f"{page.relative_to(ROOT)} types a measured number: render it from its record "
+        "(benchmarks/render_docs.py) and include the generated file")
+
+
+# --- commands that run ----------------------------------------------------------------------
+
+RUNNABLE = re.compile(r"^<!-- runnable(?P<slow>: slow)? -->\n```bash\n(?P<body>.*?)^```",
+                      re.S | re.M)
+
+
+def runnable_blocks() -> list:
+    blocks = []
+    for page in _pages():
+        text = page.read_text()
+        for match in RUNNABLE.finditer(text):
+            line = text[:match.start()].count("\n") + 1
+            marks = [pytest.mark.slow] if match.group("slow") else []
+            blocks.append(pytest.param(match.group("body"), marks=marks,
+                                       id=f"{page.relative_to(DOCS)}:{line}"))
+    return blocks
+
+
+def test_the_docs_have_runnable_blocks():
+    assert len(runnable_blocks()) >= 5
+
+
+@pytest.mark.parametrize("body", runnable_blocks())
+def test_runnable_block_runs(body, tmp_path):
+    """Each block as a user would paste it: bash -e in an empty folder, fedsteer on the PATH."""
+    env = {**os.environ, "HF_HUB_OFFLINE": "1",
+           "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
+    done = subprocess.run(["bash", "-e", "-o", "pipefail", "-c", body], cwd=tmp_path, env=env,
+                          capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0, f"exit {done.returncode}\n{done.stdout[-3000:]}\n" \
+                                 f"{done.stderr[-3000:]}"
+
+
+# --- the site builds --------------------------------------------------------------------------
+
+def test_mkdocs_builds_strict(tmp_path):
+    pytest.importorskip("mkdocs")
+    pytest.importorskip("material")
+    pytest.importorskip("mkdocstrings")
+    done = subprocess.run([sys.executable, "-m", "mkdocs", "build", "--strict", "--site-dir",
+                           str(tmp_path / "site")], cwd=ROOT, capture_output=True, text=True,
+                          env={**os.environ, "NO_MKDOCS_2_WARNING": "1"}, timeout=300)
+    assert done.returncode == 0, done.stderr[-4000:]
+    assert (tmp_path / "site" / "results" / "index.html").is_file()
+    assert not (tmp_path / "site" / "_readme_draft" / "index.html").exists()
