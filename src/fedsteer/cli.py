@@ -46,6 +46,7 @@ from fedsteer.federation import CheckpointMismatch
 from fedsteer.federation.checkpoint import CheckpointError
 from fedsteer.federation.runtime import DEFAULT_CLIENT_BATCH_ROWS
 from fedsteer.files import atomic_write_json
+from fedsteer.flower.commands import coordinator, federation_app, party
 from fedsteer.methods import METHODS, OptionTypeError, check_options, describe_options
 from fedsteer.methods.base import AsyncMethod
 from fedsteer.models import (
@@ -227,6 +228,9 @@ def run(
     runtime: Annotated[str, typer.Option(
         help="inprocess; flower (Flower's simulation); flower-deployment (a SuperLink and "
              "one SuperNode per client on 127.0.0.1)")] = "inprocess",
+    federation: Annotated[Path | None, typer.Option(
+        help="a `federation init` folder: submit to its coordinator over TLS (the record and "
+             "artifacts come back here)")] = None,
     verbose: bool = False,
 ) -> None:
     """Run methods on one task with one model load; print a comparison table."""
@@ -234,6 +238,7 @@ def run(
     if runtime not in RUNTIMES:
         raise typer.BadParameter(f"unknown {runtime!r}; use one of {', '.join(RUNTIMES)}",
                                  param_hint="--runtime")
+    runtime = "flower-federation" if federation is not None else runtime
     if secagg and runtime == "inprocess":
         raise typer.BadParameter("--secagg needs --runtime flower or flower-deployment: "
                                  "in one process there is no one to hide from")
@@ -269,7 +274,8 @@ def run(
         if runtime == "inprocess":
             records = _run_all(configs, out, resume=resume is not None, save=save)
         else:
-            records = _run_all_on_flower(configs, out, runtime == "flower-deployment", save)
+            records = _run_all_on_flower(configs, out, runtime == "flower-deployment", save,
+                                         federation)
     _show(records, out, title=f"{configs[0].task} · {configs[0].model}")
 
 
@@ -386,7 +392,7 @@ def _run_all(configs: list[RunConfig], out: Path, resume: bool, save: Path | Non
 
 
 def _run_all_on_flower(configs: list[RunConfig], out: Path, deployment: bool,
-                       save: Path | None) -> list[dict]:
+                       save: Path | None, federation: Path | None = None) -> list[dict]:
     """Each method in its own Flower run; the apps write the same result.json as in-process."""
     from fedsteer.flower.launch import FlowerRunFailed, run_on_flower
 
@@ -394,11 +400,12 @@ def _run_all_on_flower(configs: list[RunConfig], out: Path, deployment: bool,
     with _progress() as progress:
         for config in configs:
             method_dir = _method_dir(out, config, many)
-            where = "a localhost deployment" if deployment else "Flower's simulation"
+            where = ("a localhost deployment" if deployment else "Flower's simulation"
+                     if federation is None else f"the federation {federation}")
             task = progress.add_task(f"{config.method} on {where}", total=None)
             try:
                 records.append(run_on_flower(
-                    config, method_dir, deployment=deployment,
+                    config, method_dir, deployment=deployment, federation=federation,
                     save_dir=None if save is None else _method_dir(save, config, many),
                     on_wait=lambda t=task: progress.advance(t),
                 ))
@@ -672,6 +679,11 @@ def show(run_dir: Path) -> None:
     with _user_errors():
         records = [read_result(p) for p in paths]
     console.print(comparison_table(records))
+
+
+app.add_typer(federation_app, name="federation")  # a real federation: fedsteer.flower.commands
+app.command()(coordinator)
+app.command()(party)
 
 
 if __name__ == "__main__":

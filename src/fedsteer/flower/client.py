@@ -15,7 +15,7 @@ from flwr.clientapp import ClientApp
 from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS
 from flwr.compat.common.recorddict_compat import fitres_to_recorddict
 
-from fedsteer.data import Task
+from fedsteer.data import Task, load_task
 from fedsteer.data.loading import load_examples
 from fedsteer.eval.costs import peak_rss_bytes
 from fedsteer.experiment import build_clients, client_dp, evaluation_rows
@@ -32,13 +32,15 @@ from fedsteer.federation.threads import apply_threads, client_processes
 from fedsteer.flower.config import FlowerRun, from_run_config, load_run_task
 from fedsteer.methods import Client, Environment, Method, make_method
 
-#: The record a ClientApp adds to each reply: its example count, compute time and memory.
+#: node-config key: this party's own copy of the task (a built-in name or a spec file)
+NODE_TASK = "task"
 
 
 def identify(message: Message, context: Context) -> Message:
     """Tell the server which partition this node holds, and how many examples."""
     run = from_run_config(dict(context.run_config))
-    client = _host(run).client(_partition_id(context), context.node_config.get("data-file"))
+    host = _host(run, context)
+    client = host.client(_partition_id(context), context.node_config.get("data-file"))
     identity = ConfigRecord({"partition-id": client.cid, "num-examples": len(client.data)})
     return Message(content=RecordDict({"identity": identity}), reply_to=message)
 
@@ -48,16 +50,14 @@ def step(message: Message, context: Context) -> Message:
     started = time.perf_counter()
     run = from_run_config(dict(context.run_config))
     threads = _budget_threads(run, context)
-    host = _host(run)
+    host = _host(run, context)
     secure = is_secure_message(message.content)
     method_message = _unwrap(message.content) if secure else message.content
     client = host.client(_partition_id(context), context.node_config.get("data-file"))
     client.state = context.state
     content = host.method.client_step(method_message, client)
     _keep_state(context.state, client.state)
-    content = privatize_reply(client_dp(run.config), content, method_message,
-                              seed=run.config.seed, rnd=int(message.metadata.group_id or 0),
-                              cid=client.cid)
+    content = privatize_reply(client_dp(run.config), content, method_message)
     info = {"num-examples": len(client.data), "seconds": time.perf_counter() - started,
             "peak-rss-bytes": peak_rss_bytes(), "threads": threads}
     if secure:
@@ -84,7 +84,7 @@ def evaluate(message: Message, context: Context) -> Message:
     """The run's result scored on this node with what only it holds (AsynDBT's demos)."""
     run = from_run_config(dict(context.run_config))
     _budget_threads(run, context)
-    host = _host(run)
+    host = _host(run, context)
     client = host.client(_partition_id(context), context.node_config.get("data-file"))
     client.state = context.state
     metrics = host.method.evaluate_client(message.content, client)
@@ -146,12 +146,16 @@ class _Host:
 _HOSTS: dict[str, _Host] = {}
 
 
-def _host(run: FlowerRun) -> _Host:
-    """One host per run configuration per process: a simulation actor loads the model once."""
-    key = json.dumps(dataclasses.asdict(run), sort_keys=True, default=str)
+def _host(run: FlowerRun, context: Context) -> _Host:
+    """One host per run configuration per process: a simulation actor loads the model once.
+
+    A party of a federation names its own copy of the task in its node config (`task`): the
+    run's `task` is a path on the submitter's machine."""
+    own_task = str(context.node_config.get(NODE_TASK, ""))
+    key = json.dumps([dataclasses.asdict(run), own_task], sort_keys=True, default=str)
     if key not in _HOSTS:
         config = run.config
-        task = load_run_task(config.task, run.data_dir)
+        task = load_task(own_task) if own_task else load_run_task(config.task, run.data_dir)
         # the run's evaluation rows too: asynchronous methods evaluate on the nodes
         test = evaluation_rows(task, config.test_size, config.test_seed)
         env = Environment(task=task.spec, test=test, model_name=config.model, seed=config.seed,

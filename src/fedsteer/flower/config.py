@@ -13,7 +13,7 @@ from fedsteer.experiment import RunConfig
 
 #: Run-config keys beside RunConfig's own fields.
 EXTRA_KEYS = {"out-dir": "", "save-dir": "", "data-dir": "", "round-timeout": 3600.0,
-              "node-wait": 120.0}
+              "node-wait": 120.0, "hand-back": False, "hand-back-artifacts": False}
 
 
 DICT_FIELDS = {f.name for f in dataclasses.fields(RunConfig) if f.type.startswith("dict")}
@@ -42,6 +42,10 @@ class FlowerRun:
     data_dir: str = ""
     round_timeout: float = 3600.0
     node_wait: float = 120.0
+    #: a federation: the ServerApp runs on the coordinator and prints its result folder
+    #: for the submitter (`fedsteer.flower.handback`), artifacts too if asked
+    hand_back: bool = False
+    hand_back_artifacts: bool = False
 
 
 def from_run_config(values: dict[str, Any]) -> FlowerRun:

@@ -256,10 +256,13 @@ def run_on_flower(
     config: RunConfig, out_dir: Path, *, deployment: bool = False,
     save_dir: Path | None = None, round_timeout: float = 3600.0,
     on_wait: Callable[[], None] | None = None, cpus_per_client: int | None = None,
+    federation: Path | None = None, insecure: bool = False,
 ) -> dict[str, Any]:
-    """Run `config` on Flower (simulation, or a localhost deployment); return its record.
+    """Run `config` on Flower (simulation, a localhost deployment, or the coordinator of the
+    `federation` folder over TLS); return its record.
 
-    The ServerApp writes the same `result.json` as an in-process run, into `out_dir`;
+    The ServerApp writes the same `result.json` as an in-process run, into `out_dir` (from a
+    federation's coordinator it comes back through `flwr run`'s stream, artifacts too);
     Flower's own logs and state go to `out_dir/flower/`.
     """
     from fedsteer.data import load_task
@@ -270,6 +273,12 @@ def run_on_flower(
     out_dir = Path(out_dir).resolve()
     if Path(config.task).is_file():  # a user's spec file: Flower's processes run elsewhere
         config = dataclasses.replace(config, task=str(Path(config.task).resolve()))
+    if federation is not None:
+        from fedsteer.flower.deploy import run_on_federation
+
+        load_task(config.task)  # a missing or malformed task fails here, before any link
+        return run_on_federation(config, out_dir, Path(federation), save_dir, round_timeout,
+                                 on_wait, insecure)
     run_config = to_run_config(
         config, out_dir=out_dir, save_dir=save_dir.resolve() if save_dir else "",
         data_dir=_absolute_data_dir(), round_timeout=round_timeout,

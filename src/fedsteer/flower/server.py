@@ -8,11 +8,19 @@ from pathlib import Path
 from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
 
-from fedsteer.experiment import async_config, run_experiment, runtime_config
+from fedsteer.eval.record import write_result
+from fedsteer.experiment import (
+    RunConfig,
+    async_config,
+    default_run_dir,
+    run_experiment,
+    runtime_config,
+)
 from fedsteer.federation.flower.asynchronous import AsyncGridRuntime
 from fedsteer.federation.flower.grid import GridRuntime, discover_nodes
 from fedsteer.federation.flower.secagg import SecureAggregationUnsupported
-from fedsteer.flower.config import from_run_config, load_run_task
+from fedsteer.flower import deploy, handback
+from fedsteer.flower.config import FlowerRun, from_run_config, load_run_task
 from fedsteer.methods import make_method
 from fedsteer.methods.base import AsyncMethod, MethodBase
 
@@ -38,11 +46,31 @@ def serve(grid: Grid, context: Context) -> None:
     else:
         runtime = GridRuntime(grid, nodes, runtime_config(config), timeout=run.round_timeout,
                               secure=config.secagg)
-    out_dir = Path(run.out_dir) if run.out_dir else None
-    record = run_experiment(config, out_dir, task=task, runtime=runtime,
-                            save_dir=Path(run.save_dir) if run.save_dir else None)
+    out_dir, save_dir = _result_dirs(run, config)
+    record = run_experiment(config, out_dir, task=task, runtime=runtime, save_dir=save_dir)
+    if run.hand_back:
+        _note_refused_nodes(record, out_dir)
+        handback.emit(out_dir, with_artifacts=save_dir is not None)
     log.info("fedsteer %s on %s: accuracy %.4f", config.method, task.name,
              record["metrics"]["accuracy"])
+
+
+def _note_refused_nodes(record: dict, out_dir: Path) -> None:
+    """A federation's record names the SuperNodes its coordinator refused."""
+    refused = deploy.refused_since_start()
+    if refused is not None:
+        record["federation"] = refused
+        write_result(record, out_dir)
+
+
+def _result_dirs(run: FlowerRun, config: RunConfig) -> tuple[Path | None, Path | None]:
+    """Where the record and artifacts go. Handed back (a federation), they are written on the
+    coordinator under the SuperLink's folder first: the submitter's paths are not here."""
+    if run.hand_back:
+        out_dir = default_run_dir(config).resolve()
+        return out_dir, out_dir / handback.ARTIFACTS if run.hand_back_artifacts else None
+    return (Path(run.out_dir) if run.out_dir else None,
+            Path(run.save_dir) if run.save_dir else None)
 
 
 def _has_client_step(method: MethodBase) -> bool:
