@@ -15,6 +15,7 @@ from fedsteer.methods import AsyncMethod, Client, Environment, Reply
 from fedsteer.methods.asyndbt import AsynDBT
 from fedsteer.methods.bdpl import project_simplex
 from fedsteer.methods.records import float32_array as _array
+from test_federation_flower import flower_identity, serve_inline, tiny_config  # noqa: F401
 
 SPEC = TaskSpec(name="toy", labels=("negative", "positive"),
                 label_words=(" negative", " positive"), template="Review: {text}\nSentiment:")
@@ -87,7 +88,8 @@ def test_server_update_follows_the_equations():
     np.testing.assert_allclose(out["z"]["z"].numpy(), new_z, atol=1e-6)
     np.testing.assert_allclose(out["duals"]["0"].numpy(), dual + 0.3 * (p1 - new_z), atol=1e-6)
     np.testing.assert_allclose(out["duals"]["1"].numpy(), 0.3 * (p2 - new_z), atol=1e-6)
-    assert int(out["progress"]["calls"]) == 8 and int(out["progress"]["iteration"]) == 1
+    assert int(out["progress"]["iteration"]) == 1
+    assert int(out["progress"]["declared_calls"]) == 8  # reported; the server bills itself
 
 
 def test_a_robust_rule_takes_the_median_of_the_latest_prompts():
@@ -488,3 +490,167 @@ def test_on_the_simulated_clock_no_step_starts_after_the_last_update_and_none_ou
     # each worker's first step, then one per update that was not the last
     assert len(started) == 2 + 2
     assert not [t for t in threading.enumerate() if t.name.endswith("(_worker)")]
+
+
+# ---------------------------------------------- issue 41 (8) and 42: budget, bound, replies
+def test_under_robust_sign_an_attacker_moves_a_coordinate_by_at_most_twice_lr_z_psi():
+    """Before the projection one worker moves each coordinate by at most η_z·ψ; after it, by
+    up to 2·η_z·ψ (`coordinate_pull_bound`). Adversarial workers on a 50-word prompt: the
+    farthest vertex nearly reaches the bound (so η_z·ψ alone was not one), nothing passes it."""
+    rng = np.random.default_rng(0)
+    z = project_simplex(rng.dirichlet(np.ones(50), size=4))
+    honest = [project_simplex(z + rng.normal(0, 0.02, z.shape)) for _ in range(3)]
+    method = AsynDBT(prompt_length=4, lr_z=0.1, psi=0.05, consensus="robust-sign")
+    clean = method.server_update(_state(z), _replies(honest))["z"]["z"].numpy()
+    far = np.zeros_like(z)
+    far[np.arange(4), z.argmin(axis=1)] = 1.0
+    attacks = [far, project_simplex(z - 5.0 * (honest[0] - z)),
+               *(rng.dirichlet(np.full(50, 0.1), size=4) for _ in range(50)),
+               *(np.eye(50)[rng.integers(0, 50, 4)] for _ in range(50))]
+    pulls = []
+    for attack in attacks:
+        attacked = method.server_update(_state(z), _replies([*honest, attack]))["z"]["z"]
+        pulls.append(float(np.abs(attacked.numpy() - clean).max()))
+    assert max(pulls) <= method.coordinate_pull_bound() + 1e-6
+    assert pulls[0] > 1.9 * method.lr_z * method.psi  # the farthest vertex: (2 − 2/50)·η_z·ψ
+    two = method.server_update(_state(z), _replies([*honest, far, far]))["z"]["z"].numpy()
+    assert np.abs(two - clean).max() <= method.coordinate_pull_bound(attackers=2) + 1e-6
+
+
+def _tiny_dbt(cls=AsynDBT, **options):
+    settings = {"prompt_length": 2, "candidates": 4, "samples": 2, "shots_per_class": 2,
+                "batch_size": 2, "steps_per_round": 1, "demo_candidates": 2,
+                "cutting_planes": False, **options}
+    return cls(**settings)
+
+
+def _toy_run(method, workers: int = 2, active: int = 2):
+    from toy import SPEC as TOY
+    from toy import examples
+
+    env = Environment(task=TOY, test=[], model_name="tiny-random", transfer=examples(8))
+    clients_ = [Client(cid=i, data=examples(6, offset=i), env=env) for i in range(workers)]
+    return AsyncInProcessRuntime(AsyncConfig(active=active)).run(method, clients_, env)
+
+
+class Liar(AsynDBT):
+    """Worker 0 says it made −10⁹ calls (which once turned the budget off), worker 1 says 0."""
+
+    def client_step(self, message, client):
+        reply = super().client_step(message, client)
+        metrics = dict(reply["metrics"])
+        metrics["calls"] = -10**9 if client.cid == 0 else 0
+        reply["metrics"] = MetricRecord(metrics)
+        return reply
+
+
+def test_the_budget_bills_every_answered_message_at_its_work_whatever_the_reply_says():
+    method = _tiny_dbt(Liar, iterations=12, api_budget=3 * 4)  # 4 calls a message
+    outcome = _toy_run(method)
+    answered = sum(len(r.clients) for r in outcome.rounds)
+    assert len(outcome.rounds) < 12  # the budget ended the run, not the iterations
+    assert method.scheduled_calls() == 4
+    assert int(outcome.state["progress"]["calls"]) == 4 * answered >= 12
+    rejected = [x for r in outcome.rounds for x in r.rejected]
+    assert rejected and {x["cid"] for x in rejected} == {0}  # billed all the same
+    assert all("metrics.calls" in x["reason"] for x in rejected)
+
+
+@pytest.mark.usefixtures("flower_identity")
+def test_on_flower_the_server_bills_too(tmp_path):
+    """On Flower no black box meters the workers: the server's own bill ends the run, and a
+    node that reports a negative count is rejected, not credited."""
+    options = {"prompt_length": 2, "candidates": 6, "samples": 2, "shots_per_class": 2,
+               "batch_size": 2, "steps_per_round": 1, "iterations": 8, "demo_candidates": 2,
+               "active": 1, "staleness": 3, "api_budget": 3 * 4}
+
+    def negative(node, content):
+        if node == 100 and "metrics" in content.metric_records:
+            metrics = dict(content["metrics"])
+            metrics["calls"] = -1000
+            content["metrics"] = MetricRecord(metrics)
+
+    record, _ = serve_inline(tiny_config(method="asyndbt", options=options), tmp_path,
+                             tamper=negative, round_timeout=60.0)
+    rounds = record["costs"]["rounds"]
+    assert len(rounds) < 8
+    assert record["metrics"]["api_calls_billed_by_server"] >= 12
+    assert record["metrics"]["api_training_calls"] == record["metrics"][
+        "api_calls_billed_by_server"]
+    assert any(rej["cid"] == 0 and "metrics.calls" in rej["reason"]
+               for r in rounds for rej in r["rejected"])
+
+
+def _hostile(kind: str, width: int) -> RecordDict:
+    """A reply an honest worker would never send."""
+    p = np.full((2, width), 1.0 / width)
+    metrics: dict = {"calls": 4, "loss": 0.5}
+    if kind == "wider":
+        p = np.full((2, width + 3), 1.0 / (width + 3))
+    elif kind == "narrower":
+        p = np.full((2, 1), 1.0)
+    elif kind == "no calls":
+        del metrics["calls"]
+    elif kind == "negative calls":
+        metrics["calls"] = -1
+    elif kind == "fractional calls":
+        metrics["calls"] = 2.5
+    elif kind == "nan calls":
+        metrics["calls"] = float("nan")
+    elif kind == "list of calls":
+        metrics["calls"] = [1, 2]
+    content = RecordDict({"prompt": ArrayRecord({"p": _array(p)})})
+    if kind != "no metrics":
+        content["metrics"] = MetricRecord(metrics)
+    return content
+
+
+HOSTILE = ["wider", "narrower", "no calls", "negative calls", "fractional calls", "nan calls",
+           "list of calls", "no metrics"]
+
+
+@pytest.mark.parametrize("kind", HOSTILE)
+def test_a_hostile_reply_is_named_by_the_check(kind):
+    from toy import SPEC as TOY
+    from toy import examples
+
+    method = AsynDBT(prompt_length=2, candidates=4)
+    method.setup(Environment(task=TOY, test=[], model_name="none", transfer=examples(8)))
+    assert method.reply_problem(_hostile("none", 4)) is None
+    problem = method.reply_problem(_hostile(kind, 4))
+    assert problem and ("shape" in problem if kind in ("wider", "narrower")
+                        else "metrics.calls" in problem)
+
+
+def test_hostile_replies_are_rejected_and_the_run_goes_on():
+    """Worker 1 sends a different malformed reply each time; worker 0 is honest. Every
+    hostile reply is a rejected reply with its reason; the run ends normally."""
+
+    class Hostile(AsynDBT):
+        sent = 0
+
+        def client_step(self, message, client):
+            reply = super().client_step(message, client)
+            if client.cid != 1:
+                return reply
+            kind = HOSTILE[Hostile.sent % len(HOSTILE)]
+            Hostile.sent += 1
+            return _hostile(kind, reply["prompt"]["p"].numpy().shape[1])
+
+    outcome = _toy_run(_tiny_dbt(Hostile, iterations=len(HOSTILE), active=2))
+    assert len(outcome.rounds) == len(HOSTILE)
+    rejected = [x for r in outcome.rounds for x in r.rejected]
+    assert {x["cid"] for x in rejected} == {1} and len(rejected) == len(HOSTILE)
+    assert np.allclose(outcome.state["z"]["z"].numpy().sum(axis=1), 1.0, atol=1e-5)
+
+
+def test_a_reply_check_that_raises_rejects_the_reply_not_the_run():
+    class Brittle(AsynDBT):
+        def reply_problem(self, content):
+            if int(content["metrics"]["calls"]) == 0:
+                raise KeyError("a field the check did not foresee")
+            return super().reply_problem(content)
+
+    outcome = _toy_run(_tiny_dbt(type("BrittleLiar", (Liar, Brittle), {}), iterations=3))
+    rejected = [x for r in outcome.rounds for x in r.rejected]
+    assert any(x["cid"] == 1 and "reply check failed" in x["reason"] for x in rejected)

@@ -149,8 +149,61 @@ def _epsilon(privacy: dict[str, Any] | None) -> str:
 
 
 def takeaways(records: Sequence[dict[str, Any]]) -> list[str]:
-    """Three lines a person reads after a grid: who is most accurate and how sure that is,
-    what the accuracy cost in bytes, and what it cost in client compute."""
+    """Three lines a person reads after a grid on one task: where steering beat zero-shot by
+    a paired test on the same rows, where it did not, and what it cost. Without a zero-shot
+    record that kept its rows there is nothing to pair with: then who is most accurate and
+    how sure that is, and the cost in bytes and in client compute."""
+    zero = {same_rows(r): r for r in records
+            if r["method"] == "zero-shot" and (r.get("per_row") or {}).get("correct")}
+    if not zero:
+        return _unpaired_takeaways(records)
+    helped, not_helped, unpaired = [], [], []
+    for rec in records:
+        base = zero.get(same_rows(rec))
+        if rec["method"] == "zero-shot":
+            continue
+        if base is None or row_scores(rec) is None:
+            unpaired.append(rec["method"])
+            continue
+        delta, p, test = paired_difference(rec, base)
+        said = f"{rec['method']} {delta:+.1f} (p={p:.2g}{', W' if test == 'W' else ''}"
+        if p < 0.05 and delta > 0:
+            helped.append(said + ")")
+        else:
+            not_helped.append(said + (", worse)" if p < 0.05 else ")"))
+    base = next(iter(zero.values()))
+    versus = (f"zero-shot's {100 * base['metrics']['accuracy']:.1f} % on the same "
+              f"{int(base['metrics']['num_test'])} rows, paired test p < 0.05")
+    first = (f"Steering helped ({versus}): {', '.join(helped)}." if helped
+             else f"Steering helped nowhere: no method beat {versus}.")
+    second = "Did not help: " + (", ".join(not_helped) or "none")
+    if unpaired:
+        second += f"; not paired (other model or rows): {', '.join(unpaired)}"
+    return [first, second + ".", _cost_line(records)]
+
+
+def _cost_line(records: Sequence[dict[str, Any]]) -> str:
+    """The range of bytes moved (whole run) and of client compute over the records."""
+    total = {id(r): r["costs"]["bytes_up"] + r["costs"]["bytes_down"] for r in records}
+    moved = sorted((r for r in records if total[id(r)] > 0), key=lambda r: total[id(r)])
+    compute = sorted(records, key=_client_compute)
+    parts = []
+    if moved:
+        parts.append(f"bytes from {human_bytes(total[id(moved[0])])} ({moved[0]['method']}) "
+                     f"to {human_bytes(total[id(moved[-1])])} ({moved[-1]['method']})")
+    parts.append(f"client compute from {_client_compute(compute[0]):.0f} s "
+                 f"({compute[0]['method']}) to {_client_compute(compute[-1]):.0f} s "
+                 f"({compute[-1]['method']})")
+    return "Cost, whole run: " + "; ".join(parts) + "."
+
+
+def _client_compute(record: dict[str, Any]) -> float:
+    return record["costs"].get("client_compute_seconds", record["costs"]["client_seconds"])
+
+
+def _unpaired_takeaways(records: Sequence[dict[str, Any]]) -> list[str]:
+    """Who is most accurate and how sure that is, what the accuracy cost in bytes, and what it
+    cost in client compute (records with no zero-shot rows to pair with)."""
     from fedsteer.eval.metrics import recorded_interval
 
     if not records:

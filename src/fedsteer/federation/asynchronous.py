@@ -17,6 +17,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import logging
+import math
 import queue
 import threading
 import time
@@ -83,7 +84,9 @@ class _Posted:
 def reported_wait(content: object) -> float:
     """Seconds a reply says its client spent queued (`WAIT_METRIC`), 0 if it says nothing."""
     if isinstance(content, RecordDict) and "metrics" in content.metric_records:
-        return float(content["metrics"].get(WAIT_METRIC, 0.0))
+        seconds = content["metrics"].get(WAIT_METRIC, 0.0)
+        if isinstance(seconds, int | float) and math.isfinite(seconds) and seconds >= 0:
+            return float(seconds)
     return 0.0
 
 
@@ -105,6 +108,12 @@ def step_on_draft(method: AsyncMethod, client: Client, message: RecordDict, issu
                    draft_state=draft.state)
 
 
+def answered(posted: Sequence[_Posted]) -> list[int]:
+    """Workers whose step on a message came back, used or rejected (a worker that died
+    outside its step was not working on one)."""
+    return [p.cid for p in posted if not isinstance(p.content, WorkerDied)]
+
+
 def join_workers(workers: Sequence[threading.Thread], warn_every: float = 60.0) -> None:
     """Wait for every worker to finish the step it is in, however long: a thread left
     running inside torch when the interpreter exits aborts the process ("terminate called
@@ -114,6 +123,15 @@ def join_workers(workers: Sequence[threading.Thread], warn_every: float = 60.0) 
             worker.join(timeout=warn_every)
             if worker.is_alive():
                 log.warning("waiting for %s to finish its last step", worker.name)
+
+
+def reply_problem(method: AsyncMethod, content: RecordDict) -> str | None:
+    """The method's own check of a reply; a check that fails on a reply it did not foresee
+    rejects that reply too, rather than the run."""
+    try:
+        return method.reply_problem(content)
+    except Exception as error:  # noqa: BLE001 - a malformed reply is rejected, not fatal
+        return f"reply check failed: {error!r}"
 
 
 def accept_posted(method: AsyncMethod, posted: _Posted, cost: RoundCost) -> Reply | None:
@@ -131,7 +149,7 @@ def accept_posted(method: AsyncMethod, posted: _Posted, cost: RoundCost) -> Repl
     except InvalidReply as error:
         reject(cost, posted.cid, str(error))
         return None
-    problem = method.reply_problem(posted.content)
+    problem = reply_problem(method, posted.content)
     if problem:
         reject(cost, posted.cid, problem)
         return None
@@ -169,6 +187,7 @@ class AsyncInProcessRuntime:
                 replies = [r for r in (accept_posted(method, p, cost) for p in posted) if r]
                 started = time.perf_counter()
                 with lock:
+                    shared["state"] = method.messages_answered(shared["state"], answered(posted))
                     shared["state"] = method.server_update(shared["state"], replies)
                     shared["iteration"] = iteration + 1
                 cost.server_seconds = time.perf_counter() - started

@@ -26,6 +26,7 @@ from fedsteer.federation.asynchronous import (
     WorkerDied,
     _Posted,
     accept_posted,
+    answered,
     join_workers,
     ready_to_update,
     step_on_draft,
@@ -74,6 +75,7 @@ class SimulatedClockRuntime:
                 cost = RoundCost(round=iteration, simulated_time=clock)
                 replies = [r for r in (accept_posted(method, p, cost) for p in batch) if r]
                 started = time.perf_counter()
+                state = method.messages_answered(state, answered(batch))
                 state = method.server_update(state, replies)
                 cost.server_seconds = time.perf_counter() - started
                 cost.peak_rss_bytes = peak_rss_bytes()

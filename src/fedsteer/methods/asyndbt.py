@@ -20,9 +20,12 @@ What this module implements (K local steps per worker message, then one server u
   term pulls z in proportion to the worker's distance, and ρ_i grows without bound.
   `consensus="robust-sign"` is RSA's update (Li et al. 2019): z ← Π(z − η_z·ψ Σ_{i∈A}
   sign(z − p_i)) and workers keep only ψ·sign(p_i − z), so no worker moves any coordinate
-  of z by more than η_z·ψ a step. Or, for comparison, z ← Π(rule({p_i})) with one of
+  of z by more than η_z·ψ a step *before* Π, and by at most 2·η_z·ψ after it
+  (`coordinate_pull_bound`: Π's threshold can shift by as much as the worker moved a
+  coordinate, and on a wide prompt it does). Or, for comparison, z ← Π(rule({p_i})) with one of
   Flower's aggregation rules over every worker's latest p_i (mean, median, trimmed-mean,
-  krum). Every reply must be a distribution per position (`reply_problem`), else rejected.
+  krum). Every reply must be a distribution per position over the N candidates and declare
+  the calls it made (`reply_problem`), else it is rejected.
 - Π is the per-position projection onto the simplex; the asynchronous runtime
   (`federation/asynchronous.py`) supplies A: S fresh replies, no worker older than τ.
 
@@ -80,7 +83,7 @@ from fedsteer.methods.records import float32_array
 ATTACKS = ("random", "sign-flip", "scale", "farthest", "worst")
 #: "sign": the paper's rule (duals, penalty and ψ·sign; a far worker pulls in proportion to
 #: its distance). "robust-sign": RSA's (Li et al. 2019) — z moves by ψ·Σ sign(z − p_i) only,
-#: so no worker can pull any coordinate by more than η_z·ψ a step.
+#: so no worker can pull any coordinate by more than 2·η_z·ψ a step (`coordinate_pull_bound`).
 CONSENSUS = ("sign", "robust-sign")
 SIMPLEX_TOLERANCE = 1e-3
 
@@ -124,7 +127,8 @@ class AsynDBT(AsyncMethod):
     batch_size: int = 16  # queries per sampled prompt
     steps_per_round: int = 10  # local steps per message
     lr: float = 1e-4  # Adam on the simplex
-    api_budget: int | None = 8000  # calls; training stops when spent
+    #: calls; training stops once the server has billed this much (`messages_answered`)
+    api_budget: int | None = 8000
     blackbox: str = "local"  # or "openai:BASE_URL#MODEL"
     seed: int = 0
     demo_candidates: int = 8  # V: candidates per class slot, from the worker's own data
@@ -168,8 +172,14 @@ class AsynDBT(AsyncMethod):
         return RecordDict({
             "z": ArrayRecord({"z": float32_array(z)}), "words": ConfigRecord({"words": words}),
             "duals": ArrayRecord(), "latest": ArrayRecord(),
-            "progress": MetricRecord({"iteration": 0, "calls": 0}),
+            "progress": MetricRecord({"iteration": 0, "calls": 0, "declared_calls": 0}),
         })
+
+    def setup(self, env: Environment) -> None:
+        """The prompt width N every reply must have (the candidate words `initial_state`
+        draws from the same texts)."""
+        self._width = len(word_candidates(env.transfer, self.candidates)) if env.transfer \
+            else None
 
     def training_set(self, client: Client) -> list[Example]:
         return kshot_training_set(client, self.shots_per_class, self.seed)
@@ -179,7 +189,7 @@ class AsynDBT(AsyncMethod):
                 "schedule": self.schedule}
 
     def finished(self, state: RecordDict) -> bool:
-        """After `iterations` server updates, or once the workers' calls spend `api_budget`."""
+        """After `iterations` server updates, or once the server's bill reaches `api_budget`."""
         progress = state["progress"]
         spent = self.api_budget is not None and int(progress["calls"]) >= self.api_budget
         return int(progress["iteration"]) >= self.iterations or spent
@@ -191,6 +201,30 @@ class AsynDBT(AsyncMethod):
             "z": ArrayRecord({"z": float32_array(z), "dual": float32_array(dual)}),
             "words": state["words"], "config": ConfigRecord({"iteration": iteration}),
         })
+
+    def scheduled_calls(self) -> int:
+        """The calls one message asks for: `steps_per_round` steps of `samples` prompts on a
+        mini-batch of `batch_size` — an honest worker's most (fewer with fewer rows, or cache
+        hits), and what the server can know without trusting a reply."""
+        return self.steps_per_round * self.samples * self.batch_size
+
+    def messages_answered(self, state: RecordDict, cids: Sequence[int]) -> RecordDict:
+        """Bill every message that came back, used or rejected (or given up: the worker may
+        have spent them), at the work it asked for. A reply's own `calls` never lowers the
+        bill: a worker that says 0, or −10⁹, spent the budget all the same."""
+        progress = dict(state["progress"])
+        progress["calls"] = int(progress["calls"]) + len(cids) * self.scheduled_calls()
+        state["progress"] = MetricRecord(progress)
+        return state
+
+    def coordinate_pull_bound(self, attackers: int = 1) -> float:
+        """Under `robust-sign`, the most `attackers` workers can move any coordinate of z in
+        one update, against the update without them. Each adds at most η_z·ψ to every
+        coordinate before Π; Π's threshold τ (z_j = (u_j − τ)₊) is monotone and shifts
+        one-for-one with a uniform shift of u, so it moves by at most that much too, and
+        (u_j − τ)₊ by at most twice. It is reached: the farthest vertex moves z's least
+        likely word by (2 − 2/N)·η_z·ψ while every coordinate stays positive."""
+        return 2.0 * attackers * self.lr_z * self.psi
 
     def server_update(self, state: RecordDict, replies: Sequence[Reply]) -> RecordDict:
         z = state["z"]["z"].numpy().astype(np.float64)
@@ -212,11 +246,12 @@ class AsynDBT(AsyncMethod):
         elif latest:
             results = [([latest[k].numpy().astype(np.float64)], 1) for k in latest]
             z = project_simplex(RULES[self.consensus](results)[0])
-        calls = int(state["progress"]["calls"]) + sum(
-            int(r.content["metrics"]["calls"]) for r in replies)
+        progress = dict(state["progress"])
+        progress["iteration"] = int(progress["iteration"]) + 1
+        progress["declared_calls"] = int(progress.get("declared_calls", 0)) + sum(
+            int(r.content["metrics"]["calls"]) for r in replies)  # reported, never billed
         state["z"] = ArrayRecord({"z": float32_array(z)})
-        state["progress"] = MetricRecord({
-            "iteration": int(state["progress"]["iteration"]) + 1, "calls": calls})
+        state["progress"] = MetricRecord(progress)
         return state
 
     # ---------------------------------------------------------------- worker
@@ -367,12 +402,21 @@ class AsynDBT(AsyncMethod):
         return order
 
     def reply_problem(self, content: RecordDict) -> str | None:
-        """A prompt reply must be a distribution per position: the server's update assumes it."""
+        """A prompt reply must be a distribution per position over the N candidate words
+        (the server's update assumes it) and say how many calls it made, a count ≥ 0."""
         if "prompt" not in content.array_records or "p" not in content["prompt"]:
             return "reply carries no prompt distribution 'prompt.p'"
+        calls = content["metrics"].get("calls") if "metrics" in content.metric_records else None
+        if not isinstance(calls, int | float) or isinstance(calls, bool) or not (
+                np.isfinite(calls) and calls >= 0 and float(calls).is_integer()):
+            return f"reply's 'metrics.calls' is {calls!r}, not a count of calls ≥ 0"
         p = content["prompt"]["p"].numpy()
-        if p.ndim != 2 or p.shape[0] != self.prompt_length:
-            return f"prompt has shape {p.shape}, expected ({self.prompt_length}, candidates)"
+        if not (np.issubdtype(p.dtype, np.floating) or np.issubdtype(p.dtype, np.integer)):
+            return f"prompt has dtype {p.dtype}, not real numbers"
+        width = getattr(self, "_width", None)
+        if p.ndim != 2 or p.shape[0] != self.prompt_length or (width and p.shape[1] != width):
+            return (f"prompt has shape {p.shape}, expected "
+                    f"({self.prompt_length}, {width or 'candidates'})")
         if not np.all(np.isfinite(p)) or p.min() < -SIMPLEX_TOLERANCE:
             return "prompt holds negative or non-finite probabilities"
         sums = p.sum(axis=1)
@@ -426,11 +470,12 @@ class AsynDBT(AsyncMethod):
         metrics: dict[str, Any] = {
             **summarize_clients(sorted(per_client, key=lambda c: c["cid"])),
             "prompt": " ".join(prompt),
-            # billed by the black box's own meter where the run has it (in process); the
-            # replies' own counts miss the calls of steps the server never used
+            # billed by the black box's own meter where the run has it (in process), else
+            # the server's bill: every message answered at the calls it asked for
             "api_training_calls": int(state["billing"]["training_calls"]) if "billing" in state
             else int(state["progress"]["calls"]),
-            "api_calls_in_used_replies": int(state["progress"]["calls"]),
+            "api_calls_billed_by_server": int(state["progress"]["calls"]),
+            "api_calls_in_used_replies": int(state["progress"].get("declared_calls", 0)),
         }
         usage = env.blackbox(self.blackbox).usage.to_dict()
         metrics.update({f"api_{k}": v for k, v in usage.items()})

@@ -315,6 +315,12 @@ class AsyncMethod(MethodBase):
     def server_update(self, state: RecordDict, replies: Sequence[Reply]) -> RecordDict:
         """The server's step on the fresh replies the runtime gathered."""
 
+    def messages_answered(self, state: RecordDict, cids: Sequence[int]) -> RecordDict:
+        """Before each `server_update`: the workers whose messages came back since the last
+        one — used, rejected, or given up after the runtime's timeout. What a method may
+        count without trusting any reply (e.g. the work its messages asked for)."""
+        return state
+
     @abstractmethod
     def finished(self, state: RecordDict) -> bool:
         """True once the server has done all it will (iterations, a budget spent)."""

@@ -20,7 +20,12 @@ from dataclasses import dataclass
 from flwr.app import ConfigRecord, Message, MessageType, MetricRecord
 
 from fedsteer.eval.costs import RoundCost, payload_bytes, peak_rss_bytes
-from fedsteer.federation.asynchronous import AsyncConfig, ready_to_update, reported_wait
+from fedsteer.federation.asynchronous import (
+    AsyncConfig,
+    ready_to_update,
+    reply_problem,
+    reported_wait,
+)
 from fedsteer.federation.flower.grid import ClientInfo, error_reply_reason, no_reply_reason
 from fedsteer.federation.payloads import InvalidReply, check_reply
 from fedsteer.federation.runtime import RunOutcome, reject
@@ -79,8 +84,9 @@ class AsyncGridRuntime:
                 if not method.finished(state):
                     self._push(method, state, out.cid, iteration + 1, outstanding)
             arrived, given_up = [], []
-        if rounds:  # given up after the last update: recorded with it
+        if rounds:  # given up after the last update: recorded (and billed) with it
             self._give_up(given_up, rounds[-1])
+            state = method.messages_answered(state, [out.cid for out in given_up])
         self._evaluate_on_nodes(method, state, cids)
         return RunOutcome(state, rounds)
 
@@ -92,6 +98,8 @@ class AsyncGridRuntime:
         replies = [r for r in (self._accept(method, out, answer, cost)
                                for out, answer in arrived) if r is not None]
         started = time.perf_counter()
+        state = method.messages_answered(
+            state, [out.cid for out, _ in arrived] + [out.cid for out in given_up])
         state = method.server_update(state, replies)
         cost.server_seconds = time.perf_counter() - started
         cost.peak_rss_bytes = max(cost.peak_rss_bytes, peak_rss_bytes())
@@ -144,7 +152,7 @@ class AsyncGridRuntime:
                 check_reply(content)
             except InvalidReply as error:
                 reason = str(error)
-            reason = reason or method.reply_problem(content)
+            reason = reason or reply_problem(method, content)
             cost.client_wait_seconds += reported_wait(content)
         if reason is not None:
             reject(cost, out.cid, reason)
