@@ -19,7 +19,7 @@ LAYERS = [
     {"methods"},
     {"federation"},
     {"experiment"},
-    {"bench", "artifacts"},
+    {"bench", "artifacts", "run_folder"},
     {"flower", "serve"},  # the Flower apps run experiments; serve hosts their artifacts
     {"cli"},
     {"__main__"},

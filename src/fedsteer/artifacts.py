@@ -23,9 +23,9 @@ from fedsteer.experiment import evaluation_rows
 from fedsteer.methods import Environment
 from fedsteer.methods.fedpt import PROXY_ADAPTER, PROXY_FILE
 
-__all__ = ["PROVENANCE_FILE", "PROXY_ADAPTER", "PROXY_FILE", "ArtifactScores",
-           "artifact_kind", "evaluate_artifact", "evaluate_endpoint", "read_adapter",
-           "read_provenance", "score_artifact"]
+__all__ = ["PROVENANCE_FILE", "PROXY_ADAPTER", "PROXY_FILE", "ArtifactMismatch",
+           "ArtifactScores", "artifact_kind", "check_fit", "evaluate_artifact",
+           "evaluate_endpoint", "made_for", "read_adapter", "read_provenance", "score_artifact"]
 
 KIND_MARKERS = (("steering", "steering.json"), ("proxy", PROXY_FILE),
                 ("lora", "adapter_config.json"), ("prompt", "prompt.json"))
@@ -64,10 +64,65 @@ class ArtifactScores:
         return {**metrics, **{f"api_{k}": v for k, v in self.usage.items()}}
 
 
+class ArtifactMismatch(ValueError):
+    """An artifact asked to run on a task or model other than the one it was made on."""
+
+
+#: the file of each kind that names the model it was made on (beside provenance.json)
+_MADE_ON = {"steering": ("steering.json", "model"), "proxy": (PROXY_FILE, "large"),
+            "prompt": ("prompt.json", "model")}
+
+
+def made_for(directory: Path, kind: str) -> dict[str, Any]:
+    """The `model`, `task` and `labels` the artifact was made for, where its files say.
+
+    The model a kind is applied to is its own file's (FedPT's proxy: the large model), the
+    task and labels provenance.json's, else the kind's file's."""
+    directory = Path(directory)
+    found = {k: v for k, v in read_provenance(directory).items()
+             if k in ("model", "task", "labels")}
+    if kind == "lora":
+        adapter = _json(directory / "adapter_config.json")
+        found["model"] = adapter.get("base_model_name_or_path") or found.get("model")
+    elif kind in _MADE_ON:
+        own = _json(directory / _MADE_ON[kind][0])
+        found["model"] = own.get(_MADE_ON[kind][1]) or found.get("model")
+        found.setdefault("task", own.get("task"))
+    return {k: v for k, v in found.items() if v}
+
+
+def _json(path: Path) -> dict[str, Any]:
+    try:
+        loaded = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+    return loaded if isinstance(loaded, dict) else {}
+
+
+def check_fit(directory: Path, kind: str, task: Task, model: str | None) -> None:
+    """Refuse, by name, a task or model other than the artifact's: its numbers would be
+    those of a transfer nobody asked for (an sst2 steering scored on trec's labels)."""
+    made = made_for(directory, kind)
+    labels = tuple(made.get("labels") or ())
+    if made.get("task", task.name) != task.name or (labels and labels != task.spec.labels):
+        shown = f" (labels {', '.join(labels)})" if labels else ""
+        raise ArtifactMismatch(
+            f"artifact {directory} was made on task {made.get('task')!r}{shown}, asked "
+            f"{task.name!r} (labels {', '.join(task.spec.labels)}); pass --transfer to "
+            "apply it to another task anyway")
+    if model is not None and made.get("model", model) != model:
+        raise ArtifactMismatch(
+            f"artifact {directory} was made on model {made['model']!r}, asked --model "
+            f"{model!r}; drop --model, or pass --transfer to apply it to another model")
+
+
 def evaluate_artifact(directory: Path, task: Task, model: str | None, test_size: int | None,
-                      test_seed: int, batch_size: int, blackbox: str = "local"
-                      ) -> tuple[str, str, dict[str, Any], int]:
-    """(kind, model used, metrics, rows scored)."""
+                      test_seed: int, batch_size: int, blackbox: str = "local",
+                      transfer: bool = False) -> tuple[str, str, dict[str, Any], int]:
+    """(kind, model used, metrics, rows scored); `transfer`: on a task or model other than
+    the artifact's own, on purpose."""
+    if not transfer:
+        check_fit(directory, artifact_kind(directory), task, model)
     scored = score_artifact(directory, task, model, test_size, test_seed, batch_size, blackbox)
     return scored.kind, scored.model, scored.metrics(), len(scored.test)
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import math
 import os
 import warnings
 from collections.abc import Iterator
@@ -40,7 +41,7 @@ from fedsteer.data import (
 )
 from fedsteer.eval.plots import plot_comparison
 from fedsteer.eval.record import RESULT_FILE, read_result
-from fedsteer.eval.report import comparison_table, human_bytes, takeaways
+from fedsteer.eval.report import comparison_table, human_bytes, mixed_rows, takeaways
 from fedsteer.experiment import RunConfig, default_run_dir, run_experiment
 from fedsteer.federation import CheckpointMismatch
 from fedsteer.federation.checkpoint import CheckpointError
@@ -59,13 +60,20 @@ from fedsteer.models import (
     model_status,
 )
 from fedsteer.models.scoring import LabelWordError
+from fedsteer.run_folder import (
+    RUN_CONFIG_FILE,
+    RunFolderError,
+    check_writable_folder,
+    claim_fresh_folder,
+    disagreements,
+    run_folder_lock,
+)
 from fedsteer.serve.api import Limits
 
 app = typer.Typer(
     help="Steer a frozen LLM with federated data: run methods, compare accuracy and cost.",
     no_args_is_help=True, add_completion=False)
 console = Console(width=None if Console().is_terminal else 170)  # logs: no 80-col wrap
-RUN_CONFIG_FILE = "run.json"
 RUNTIMES = ("inprocess", "flower", "flower-deployment")
 
 
@@ -81,7 +89,18 @@ def _global_options(
     processes, started later, read the same copy."""
     _DEBUG["on"] = debug
     if data_dir is not None:
+        with _user_errors():
+            _check_data_dir(data_dir)
         os.environ[settings.DATA_DIR_ENV] = str(data_dir.expanduser().resolve())
+
+
+def _check_data_dir(data_dir: Path) -> None:
+    """A data directory that is, or lies under, a file can never hold a task: say so for
+    every command, not as a stack trace of whichever one first reads it."""
+    existing = next(p for p in (data_dir, *data_dir.absolute().parents) if p.exists())
+    if not existing.is_dir():
+        raise RunFolderError(f"--data-dir {data_dir}: {existing} is a file, not a folder of "
+                             "tasks")
 
 
 def _setup_logging(verbose: bool) -> None:
@@ -117,7 +136,8 @@ def _user_errors() -> Iterator[None]:
     except USER_ERRORS as error:
         if _DEBUG["on"]:
             raise
-        console.print(f"[bold red]error:[/] {escape(str(error))}")
+        # soft_wrap: one line however long the paths in it (a log line, greppable)
+        console.print(f"[bold red]error:[/] {escape(str(error))}", soft_wrap=True)
         raise typer.Exit(code=2) from error
 
 
@@ -132,8 +152,8 @@ def _progress() -> Progress:
 
 
 def _positive(value: float | None) -> float | None:
-    if value is not None and not value > 0:
-        raise typer.BadParameter(f"{value} is not > 0")
+    if value is not None and not 0 < value < math.inf:
+        raise typer.BadParameter(f"{value} is not a finite number > 0")
     return value
 
 
@@ -155,6 +175,8 @@ def run(
     alpha: Annotated[float, typer.Option(
         help="Dirichlet concentration over labels", callback=_positive)] = 0.5,
     partition_scheme: Annotated[str, typer.Option("--partition")] = "dirichlet",
+    min_per_client: Annotated[int, typer.Option(
+        help="fewest training rows a client may get from the partition", min=0)] = 2,
     rounds: Annotated[int | None, typer.Option(
         help="rounds (default: the method's)", min=1)] = None,
     fraction: Annotated[float, typer.Option(
@@ -231,6 +253,8 @@ def run(
     federation: Annotated[Path | None, typer.Option(
         help="a `federation init` folder: submit to its coordinator over TLS (the record and "
              "artifacts come back here)")] = None,
+    force: Annotated[bool, typer.Option(
+        help="clear the records of an earlier run in --out (and only those) first")] = False,
     verbose: bool = False,
 ) -> None:
     """Run methods on one task with one model load; print a comparison table."""
@@ -247,8 +271,8 @@ def run(
                                  "client state lives in the nodes", param_hint="--runtime")
     fields = {  # RunConfig's fields as the flags set them (task: below, for a new run)
         "task": task, "model": model, "clients": clients, "alpha": alpha,
-        "partition": partition_scheme, "rounds": rounds, "fraction": fraction,
-        "sampling": sampling, "seed": seed,
+        "partition": partition_scheme, "min_per_client": min_per_client, "rounds": rounds,
+        "fraction": fraction, "sampling": sampling, "seed": seed,
         "test_size": test_size or None, "shots": shots, "batch_size": batch_size,
         "dp_clip": dp_clip, "dp_noise": dp_noise, "dp_delta": dp_delta, "dp_mode": dp_mode,
         "dp_record_clips": _parse_options(dp_clip_record or []), "dp_adjacency": dp_adjacency,
@@ -263,20 +287,43 @@ def run(
         _refuse_changes_on_resume(resume, configs, methods, _explicit_flags(ctx, fields))
     else:
         _check_methods(methods, fields["options"])
-        if train is not None:
-            out = out or default_run_dir(RunConfig(method=methods[0], task=train.stem))
-            task = str(_write_task_spec(out, task, train, test, labels, label_words, template))
-        fields["task"] = task or "sst2"
-        configs = [RunConfig(method=m, **fields) for m in methods]
-        out = out or default_run_dir(configs[0])
-        atomic_write_json(out / RUN_CONFIG_FILE, [dataclasses.asdict(c) for c in configs])
-    with _user_errors():
+        out = out or default_run_dir(RunConfig(
+            method=methods[0], task=train.stem if train is not None else task or "sst2"))
+    with _user_errors(), _run_folder(out, save, resumed=resume is not None, force=force):
+        if resume is None:
+            if train is not None:
+                task = str(_write_task_spec(out, task, train, test, labels, label_words,
+                                            template))
+            fields["task"] = task or "sst2"
+            configs = [RunConfig(method=m, **fields) for m in methods]
+            atomic_write_json(out / RUN_CONFIG_FILE, [dataclasses.asdict(c) for c in configs])
         if runtime == "inprocess":
             records = _run_all(configs, out, resume=resume is not None, save=save)
         else:
             records = _run_all_on_flower(configs, out, runtime == "flower-deployment", save,
                                          federation)
     _show(records, out, title=f"{configs[0].task} · {configs[0].model}")
+
+
+@contextmanager
+def _run_folder(out: Path, save: Path | None, resumed: bool, force: bool) -> Iterator[None]:
+    """Before any work: --out and --save can be written, --out is this run's alone (locked;
+    a new run finds no earlier run's records, a resumed one records that agree)."""
+    check_writable_folder(out, "--resume" if resumed else "--out")
+    if save is not None:
+        check_writable_folder(save, "--save")
+    with run_folder_lock(out) as stale:
+        if stale is not None:
+            console.print(f"[yellow]warning:[/] took over {escape(str(out))} from PID {stale}, "
+                          "a run that ended without letting go of it")
+        if resumed:
+            mixed = disagreements(out)
+            if mixed:
+                raise RunFolderError(f"{out} holds records of two runs: {mixed[0]}; "
+                                     "start a new run with --out")
+        else:
+            claim_fresh_folder(out, force)
+        yield
 
 
 def _check_methods(methods: list[str] | None, options: dict) -> None:
@@ -334,6 +381,11 @@ def _parse_options(pairs: list[str]) -> dict:
     return options
 
 
+#: the flag that set a spec key, for `run --train ...` (a spec file's errors name the key)
+_FLAG_OF_SPEC_KEY = {"name": "--task", "labels": "--labels", "label_words": "--label-words",
+                     "template": "--template", "train": "--train", "test": "--test"}
+
+
 def _write_task_spec(out, name, train, test, labels, label_words, template) -> Path:
     """Flags become a spec file in the run directory, so the run stays rerunnable."""
     if test is None or labels is None:
@@ -351,7 +403,8 @@ def _write_task_spec(out, name, train, test, labels, label_words, template) -> P
         if error.path != path:  # a data file's own error names that file
             with _user_errors():
                 raise
-        raise typer.BadParameter(error.message, param_hint="--train/--test/--labels") from None
+        hint = _FLAG_OF_SPEC_KEY.get(error.field or "", "--train/--test/--labels")
+        raise typer.BadParameter(error.message, param_hint=hint) from None
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(yaml.safe_dump(spec, sort_keys=False))
     return path
@@ -438,6 +491,7 @@ def bench(
         grid = BenchConfig.load(config)
         if out is not None:
             grid.out = out
+        check_writable_folder(grid.out, "--out" if out is not None else f"{config}'s out:")
         cells = expand(grid)
         done = sum(c.done for c in cells)
         console.print(f"[bold]{grid.name}[/]: {len(cells)} cells, {done} already done → "
@@ -501,6 +555,8 @@ def report(
     from fedsteer.eval.summary import write_report
 
     with _user_errors():
+        check_writable_folder(out if out is not None else results,
+                              "--out" if out is not None else "RESULTS")
         md, page = write_report(results, out, title)
     console.print(f"report: {md}  {page}")
 
@@ -581,6 +637,9 @@ def eval_cmd(
 ) -> None:
     """Apply a saved artifact, or an endpoint's model, to a task's test inputs."""
     from fedsteer.artifacts import evaluate_artifact, evaluate_endpoint
+    transfer: Annotated[bool, typer.Option(
+        help="apply the artifact to a task or --model other than the one it was made on "
+             "(refused otherwise)")] = False,
 
     _setup_logging(False)
     with _user_errors():
@@ -593,7 +652,8 @@ def eval_cmd(
             kind, name, source = "endpoint", endpoint.rsplit("#", 1)[1], endpoint
         else:
             kind, name, metrics, rows = evaluate_artifact(
-                artifact, t, model, test_size or None, test_seed, batch_size, blackbox)
+                artifact, t, model, test_size or None, test_seed, batch_size, blackbox,
+                transfer)
             source = str(artifact)
     table = Table("artifact", "kind", "task", "model", "rows", "acc %", "macro-F1 %")
     table.add_row(source, kind, t.name, name, str(rows),
@@ -616,11 +676,12 @@ def tasks() -> None:
 @app.command("partition")
 def partition_cmd(
     task: str = "sst2",
-    clients: int = 10,
-    alpha: float = 0.5,
-    scheme: str = "dirichlet",
+    clients: Annotated[int, typer.Option(min=1)] = 10,
+    alpha: Annotated[float, typer.Option(callback=_positive)] = 0.5,
+    scheme: Annotated[str, typer.Option(
+        "--partition", "--scheme", help="as `run --partition`")] = "dirichlet",
     seed: int = 0,
-    min_per_client: int = 2,
+    min_per_client: Annotated[int, typer.Option(min=0)] = 2,
 ) -> None:
     """Print how a task's training data would be split over clients (label counts)."""
     with _user_errors():
@@ -682,6 +743,10 @@ def show(run_dir: Path) -> None:
 
 
 app.add_typer(federation_app, name="federation")  # a real federation: fedsteer.flower.commands
+    for problem in disagreements(run_dir):
+        console.print(f"[yellow]warning:[/] {escape(problem)}")
+    for line in mixed_rows(records):
+        console.print(f"[yellow]warning:[/] {escape(line)}")
 app.command()(coordinator)
 app.command()(party)
 

@@ -275,7 +275,7 @@ def run_experiment(
     record["costs"]["wall_seconds"] = time.perf_counter() - started
     write_result(record, out_dir)
     if save_dir is not None and Path(save_dir).is_dir():
-        write_provenance(Path(save_dir), record)
+        write_provenance(Path(save_dir), record, task.spec.labels)
     log.info("%s on %s: accuracy %.4f -> %s", method.name, task.name,
              record["metrics"]["accuracy"], out_dir)
     return record

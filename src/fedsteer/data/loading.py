@@ -36,6 +36,8 @@ def load_examples(
     path = Path(path)
     if max_chars < 1:
         raise ValueError(f"max_chars must be >= 1, got {max_chars}")
+    if path.is_dir():
+        raise DataError("a folder, not a data file; name the .jsonl or .csv file in it", path)
     if not path.is_file():
         raise DataError("file not found", path)
     suffix = file_kind(path)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import os
 import platform
+from collections.abc import Sequence
 from importlib import metadata
 from pathlib import Path
 from typing import Any
@@ -69,8 +70,11 @@ def read_result(path: Path) -> dict[str, Any]:
 PROVENANCE_FILE = "provenance.json"
 
 
-def write_provenance(directory: Path, record: dict[str, Any]) -> None:
+def write_provenance(directory: Path, record: dict[str, Any],
+                     labels: Sequence[str] = ()) -> None:
+    """`labels`: the task's, so an artifact is not scored on another task's by mistake."""
     metrics = record["metrics"]
     atomic_write_json(Path(directory) / PROVENANCE_FILE, {
         "method": record["method"], "task": record["task"], "model": record["model"],
+        **({"labels": list(labels)} if labels else {}),
         **{k: metrics[k] for k in ("accuracy", "accuracy_ci95", "test_rows") if k in metrics}})

@@ -98,6 +98,9 @@ def comparison_table(records: Sequence[dict[str, Any]], title: str = "",
     table = Table(title=title or None,
                   caption="\n".join(f"warning: {w}" for w in warnings) or None)
     table.add_column("method", no_wrap=True)
+    mixed = mixed_fields(records)
+    for name in mixed:
+        table.add_column(name, no_wrap=True)
     private = any(rec.get("privacy") for rec in records)
     phased = any(rec["costs"].get("phases") for rec in records)
     waited = any(rec["costs"].get("client_wait_seconds") for rec in records)
@@ -110,6 +113,7 @@ def comparison_table(records: Sequence[dict[str, Any]], title: str = "",
         m, c = rec["metrics"], rec["costs"]
         table.add_row(
             label(rec) if label else rec["method"],
+            *(str(rec.get(name)) for name in mixed),
             with_interval(m),
             versus,
             _with_spread(m, "macro_f1"),
@@ -125,6 +129,23 @@ def comparison_table(records: Sequence[dict[str, Any]], title: str = "",
             *([_epsilon(rec.get("privacy"))] if private else []),
         )
     return table
+
+
+#: what makes two rows incomparable when they differ: each gets a column, and a warning
+CONTEXT_FIELDS = ("task", "model")
+
+
+def mixed_fields(records: Sequence[dict[str, Any]]) -> list[str]:
+    """The context fields on which the records differ (a folder reused by another run)."""
+    return [name for name in CONTEXT_FIELDS if len({rec.get(name) for rec in records}) > 1]
+
+
+def mixed_rows(records: Sequence[dict[str, Any]]) -> list[str]:
+    """One line per context field the rows differ on: their accuracies do not compare."""
+    return [f"these rows come from {len(values)} {name}s ({', '.join(values)}): their "
+            "accuracies are not comparable"
+            for name in mixed_fields(records)
+            for values in [sorted({str(rec.get(name)) for rec in records})]]
 
 
 def by_phase(costs: dict[str, Any]) -> str:

@@ -164,10 +164,9 @@ def check_options(names: list[str], options: dict[str, Any]) -> None:
     known = set().union(*(option_names(n) for n in names))
     unknown = sorted(set(options) - known)
     if unknown:
-        raise ValueError(
-            f"no option {', '.join(unknown)} in {', '.join(names)}; "
-            f"known: {', '.join(sorted(known))}"
-        )
+        takes = (f"known: {', '.join(sorted(known))}" if known else
+                 f"{' and '.join(names)} take{'s' if len(names) == 1 else ''} no options")
+        raise ValueError(f"no option {', '.join(unknown)} in {', '.join(names)}; {takes}")
     for name in names:
         hints = typing.get_type_hints(METHODS[name])
         for key, value in options.items():

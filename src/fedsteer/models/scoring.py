@@ -106,7 +106,8 @@ def tokenize_label_words(tokenizer, label_words: Sequence[str], multi_token: boo
         what = "token sequences" if multi_token else "first tokens"
         raise LabelWordError(
             f"label words {list(label_words)} share {what} under this tokenizer; "
-            "choose words that differ in their first token, or use multi_token=True"
+            "choose label words that differ in their first token (--label-words, or the "
+            "task spec's label_words)"
         )
     return LabelTokens(tuple(label_words), ids)
 
