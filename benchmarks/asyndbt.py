@@ -21,6 +21,9 @@ searches, once, for the candidate words that hurt its own data most (each word a
 whole prompt, through the black box, billed) and always sends the vertex on them.
 
     nohup .venv/bin/python benchmarks/asyndbt.py > benchmarks/results/asyndbt.log 2>&1 &
+
+`--recorded` re-renders `asyndbt.{md,json}` from the finished cells alone (no model loaded,
+nothing run; the plot is left as it was).
 """
 
 from __future__ import annotations
@@ -33,7 +36,7 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
-from common import cell, output_arguments, write_outputs  # noqa: E402
+from common import cell, output_arguments, recorded_cell, write_outputs  # noqa: E402
 
 from fedsteer.data import load_task  # noqa: E402
 from fedsteer.eval.metrics import paired_fraction_test, recorded_interval  # noqa: E402
@@ -66,14 +69,15 @@ def options_for(method: str, workers: int, args) -> dict:
 CENTRAL = ("zero-shot", "bdpl", "cen-dbt")  # no workers: one cell per task, in every row
 
 
-def grid(args, lm, cells: dict, workers: int) -> None:
+def grid(args, lm, cells: dict, workers: int, run_cell=cell) -> None:
     for task_name in args.tasks:
         task = load_task(task_name)
         for method in METHODS:
             size = 1 if method in CENTRAL else workers
             config = RunConfig(method, task_name, args.model, clients=size,
                                test_size=args.test_size, options=options_for(method, size, args))
-            cells[(task_name, workers, method)] = cell(args.out / "grid", config, lm, task)
+            cells[(task_name, workers, method)] = run_cell(args.out / "grid", config, lm,
+                                                           task)
 
 
 RULES = ("mean", "sign", "robust-sign", "median")  # --rules: the ones to run
@@ -81,7 +85,7 @@ RULES = ("mean", "sign", "robust-sign", "median")  # --rules: the ones to run
 FIRST_TRY = ("farthest", "mean")
 
 
-def byzantine(args, lm, cells: dict) -> None:
+def byzantine(args, lm, cells: dict, run_cell=cell) -> None:
     """1 of 4 workers attacks; each rule with and without it, on the same test rows."""
     task = load_task(args.byzantine_task)
     runs = [(args.attack, rule) for rule in args.rules] + [FIRST_TRY]
@@ -92,7 +96,7 @@ def byzantine(args, lm, cells: dict) -> None:
             config = RunConfig("asyndbt", args.byzantine_task, args.model, clients=4,
                                test_size=args.byzantine_test_size, options=options)
             folder = args.out / f"byzantine-{attack}-{consensus}-{bad}"
-            cells[(attack, consensus, bad)] = cell(folder, config, lm, task)
+            cells[(attack, consensus, bad)] = run_cell(folder, config, lm, task)
 
 
 def row(record: dict) -> dict:
@@ -126,7 +130,8 @@ def byzantine_lines(byz: dict, args) -> list[str]:
     """Each rule honest vs attacked on the same rows, the paired test, then the bar."""
     lines = ["", f"Byzantine ({args.byzantine_task}, 4 workers, 1 attacker; "
              f"{args.byzantine_test_size} test rows; accuracy: mean over the workers' "
-             "personalised evaluations, 95 % t-interval over the 4 workers):", "",
+             "personalised evaluations, 95 % interval: Wilson over the rows widened by the "
+             "t half-width over the 4 workers):", "",
              "| attack | consensus | honest | 1 Byzantine | lost (points) | "
              "paired p (Wilcoxon, rows) |", "|---|---|---:|---:|---:|---:|"]
     lost = {}
@@ -158,7 +163,9 @@ def markdown(grid_rows: dict, byz: dict, wall: float, args) -> str:
              f"Budget: {json.dumps(BUDGET)}; {args.iterations} server iterations; "
              f"{args.test_size} test rows; latencies 0…{args.slowest} s per local round "
              "(simulated clock; a worker with latency 0 takes 1 s).", "",
-             "Each cell: accuracy [95 % interval] (API calls billed by the black box, training "
+             "Each cell: accuracy [95 % interval: Wilson over the rows; for several workers, "
+             "all on the same rows, widened by the t half-width over them] (API calls billed "
+             "by the black box, training "
              "time: simulated seconds for the DBT runs, wall seconds for BDPL).", "",
              "| task | workers | " + " | ".join(METHODS) + " | async / sync time | "
              "async / sync calls |",
@@ -219,20 +226,23 @@ def main() -> None:
     parser.add_argument("--byzantine-test-size", type=int, default=200)
     parser.add_argument("--attack", default="worst")
     parser.add_argument("--rules", nargs="+", default=["mean"], choices=RULES)
+    parser.add_argument("--recorded", action="store_true",
+                        help="re-render the tables from the finished cells; run nothing")
     output_arguments(parser, "asyndbt")
     args = parser.parse_args()
-    lm, cells, byz = load_model(args.model), {}, {}
+    run_cell = recorded_cell if args.recorded else cell
+    lm, cells, byz = None if args.recorded else load_model(args.model), {}, {}
     if not args.skip_byzantine:
-        byzantine(args, lm, byz)
+        byzantine(args, lm, byz, run_cell)
     for workers in [] if args.only_byzantine else args.workers:
-        grid(args, lm, cells, workers)
+        grid(args, lm, cells, workers, run_cell)
     grid_rows = {k: row(v) for k, v in cells.items()}
     byz_rows = {k: row(v) for k, v in byz.items()}
     unique = {json.dumps(r["config"], sort_keys=True, default=str): r  # a worker-free cell
               for r in [*cells.values(), *byz.values()]}  # shows in every row of its task
     wall = sum(r["costs"]["wall_seconds"] for r in unique.values())
     args.report_dir.mkdir(parents=True, exist_ok=True)
-    if grid_rows:
+    if grid_rows and not args.recorded:
         plot(grid_rows, args.report_dir / "asyndbt.png")
 
     def without_rows(rows: dict) -> dict:  # the per-row scores stay in the cells' records

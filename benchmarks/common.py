@@ -103,6 +103,20 @@ def cell(out: Path, config: RunConfig, lm, task) -> dict:
     return record
 
 
+class Unfinished(LookupError):
+    """A cell `--recorded` needs has no finished record."""
+
+
+def recorded_cell(out: Path, config: RunConfig, lm, task) -> dict:
+    """`cell` that never runs: the finished record, or `Unfinished` (a script's `--recorded`
+    mode re-renders its tables from the records alone, without loading a model)."""
+    path = cell_path(out, config)
+    finished = reuse_finished(path, config)
+    if finished is None:
+        raise Unfinished(path)
+    return finished
+
+
 def summarize(records: list[dict]) -> dict:
     """Mean ± std over seeds per (model, task, method); local ICL also its client spread."""
     groups: dict[tuple, list[dict]] = {}

@@ -27,9 +27,8 @@ import statistics
 import time
 from pathlib import Path
 
-from common import RESULTS, cell, cell_path, grid_arguments, write_outputs
+from common import RESULTS, Unfinished, cell, grid_arguments, recorded_cell, write_outputs
 
-from fedsteer.bench import reuse_finished
 from fedsteer.data import load_task
 from fedsteer.eval.metrics import mean_interval, recorded_interval
 from fedsteer.eval.report import paired_difference
@@ -47,19 +46,6 @@ def rivals(args) -> tuple[str, ...]:
 
 def methods(args) -> tuple[str, ...]:
     return (*rivals(args), "ifed-icl")
-
-
-class Unfinished(LookupError):
-    """A cell `--recorded` needs has no finished record."""
-
-
-def recorded_cell(out: Path, config: RunConfig, lm, task) -> dict:
-    """`cell` that never runs: the finished record, or `Unfinished`."""
-    path = cell_path(out, config)
-    finished = reuse_finished(path, config)
-    if finished is None:
-        raise Unfinished(path)
-    return finished
 
 
 def task_cells(args, lm, task_name: str,
