@@ -634,12 +634,12 @@ def eval_cmd(
         help="prompts only: 'local' or 'openai:BASE_URL#MODEL'")] = "local",
     api_key_env: Annotated[str, typer.Option(help="--endpoint's API key variable")]
     = "OPENAI_API_KEY",
-) -> None:
-    """Apply a saved artifact, or an endpoint's model, to a task's test inputs."""
-    from fedsteer.artifacts import evaluate_artifact, evaluate_endpoint
     transfer: Annotated[bool, typer.Option(
         help="apply the artifact to a task or --model other than the one it was made on "
              "(refused otherwise)")] = False,
+) -> None:
+    """Apply a saved artifact, or an endpoint's model, to a task's test inputs."""
+    from fedsteer.artifacts import evaluate_artifact, evaluate_endpoint
 
     _setup_logging(False)
     with _user_errors():
@@ -740,13 +740,13 @@ def show(run_dir: Path) -> None:
     with _user_errors():
         records = [read_result(p) for p in paths]
     console.print(comparison_table(records))
-
-
-app.add_typer(federation_app, name="federation")  # a real federation: fedsteer.flower.commands
     for problem in disagreements(run_dir):
         console.print(f"[yellow]warning:[/] {escape(problem)}")
     for line in mixed_rows(records):
         console.print(f"[yellow]warning:[/] {escape(line)}")
+
+
+app.add_typer(federation_app, name="federation")  # a real federation: fedsteer.flower.commands
 app.command()(coordinator)
 app.command()(party)
 
