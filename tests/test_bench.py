@@ -186,8 +186,8 @@ def test_the_bench_command_prints_each_cell_row_then_takeaways_and_the_report_pa
     assert result.exit_code == 0, result.output
     text = " ".join(result.output.split())
     assert "zero-shot on sst2: acc" in text and "ifed-icl on sst2: acc" in text
-    assert text.index("zero-shot on sst2: acc") < text.index("Most accurate:")
-    assert "Bytes moved:" in text and "Client compute:" in text
+    assert text.index("zero-shot on sst2: acc") < text.index("Steering helped")
+    assert "Did not help:" in text and "Cost, whole run:" in text
     assert str((tmp_path / "cells" / "report.html").resolve()) in result.output.replace("\n", "")
 
 

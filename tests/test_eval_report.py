@@ -145,6 +145,31 @@ def _scored(method, correct, model="m"):
                       "client_seconds": 0.0, "peak_rss_bytes": 0}}
 
 
+def test_takeaways_say_where_steering_beat_zero_shot_by_the_paired_test_and_where_not():
+    """The closing lines of a grid: a gain counts only where the paired test on the same rows
+    supports it; a loss the test supports is called worse; a record on another model is not
+    paired at all (it used to say only who was most accurate, e.g. zero-shot on sst2)."""
+    from fedsteer.eval.report import takeaways
+
+    zero = _scored("zero-shot", [1] * 50 + [0] * 50)
+    better = _scored("ifed-icl", [1] * 50 + [1] * 15 + [0] * 35)  # 15 rows gained, none lost
+    noise = _scored("central-icl", [1] * 48 + [0] * 2 + [1] * 3 + [0] * 47)  # +1 row net
+    worse = _scored("bdpl", [1] * 30 + [0] * 70)  # 20 rows lost
+    other_model = _scored("fedpt", [1] * 100, model="emulator")
+    better["costs"].update(bytes_up=3000, bytes_down=500, client_seconds=40.0)
+    worse["costs"].update(bytes_up=10, bytes_down=0, client_seconds=2.0)
+    for rec in (zero, noise, other_model):
+        rec["costs"].update(bytes_up=0, bytes_down=0)
+    lines = takeaways([zero, better, noise, worse, other_model])
+    assert lines[0] == ("Steering helped (zero-shot's 50.0 % on the same 100 rows, paired test "
+                        "p < 0.05): ifed-icl +15.0 (p=6.1e-05).")
+    assert lines[1] == ("Did not help: central-icl +1.0 (p=1), bdpl -20.0 (p=1.9e-06, worse); "
+                        "not paired (other model or rows): fedpt.")
+    assert lines[2] == ("Cost, whole run: bytes from 10 B (bdpl) to 3.5 KB (ifed-icl); client "
+                        "compute from 0 s (zero-shot) to 40 s (ifed-icl).")
+    assert takeaways([zero, noise])[0].startswith("Steering helped nowhere: no method beat")
+
+
 def test_the_table_marks_a_difference_from_zero_shot_only_where_the_paired_test_does():
     zero = _scored("zero-shot", [1] * 50 + [0] * 50)
     better = _scored("ifed-icl", [1] * 50 + [1] * 15 + [0] * 35)  # 15 rows gained, none lost
