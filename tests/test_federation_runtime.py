@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import io
 from dataclasses import dataclass
 
 import numpy as np
 import pytest
-from flwr.app import Array, ArrayRecord, ConfigRecord, RecordDict
+from flwr.app import Array, ArrayRecord, ConfigRecord, MetricRecord, RecordDict
 from flwr.server.strategy.aggregate import aggregate
 
 from fedsteer.data import Example, TaskSpec
@@ -102,6 +103,49 @@ def test_fraction_samples_a_seeded_subset():
     picks = runtime.sample_clients(0, 10)
     assert len(picks) == 4 and picks == runtime.sample_clients(0, 10)
     assert any(runtime.sample_clients(r, 10) != picks for r in range(1, 5))
+
+
+def update(array: Array, **records) -> RecordDict:
+    return RecordDict({"update": ArrayRecord({"w": array}), **records})
+
+
+def raw_array(data: bytes, shape=(DIM,), dtype="float32") -> Array:
+    """An Array as a hostile client may send it: its declared dtype and shape, any bytes."""
+    return Array(dtype=dtype, shape=shape, stype="numpy.ndarray", data=data)
+
+
+def npy_bytes(value: np.ndarray) -> bytes:
+    buffer = io.BytesIO()
+    np.save(buffer, value, allow_pickle=True)
+    return buffer.getvalue()
+
+
+#: replies that passed the check and then failed the run (a complex norm, a string mean,
+#: an undecodable or pickled array) or were folded as numbers they are not (bool, int)
+MALFORMED = {
+    "complex64": (update(Array(np.ones(DIM, np.complex64))), "complex64"),
+    "complex128": (update(Array(np.ones(DIM, np.complex128))), "complex128"),
+    "bool": (update(Array(np.ones(DIM, bool))), "bool"),
+    "int32": (update(Array(np.ones(DIM, np.int32))), "int32"),
+    "strings": (update(Array(np.array(["x"] * DIM))), "<U1"),
+    "object": (update(raw_array(npy_bytes(np.array([None] * DIM, object)), dtype="object")),
+               "does not decode"),
+    "garbage bytes": (update(raw_array(b"\x93NUMPY not really")), "does not decode"),
+    "declared huge": (update(raw_array(b"", shape=(10**12,))), "shape"),
+    "NaN metric": (update(Array(np.ones(DIM, np.float32)),
+                          metrics=MetricRecord({"loss": float("nan")})), "NaN"),
+}
+
+
+@pytest.mark.parametrize("reply, reason", MALFORMED.values(), ids=MALFORMED.keys())
+def test_a_malformed_reply_is_rejected_and_the_round_goes_on(reply, reason):
+    env, clients = make_clients()
+    outcome = InProcessRuntime().run(Sabotaged(bad_cid=2, reply=reply), clients, env)
+    for cost in outcome.rounds:
+        assert [r["cid"] for r in cost.rejected] == [2]
+        assert reason in cost.rejected[0]["reason"]
+    healthy = InProcessRuntime().run(ToyAverage(), [c for c in clients if c.cid != 2], env)
+    np.testing.assert_array_equal(final_w(outcome), final_w(healthy))
 
 
 @pytest.mark.parametrize(

@@ -11,7 +11,9 @@ from dataclasses import dataclass
 
 import numpy as np
 import pytest
-from flwr.app import Array, ArrayRecord, RecordDict
+from flwr.app import Array, ArrayRecord, ConfigRecord, MetricRecord, RecordDict
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from typer.testing import CliRunner
 
 from fedsteer.cli import app
@@ -19,7 +21,8 @@ from fedsteer.data import DataError, Example, TaskSpec, load_examples, task_from
 from fedsteer.federation import InProcessRuntime, RuntimeConfig
 from fedsteer.federation.runtime import lower_median
 from fedsteer.methods import Client, seeded_rng
-from test_federation_runtime import ToyAverage, final_w, make_clients
+from fedsteer.methods.aggregation import RecordMean, RecordsAggregator
+from test_federation_runtime import DIM, ToyAverage, final_w, make_clients, npy_bytes, raw_array
 
 runner = CliRunner()
 
@@ -388,3 +391,96 @@ def test_a_sign_flipped_reply_of_honest_size_is_rejected_by_its_distance():
     assert "distance to the median" in rejected[0]["reason"]
     honest = InProcessRuntime().run(Drifting(), [c for c in clients if c.cid != 3], env)
     np.testing.assert_allclose(final_w(outcome), final_w(honest), rtol=1e-6)
+
+
+# --- hostile replies, generated -----------------------------------------------------------
+
+DTYPES = ["float16", "float32", "float64", "longdouble", "int8", "int64", "uint16", "bool",
+          "complex64", "complex128", "<U2", "S3", "datetime64[s]", "object"]
+SHAPES = [(DIM,), (DIM + 1,), (2, DIM // 2), (), (0,), (1, DIM)]
+
+
+@st.composite
+def hostile_array(draw) -> Array:
+    shape = draw(st.sampled_from(SHAPES))
+    if draw(st.booleans()):  # any bytes under any declared dtype, shape and serialization
+        return Array(dtype=draw(st.sampled_from(DTYPES)),
+                     shape=tuple(draw(st.lists(st.integers(-1, 10**13), max_size=3))),
+                     stype=draw(st.sampled_from(["numpy.ndarray", "torch", ""])),
+                     data=draw(st.binary(max_size=96) | st.just(npy_bytes(np.zeros(shape)))))
+    size = int(np.prod(shape))
+    values = np.array(draw(st.lists(st.floats(width=32) | st.sampled_from([0.0, 1e38]),
+                                    min_size=size, max_size=size)), dtype=np.float64)
+    dtype = np.dtype(draw(st.sampled_from(DTYPES)))
+    with np.errstate(all="ignore"):
+        value = (values.astype(str) if dtype.kind in "US" else values).reshape(shape)
+        value = value.astype(dtype)
+    if dtype.kind == "O":
+        return raw_array(npy_bytes(value), shape, "object")
+    return Array(value)
+
+
+NUMBER = st.floats() | st.integers(-2**63, 2**63 - 1)
+METRIC = NUMBER | st.lists(st.floats(), max_size=3) | st.lists(st.integers(0, 9), max_size=3)
+CONFIG = st.text(max_size=4) | st.binary(max_size=4) | st.booleans() | NUMBER
+
+
+@st.composite
+def hostile_reply(draw) -> RecordDict:
+    """Records named as a reply's (and not), of every kind, holding anything Flower carries."""
+    honest = ArrayRecord({"w": Array(np.full(DIM, 0.5, np.float32))})
+    records = {"update": honest} if draw(st.booleans()) else {}
+    names = st.sampled_from(["update", "metrics", "global", "x"])
+    for name in draw(st.lists(names, unique=True, max_size=3)):
+        keys = st.lists(st.sampled_from(["w", "loss", "v"]), unique=True, min_size=1,
+                        max_size=2)
+        kind = draw(st.sampled_from(["array", "metric", "config"]))
+        if kind == "array":
+            records[name] = ArrayRecord({k: draw(hostile_array()) for k in draw(keys)})
+        elif kind == "metric":
+            records[name] = MetricRecord({k: draw(METRIC) for k in draw(keys)})
+        else:
+            records[name] = ConfigRecord({k: draw(CONFIG) for k in draw(keys)})
+    return RecordDict(records)
+
+
+@dataclass
+class LossAverage(Unbounded):
+    """The toy averaged as FedAvg-LoRA and IFed-ICL's calibration are: a running mean of
+    the `update` record plus the mean of the replies' `metrics.loss`."""
+
+    name = "loss-average"
+    reply = None  # the hostile client's reply (set on the instance; not an option)
+
+    def client_step(self, message, client):
+        if client.cid == 2:
+            return self.reply
+        reply = super().client_step(message, client)
+        reply["metrics"] = MetricRecord({"loss": float(client.cid)})
+        return reply
+
+    def aggregator(self, rnd, state):
+        def promote(new):
+            new["global"] = new["update"]
+            del new["update"]
+            return new
+
+        return RecordsAggregator(state, [RecordMean("update")], losses=True, finish=promote)
+
+
+@settings(max_examples=150, deadline=None, derandomize=True, database=None,
+                     suppress_health_check=list(HealthCheck))
+@given(reply=hostile_reply(),
+                  claim=NUMBER | st.booleans() | st.text(max_size=3) | st.none(),
+                  screens=st.booleans())
+def test_a_hostile_reply_is_rejected_or_accepted_never_an_exception(reply, claim, screens):
+    env, clients = make_clients(4)
+    config = RuntimeConfig() if screens else RuntimeConfig(reply_norm_factor=0,
+                                                           max_client_weight=100)
+    method = LossAverage(rounds=1)
+    method.reply = reply
+    outcome = SelfReported({2: claim}, config).run(method, clients, env)
+    assert np.all(np.isfinite(final_w(outcome)))
+    assert all(np.isfinite(outcome.state["train"]["loss"]))
+    rejected = [x["cid"] for x in outcome.rounds[0].rejected]
+    assert rejected in ([], [2])
