@@ -3,8 +3,8 @@
 sst2 on smollm2-135m (fast enough for many clients), IID shards, 500 test rows, seed 0.
 - IFed-ICL takes every client in every round (its vectors are sent once, to everyone); its
   central noise is divided by all N. FedAvg-LoRA samples clients by Poisson at rate
-  `--fraction`, and under central DP divides by the expected count (amplification by
-  sampling is accounted).
+  `--fraction`; the sample is public, so no amplification by it is accounted (issue 41),
+  and the central mean divides by the replies that came.
 - Clips: each record's median update norm in the non-private cell of the same method and
   client count (`RoundCost.update_norms`). This choice reads private data and is *not*
   accounted; adaptive clipping would make it private (not built).
@@ -74,10 +74,8 @@ def noise(method: str, mode: str, epsilon: float, config: RunConfig) -> float:
     releases = RELEASES[method](config.options)
     if mode == "local":
         return noise_for_epsilon(epsilon, 1e-5, releases, "replace-one")
-    rate = config.fraction if config.sampling == "poisson" else None
-
     def ledger_for(z: float) -> CentralLedger:
-        return CentralLedger(CentralDP(clip=1.0, noise_multiplier=z), config.clients, rate)
+        return CentralLedger(CentralDP(clip=1.0, noise_multiplier=z), config.clients)
 
     return noise_for_target(epsilon, ledger_for, releases)
 

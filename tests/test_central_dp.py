@@ -1,5 +1,6 @@
-"""Central DP (issue 20): clients clip, the server adds noise once to the mean, Flower's
-accountant (checked against `dp_accounting` directly) spends ε over the rounds that ran."""
+"""Central DP (issue 20): clients clip, the server adds noise once to the mean; ε (checked
+against `dp_accounting` directly) is spent over the rounds that ran, replace-one and with
+no amplification by the public sample (issue 41)."""
 
 from __future__ import annotations
 
@@ -20,8 +21,6 @@ from fedsteer.methods import Method, seeded_rng
 from fedsteer.methods.aggregation import aggregate_arrays
 from test_federation_runtime import make_clients
 
-ADD_REMOVE = dp_accounting.NeighboringRelation.ADD_OR_REMOVE_ONE
-REPLACE = dp_accounting.NeighboringRelation.REPLACE_ONE
 WIDE = 20_000  # coordinates: enough to read the noise's std off one round
 
 
@@ -68,9 +67,11 @@ def test_the_server_adds_noise_once_with_sigma_z_clip_over_m():
     noise = outcome.state["w"]["w"].numpy() - mean
     assert np.std(noise) == pytest.approx(4.0 * 1.0 / 8, rel=0.03)  # Flower's compute_stdv
     privacy = outcome.privacy
-    assert privacy["mode"] == "central" and privacy["adjacency"] == "add-remove"
-    reference = rdp.RdpAccountant(neighboring_relation=ADD_REMOVE)
-    reference.compose(dp_accounting.GaussianDpEvent(4.0))
+    assert privacy["mode"] == "central" and privacy["adjacency"] == "replace-one"
+    # issue 41: the mean of m published replies moves by 2·clip/m when one client's data is
+    # swapped; add/remove (z = 4 as it stands) understated ε
+    reference = rdp.RdpAccountant()
+    reference.compose(dp_accounting.GaussianDpEvent(4.0 / 2))
     assert privacy["epsilon"] == pytest.approx(reference.get_epsilon(1e-5))
 
 
@@ -81,20 +82,19 @@ def test_without_dp_the_same_round_is_the_plain_mean():
     assert outcome.privacy["epsilon"] == math.inf
 
 
-def test_a_sampled_ledger_matches_dp_accounting_directly():
-    """A fixed-size sample of m of N: sampling without replacement, replace-one (the
-    sensitivity 2·clip), each reply's k records folded into z/(2√k)."""
+def test_a_sampled_ledger_claims_no_amplification():
+    """Issue 41: a fixed-size sample of m of N is drawn from the public seed and recorded,
+    so amplification by sampling does not hold: each round is a Gaussian of z/(2√k)
+    (replace-one, k records), whoever was drawn (it was accounted as sampling without
+    replacement, about 1/9 of this ε)."""
     ledger = CentralLedger(CentralDP(clip=1.0, noise_multiplier=2.0), population=100)
     for _ in range(5):
         ledger.record_round(array_records=2, sampled=10)
-    reference = rdp.RdpAccountant(neighboring_relation=REPLACE)
-    reference.compose(dp_accounting.SampledWithoutReplacementDpEvent(
-        100, 10, dp_accounting.GaussianDpEvent(2.0 / math.sqrt(2) / 2)), 5)
+    reference = rdp.RdpAccountant()
+    reference.compose(dp_accounting.GaussianDpEvent(2.0 / math.sqrt(2) / 2), 5)
     assert ledger.epsilon() == pytest.approx(reference.get_epsilon(1e-5))
     assert ledger.summary()["adjacency"] == "replace-one"
-    every = CentralLedger(CentralDP(clip=1.0, noise_multiplier=2.0), population=100)
-    every.record_round(array_records=1, sampled=100)
-    assert every.epsilon() > ledger.epsilon() / 5  # one unsampled round vs 5 sampled
+    assert ledger.summary()["amplification"].startswith("none")
 
 
 def test_a_central_dp_run_records_its_epsilon(tmp_path):
@@ -103,8 +103,8 @@ def test_a_central_dp_run_records_its_epsilon(tmp_path):
                        dp_clip=1.0, dp_noise=1.0, dp_mode="central", options=options)
     privacy = run_experiment(config, tmp_path)["privacy"]
     assert privacy["mode"] == "central" and privacy["rounds_accounted"] == 3
-    reference = rdp.RdpAccountant(neighboring_relation=ADD_REMOVE)
-    reference.compose(dp_accounting.GaussianDpEvent(1.0), 3)
+    reference = rdp.RdpAccountant()  # replace-one: z/2 per round
+    reference.compose(dp_accounting.GaussianDpEvent(0.5), 3)
     assert privacy["epsilon"] == pytest.approx(reference.get_epsilon(1e-5))
 
 
@@ -157,51 +157,48 @@ def test_poisson_sampling_draws_each_client_on_its_own_and_is_seeded():
         sample_clients(RuntimeConfig(sampling="bernoulli"), 0, 10)
 
 
-def test_central_dp_with_poisson_divides_by_the_expected_count():
-    """DP-FedAvg's fixed denominator: Σ clipped updates / (q·N), however many came."""
+def test_central_dp_with_poisson_divides_by_the_replies_that_came():
+    """The sample is public (recorded), so its size is no secret: the mean divides by the m
+    replies, and replace-one bounds its move by 2·clip/m (issue 41: no fixed q·N)."""
     outcome, sampled = poisson_round(population=20, rate=0.5)
     assert sampled and len(sampled) != 10  # this seed's draw is not the expected 10
     clipped = [seeded_rng("steps", c).normal(size=WIDE) for c in sampled]
-    expected = np.sum([v / np.linalg.norm(v) for v in clipped], axis=0) / 10
+    expected = np.mean([v / np.linalg.norm(v) for v in clipped], axis=0)
     np.testing.assert_allclose(outcome.state["w"]["w"].numpy(), expected, atol=1e-6)
 
 
-def test_a_poisson_ledger_matches_dp_accounting_directly():
-    """Poisson at rate q: add-or-remove adjacency (sensitivity clip), amplified."""
-    ledger = CentralLedger(CentralDP(clip=1.0, noise_multiplier=1.5), population=1000,
-                           poisson_rate=0.1)
-    for sampled in (93, 0, 110):  # what the draws were does not change what was spent
-        ledger.record_round(array_records=1, sampled=sampled)
-    reference = rdp.RdpAccountant(neighboring_relation=ADD_REMOVE)
-    reference.compose(dp_accounting.PoissonSampledDpEvent(
-        0.1, dp_accounting.GaussianDpEvent(1.5)), 3)
-    assert ledger.epsilon() == pytest.approx(reference.get_epsilon(1e-5))
-    assert ledger.summary()["adjacency"] == "add-remove"
-    assert ledger.summary()["sampling"] == "poisson, rate 0.1"
-    with pytest.raises(ValueError, match="whole number"):
-        CentralLedger(CentralDP(clip=1.0, noise_multiplier=1.0), population=15,
-                      poisson_rate=0.1)
+def test_a_poisson_run_is_accounted_without_amplification():
+    """Issue 41: the Poisson draw comes from the public seed and is recorded, so each round
+    that released anything is a full Gaussian of z/2 (it was Poisson-amplified, add/remove:
+    about a twentieth of this ε)."""
+    outcome, sampled = poisson_round(population=20, rate=0.5, noise_multiplier=1.5)
+    assert sampled
+    reference = rdp.RdpAccountant()
+    reference.compose(dp_accounting.GaussianDpEvent(1.5 / 2))
+    assert outcome.privacy["epsilon"] == pytest.approx(reference.get_epsilon(1e-5))
+    assert outcome.privacy["adjacency"] == "replace-one"
 
 
 def test_noise_is_calibrated_on_the_ledger_that_records_it():
     def ledger_for(z):
-        return CentralLedger(CentralDP(clip=1.0, noise_multiplier=z), population=1000,
-                             poisson_rate=0.1)
+        return CentralLedger(CentralDP(clip=1.0, noise_multiplier=z), population=1000)
 
-    z = noise_for_target(4.0, ledger_for, rounds=5)
+    z = noise_for_target(4.0, ledger_for, rounds=5, sampled=100)
     ledger = ledger_for(z)
     for _ in range(5):
-        ledger.record_round(1, 0)
+        ledger.record_round(1, 100)
     assert ledger.epsilon() == pytest.approx(4.0, rel=1e-3)
     assert noise_for_target(math.inf, ledger_for, rounds=5) == 0.0
 
 
 def test_each_round_records_the_median_update_norm_a_clip_is_chosen_by():
+    """Without DP; under central DP the record keeps no statistic of the clipped replies
+    (issue 41: it kept their exact median norm)."""
     env, clients = make_clients(4)
     plain = InProcessRuntime(RuntimeConfig(reply_norm_factor=0, max_client_weight=1))
     assert plain.run(Steps(), clients, env).rounds[0].update_norms == {"w": pytest.approx(3.0)}
     outcome, _ = run_round(noise_multiplier=0.0)  # clipped to 1 by the clients
-    assert outcome.rounds[0].update_norms == {"w": pytest.approx(1.0)}
+    assert outcome.rounds[0].update_norms == {}
 
 
 def test_a_poisson_draw_of_nobody_keeps_the_state():
@@ -229,7 +226,7 @@ def test_a_method_that_takes_every_client_is_not_accounted_as_poisson_sampled():
                            central_dp=dp, reply_norm_factor=0, max_client_weight=1)
     outcome = InProcessRuntime(config).run(EverySteps(), clients, env)
     assert outcome.rounds[0].clients == list(range(10))
-    assert outcome.privacy["sampling"] == "none (every client)"
-    reference = rdp.RdpAccountant(neighboring_relation=ADD_REMOVE)
-    reference.compose(dp_accounting.GaussianDpEvent(2.0))
+    assert outcome.privacy["amplification"].startswith("none")
+    reference = rdp.RdpAccountant()  # replace-one: z/2
+    reference.compose(dp_accounting.GaussianDpEvent(2.0 / 2))
     assert outcome.privacy["epsilon"] == pytest.approx(reference.get_epsilon(1e-5))

@@ -62,9 +62,9 @@ def test_noise_for_epsilon_spends_the_target():
     for target in (1.0, 8.0):
         z = noise_for_epsilon(target, 1e-5, rounds=4)  # replace-one: z/2 per round
         assert epsilon_for([z / 2] * 4, 1e-5) == pytest.approx(target, rel=1e-2)
-        z = noise_for_epsilon(target, 1e-5, rounds=4, adjacency="add-remove")
-        assert epsilon_for([z] * 4, 1e-5) == pytest.approx(target, rel=1e-2)
     assert noise_for_epsilon(math.inf, 1e-5, 4) == 0.0
+    with pytest.raises(ValueError, match="use replace-one"):
+        noise_for_epsilon(8.0, 1e-5, rounds=4, adjacency="add-remove")
 
 
 def test_a_dp_run_records_its_epsilon(tmp_path):
@@ -81,18 +81,17 @@ def test_a_dp_run_records_its_epsilon(tmp_path):
     assert privacy["adjacency"] == "replace-one"
 
 
-def test_add_remove_adjacency_halves_the_sensitivity_and_needs_secagg(tmp_path):
-    from fedsteer.federation.privacy import PrivacyLedger
-
-    ledger = PrivacyLedger(ClientDP(clip=1.0, noise_multiplier=1.0, adjacency="add-remove"))
-    for _ in range(3):
-        ledger.record_round(1)
-    reference = rdp.RdpAccountant()
-    reference.compose(dp_accounting.GaussianDpEvent(1.0), 3)
-    assert ledger.epsilon() == pytest.approx(reference.get_epsilon(1e-5))
+@pytest.mark.parametrize("mode, secagg", [("local", False), ("local", True), ("central", False)])
+def test_add_remove_adjacency_is_refused(tmp_path, mode, secagg):
+    """Issue 41: the record names who took part and the mean divides by them, so one
+    client's presence is no secret; add/remove (sensitivity clip) understated ε, also
+    with --secagg, where it was accepted."""
+    with pytest.raises(ValueError, match="dp adjacency 'add-remove': use replace-one"):
+        ClientDP(clip=1.0, noise_multiplier=1.0, adjacency="add-remove")
     config = RunConfig(method="ifed-icl", model="tiny-random", clients=3, test_size=10,
-                       dp_clip=1.0, dp_noise=1.0, dp_adjacency="add-remove")
-    with pytest.raises(ValueError, match="add-remove holds only when the server sees"):
+                       dp_clip=1.0, dp_noise=1.0, dp_adjacency="add-remove", dp_mode=mode,
+                       secagg=secagg)
+    with pytest.raises(ValueError, match="dp adjacency 'add-remove': use replace-one"):
         run_experiment(config, tmp_path)
 
 

@@ -219,8 +219,8 @@ def run(
     dp_clip_record: Annotated[list[str] | None, typer.Option(
         help="a record's own clip norm, NAME=NORM (repeatable), e.g. vectors=60")] = None,
     dp_adjacency: Annotated[str, typer.Option(
-        help="what ε protects: replace-one (a client's data swapped; sensitivity 2·clip) or "
-             "add-remove (sensitivity clip; only with --secagg)")] = "replace-one",
+        help="what ε protects: replace-one, a client's data swapped (sensitivity 2·clip); the "
+             "only one offered, since the record names who took part")] = "replace-one",
     secagg: Annotated[bool, typer.Option(
         help="Flower runtimes: SecAgg+, the server sees only the mean of the replies")] = False,
     eval_every: Annotated[int, typer.Option(
@@ -471,7 +471,8 @@ def _run_all_on_flower(configs: list[RunConfig], out: Path, deployment: bool,
 def _show(records: list[dict], out: Path, title: str) -> None:
     console.print(comparison_table(records, title=title))
     plot = plot_comparison(records, out / "comparison.png", title=title)
-    console.print(f"results: {out}/…/{RESULT_FILE}   plot: {plot}")
+    console.print(f"results: {out}/…/{RESULT_FILE}   plot: {plot}   "
+                  f"every column: fedsteer show {out} --all")
 
 
 @app.command()
@@ -581,6 +582,9 @@ def serve(
     max_prompts: Annotated[int, typer.Option(min=1)] = Limits.max_prompts,
     max_logprobs: Annotated[int, typer.Option(help="largest top-k of log-probs served",
                                               min=0)] = Limits.max_logprobs,
+    max_echo_tokens: Annotated[int, typer.Option(
+        help="prompt tokens one request may echo with log-probs (all its prompts × n)",
+        min=1)] = Limits.max_echo_tokens,
     max_concurrent: Annotated[int, typer.Option(
         help="requests in flight; one more is answered 429", min=1)] = Limits.max_concurrent,
     timeout: Annotated[float, typer.Option(help="seconds a request may take",
@@ -596,7 +600,7 @@ def serve(
     with _user_errors():
         key = _api_key(api_key_env)
         limits = Limits(max_body_bytes, max_prompt_tokens, max_tokens, max_n, max_prompts,
-                        max_logprobs, max_concurrent, timeout)
+                        max_logprobs, max_echo_tokens, max_concurrent, timeout)
         adaptations = build_adaptations(load_model(model), artifact or [], load_model)
         server = Server(adaptations, limits, key, max_batch_rows)
     for adaptation in adaptations.values():
@@ -732,14 +736,16 @@ def models() -> None:
 
 
 @app.command()
-def show(run_dir: Path) -> None:
+def show(run_dir: Path, all_columns: Annotated[bool, typer.Option(
+        "--all", help="every column: macro-F1, bytes per round and phase, rounds, waiting, "
+                      "evaluation time, peak memory, rejected replies")] = False) -> None:
     """Print the table of a finished run directory (one or several methods)."""
     paths = sorted(run_dir.rglob(RESULT_FILE))
     if not paths:
         raise typer.BadParameter(f"no {RESULT_FILE} under {run_dir}")
     with _user_errors():
         records = [read_result(p) for p in paths]
-    console.print(comparison_table(records))
+    console.print(comparison_table(records, full=all_columns))
     for problem in disagreements(run_dir):
         console.print(f"[yellow]warning:[/] {escape(problem)}")
     for line in mixed_rows(records):

@@ -21,7 +21,7 @@ from fedsteer.eval.costs import reset_peak_rss, summarize_costs
 from fedsteer.eval.metrics import accuracy_interval
 from fedsteer.eval.record import environment, write_provenance, write_result
 from fedsteer.federation import InProcessRuntime, Runtime, RuntimeConfig
-from fedsteer.federation.privacy import CentralDP, ClientDP
+from fedsteer.federation.privacy import CentralDP, ClientDP, check_adjacency
 from fedsteer.federation.runtime import (
     DEFAULT_CLIENT_BATCH_ROWS,
     SAMPLINGS,
@@ -121,13 +121,10 @@ def client_dp(config: RunConfig) -> ClientDP | None:
     """What each client does to its reply: clip and noise (local DP), clip only (central)."""
     if config.dp_clip is None:
         return None
+    check_adjacency(config.dp_adjacency)
     central = central_dp(config)
     if central is not None:
         return central.client_side()
-    if config.dp_adjacency == "add-remove" and not config.secagg:
-        raise ValueError("dp adjacency add-remove holds only when the server sees no more than "
-                         "the sum of the replies (--secagg on Flower); the server here sees "
-                         "each reply, so one client's replacement is the unit: replace-one")
     return ClientDP(clip=config.dp_clip, noise_multiplier=config.dp_noise, delta=config.dp_delta,
                     record_clips=dict(config.dp_record_clips), adjacency=config.dp_adjacency)
 
@@ -160,6 +157,7 @@ def check_settings(config: RunConfig, method, resume: bool = False) -> None:
         raise ValueError(f"{method.name} reports through metrics, which client-level DP drops; "
                          f"dp_clip applies to {', '.join(private)}")
     if not isinstance(method, AsyncMethod):
+        refuse_a_rule_that_is_not_the_mean(config, method)
         client_batch_size(runtime_config(config), method)  # refuses a batch it cannot step
         return
     ignored = {"dp_clip": config.dp_clip is not None, "eval_every": config.eval_every > 0,
@@ -173,6 +171,22 @@ def check_settings(config: RunConfig, method, resume: bool = False) -> None:
     if resume:  # `bench` resumes every cell it can; this one cannot, and says so
         log.warning("%s runs on the asynchronous runtime, which keeps no checkpoint: "
                     "the run starts afresh", method.name)
+
+
+def refuse_a_rule_that_is_not_the_mean(config: RunConfig, method) -> None:
+    """SecAgg+ reveals only the mean of the replies, and central DP's noise joins that mean:
+    a method whose aggregate is another rule (`-o rule=median`, krum, ...) would silently
+    become the mean, or drop the noise with the reply it rejects."""
+    if method.secure_mean:
+        return
+    rule = method.options().get("rule")
+    which = f"{method.name} with rule={rule}" if rule else method.name
+    if config.secagg:
+        raise ValueError(f"--secagg: {which} does not aggregate by a mean, and SecAgg+ reveals "
+                         "only the mean of the replies; use -o rule=mean or drop --secagg")
+    if config.dp_clip is not None and config.dp_mode == "central":
+        raise ValueError(f"--dp-mode central: {which} does not aggregate by a mean, and the "
+                         "server's noise joins that mean; use -o rule=mean or --dp-mode local")
 
 
 def run_asynchronous(method: AsyncMethod, clients, env: Environment):

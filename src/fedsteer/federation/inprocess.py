@@ -80,7 +80,7 @@ class InProcessRuntime(Runtime):
             cost.client_seconds += share
             cost.client_compute[client.cid] = share
             cost.client_threads[client.cid] = current_threads()
-            out[client.cid] = self._privatize(content, message, cost, client.cid)
+            out[client.cid] = self._privatize(content, message)
         cost.client_batches.append(len(group))
         return out
 
@@ -88,8 +88,7 @@ class InProcessRuntime(Runtime):
         """One client's step alone: its content, or None when it failed (logged)."""
         started = time.perf_counter()
         try:
-            return self._privatize(method.client_step(message, client), message, cost,
-                                   client.cid)
+            return self._privatize(method.client_step(message, client), message)
         except Exception as error:
             if not tolerated(error, self.config.tolerate_client_errors):
                 raise  # a bug in a step must not pass as one party's bad day
@@ -102,10 +101,9 @@ class InProcessRuntime(Runtime):
             cost.client_compute[client.cid] = elapsed
             cost.client_threads[client.cid] = current_threads()
 
-    def _privatize(self, content: RecordDict, message, cost: RoundCost, cid: int) -> RecordDict:
+    def _privatize(self, content: RecordDict, message) -> RecordDict:
         """What leaves the client: its reply under client-level DP when the run asks."""
-        return privatize_reply(self.config.dp, content, message, seed=self.config.seed,
-                               rnd=cost.round, cid=cid)
+        return privatize_reply(self.config.dp, content, message)
 
     def _progress_task(self, label: str, total: int):
         if self.progress is None:

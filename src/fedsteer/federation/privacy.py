@@ -10,12 +10,17 @@ is one client's whole dataset.
 - Each array record is clipped to L2 norm `clip` and gets N(0, (z·clip)²) noise on every
   coordinate, so a reply with k array records is a Gaussian mechanism of noise multiplier
   z/√k; numbers in metric records are dropped (they would leak unprotected).
-- Adjacency: two federations that differ in one client's whole dataset (replace-one). The
-  server sees each client's reply, so replacing a client can move its clipped update from
-  any point of the clip ball to any other: sensitivity 2·clip, and each round is accounted as
-  a Gaussian mechanism of noise multiplier z/(2√k). Add/remove adjacency (sensitivity clip,
-  z/√k) holds only when the server sees no more than the sum (SecAgg+), and is refused
-  otherwise. The record states which was used (`privacy.adjacency`).
+- Adjacency: two federations that differ in one client's whole dataset (replace-one).
+  Replacing a client can move its clipped update from any point of the clip ball to any
+  other: sensitivity 2·clip, and each round is accounted as a Gaussian mechanism of noise
+  multiplier z/(2√k). Add/remove is not offered: the record publishes who took part in
+  each round and the population, so one client's presence is no secret to protect.
+- No amplification by sampling: the sample is drawn from the run's public seed and
+  recorded (`rounds[i].clients`), so every round that released anything is accounted as if
+  every client took part.
+- The noise is drawn from OS entropy (`noise_rng`), never from the run's seed: noise that
+  anyone holding the record could regenerate would protect no one. A DP run is therefore
+  not reproducible, by design.
 - ε at δ comes from Google's `dp_accounting` (Rényi DP), composed over the rounds that
   actually ran; `noise_for_epsilon` calibrates z for a target ε with the same library.
 """
@@ -23,6 +28,7 @@ is one client's whole dataset.
 from __future__ import annotations
 
 import math
+import secrets
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -32,7 +38,26 @@ from dp_accounting import rdp
 from flwr.app import Array, ArrayRecord, RecordDict
 
 #: adjacency -> L2 sensitivity of one client's clipped reply, in units of its clip norm
-SENSITIVITY = {"replace-one": 2.0, "add-remove": 1.0}
+#: (add/remove is not offered: the record names who took part, see the module docstring)
+SENSITIVITY = {"replace-one": 2.0}
+#: what the record says of where the noise comes from and of sampling
+NOISE_SOURCE = ("OS entropy (secrets.randbits), not the run's seed: no one can regenerate "
+                "it from the record, and a DP run is not reproducible")
+NO_AMPLIFICATION = ("none claimed: the sample is drawn from the public seed and recorded, "
+                    "so each round is accounted as if every client took part")
+
+
+def check_adjacency(adjacency: str) -> None:
+    """Refuse an adjacency ε cannot be claimed under (see the module docstring)."""
+    if adjacency not in SENSITIVITY:
+        raise ValueError(f"dp adjacency {adjacency!r}: use replace-one (the record names who "
+                         "took part and how many, so add/remove would protect nothing)")
+
+
+def noise_rng() -> np.random.Generator:
+    """The generator every DP noise draw comes from, seeded from OS entropy per draw site:
+    noise regenerable from the record's seed would protect no one."""
+    return np.random.default_rng(secrets.randbits(128))
 
 
 @dataclass
@@ -47,7 +72,7 @@ class ClientDP:
     noise_multiplier: float
     delta: float = 1e-5
     record_clips: dict[str, float] = field(default_factory=dict)
-    adjacency: str = "replace-one"  # or "add-remove" (only when the server sees just the sum)
+    adjacency: str = "replace-one"  # the only one offered (see the module docstring)
 
     @property
     def sensitivity(self) -> float:
@@ -55,8 +80,7 @@ class ClientDP:
         return SENSITIVITY[self.adjacency]
 
     def __post_init__(self) -> None:
-        if self.adjacency not in SENSITIVITY:
-            raise ValueError(f"dp adjacency {self.adjacency!r}: use one of {list(SENSITIVITY)}")
+        check_adjacency(self.adjacency)
         if self.clip <= 0 or any(c <= 0 for c in self.record_clips.values()):
             raise ValueError(f"dp clip norms must be > 0, got {self.clip}, {self.record_clips}")
         if self.noise_multiplier < 0:
@@ -113,14 +137,13 @@ def global_array(reference: ArrayRecord | None, key: str, shape: tuple[int, ...]
     return np.zeros(shape, np.float64)
 
 
-def privatize_reply(dp: ClientDP | None, reply: RecordDict, message: RecordDict, *,
-                    seed: int, rnd: int, cid: int) -> RecordDict:
-    """What every runtime does to a reply on the client's side before it is sent."""
+def privatize_reply(dp: ClientDP | None, reply: RecordDict, message: RecordDict
+                    ) -> RecordDict:
+    """What every runtime does to a reply on the client's side before it is sent (its noise
+    from `noise_rng`: OS entropy, never the run's seed)."""
     if dp is None:
         return reply
-    from fedsteer.methods.base import seeded_rng
-
-    return dp.privatize(reply, message, seeded_rng(seed, "dp", rnd, cid))
+    return dp.privatize(reply, message, noise_rng())
 
 
 @dataclass
@@ -131,7 +154,8 @@ class PrivacyLedger:
     noise_multipliers: list[float] = field(default_factory=list)
 
     def record_round(self, array_records: int, sampled: int = 0) -> None:
-        """One round's release (`sampled` is unused: each client noises its own reply)."""
+        """One round's release (`sampled` is unused: each client noises its own reply, and
+        a round no reply reached released nothing)."""
         if array_records:  # k records, each its own clip: one mechanism of z/(s·√k)
             self.noise_multipliers.append(
                 self.dp.noise_multiplier / (self.dp.sensitivity * math.sqrt(array_records)))
@@ -146,6 +170,7 @@ class PrivacyLedger:
                 "record_clips": self.dp.record_clips,
                 "noise_multiplier": self.dp.noise_multiplier,
                 "adjacency": self.dp.adjacency, "sensitivity_in_clips": self.dp.sensitivity,
+                "noise_source": NOISE_SOURCE, "amplification": NO_AMPLIFICATION,
                 "rounds_accounted": len(self.noise_multipliers)}
 
 
@@ -164,7 +189,8 @@ def epsilon_for(noise_multipliers: list[float], delta: float) -> float:
 def noise_for_epsilon(epsilon: float, delta: float, rounds: int,
                       adjacency: str = "replace-one") -> float:
     """The noise multiplier z (in units of the clip) whose `rounds`-fold composition spends
-    exactly ε at δ under `adjacency` (one array record per reply)."""
+    exactly ε at δ under `adjacency` (replace-one; one array record per reply)."""
+    check_adjacency(adjacency)
     if math.isinf(epsilon):
         return 0.0
     return SENSITIVITY[adjacency] * float(dp_accounting.calibrate_dp_mechanism(
@@ -185,16 +211,17 @@ class CentralDP:
     same, and the server adds N(0, σ²) with σ = `compute_stdv(z, clip, m)` = z·clip/m to the
     mean of the m replies. Here the noise N(0, (z·clip)²) joins the running sum with the
     first reply folded, which is the same distribution on the mean and needs no list of the
-    replies. In process the server sees each clipped reply (it is trusted; the guarantee
-    holds against everyone who sees the results); on Flower with `--secagg` it sees only
-    SecAgg+'s mean of the clipped replies, and the noise, σ = z·clip/m, joins that mean.
+    replies — which is why the method's rule must be that mean (a robust rule could drop
+    the noised reply; `experiment.check_settings` refuses one). In process the server sees
+    each clipped reply (it is trusted; the guarantee holds against everyone who sees the
+    results); on Flower with `--secagg` it sees only SecAgg+'s mean of the clipped replies,
+    and the noise, σ = z·clip/m, joins that mean. The noise comes from `noise_rng`.
 
-    Accounted with Flower's RDP accountant (Google's `dp_accounting` underneath) over the
-    rounds that ran, in the three pairs it supports: all clients each round → no
-    amplification, add-or-remove-one adjacency (sensitivity clip); `--sampling poisson` at
-    rate q → Poisson amplification, add-or-remove-one, and the mean divides by q·N (not by
-    who came, which would reveal it); a fixed-size sample of m of N → sampling without
-    replacement, replace-one adjacency (sensitivity 2·clip).
+    Accounted as `ClientDP` is: replace-one adjacency (the mean of m replies, m public,
+    moves by at most 2·clip/m when one client's data is swapped, so each round is a Gaussian
+    of noise multiplier z/(2√k)), no amplification by sampling (the sample is public), over
+    the rounds that released anything. The server's outlier screens are off and the record
+    holds no statistic of the clipped replies (`ReplyChecks`): the clip bounds every reply.
     """
 
     clip: float
@@ -215,20 +242,23 @@ class CentralDP:
     def unclipped(self, norms: dict[str, float], slack: float = 1e-4) -> str | None:
         """Why a reply (or a secure mean of clipped replies), whose records' update norms
         are `norms` (`update_norms`), is not clipped as promised (the server checks: its
-        sensitivity, hence ε, rests on it), or None."""
+        sensitivity, hence ε, rests on it), or None. The reason names no norm: the record
+        holds no exact statistic of a client's data."""
         for name, norm in norms.items():
             clip = self.record_clips.get(name, self.clip)
             if norm > clip * (1 + slack):
-                return f"record {name!r} update norm {norm:.4g} exceeds the DP clip {clip:g}"
+                return f"record {name!r} update exceeds the DP clip {clip:g}"
         return None
 
-    def noised(self, reply: RecordDict, rng: np.random.Generator, replies: int = 1
-               ) -> RecordDict:
+    def noised(self, reply: RecordDict, replies: int = 1,
+               rng: np.random.Generator | None = None) -> RecordDict:
         """`reply` — one client's, or the mean of `replies` that SecAgg+ handed over — with
         the round's noise added to each array record, σ = z·clip/`replies` (Flower's
-        `compute_stdv`): one reply folded into a mean of m carries σ = z·clip/m to it too."""
+        `compute_stdv`): one reply folded into a mean of m carries σ = z·clip/m to it too.
+        The noise is drawn from `rng`, by default `noise_rng()` (OS entropy)."""
         from flwr.supercore.differential_privacy import compute_stdv
 
+        rng = rng if rng is not None else noise_rng()
         noisy = RecordDict()
         for name, record in reply.items():
             if isinstance(record, ArrayRecord):
@@ -243,86 +273,34 @@ class CentralDP:
 
 @dataclass
 class CentralLedger:
-    """Central DP's spending: one sampled Gaussian release per round, Flower's accountant."""
+    """Central DP's spending: one Gaussian release per round that folded any reply, replace-one
+    (z/(2√k) for k array records), no amplification by the public sample."""
 
     dp: CentralDP
     population: int
-    #: Poisson sampling's rate (`--sampling poisson`); None: a fixed-size sample, or everyone
-    poisson_rate: float | None = None
-    #: per round: z/√k (k array records, each with its own clip) and the clients sampled
-    releases: list[tuple[float, int]] = field(default_factory=list)
-
-    def __post_init__(self) -> None:
-        if self.poisson_rate is not None:
-            expected = self.poisson_rate * self.population
-            if abs(expected - round(expected)) > 1e-9 or round(expected) < 1:
-                raise ValueError(
-                    f"Poisson sampling at fraction {self.poisson_rate:g} of {self.population} "
-                    "clients: fraction × clients must be a whole number ≥ 1 (the accountant's "
-                    "expected sample size)")
+    #: per round released: z/(2√k) (k array records, each with its own clip)
+    noise_multipliers: list[float] = field(default_factory=list)
 
     def record_round(self, array_records: int, sampled: int) -> None:
-        if self.poisson_rate is not None:  # a release every round, whoever the draw picked
-            sampled = round(self.poisson_rate * self.population)
+        """A round no reply reached (a Poisson draw of nobody) released nothing: no noise,
+        nothing spent."""
         if array_records and sampled:
-            self.releases.append((self.dp.noise_multiplier / math.sqrt(array_records),
-                                  min(sampled, self.population)))
-
-    @property
-    def sampling(self) -> str:
-        if self.poisson_rate is not None:
-            return "poisson"
-        return "none" if all(m >= self.population for _, m in self.releases) else "fixed"
-
-    @property
-    def sensitivity(self) -> float:
-        """In clips: a client added or removed moves the sum by clip, one replaced by 2·clip.
-        Fixed-size samples are accounted under replacement, the rest under add/remove."""
-        return 2.0 if self.sampling == "fixed" else 1.0
+            self.noise_multipliers.append(
+                self.dp.noise_multiplier / (SENSITIVITY["replace-one"] * math.sqrt(array_records)))
 
     def epsilon(self) -> float:
-        if not self.releases:
-            return 0.0
-        if min(z for z, _ in self.releases) == 0:
-            return math.inf
-        return float(self._accountant().get_epsilon(self.dp.delta))
-
-    def _accountant(self):
-        from flwr.supercore.privacy_accounting import (
-            GaussianPrivacyEvent,
-            NeighboringRelation,
-            PrivacyConfig,
-            SamplingMethod,
-        )
-        from flwr.supercore.privacy_accounting.rdp_accountant import RdpAccountant
-
-        method, relation = {
-            "none": (SamplingMethod.NO_AMPLIFICATION, NeighboringRelation.ADD_OR_REMOVE_ONE),
-            "poisson": (SamplingMethod.POISSON, NeighboringRelation.ADD_OR_REMOVE_ONE),
-            "fixed": (SamplingMethod.WITHOUT_REPLACEMENT, NeighboringRelation.REPLACE_ONE),
-        }[self.sampling]
-        accountant = RdpAccountant(PrivacyConfig(self.dp.delta, self.population, relation,
-                                                 method))
-        for z, sampled in self.releases:
-            accountant.compose(GaussianPrivacyEvent(z / self.sensitivity, sampled,
-                                                    self.population))
-        return accountant
+        return epsilon_for(self.noise_multipliers, self.dp.delta)
 
     def summary(self) -> dict[str, Any]:
         """The result record's `privacy` block."""
         return {"mode": "central", "epsilon": self.epsilon(), "delta": self.dp.delta,
                 "clip": self.dp.clip, "record_clips": self.dp.record_clips,
                 "noise_multiplier": self.dp.noise_multiplier,
-                "adjacency": "replace-one" if self.sampling == "fixed" else "add-remove",
-                "sensitivity_in_clips": self.sensitivity,
-                "sampling": self._sampling_note(),
-                "population": self.population, "rounds_accounted": len(self.releases)}
-
-    def _sampling_note(self) -> str:
-        if self.poisson_rate is not None:
-            return f"poisson, rate {self.poisson_rate:g}"
-        return {"none": "none (every client)",
-                "fixed": "fixed size, without replacement"}[self.sampling]
+                "adjacency": "replace-one", "sensitivity_in_clips": SENSITIVITY["replace-one"],
+                "noise_source": NOISE_SOURCE, "amplification": NO_AMPLIFICATION,
+                "outlier_screens": "off: the clip bounds every reply, and the record holds no "
+                                   "statistic of the clipped replies",
+                "population": self.population, "rounds_accounted": len(self.noise_multipliers)}
 
 
 def noise_for_target(epsilon: float, ledger_for: Any, rounds: int, array_records: int = 1,

@@ -38,8 +38,8 @@ from flwr.app import Array, ArrayRecord, RecordDict
 
 from fedsteer.eval.costs import RoundCost, payload_bytes
 from fedsteer.federation.payloads import InvalidReply, check_reply, example_count
-from fedsteer.federation.privacy import CentralDP, global_array, update_norms
-from fedsteer.methods.base import Aggregator, Method, Reply, seeded_rng
+from fedsteer.federation.privacy import CentralDP, update_norms
+from fedsteer.methods.base import Aggregator, Method, Reply
 
 log = logging.getLogger(__name__)
 
@@ -274,8 +274,10 @@ class RoundReplies:
             reject(self.cost, cid, problem)
             return False
         self.cost.bytes_up += payload_bytes(content)
-        weight = 1 if self.checks.central_dp is not None else num_examples  # uniform: DP's
-        self.take(Reply(cid=cid, content=content, num_examples=weight), norms)  # sensitivity
+        central = self.checks.central_dp is not None
+        weight = 1 if central else num_examples  # uniform: DP's sensitivity
+        # under central DP the record keeps no statistic of a clipped (un-noised) reply
+        self.take(Reply(cid=cid, content=content, num_examples=weight), None if central else norms)
         return True
 
     def take_mean(self, mean: RecordDict, replies: int) -> None:
@@ -289,8 +291,7 @@ class RoundReplies:
                 reject(self.cost, -1, f"secure mean: {problem}")
                 return
             self.noised = True
-            mean = dp.noised(mean, seeded_rng(self.checks.seed, "central-dp", self.cost.round),
-                             replies)
+            mean = dp.noised(mean, replies)  # from OS entropy, never the run's seed
         self.take(Reply(cid=-1, content=mean, num_examples=replies))
 
     def take(self, reply: Reply, update_norms: dict[str, float] | None = None) -> None:
@@ -329,27 +330,7 @@ class RoundReplies:
             name: float(np.median([k.update_norms[name] for k in self.kept
                                    if name in k.update_norms]))
             for name in sorted({n for k in self.kept for n in k.update_norms})}
-        if self.checks.expected_replies is not None:
-            self._fold_to_expected(self.checks.expected_replies)
         return [k.norms for k in self.kept]
-
-    def _fold_to_expected(self, expected: float) -> None:
-        """Divide the round's sum by the expected number of replies (DP-FedAvg's fixed
-        denominator, McMahan et al. 2018): fold in an update of zero weighing `expected − m`.
-        The mean becomes `global + Σ updates / expected`, noise included, whoever came."""
-        shapes = self.method.reply_shapes(self.message)
-        if not shapes:
-            raise ValueError(f"{self.method.name} declares no reply shapes: central DP with "
-                             "Poisson sampling needs them to divide by the expected count")
-        arrays: dict[str, dict[str, Array]] = {}
-        for key, shape in shapes.items():
-            record, array = key.split(".", 1)
-            base = global_array(self.message.array_records.get(record), array, shape)
-            arrays.setdefault(record, {})[array] = Array(base.astype(np.float32))
-        unchanged = RecordDict({name: ArrayRecord(a) for name, a in arrays.items()})
-        self.cost.array_records = max(self.cost.array_records, len(unchanged.array_records))
-        weight = expected - sum(k.num_examples for k in self.kept)
-        self._fold(Reply(-1, unchanged, weight))
 
     def result(self) -> RecordDict:
         return self.aggregator.result()
@@ -363,8 +344,7 @@ class RoundReplies:
         started = time.perf_counter()
         if self.checks.central_dp is not None and not self.noised:
             self.noised = True  # once per round: the mean then carries σ = z·clip/m
-            rng = seeded_rng(self.checks.seed, "central-dp", self.cost.round)
-            reply = Reply(reply.cid, self.checks.central_dp.noised(reply.content, rng),
+            reply = Reply(reply.cid, self.checks.central_dp.noised(reply.content),
                           reply.num_examples)
         self.aggregator.add(reply)
         self.fold_seconds += time.perf_counter() - started
@@ -380,11 +360,9 @@ class ReplyChecks:
     #: and no more than the other replies together)
     max_weight: float | None
     spool_root: Path | None = None  # where spooled replies wait (None: the system's temp)
-    #: central DP: every reply weighs 1 and the round's noise joins the first reply folded
+    #: central DP: every reply weighs 1 and the round's noise (OS entropy) joins the first
+    #: reply folded; the runtime turns the screens off (the clip bounds every reply)
     central_dp: CentralDP | None = None
-    seed: int = 0  # of the central noise (drawn per round)
-    #: central DP with Poisson sampling: the mean's denominator (fraction × clients)
-    expected_replies: float | None = None
 
 
 def aggregate_problem(state: RecordDict, norms: Sequence[dict[str, float]],

@@ -57,7 +57,8 @@ DEFAULT_CLIENT_BATCH_ROWS = 8
 class RuntimeConfig:
     fraction: float = 1.0  # share of clients sampled each round
     #: fixed: exactly round(fraction × N) clients; poisson: each client on its own with
-    #: probability `fraction` (what DP's amplification by Poisson sampling assumes)
+    #: probability `fraction`. Either is drawn from the public seed and recorded, so DP
+    #: claims no amplification by it (`federation/privacy.py`)
     sampling: str = "fixed"
     min_clients: int = 1
     seed: int = 0
@@ -210,16 +211,8 @@ class Runtime(ABC):
     def _ledger(self, method: Method, population: int
                 ) -> PrivacyLedger | CentralLedger | None:
         if self.config.central_dp is not None:
-            return CentralLedger(self.config.central_dp, population, self._poisson_rate(method))
+            return CentralLedger(self.config.central_dp, population)
         return PrivacyLedger(self.config.dp) if self.config.dp else None
-
-    def _poisson_rate(self, method: Method) -> float | None:
-        """The rate clients are Poisson-sampled at, or None: fixed-size samples, or a method
-        that takes every client in every round whatever `fraction` says."""
-        if (self.config.sampling != "poisson" or self.config.fraction >= 1
-                or method.every_client):
-            return None
-        return self.config.fraction
 
     def sample_clients(self, rnd: int, num_clients: int) -> list[int]:
         return sample_clients(self.config, rnd, num_clients)
@@ -249,7 +242,7 @@ class Runtime(ABC):
         sampled = [clients[cid] for cid in chosen]
         previous = copy.deepcopy(state)  # the aggregator may change the state in place
         self._round = RoundReplies(method, message, method.aggregator(rnd, state), cost,
-                                   self._reply_checks(method, len(clients)))
+                                   self._reply_checks(method))
         try:
             self._collect(method, message, sampled, cost)
             started = time.perf_counter()
@@ -257,9 +250,9 @@ class Runtime(ABC):
             if sampled and not norms:
                 raise RuntimeError(
                     f"round {rnd}: every client failed or was rejected: {cost.rejected}")
-            if sampled or self._round.checks.expected_replies is not None:
+            if sampled:
                 candidate = self._round.result()
-            else:  # a Poisson draw of nobody (under central DP the noise is still released)
+            else:  # a Poisson draw of nobody: nothing released, nothing spent
                 log.info("round %d: no client sampled; the state stays", rnd)
                 candidate = previous
         finally:
@@ -277,21 +270,16 @@ class Runtime(ABC):
         cost.peak_rss_bytes = max(cost.peak_rss_bytes, peak_rss_bytes())
         return candidate, cost
 
-    def _reply_checks(self, method: Method, population: int) -> ReplyChecks:
-        return ReplyChecks(max_norm=self._max_norm(method),
-                           factor=self.config.reply_norm_factor,
+    def _reply_checks(self, method: Method) -> ReplyChecks:
+        """Under central DP the server's norm bound and outlier screens are off: they would
+        choose replies by their private, un-noised norms outside the accounted mechanism,
+        while the clip check (`CentralDP.unclipped`) bounds every reply already."""
+        central = self.config.central_dp is not None
+        return ReplyChecks(max_norm=None if central else self._max_norm(method),
+                           factor=0.0 if central else self.config.reply_norm_factor,
                            max_weight=self.config.max_client_weight,
                            spool_root=self.checkpoint_dir,
-                           central_dp=self.config.central_dp, seed=self.config.seed,
-                           expected_replies=self._expected_replies(method, population))
-
-    def _expected_replies(self, method: Method, population: int) -> float | None:
-        """Under central DP with Poisson sampling, the mean divides by the expected number
-        of replies, not the number that came (which would reveal who took part)."""
-        rate = self._poisson_rate(method)
-        if self.config.central_dp is None or rate is None:
-            return None
-        return rate * population
+                           central_dp=self.config.central_dp)
 
     def _accept(
         self, method: Method, message: RecordDict, cid: int, content: Any,

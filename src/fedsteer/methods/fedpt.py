@@ -48,7 +48,8 @@ class FedPT(FedAvgLoRA):
     """FedAvg-LoRA on the devices' small model, proxy-tuning + distillation at the server."""
 
     name = "fedpt"
-    secure_mean = True  # the devices' part is FedAvg; the server's part sees only the mean
+    # secure_mean: FedAvg-LoRA's (the devices' part is FedAvg under `rule`; the server's
+    # part sees only the mean)
 
     large: str = "qwen2.5-coder-1.5b"
     alpha: float = 1.0
