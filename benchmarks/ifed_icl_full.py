@@ -163,7 +163,8 @@ def markdown(summary: dict, args) -> str:
              f"local ICL: a seeded {args.local_fraction:g} of the clients evaluate). "
              f"{args.test_size} test rows per task (fewer where the split is smaller). "
              "Accuracy % [95 %: Wilson for one seed, t over seeds cut to 0–100; "
-             "per seed: Wilson; local ICL's: t over its evaluating clients].", ""]
+             "per seed: Wilson; local ICL's: Wilson over the rows its evaluating clients "
+             "all scored, widened by the t half-width over those clients].", ""]
     for task, entry in summary["tasks"].items():
         rows = entry["accuracy"]
         lines += [f"## {task} ({entry['num_test']} test rows, seeds {entry['seeds']})", "",

@@ -115,8 +115,9 @@ def tables(rows: Sequence[Row]) -> dict[str, list[list[str]]]:
 
 
 SUBTITLE = ("Mean ± std over seeds; the 95 % CI is Wilson's over the test rows for one "
-            "run, Student's t over seeds for several, and over the clients for one run whose "
-            "clients each evaluated on their own (local ICL, AsynDBT); \"vs zero-shot\" is "
+            "run (for one run whose clients all scored those rows, local ICL and AsynDBT, "
+            "widened by the t half-width over the clients), Student's t over seeds for "
+            "several; \"vs zero-shot\" is "
             "the accuracy difference on the same rows with the exact McNemar p (* where "
             "p < 0.05; one-seed rows only). Bytes are payloads as Flower serializes them; "
             "client s is the summed compute of the clients.")
