@@ -3,6 +3,7 @@ evaluation; authentication; each limit; batching; no cross-talk between served n
 
 from __future__ import annotations
 
+import asyncio
 import json
 import threading
 import time
@@ -264,6 +265,7 @@ def test_mixed_traffic_has_no_cross_talk_and_leaves_no_hooks(base, artifacts):
     names = ["tiny-random", "steering", "lora"]
     server = serve(base, {k: artifacts[k] for k in names[1:]})
     prompt = "Review: a fine film\nSentiment:"
+    hooks_at_load = hook_counts(base.model)
     with ServerThread(make_app(server)) as url:
         client = OpenAI(base_url=url, api_key="x")
 
@@ -278,8 +280,13 @@ def test_mixed_traffic_has_no_cross_talk_and_leaves_no_hooks(base, artifacts):
             mixed = list(pool.map(ask, names * 3))
     for name, got in zip(names * 3, mixed, strict=True):
         np.testing.assert_allclose(got, alone[name], atol=1e-4, err_msg=name)
-    leftover = [m for m in base.model.modules() if m._forward_hooks or m._forward_pre_hooks]
-    assert not leftover
+    assert hook_counts(base.model) == hooks_at_load
+
+
+def hook_counts(model) -> dict[str, tuple[int, int]]:
+    """Forward (pre-)hooks per module: serving adds none for good (loading may, once)."""
+    return {name: (len(m._forward_hooks), len(m._forward_pre_hooks))
+            for name, m in model.named_modules() if m._forward_hooks or m._forward_pre_hooks}
 
 
 def test_an_artifact_made_on_another_model_is_refused(base, artifacts, tmp_path):
@@ -298,3 +305,284 @@ def test_an_artifact_made_on_another_model_is_refused(base, artifacts, tmp_path)
 def test_serve_refuses_a_limit_that_would_refuse_everything(flag):
     result = CliRunner().invoke(cli, ["serve", "--model", "tiny-random", *flag])
     assert result.exit_code == 2  # refused before any model is loaded or port bound
+
+
+# ------------------------------------------------------------ issue 44: stop strings
+def sdk_answers(client: OpenAI, chat: bool, **request) -> tuple[tuple[str, str], ...]:
+    """(text, finish_reason) whole and streamed, for one request."""
+    if chat:
+        whole = client.chat.completions.create(**request).choices[0]
+        chunks = list(client.chat.completions.create(**request, stream=True))
+        streamed = "".join(c.choices[0].delta.content or "" for c in chunks)
+        return (whole.message.content, whole.finish_reason), \
+            (streamed, chunks[-1].choices[0].finish_reason)
+    whole = client.completions.create(**request).choices[0]
+    chunks = list(client.completions.create(**request, stream=True))
+    return (whole.text, whole.finish_reason), \
+        ("".join(c.choices[0].text for c in chunks), chunks[-1].choices[0].finish_reason)
+
+
+def stops_across(text: str, rng: np.random.Generator, count: int) -> list[str]:
+    """Substrings of an answer at random places: most begin in one token and end in another."""
+    found = {text[start : start + size] for start in range(len(text)) for size in (2, 3, 5)}
+    return sorted(rng.choice(sorted(found), size=min(count, len(found)), replace=False))
+
+
+def test_a_stream_says_exactly_what_the_whole_answer_says_for_every_stop(base):
+    """Issue 44's cases (the old stream sent ' is' for stop 's i', ' is' for ' is is' and
+    '\\n\\n' for a chat stop '\\n\\n\\n', where the whole answers are ' i', '' and ''), then
+    stops cut from greedy and sampled answers (multi-byte characters included)."""
+    server = Server(build_adaptations(base, [], load_model))
+    rng = np.random.default_rng(0)
+    prompt, chat = "The capital of France is", [{"role": "user", "content": "The capital of "
+                                                                            "France is"}]
+    with ServerThread(make_app(server)) as url:
+        client = OpenAI(base_url=url, api_key="x")
+        ask = {"model": "tiny-random", "temperature": 0, "max_tokens": 12}
+        cases = [(False, {**ask, "prompt": prompt, "stop": ["s i"]}, " i"),
+                 (False, {**ask, "prompt": prompt, "stop": [" is is"]}, ""),
+                 (True, {**ask, "messages": chat, "stop": ["\n\n\n"]}, "")]
+        for is_chat, request, text in cases:
+            whole, streamed = sdk_answers(client, is_chat, **request)
+            assert whole == streamed == (text, "stop"), request["stop"]
+        for is_chat, request in [(False, {**ask, "prompt": prompt}),
+                                 (False, {**ask, "prompt": prompt, "temperature": 1.5,
+                                          "seed": 3}),
+                                 (False, {**ask, "prompt": "日本語 😀", "temperature": 1.5,
+                                          "seed": 5}),
+                                 (True, {**ask, "messages": chat, "temperature": 1.5,
+                                         "seed": 7})]:
+            full, _ = sdk_answers(client, is_chat, **request)
+            for stop in stops_across(full[0], rng, 12):
+                whole, streamed = sdk_answers(client, is_chat, **request, stop=[stop])
+                assert whole == streamed and whole[0] == full[0][: full[0].index(stop)], stop
+
+
+def test_a_stream_of_several_prompts_keeps_each_under_its_own_index(base):
+    server = Server(build_adaptations(base, [], load_model))
+    prompts = ["a b", "c d e", "The capital of France is"]
+    with ServerThread(make_app(server)) as url:
+        client = OpenAI(base_url=url, api_key="x")
+        whole = client.completions.create(model="tiny-random", prompt=prompts, max_tokens=4)
+        texts, reasons = ["", "", ""], [None, None, None]
+        for chunk in client.completions.create(model="tiny-random", prompt=prompts,
+                                               max_tokens=4, stream=True):
+            texts[chunk.choices[0].index] += chunk.choices[0].text
+            reasons[chunk.choices[0].index] = chunk.choices[0].finish_reason or \
+                reasons[chunk.choices[0].index]
+    assert texts == [c.text for c in sorted(whole.choices, key=lambda c: c.index)]
+    assert reasons == ["length"] * 3
+
+
+# ------------------------------------------------------------ issue 44: bodies
+FINITE = "must be a finite number"
+NUMERIC = {"completions": ["temperature", "top_p", "n", "max_tokens", "logprobs", "seed"],
+           "chat/completions": ["temperature", "top_p", "n", "max_tokens",
+                                "max_completion_tokens", "top_logprobs", "seed"]}
+ORDINARY = {"completions": '"model": "tiny-random", "prompt": "x"',
+            "chat/completions": '"model": "tiny-random", "messages": '
+                                '[{"role": "user", "content": "x"}]'}
+
+
+def malformed_bodies() -> list[tuple[str, bytes, str]]:
+    cases = [("completions", b'[{"model": "tiny-random", "prompt": "x"}]',
+              "the request body must be a JSON object"),
+             ("chat/completions", b'"hello"', "the request body must be a JSON object"),
+             ("completions", b"[" * 100_000, "not valid JSON"),
+             ("completions", b'{"model": "tiny-random", "prompt": [1, NaN]}', f"prompt.1 {FINITE}"),
+             ("completions", b'{"model": "tiny-random", "prompt": "x", "temperature": "NaN"}',
+              f"temperature: {FINITE}")]
+    for path, fields in NUMERIC.items():
+        for name in fields:
+            for value in ("NaN", "Infinity", "-Infinity", "1e999"):
+                body = f'{{{ORDINARY[path]}, "{name}": {value}}}'.encode()
+                cases.append((path, body, f"{name} {FINITE}"))
+    return cases
+
+
+@pytest.mark.parametrize("path, content, message", malformed_bodies())
+def test_a_malformed_body_is_a_400_that_names_what_is_wrong(base, path, content, message):
+    """Was "None: Input should be a valid dictionary" for an array and "should be ≤ 2"
+    for a NaN temperature (and a 500 for deep nesting)."""
+    server = Server(build_adaptations(base, [], load_model))
+    with ServerThread(make_app(server)) as url:
+        response = httpx.post(f"{url}/{path}", content=content)
+    assert response.status_code == 400, response.text
+    assert message in response.json()["error"]["message"]
+
+
+def test_every_other_field_is_bounded_and_one_request_cannot_fail_another(base):
+    """A seed past int64 failed its whole batch with a 500 (torch's generator overflows),
+    as could a temperature so small that every score divided into -inf; stop lists were
+    unbounded (each stop is searched after every token)."""
+    server = Server(build_adaptations(base, [], load_model))
+    ok = {"model": "tiny-random", "prompt": "The capital of France is", "max_tokens": 3}
+    with ServerThread(make_app(server)) as url:
+        def post(**fields) -> httpx.Response:
+            return httpx.post(f"{url}/completions", json={**ok, **fields}, timeout=30)
+
+        for fields, names in [({"stop": ["a", "b", "c", "d", "e"]}, "at most 4 stop"),
+                              ({"stop": "x" * 257}, "at most 256 characters"),
+                              ({"seed": 2**63, "temperature": 1}, "seed"),
+                              ({"seed": -(2**63) - 1, "temperature": 1}, "seed")]:
+            response = post(**fields)
+            assert response.status_code == 400 and names in response.text, fields
+            assert response.json()["error"]["param"] == next(iter(fields))
+        greedy = post(temperature=0).json()["choices"][0]["text"]
+        for fields in ({"seed": 2**63 - 1, "temperature": 1}, {"seed": -(2**63), "temperature": 1},
+                       {"temperature": 5e-324}, {"stop": ["a", "b", "c", "d"]}):
+            assert post(**fields).status_code == 200, fields
+        assert post(temperature=5e-324).json()["choices"][0]["text"] == greedy
+
+
+# ------------------------------------------------------------ issue 42: serve bounds
+def test_echoed_log_probs_are_bounded_per_request(base):
+    """`echo` with `logprobs` answers (1 + top-k) entries per prompt token, every prompt × n
+    of them: over --max-echo-tokens it is refused by name (was unbounded)."""
+    server = Server(build_adaptations(base, [], load_model), Limits(max_echo_tokens=40))
+    prompt = "one two three four five six seven eight nine ten eleven twelve thirteen " * 2
+    tokens = len(base.tokenizer(prompt)["input_ids"])
+    assert 20 < tokens <= 40
+    ask = {"model": "tiny-random", "prompt": prompt, "max_tokens": 0, "echo": True}
+    with ServerThread(make_app(server)) as url:
+        refused = httpx.post(f"{url}/completions", json={**ask, "logprobs": 1, "n": 2})
+        assert refused.status_code == 400 and "--max-echo-tokens" in refused.text
+        assert refused.json()["error"]["param"] == "echo"
+        one = httpx.post(f"{url}/completions", json={**ask, "logprobs": 1})
+        assert one.status_code == 200
+        assert len(one.json()["choices"][0]["logprobs"]["tokens"]) == tokens
+        no_logprobs = httpx.post(f"{url}/completions", json={**ask, "n": 2})
+        assert no_logprobs.status_code == 200
+
+
+def test_a_request_wider_than_max_batch_rows_runs_in_parts(base):
+    server = Server(build_adaptations(base, [], load_model), max_batch_rows=2)
+    prompts = ["one", "two words", "three words here", "four", "five five"]
+    with ServerThread(make_app(server)) as url:
+        client = OpenAI(base_url=url, api_key="x")
+        alone = [client.completions.create(model="tiny-random", prompt=p, max_tokens=3).choices[0]
+                 .text for p in prompts]
+        together = client.completions.create(model="tiny-random", prompt=prompts, max_tokens=3)
+    assert [c.text for c in sorted(together.choices, key=lambda c: c.index)] == alone
+    assert max(rows for _, rows in server.engine.batches) == 2
+
+
+class OwnedLock:
+    """A lock that knows which thread holds it (`threading.Lock` only knows that one does)."""
+
+    def __init__(self) -> None:
+        self._lock, self.owner = threading.Lock(), None
+
+    def __enter__(self) -> OwnedLock:
+        self._lock.acquire()
+        self.owner = threading.get_ident()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.owner = None
+        self._lock.release()
+
+
+class LockedOnly:
+    """A tokenizer that notes every use by a thread that does not hold `lock`."""
+
+    def __init__(self, tokenizer, lock: OwnedLock) -> None:
+        self._tokenizer, self._lock, self.unlocked = tokenizer, lock, []
+
+    def _check(self, what: str) -> None:
+        if self._lock.owner != threading.get_ident():
+            self.unlocked.append((what, threading.current_thread().name))
+
+    def __getattr__(self, name: str):
+        self._check(name)
+        return getattr(self._tokenizer, name)
+
+    def __call__(self, *args, **kwargs):
+        self._check("__call__")
+        return self._tokenizer(*args, **kwargs)
+
+    def __len__(self) -> int:
+        self._check("__len__")
+        return len(self._tokenizer)
+
+
+def test_the_tokenizer_is_only_used_under_the_engine_lock(base, artifacts, monkeypatch):
+    """Concurrent traffic of every shape for a prompt artifact and the base: HF tokenizers
+    are not safe across threads, and the prompt's prefix was tokenized outside the lock
+    (sporadic 500s), as were the vocabulary size and EOS/pad ids."""
+    server = serve(base, {"prompt": artifacts["prompt"]})
+    lock = server.engine.tokenizer_lock = OwnedLock()
+    guard = LockedOnly(base.tokenizer, lock)
+    monkeypatch.setattr(base, "tokenizer", guard)
+    chat = [{"role": "user", "content": "Review: fine"}]
+    with ServerThread(make_app(server)) as url:
+        client = OpenAI(base_url=url, api_key="x")
+
+        def ask(i: int) -> str:
+            name = ("prompt", "tiny-random")[i % 2]
+            shape = i // 2 % 5
+            if shape == 0:
+                return client.completions.create(model=name, prompt="Review: fine",
+                                                  max_tokens=2, logprobs=2, echo=True
+                                                  ).choices[0].text
+            if shape == 1:
+                return client.completions.create(model=name, prompt=[[40, 41, 42], [43]],
+                                                  max_tokens=2).choices[0].text
+            if shape == 2:
+                return client.chat.completions.create(model=name, messages=chat, max_tokens=2,
+                                                       logprobs=True, top_logprobs=1
+                                                       ).choices[0].message.content
+            if shape == 3:
+                return "".join(c.choices[0].text for c in client.completions.create(
+                    model=name, prompt="Review: dull", max_tokens=3, stream=True))
+            return "".join(c.choices[0].delta.content or "" for c in
+                           client.chat.completions.create(model=name, messages=chat,
+                                                          max_tokens=3, stream=True))
+
+        with ThreadPoolExecutor(8) as pool:
+            answers = list(pool.map(ask, range(40)))
+    assert len(answers) == 40
+    assert guard.unlocked == []
+
+
+class Python310Asyncio:
+    """`asyncio` as Python 3.10 has it: `wait_for` times out with `asyncio.TimeoutError`,
+    which there is not the builtin `TimeoutError` (they are one class from 3.11)."""
+
+    class TimeoutError(Exception):  # noqa: A001 - the name asyncio gave it
+        pass
+
+    def __getattr__(self, name: str):
+        return getattr(asyncio, name)
+
+    async def wait_for(self, awaitable, timeout):
+        try:
+            return await asyncio.wait_for(awaitable, timeout)
+        except TimeoutError as error:
+            raise Python310Asyncio.TimeoutError() from error
+
+
+def test_a_stream_that_times_out_says_so_on_python_3_10(base, monkeypatch):
+    """The stream caught the builtin TimeoutError, which 3.10's asyncio does not raise: the
+    stream broke off without its 504 event."""
+    from fedsteer.serve import api
+
+    monkeypatch.setattr(api, "asyncio", Python310Asyncio())
+    adaptations, gate = gated(base)
+    server = Server(adaptations, Limits(timeout_seconds=1.0))
+    with ServerThread(make_app(server)) as url:
+        received = ""
+        try:
+            with httpx.stream("POST", f"{url}/completions", json={
+                    "model": "held", "prompt": "x", "max_tokens": 2, "stream": True},
+                    timeout=20) as response:
+                for text in response.iter_text():
+                    received += text
+        except httpx.HTTPError:
+            pass  # the old stream broke off here
+        gate.opened.set()
+        assert "--timeout" in received and '"code": 504' in received
+        deadline = time.monotonic() + 10
+        while server.in_flight and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert server.in_flight == 0

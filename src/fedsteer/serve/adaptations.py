@@ -102,9 +102,14 @@ class PromptAdaptation(Adaptation):
 
     prefix: str = ""
 
+    def __post_init__(self) -> None:
+        # tokenized once, at load: the tokenizer is not safe across request threads
+        self._prefix_ids = tuple(self.base.tokenizer(self.prefix,
+                                                     add_special_tokens=True)["input_ids"])
+
     @property
     def prefix_ids(self) -> list[int]:
-        return self.base.tokenizer(self.prefix, add_special_tokens=True)["input_ids"]
+        return list(self._prefix_ids)
 
 
 @dataclass

@@ -13,6 +13,7 @@ import asyncio
 import hmac
 import json
 import logging
+import math
 from collections import deque
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
@@ -41,6 +42,7 @@ class Limits:
     max_n: int = 4
     max_prompts: int = 64  # prompts in one completions request
     max_logprobs: int = 20  # top-k of `logprobs` / `top_logprobs`
+    max_echo_tokens: int = 16_384  # prompt tokens echoed with log-probs, over a request's rows
     max_concurrent: int = 32  # requests in flight; one more is a 429
     timeout_seconds: float = 60.0
 
@@ -152,14 +154,48 @@ async def parse(request: Request, model, limits: Limits):
                            "(--max-body-bytes)")
     try:
         data = json.loads(raw)
-    except ValueError as error:
+    except (ValueError, RecursionError) as error:  # RecursionError: nested without end
         raise ApiError(400, f"the body is not valid JSON: {error}") from error
+    if not isinstance(data, dict):
+        raise ApiError(400, "the request body must be a JSON object ({...}), got a JSON "
+                       f"{_json_kind(data)}")
+    where = non_finite(data)
+    if where is not None:
+        raise ApiError(400, f"{where} must be a finite number (NaN and Infinity are not "
+                       "JSON)", where)
     try:
         return model.model_validate(data)
     except ValidationError as error:
-        first = error.errors()[0]
-        where = ".".join(str(part) for part in first["loc"]) or None
-        raise ApiError(400, f"{where}: {first['msg']}", where) from error
+        raise validation_error(error) from error
+
+
+def _json_kind(value: Any) -> str:
+    return {list: "array", str: "string", bool: "boolean", type(None): "null"}.get(
+        type(value), "number")
+
+
+def non_finite(data: Any) -> str | None:
+    """The path of the first NaN or ±Infinity in parsed JSON (Python's `json` reads them,
+    and 1e999 as Infinity), or None; iterative, so any depth `json` parsed is fine."""
+    pending: list[tuple[str, Any]] = [("", data)]
+    while pending:
+        path, value = pending.pop()
+        if isinstance(value, float) and not math.isfinite(value):
+            return path or "the request body"
+        children = value.items() if isinstance(value, dict) else \
+            enumerate(value) if isinstance(value, list) else ()
+        pending += [(f"{path}.{key}" if path else str(key), child) for key, child in children]
+    return None
+
+
+def validation_error(error: ValidationError) -> ApiError:
+    """The first problem, naming its field as the body spells it."""
+    first = error.errors()[0]
+    where = ".".join(str(part) for part in first["loc"]) or None
+    message = (str(first["ctx"]["error"]) if first["type"] == "value_error"
+               else "must be a finite number" if first["type"] == "finite_number"
+               else first["msg"])
+    return ApiError(400, f"{where or 'the request body'}: {message}", where)
 
 
 def check_common(body, limits: Limits, max_tokens: int, top: int | None) -> None:
@@ -175,6 +211,15 @@ def check_common(body, limits: Limits, max_tokens: int, top: int | None) -> None
         raise ApiError(400, "top_p is not supported (use temperature)", "top_p")
     if body.stream and body.n > 1:
         raise ApiError(400, "stream with n > 1 is not supported", "n")
+
+
+def check_echo(rows: list[Row], limits: Limits) -> None:
+    """The answer holds (1 + top-k) entries per echoed token: bounded per request."""
+    echoed = sum(row.prompt_tokens for row in rows if row.echo_logprobs)
+    if echoed > limits.max_echo_tokens:
+        raise ApiError(400, f"echo with logprobs over {echoed} prompt tokens (all prompts × "
+                       f"n), over this server's limit of {limits.max_echo_tokens} "
+                       "(--max-echo-tokens)", "echo")
 
 
 def check_prompt_tokens(ids: list[int], limits: Limits, vocab: int, param: str) -> None:
@@ -214,16 +259,18 @@ def completion_rows(server: Server, adaptation: Adaptation, body: CompletionRequ
     check_common(body, limits, max_tokens, body.logprobs)
     rows, texts = [], []
     for prompt in prompts:
-        with server.engine.tokenizer_lock:
+        with server.engine.tokenizer_lock:  # every use of the tokenizer, prefix included
             if isinstance(prompt, str):
                 ids, text = prompt_query_ids(adaptation, prompt), prompt
             else:
                 ids, text = list(prompt), tokenizer.decode(prompt)
-        check_prompt_tokens(ids, limits, len(tokenizer), "prompt")
+            prefix, vocab = adaptation.prefix_ids, len(tokenizer)
+        check_prompt_tokens(ids, limits, vocab, "prompt")
         for _ in range(body.n):
-            rows.append(Row(adaptation.prefix_ids + ids, len(ids), max_tokens, body.logprobs,
+            rows.append(Row(prefix + ids, len(ids), max_tokens, body.logprobs,
                             body.echo, body.temperature or 0.0, body.seed, body.stops()))
             texts.append(text)
+    check_echo(rows, limits)
     return Prepared(rows, texts, max_tokens, body.logprobs, body.echo)
 
 
@@ -236,8 +283,9 @@ def chat_rows(server: Server, adaptation: Adaptation, body: ChatRequest) -> Prep
     messages = [{"role": m.role, "content": m.text()} for m in body.messages]
     with server.engine.tokenizer_lock:
         ids = chat_prompt_ids(adaptation.base.tokenizer, messages)
-    check_prompt_tokens(ids, limits, len(adaptation.base.tokenizer), "messages")
-    row = Row(adaptation.prefix_ids + ids, len(ids), max_tokens, top, False,
+        prefix, vocab = adaptation.prefix_ids, len(adaptation.base.tokenizer)
+    check_prompt_tokens(ids, limits, vocab, "messages")
+    row = Row(prefix + ids, len(ids), max_tokens, top, False,
               body.temperature or 0.0, body.seed, body.stops())
     return Prepared([row] * body.n, [""] * body.n, max_tokens, top)
 
@@ -372,33 +420,35 @@ class ChatView:
 
 async def event_stream(server: Server, slot: Slot, model: str, prepared: Prepared,
                        chunk, prefix: str, opening) -> AsyncIterator[str]:
-    """Server-sent events, a token at a time, then `[DONE]`; the admission slot is held
-    until the stream ends, and a reader who leaves cancels the job."""
+    """Server-sent events, a token at a time (each row under its own choice index), then
+    `[DONE]`; the admission slot is held until the stream ends, and a reader who leaves
+    cancels the job."""
     loop = asyncio.get_running_loop()
     events: asyncio.Queue = asyncio.Queue()
     job = Job(model, prepared.rows, lambda answers, error: loop.call_soon_threadsafe(
-        events.put_nowait, ("done", answers, error)),
+        events.put_nowait, (None, answers, error)),
         lambda row, token, text: loop.call_soon_threadsafe(
-            events.put_nowait, ("token", token, text)))
+            events.put_nowait, (row, token, text)))
     ident, deadline = protocol.new_id(prefix), loop.time() + server.limits.timeout_seconds
     server.engine.submit(job)
     try:
         if opening is not None:
             yield _sse(opening(ident))
         while True:
-            kind, first, second = await asyncio.wait_for(events.get(), deadline - loop.time())
-            if kind == "token":
-                yield _sse(chunk(ident, 0, second, first, None))
+            row, first, second = await asyncio.wait_for(events.get(), deadline - loop.time())
+            if row is not None:
+                yield _sse(chunk(ident, row, second, first, None))
                 continue
             if second is not None:
                 yield _sse(ApiError(500, f"internal error: {type(second).__name__}",
                                     kind="server_error").body())
             else:
                 log_request(server, model, prepared, first)
-                yield _sse(chunk(ident, 0, "", None, first[0].finish_reason))
+                for index, ended in enumerate(first):
+                    yield _sse(chunk(ident, index, "", None, ended.finish_reason))
             yield "data: [DONE]\n\n"
             return
-    except TimeoutError:
+    except asyncio.TimeoutError:  # not the builtin TimeoutError before Python 3.11
         yield _sse(ApiError(504, "no answer within the time limit (--timeout)",
                             kind="timeout").body())
     finally:

@@ -7,9 +7,13 @@ import time
 import uuid
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from fedsteer.serve.engine import Answer, Token
+
+MAX_STOPS = 4  # stop sequences per request, as OpenAI's API allows
+MAX_STOP_CHARS = 256  # each is searched for, and partly held back, after every token
+INT64 = 2**63  # a seed is an int64, as OpenAI's; torch's generator takes no more
 
 
 class ApiError(Exception):
@@ -27,9 +31,10 @@ class ApiError(Exception):
 
 
 class _Request(BaseModel):
-    """Fields both endpoints share; unknown fields are ignored, as OpenAI's servers do."""
+    """Fields both endpoints share; unknown fields are ignored, as OpenAI's servers do.
+    Numbers are finite (`"NaN"` is refused as such, not as out of range)."""
 
-    model_config = ConfigDict(extra="ignore")
+    model_config = ConfigDict(extra="ignore", allow_inf_nan=False)
 
     model: str
     temperature: float | None = Field(default=None, ge=0.0, le=2.0)
@@ -37,7 +42,17 @@ class _Request(BaseModel):
     n: int = Field(default=1, ge=1)
     stream: bool = False
     stop: str | list[str] | None = None
-    seed: int | None = None
+    seed: int | None = Field(default=None, ge=-INT64, lt=INT64)
+
+    @field_validator("stop")
+    @classmethod
+    def _few_short_stops(cls, stop: str | list[str] | None) -> str | list[str] | None:
+        stops = [stop] if isinstance(stop, str) else stop or []
+        if len(stops) > MAX_STOPS:
+            raise ValueError(f"at most {MAX_STOPS} stop sequences, got {len(stops)}")
+        if any(len(text) > MAX_STOP_CHARS for text in stops):
+            raise ValueError(f"a stop sequence may have at most {MAX_STOP_CHARS} characters")
+        return stop
 
     def stops(self) -> tuple[str, ...]:
         if self.stop is None:
@@ -53,7 +68,7 @@ class CompletionRequest(_Request):
 
 
 class ChatMessage(BaseModel):
-    model_config = ConfigDict(extra="ignore")
+    model_config = ConfigDict(extra="ignore", allow_inf_nan=False)
 
     role: Literal["system", "user", "assistant", "developer", "tool"]
     content: str | list[dict[str, Any]] | None = None
