@@ -29,9 +29,31 @@ def test_table_shows_spread_and_costs():
                   "client_seconds": 1.5, "eval_seconds": 0.0, "peak_rss_bytes": 3.1e9},
     }
     console = Console(width=150, record=True)
-    console.print(comparison_table([record]))
+    console.print(comparison_table([record], full=True))
     text = console.export_text()
     assert "80.0 ± 5.0" in text and "70.0" in text and "380 B" in text and "3.1 GB" in text
+
+
+def test_the_default_table_fits_100_columns_uncut():
+    """What a person decides on — method, accuracy and interval, vs zero-shot with its p,
+    bytes, client time — whole in a 100-column terminal (the full table cut the p-values to
+    "-2.5 (p=0.…"); the rest is in `fedsteer show --all`."""
+    zero = _scored("zero-shot", [1] * 50 + [0] * 50)
+    rivals = [_scored(name, [1] * 50 + [1] * 15 + [0] * 35)
+              for name in ("central-icl", "fedavg-lora", "ifed-icl")]
+    clients = _scored("local-icl", [1] * 60 + [0] * 40)
+    clients["per_row"] = {"correct_fraction": [0.5] * 100}
+    clients["metrics"].update(accuracy_std=0.05, per_client=[{"accuracy": a}
+                                                              for a in (0.5, 0.6, 0.7)])
+    for rec in (zero, *rivals, clients):
+        rec["costs"].update(bytes_up=43_700_000, bytes_down=1_000_000, client_seconds=1234.5)
+    console = Console(width=100, record=True)
+    console.print(comparison_table([zero, *rivals, clients]))
+    lines = console.export_text().splitlines()
+    assert max(map(len, lines)) <= 100
+    text = "\n".join(lines)
+    assert "+15.0 (p=6.1e-05) *" in text and "fedavg-lora" in text and "…" not in text
+    assert "44.7 MB" in text and "1234.5" in text and "macro-F1" not in text
 
 
 def test_the_comparison_plot_gains_a_panel_when_every_round_was_evaluated(tmp_path):
@@ -229,3 +251,22 @@ def test_clients_scored_on_the_same_rows_keep_a_per_row_share_for_paired_tests()
     diff, p = paired_fraction_test(better, worse)
     assert diff > 0.8 and p < 1e-4
     assert paired_fraction_test(better, better) == (0.0, 1.0)
+
+
+def test_show_prints_the_decision_columns_and_every_column_with_all(tmp_path):
+    import json
+
+    from typer.testing import CliRunner
+
+    from fedsteer.cli import app
+
+    record = _scored("zero-shot", [1] * 50 + [0] * 50)
+    record["costs"].update(bytes_up=0, bytes_down=0, eval_seconds=1.0)
+    record["env"] = {}
+    (tmp_path / "zero-shot").mkdir()
+    (tmp_path / "zero-shot" / "result.json").write_text(json.dumps(record))
+    short = CliRunner().invoke(app, ["show", str(tmp_path)], env={"COLUMNS": "100"})
+    full = CliRunner().invoke(app, ["show", str(tmp_path), "--all"], env={"COLUMNS": "200"})
+    assert short.exit_code == 0 and full.exit_code == 0, short.output + full.output
+    assert "bytes, run" in short.output and "macro-F1" not in short.output
+    assert "macro-F1" in full.output and "peak mem" in full.output

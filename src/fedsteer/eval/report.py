@@ -89,8 +89,12 @@ def versus_zero_shot(records: Sequence[dict[str, Any]]) -> list[str]:
 
 
 def comparison_table(records: Sequence[dict[str, Any]], title: str = "",
-                     label: Callable[[dict[str, Any]], str] | None = None) -> Table:
-    """One row per result record; percentages, bytes per round, seconds, peak memory.
+                     label: Callable[[dict[str, Any]], str] | None = None,
+                     full: bool = False) -> Table:
+    """One row per result record. By default what a person decides on, in 100 columns:
+    accuracy and its interval, the paired difference from zero-shot, bytes over the whole
+    run, client compute. `full`: also macro-F1, bytes per round (and per phase), rounds,
+    waiting, evaluation time, peak memory and rejected replies (`fedsteer show --all`).
 
     `label(record)` names a row (default: the method), e.g. to tell seeds apart.
     """
@@ -101,6 +105,8 @@ def comparison_table(records: Sequence[dict[str, Any]], title: str = "",
     mixed = mixed_fields(records)
     for name in mixed:
         table.add_column(name, no_wrap=True)
+    if not full:
+        return _decision_table(table, records, mixed, label)
     private = any(rec.get("privacy") for rec in records)
     phased = any(rec["costs"].get("phases") for rec in records)
     waited = any(rec["costs"].get("client_wait_seconds") for rec in records)
@@ -129,6 +135,35 @@ def comparison_table(records: Sequence[dict[str, Any]], title: str = "",
             *([_epsilon(rec.get("privacy"))] if private else []),
         )
     return table
+
+
+def _decision_table(table: Table, records: Sequence[dict[str, Any]], mixed: list[str],
+                    label: Callable[[dict[str, Any]], str] | None) -> Table:
+    """The columns a person decides on; the rest is in `fedsteer show --all` and the report."""
+    private = any(rec.get("privacy") for rec in records)
+    for name in ("acc % (95 % CI)", "vs zero-shot", "bytes, run", "client s",
+                 *(["ε (δ)"] if private else [])):
+        table.add_column(name, justify="right", no_wrap=True)
+    for rec, versus in zip(records, versus_zero_shot(records), strict=True):
+        m, c = rec["metrics"], rec["costs"]
+        table.add_row(
+            label(rec) if label else rec["method"],
+            *(str(rec.get(name)) for name in mixed),
+            with_interval(m),
+            versus,
+            human_bytes(run_bytes(c)),
+            f"{c.get('client_compute_seconds', c['client_seconds']):.1f}",
+            *([_epsilon(rec.get("privacy"))] if private else []),
+        )
+    return table
+
+
+def run_bytes(costs: dict[str, Any]) -> float:
+    """Bytes up and down over the whole run, all clients (older records: per round × rounds)."""
+    if "bytes_up" in costs:
+        return costs["bytes_up"] + costs.get("bytes_down", 0)
+    return ((costs.get("bytes_up_per_round", 0) + costs.get("bytes_down_per_round", 0))
+            * costs.get("num_rounds", 1))
 
 
 #: what makes two rows incomparable when they differ: each gets a column, and a warning
