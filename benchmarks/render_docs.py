@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import re
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -470,6 +471,21 @@ def render_all(results: Path = RESULTS) -> dict[str, str]:
     return pages
 
 
+#: files outside docs/generated whose marked regions hold a generated page (the README
+#: cannot include files): <!-- generated:NAME --> ... <!-- /generated -->
+FILLED = (ROOT / "docs" / "_readme_draft.md", ROOT / "README.md")
+REGION = re.compile(r"(<!-- generated:(?P<name>[\w.-]+) -->\n)(?P<body>.*?)(<!-- /generated -->)",
+                    re.S)
+
+
+def filled(text: str, pages: dict[str, str]) -> str:
+    """`text` with every marked region replaced by its page (the page's header dropped)."""
+    def fill(match: re.Match) -> str:
+        page = pages[match.group("name")].split("\n\n", 1)[1]
+        return f"{match.group(1)}\n{page}\n{match.group(4)}"
+    return REGION.sub(fill, text)
+
+
 #: plots the pages show, copied from the records (the site cannot reach outside docs/)
 PLOTS = {
     "default-sst2-accuracy-vs-bytes.png": "default/sst2-accuracy-vs-bytes.png",
@@ -493,6 +509,8 @@ def stale(pages: dict[str, str], folder: Path = GENERATED,
             if not (folder / "plots" / name).is_file()
             or (folder / "plots" / name).read_bytes() != (results / source).read_bytes()]
     out += [f"plots/{p.name}" for p in (folder / "plots").glob("*") if p.name not in PLOTS]
+    out += [str(path.relative_to(ROOT)) for path in FILLED
+            if path.is_file() and filled(path.read_text(), pages) != path.read_text()]
     return sorted(out)
 
 
@@ -514,6 +532,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     for path in GENERATED.glob("*.md"):
         if path.name not in pages:
             path.unlink()
+    for path in FILLED:
+        if path.is_file() and (text := filled(path.read_text(), pages)) != path.read_text():
+            path.write_text(text)
     (GENERATED / "plots").mkdir(exist_ok=True)
     for name, source in PLOTS.items():
         (GENERATED / "plots" / name).write_bytes((RESULTS / source).read_bytes())

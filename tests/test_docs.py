@@ -58,6 +58,19 @@ def test_a_number_edited_by_hand_in_a_generated_page_is_caught(tmp_path):
     assert render.stale(pages, copy) == ["headline.md"]
 
 
+def test_a_number_edited_in_the_readmes_generated_table_is_caught():
+    render = _render_docs()
+    pages = render.render_all()
+    draft = (DOCS / "_readme_draft.md").read_text()
+    assert render.filled(draft, pages) == draft, "the draft's table is rendered"
+    start = draft.index("<!-- generated:headline.md -->")
+    number = re.compile(r"\d+\.\d").search(draft, start)
+    other = "1" if draft[number.start()] == "9" else "9"
+    edited = draft[:number.start()] + other + draft[number.start() + 1:]  # 75.0 -> 95.0
+    assert edited != draft
+    assert render.filled(edited, pages) == draft
+
+
 #: what a measured number looks like in prose; settings ("10 clients", "α = 0.5") are fine
 MEASURED = {
     "an interval": re.compile(r"\[\s*\d+(\.\d+)?\s*,\s*\d+(\.\d+)?\s*\]"),
@@ -74,6 +87,7 @@ def measured_numbers(markdown: str) -> list[str]:
     comments and the snippet lines that include generated files."""
     prose = re.sub(r"^(```|~~~).*?^\1", "", markdown, flags=re.S | re.M)
     prose = re.sub(r"`[^`\n]*`", "", prose)
+    prose = re.sub(r"<!-- generated:.*?<!-- /generated -->", "", prose, flags=re.S)
     prose = re.sub(r"<!--.*?-->", "", prose, flags=re.S)
     found = []
     for line in prose.splitlines():
