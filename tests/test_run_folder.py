@@ -23,8 +23,8 @@ from fedsteer.settings import DATA_DIR_ENV
 
 runner = CliRunner()
 TINY_RUN = ["zero-shot", "--model", "tiny-random", "--test-size", "4", "--clients", "2"]
-#: flags (by their parameter name) through which a command writes somewhere
-WRITING_PARAMS = ("out", "save")
+#: parameters through which a command writes (or, `coordinator FOLDER`, reads) a folder
+WRITING_PARAMS = ("out", "save", "work_dir", "folder")
 
 
 def minimal_args(tmp_path) -> dict[str, list[str]]:
@@ -32,7 +32,12 @@ def minimal_args(tmp_path) -> dict[str, list[str]]:
     command with `--out`/`--save` is listed here, else the guard below fails naming it."""
     grid = tmp_path / "grid.yaml"
     grid.write_text("name: g\nmodels: [tiny-random]\ntasks: [sst2]\nmethods: [zero-shot]\n")
-    return {"run": TINY_RUN, "bench": [str(grid)], "report": [str(tmp_path)]}
+    rows = tmp_path / "rows.jsonl"
+    rows.write_text('{"text": "fine", "label": "positive"}\n')
+    return {"run": TINY_RUN, "bench": [str(grid)], "report": [str(tmp_path)],
+            "federation init": ["--parties", "2", "--host", "localhost"], "coordinator": [],
+            "party": ["--coordinator", "127.0.0.1:1", "--task", "sst2", "--data", str(rows),
+                      "--insecure", "--partition-id", "0", "--max-wait", "1"]}
 
 
 def commands() -> list[tuple[list[str], click.Command]]:
@@ -72,12 +77,12 @@ def test_every_writing_command_refuses_an_unusable_out_or_save_in_one_line(tmp_p
     unlisted = sorted({" ".join(path) for path, _, _ in writing} - set(needs))
     assert not unlisted, f"add the minimal arguments of {unlisted} to minimal_args"
     for path, _, param in writing:
-        flag = max(param.opts, key=len)
+        flag = max(param.opts, key=len) if isinstance(param, click.Option) else None
         for bad in (blocker, blocker / "below"):
-            result = runner.invoke(app, [*path, *needs[" ".join(path)], flag, str(bad),
-                                         *(["--out", str(tmp_path / "o")] if flag != "--out"
-                                           and "run" in path else [])])
-            assert_one_line_error(result, flag, str(bad))
+            result = runner.invoke(app, [*path, *needs[" ".join(path)], *[flag] * bool(flag),
+                                         str(bad), *(["--out", str(tmp_path / "o")]
+                                                     if flag == "--save" else [])])
+            assert_one_line_error(result, flag or "", str(bad))
         assert not (tmp_path / "o").exists()  # refused before it made anything
 
 

@@ -15,6 +15,7 @@ from typing import Annotated
 import typer
 
 from fedsteer.flower import deploy, keys
+from fedsteer.run_folder import check_writable_folder
 
 federation_app = typer.Typer(help="Make a federation's keys and certificates.",
                              no_args_is_help=True, add_completion=False)
@@ -60,6 +61,7 @@ def init(
     """A CA, the coordinator's TLS certificate, one key pair per party, and a README saying
     which file goes to which machine."""
     with one_line_errors():
+        check_writable_folder(folder, "FOLDER")
         federation = keys.init_federation(
             folder, parties, [h.strip() for h in host.split(",") if h.strip()], port)
     typer.echo(f"federation of {parties} parties, coordinator at {federation.address}: "
@@ -123,6 +125,7 @@ def party(
 def _party_settings(address, task, data, ca, key, partition_id, insecure, work_dir,
                     max_wait) -> deploy.PartySettings:
     deploy.split_address(address)
+    check_writable_folder(work_dir, "--work-dir")  # before the rows are read and shown
     if insecure and (ca is not None or key is not None):
         raise ValueError("--insecure: give neither --ca nor --key (no TLS, no node key)")
     if not insecure and (ca is None or key is None):
