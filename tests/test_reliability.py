@@ -128,6 +128,12 @@ def test_an_explicit_cap_is_the_cap():
     assert outcome.rounds[0].capped == [{"cid": 1, "claimed": 100_000, "weight": 50}]
 
 
+def test_a_cap_below_one_example_is_refused():
+    """int(0.5) weighed every reply 0: the mean of nothing, NaN, every round refused."""
+    with pytest.raises(ValueError, match="max_client_weight=0.5"):
+        RuntimeConfig(max_client_weight=0.5)
+
+
 class SelfReported(InProcessRuntime):
     """Clients report their own example counts, as on Flower; `claims` are the lies."""
 
@@ -246,7 +252,8 @@ def _fails_cleanly(args, *needles):
 
 @pytest.mark.parametrize("flag, value", [("--fraction", "-3"), ("--fraction", "1.5"),
                                          ("--test-size", "-1"), ("--clients", "0"),
-                                         ("--batch-size", "0"), ("--rounds", "0")])
+                                         ("--batch-size", "0"), ("--rounds", "0"),
+                                         ("--max-client-weight", "0.5")])
 def test_out_of_range_numbers_are_refused_by_name(flag, value):
     _fails_cleanly(["run", "zero-shot", "--model", "tiny-random", flag, value], flag)
 

@@ -157,6 +157,13 @@ def _positive(value: float | None) -> float | None:
     return value
 
 
+def _weight_cap(value: float | None) -> float | None:
+    """A cap below one example would weigh every reply 0 (a mean of nothing)."""
+    if value is not None and not 1 <= value < math.inf:
+        raise typer.BadParameter(f"{value} is not a finite number >= 1")
+    return value
+
+
 def _share(value: float) -> float:
     if not 0 < value <= 1:
         raise typer.BadParameter(f"{value} is not in (0, 1]")
@@ -233,8 +240,10 @@ def run(
         help="reject a reply with a record's norm above k × the round's median (0: off)",
         min=0)] = 10.0,
     max_client_weight: Annotated[float | None, typer.Option(
-        help="cap on one reply's aggregation weight [default: 10 × the round's median]",
-        callback=_positive)] = None,
+        help="fixed cap on one reply's aggregation weight, in examples (>= 1); with "
+             "--reply-norm-factor 0 replies then fold on arrival. Default: 10 × the round's "
+             "median weight, and no reply more than all the others together",
+        callback=_weight_cap)] = None,
     tolerate_client_errors: Annotated[bool, typer.Option(
         help="leave out a client whose step raised any error (default: only OS, memory and "
              "timeout faults; anything else is a bug and fails the run)")] = False,

@@ -90,6 +90,11 @@ class RuntimeConfig:
     #: (`fedsteer.federation.threads`)
     threads: int | None = None
 
+    def __post_init__(self) -> None:
+        if self.max_client_weight is not None and not self.max_client_weight >= 1:
+            raise ValueError(f"max_client_weight={self.max_client_weight}: a cap below one "
+                             "example would weigh every reply 0")
+
 
 def client_batch_size(config: RuntimeConfig, method: Method) -> int:
     """How many clients the runtime steps together for `method` (1: one by one)."""
