@@ -74,7 +74,7 @@ def accuracy_interval(metrics: dict[str, Any]) -> tuple[float, float]:
     the server's test rows) the accuracy is the mean over rows of each row's share of
     clients right, and two things were sampled: the rows and the clients. A t-interval over
     the clients alone treats their accuracies as independent draws, but they share every
-    row's difficulty: four workers on 200 rows got ±2 points where the rows alone allow ±5.
+    row's difficulty: three workers on 200 rows got ±2 points where the rows alone allow ±5.
     So the interval is Wilson over the rows (a share lies in [0, 1], so its variance is at
     most p(1 − p), Wilson's; it needs no random resampling and is the interval one
     evaluation on those rows gets), widened in quadrature by the t half-width over the
