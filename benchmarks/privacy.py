@@ -35,6 +35,7 @@ from fedsteer.experiment import RunConfig, run_experiment
 from fedsteer.federation.privacy import (
     CentralDP,
     CentralLedger,
+    epsilon_for,
     noise_for_epsilon,
     noise_for_target,
 )
@@ -116,6 +117,7 @@ def row(method, clients, mode, epsilon, record, plain, zero) -> dict:
     privacy = record.get("privacy") or {}
     return {"method": method, "clients": clients, "mode": mode, "target_epsilon": epsilon,
             "epsilon": privacy.get("epsilon", math.inf),
+            "epsilon_issue41": accounted_epsilon(record),
             "noise_multiplier": privacy.get("noise_multiplier", 0.0),
             "clips": privacy.get("record_clips"), "sampling": privacy.get("sampling"),
             "accuracy": metrics["accuracy"], "accuracy_ci95": metrics["accuracy_ci95"],
@@ -127,6 +129,18 @@ def row(method, clients, mode, epsilon, record, plain, zero) -> dict:
             "client_seconds": record["costs"]["client_seconds"]}
 
 
+def accounted_epsilon(record: dict) -> float:
+    """ε of a recorded run as issue 41 accounts it (what `privacy.py`'s ledgers now write):
+    each round that folded a reply is a Gaussian of z/(2√k), replace-one, no amplification."""
+    privacy = record.get("privacy")
+    if not privacy:
+        return math.inf
+    z = privacy["noise_multiplier"]
+    releases = [z / (2 * math.sqrt(cost["array_records"]))
+                for cost in record["costs"]["rounds"] if cost["clients"] and cost["array_records"]]
+    return epsilon_for(releases, privacy["delta"])
+
+
 def report(rows: list[dict], zero: dict, args) -> str:
     lines = [f"# Privacy–utility: sst2, {args.model}, {zero['num_test']} test rows", "",
              "IID shards; IFed-ICL every client every round (extract + 1 calibration round, "
@@ -134,11 +148,18 @@ def report(rows: list[dict], zero: dict, args) -> str:
              f"Poisson sampling at rate {args.fraction}, 8 local examples. δ = 1e-5. Clips: "
              "each record's median update norm in the non-private run (not accounted).", "",
              f"Zero-shot: {pct(zero)}.", "",
-             "| method | clients | DP | ε (spent) | z | accuracy [95 %] | vs non-private "
-             "(points) | paired p | vs zero-shot (points, p) |",
-             "|---|---:|---|---:|---:|---:|---:|---:|---:|"]
+             "ε as recorded is what each run's ledger printed; ε (issue 41) is what its noise "
+             "level spends as the ledgers now account it (replace-one, no amplification by the "
+             "public sample; `accounted_epsilon`). Cells recorded before issue 41 also drew "
+             "their noise from the run's seed, so anyone holding their records can remove it: "
+             "they show utility at that noise level, not a guarantee.", "",
+             "| method | clients | DP | ε (as recorded) | ε (issue 41) | z | accuracy [95 %] "
+             "| vs non-private (points) | paired p | vs zero-shot (points, p) |",
+             "|---|---:|---|---:|---:|---:|---:|---:|---:|---:|"]
     for r in rows:
         eps = "∞" if math.isinf(r["epsilon"]) else f"{r['epsilon']:.2f}"
+        fixed = r.get("epsilon_issue41", math.inf)
+        eps += " | " + ("∞" if math.isinf(fixed) else f"{fixed:.2f}")
         lines.append(f"| {r['method']} | {r['clients']} | {r['mode']} | {eps} | "
                      f"{r['noise_multiplier']:.3g} | {pct(r)} | {r['vs_plain_points']:+.1f} | "
                      f"{r['paired_p']:.3g} | {r['vs_zero_shot_points']:+.1f} "
@@ -149,9 +170,11 @@ def report(rows: list[dict], zero: dict, args) -> str:
 
 def bar(rows: list[dict]) -> str:
     at_bar = [r for r in rows if r["clients"] == 1000 and r["mode"] == "central"
-              and r["target_epsilon"] == 8]
+              and r.get("epsilon_issue41", math.inf) <= 8 * (1 + 1e-6)]
     if not at_bar:
-        return "Bar (ε = 8, 1,000 clients, central within 3 points): not measured yet."
+        return ("Bar (ε = 8 as issue 41 accounts it, 1,000 clients, central within 3 points): "
+                "not measured yet (the 1,000-client cells spend more than ε = 8; the plot's "
+                "x-axis shows the ε as recorded).")
     met = [r["method"] for r in at_bar if r["vs_plain_points"] >= -3]
     verdict = f"met by {', '.join(met)}" if met else "NOT met"
     detail = ", ".join(f"{r['method']} {r['vs_plain_points']:+.1f}" for r in at_bar)
