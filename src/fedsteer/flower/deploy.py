@@ -312,6 +312,8 @@ def start_party(processes: Processes, party: PartySettings, name: str) -> subpro
 def party_exit_reason(returncode: int, log_text: str, party: PartySettings) -> str:
     """One line for a SuperNode that stopped: why, in words its operator can act on."""
     flower_says = _flower_error(log_text)
+    said = re.findall(r"Exit Code: (\d+)", log_text)  # the code Flower meant to exit with
+    returncode = int(said[-1]) if said else returncode
     if returncode == SUPERNODE_CONNECTION_ERROR:
         if "2004" in flower_says or "activate" in flower_says.lower():
             return (f"the coordinator refused this party's key {party.key}: its public key is "
@@ -368,8 +370,13 @@ def run_on_federation(config, out_dir: Path, folder: Path, save_dir: Path | None
     from fedsteer.eval.record import read_result
     from fedsteer.flower import handback, to_run_config
     from fedsteer.flower.launch import first_failure, write_app
+    from fedsteer.methods import make_method
 
     federation = read_federation(folder)
+    central = make_method(config.method, **config.method_options()).centralized
+    if config.clients != federation.parties and not central:
+        raise ValueError(f"--clients {config.clients}, but the federation in {folder} has "
+                         f"{federation.parties} parties: pass --clients {federation.parties}")
     run_config = to_run_config(config, round_timeout=round_timeout, hand_back=True,
                                hand_back_artifacts=save_dir is not None)
     work_dir = out_dir / "flower"

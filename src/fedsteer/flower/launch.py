@@ -131,6 +131,9 @@ def flower_processes(work_dir: Path) -> Iterator[Processes]:
         "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}",
         "FLWR_DISABLE_UPDATE_CHECK": "1",
         "RAY_USAGE_STATS_ENABLED": "0",  # no phoning home from a machine without internet
+        # nor from Flower: its exit waits on a telemetry request that, offline, kept a
+        # refused SuperNode alive after "Exit Code: 305" instead of exiting
+        "FLWR_TELEMETRY_ENABLED": "0",
         "PYTHONUNBUFFERED": "1",
     }
     processes = Processes(work_dir, env)
