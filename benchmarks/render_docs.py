@@ -41,9 +41,12 @@ METHOD_NAMES = {
 
 # --- formatting -----------------------------------------------------------------------------
 
-def table(header: Sequence[str], rows: Sequence[Sequence[str]], right_from: int = 1) -> str:
-    """A Markdown table; columns from `right_from` on are right-aligned (numbers)."""
-    align = ["---" if i < right_from else "---:" for i in range(len(header))]
+def table(header: Sequence[str], rows: Sequence[Sequence[str]], right_from: int = 1,
+          right_to: int | None = None) -> str:
+    """A Markdown table; columns `right_from` up to `right_to` (default: the last) are
+    right-aligned (numbers)."""
+    right_to = len(header) if right_to is None else right_to
+    align = ["---:" if right_from <= i < right_to else "---" for i in range(len(header))]
     lines = [header, align, *rows]
     return "\n".join("| " + " | ".join(str(c) for c in line) + " |" for line in lines) + "\n"
 
@@ -154,7 +157,8 @@ def grid_table(records: Sequence[dict[str, Any]]) -> str:
         model = "" if first["model"] == main_model else f" ({first['model']})"
         rows.append([method_name(method) + model, *cells_,
                      str(first["metrics"]["num_test"]), budget(first)])
-    return table(["method", *tasks, "rows", "budget"], rows, right_from=len(tasks) + 1)
+    return table(["method", *tasks, "rows", "budget"], rows, right_from=len(tasks) + 1,
+                 right_to=len(tasks) + 2)
 
 
 def grid_costs(records: Sequence[dict[str, Any]]) -> str:
@@ -183,7 +187,7 @@ def quick_table(records: Sequence[dict[str, Any]]) -> str:
                      f"{c.get('client_compute_seconds', c['client_seconds']):.0f}",
                      str(m["num_test"]), budget(rec)])
     return table(["method", "acc % [95 %]", "vs zero-shot", "bytes, whole run", "client s",
-                  "rows", "budget"], rows, right_from=1)
+                  "rows", "budget"], rows, right_from=1, right_to=6)
 
 
 # --- per-benchmark summaries (the scripts' own JSON) ----------------------------------------

@@ -120,31 +120,34 @@ RUNNABLE = re.compile(r"^<!-- runnable(?P<slow>: slow)? -->\n```bash\n(?P<body>.
                       re.S | re.M)
 
 
-def runnable_blocks() -> list:
-    blocks = []
+def runnable_pages() -> list:
+    """One parameter per page: its runnable blocks in order (a page is followed top to bottom,
+    so a later block may use the files an earlier one wrote)."""
+    pages = []
     for page in _pages():
-        text = page.read_text()
-        for match in RUNNABLE.finditer(text):
-            line = text[:match.start()].count("\n") + 1
-            marks = [pytest.mark.slow] if match.group("slow") else []
-            blocks.append(pytest.param(match.group("body"), marks=marks,
-                                       id=f"{page.relative_to(DOCS)}:{line}"))
-    return blocks
+        matches = list(RUNNABLE.finditer(page.read_text()))
+        if matches:
+            marks = [pytest.mark.slow] if any(m.group("slow") for m in matches) else []
+            pages.append(pytest.param([m.group("body") for m in matches], marks=marks,
+                                      id=str(page.relative_to(DOCS))))
+    return pages
 
 
 def test_the_docs_have_runnable_blocks():
-    assert len(runnable_blocks()) >= 5
+    assert sum(len(p.values[0]) for p in runnable_pages()) >= 6
 
 
-@pytest.mark.parametrize("body", runnable_blocks())
-def test_runnable_block_runs(body, tmp_path):
-    """Each block as a user would paste it: bash -e in an empty folder, fedsteer on the PATH."""
+@pytest.mark.parametrize("blocks", runnable_pages())
+def test_runnable_blocks_run(blocks, tmp_path):
+    """Each block as a user would paste it: bash -e in one empty folder per page, fedsteer on
+    the PATH."""
     env = {**os.environ, "HF_HUB_OFFLINE": "1",
            "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
-    done = subprocess.run(["bash", "-e", "-o", "pipefail", "-c", body], cwd=tmp_path, env=env,
-                          capture_output=True, text=True, timeout=900)
-    assert done.returncode == 0, f"exit {done.returncode}\n{done.stdout[-3000:]}\n" \
-                                 f"{done.stderr[-3000:]}"
+    for number, body in enumerate(blocks, 1):
+        done = subprocess.run(["bash", "-e", "-o", "pipefail", "-c", body], cwd=tmp_path,
+                              env=env, capture_output=True, text=True, timeout=900)
+        assert done.returncode == 0, (f"block {number} exited {done.returncode}\n"
+                                      f"{done.stdout[-3000:]}\n{done.stderr[-3000:]}")
 
 
 # --- the site builds --------------------------------------------------------------------------
