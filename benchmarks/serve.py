@@ -15,14 +15,20 @@
    each answer checked against its artifact's offline label.
 4. Faults: malformed JSON, a 5 MB body, over-limit parameters, a wrong key, a client that
    leaves mid-request, 200 concurrent requests against a cap of 32: the status each got,
-   the server's RSS before and after, and whether it still answers.
+   the server's RSS before and after, and whether it still answers. Issues 42/44 added: a
+   JSON array as the body, NaN / 1e999 numbers, five stop strings, a seed past int64, an
+   echo with log-probs past --max-echo-tokens, and streams vs whole answers for stops cut
+   from an answer (a stream must add up to the whole answer).
 
     nohup .venv/bin/python benchmarks/serve.py > benchmarks/results/serve.log 2>&1 &
+    nohup .venv/bin/python benchmarks/serve.py --faults-only > \
+        benchmarks/results/serve_faults.log 2>&1 &   # 4. alone → serve_faults.{md,json}
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import signal
 import socket
@@ -242,6 +248,16 @@ def faults(served: Served, model: str) -> list[dict]:
         ("no key", lambda: post(ok, headers={})),
         ("wrong key", lambda: post(ok, headers={"Authorization": "Bearer wrong"})),
         ("client leaves mid-request", lambda: _leaves(post, ok)),
+        ("body = a JSON array", lambda: post(content=b'[{"model": "x", "prompt": "y"}]')),
+        ("temperature = NaN", lambda: post(content=_with(ok, "temperature", "NaN"))),
+        ("max_tokens = 1e999", lambda: post(content=_with(ok, "max_tokens", "1e999"))),
+        ("stop = 5 strings", lambda: post({**ok, "stop": list("abcde")})),
+        ("seed = 2**64", lambda: post({**ok, "seed": 2**64, "temperature": 1})),
+        ("echo + logprobs, 8 × 4 × 1,000 tokens", lambda: post(
+            {**ok, "prompt": ["word " * 1000] * 8, "n": 4, "echo": True, "logprobs": 1,
+             "max_tokens": 0})),
+        ("streams vs whole answers, 12 stops cut from an answer",
+         lambda: _stop_streams(url, auth, model)),
     ]
     table = [{"case": name, "status": str(run())} for name, run in cases]
     statuses = _flood(url, auth, ok)
@@ -263,6 +279,30 @@ def _leaves(post, ok: dict) -> str:
     except httpx.TimeoutException:
         return "left after 0.5 s"
     return "answered before the client left"
+
+
+def _with(body: dict, field: str, literal: str) -> bytes:
+    """`body` as JSON with `field` set to a literal JSON itself has no word for."""
+    return (json.dumps(body)[:-1] + f', "{field}": {literal}}}').encode()
+
+
+def _stop_streams(url: str, auth: dict, model: str) -> str:
+    """Stops cut from a greedy answer at every third character: each stream must add up to
+    its whole answer (issue 44: streams sent the start of a stop string spanning tokens)."""
+    from openai import OpenAI
+
+    client = OpenAI(base_url=url, api_key=auth["Authorization"].split()[-1])
+    ask = {"model": model, "prompt": "The capital of France is", "max_tokens": 24,
+           "temperature": 0}
+    full = client.completions.create(**ask).choices[0].text
+    stops = sorted({full[i : i + 3] for i in range(0, len(full) - 3, 3)})[:12]
+    equal = 0
+    for stop in stops:
+        whole = client.completions.create(**ask, stop=[stop]).choices[0].text
+        streamed = "".join(c.choices[0].text for c in client.completions.create(
+            **ask, stop=[stop], stream=True))
+        equal += whole == streamed == full[: full.index(stop)]
+    return f"{equal} / {len(stops)} equal"
 
 
 def _flood(url: str, auth: dict, ok: dict) -> dict[int, int]:
@@ -313,6 +353,15 @@ def report(args, exact: dict, speed: dict, fault_rows: list[dict]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def fault_report(args, fault_rows: list[dict]) -> str:
+    lines = [f"# `fedsteer serve` faults ({args.model}, base model only)", "",
+             "The server in its own process with --api-key-env, --max-concurrent 32 and "
+             "defaults otherwise; the clients beside it on the same cores.", "",
+             "| case | answer |", "|---|---|"]
+    lines += [f"| {row['case']} | {row['status']} |" for row in fault_rows]
+    return "\n".join(lines) + "\n"
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default=DEFAULT_MODEL)
@@ -320,8 +369,17 @@ def main() -> None:
     parser.add_argument("--top", type=int, default=TOP, help="top-k log-probs per answer")
     parser.add_argument("--emulator-layers", type=int, default=12,
                         help="depth of FedPT's small model (the base's emulator)")
+    parser.add_argument("--faults-only", action="store_true",
+                        help="only 4. (faults) on the base model → serve_faults.{md,json}")
     args = output_arguments(parser, "serve").parse_args()
     started = time.perf_counter()
+    if args.faults_only:
+        with Served(args, {}, api_key_env=KEY_VARIABLE) as served:
+            fault_rows = faults(served, args.model)
+        text = fault_report(args, fault_rows)
+        text += f"\nTotal wall time: {(time.perf_counter() - started) / 60:.1f} min.\n"
+        write_outputs(args.report_dir, "serve_faults", {"faults": fault_rows}, text, args)
+        return
     task = load_task("sst2")
     artifacts = make_artifacts(args, args.out)
     with Served(args, artifacts, api_key_env=KEY_VARIABLE) as served:

@@ -196,8 +196,13 @@ class Widths:
         yield
 
 
-def test_echoed_log_probs_come_from_forwards_within_the_budget_and_equal_one_forward():
-    base = load_model("tiny-random")
+@pytest.fixture(scope="module")
+def base():
+    return load_model("tiny-random")
+
+
+def recorded(base, **options) -> tuple[Engine, Widths]:
+    """An engine serving `base` as "r", recording the rows and width of every forward."""
     widths = Widths()
 
     @dataclass
@@ -206,18 +211,26 @@ def test_echoed_log_probs_come_from_forwards_within_the_budget_and_equal_one_for
         def streams(self):
             return [Stream(self.base, widths.context)]
 
+    return Engine({"r": Recorded("r", base)}, window_seconds=0.0, **options), widths
+
+
+TEXTS = ("The capital of France is Paris, a city", "One two three four five six", "Hi")
+
+
+def test_echoed_log_probs_come_from_forwards_within_the_budget_and_equal_one_forward(base):
+    """(The old engine took log-probs at every position of the whole batch in one forward:
+    sixteen 2,000-token prompts of a 150k vocabulary ≈ 20 GB.)"""
     vocab = base.model.config.vocab_size
-    budget = 2 * 5 * vocab  # two rows of five positions
-    engine = Engine({"r": Recorded("r", base)}, window_seconds=0.0, echo_budget=budget)
-    prompts = [base.tokenizer(text)["input_ids"] for text in
-               ("The capital of France is Paris, a city", "One two three four five six")]
+    budget = 3 * 3 * vocab  # three rows of three positions
+    engine, widths = recorded(base, echo_budget=budget)
+    prompts = [base.tokenizer(text)["input_ids"] for text in TEXTS]
     try:
         answers, _ = run(engine, [Row(ids, len(ids), 2, top=3, echo=True) for ids in prompts],
                          model="r")
     finally:
         engine.close()
     prompt_forwards = [(rows, width) for rows, width in widths.seen if width > 1]
-    assert len(prompt_forwards) > 1
+    assert len(prompt_forwards) > 2  # "Hi" is all padding in the first of them
     assert all(rows * width * vocab <= budget for rows, width in widths.seen)
     for ids, answer in zip(prompts, answers, strict=True):
         with torch.no_grad():
@@ -227,3 +240,42 @@ def test_echoed_log_probs_come_from_forwards_within_the_budget_and_equal_one_for
         torch.testing.assert_close(torch.tensor([t.logprob for t in answer.prompt[1:]]),
                                    torch.tensor(want), atol=1e-4, rtol=0)
         assert len(answer.tokens) == 2 and all(len(t.top) == 3 for t in answer.prompt[1:])
+
+
+def test_a_long_prompt_is_read_in_forwards_of_prefill_tokens_with_the_same_answer(base):
+    prompts = [base.tokenizer(text)["input_ids"] for text in TEXTS]
+
+    def answers(**options) -> tuple[list[Answer], list[tuple[int, int]]]:
+        engine, widths = recorded(base, **options)
+        try:
+            got, _ = run(engine, [Row(ids, len(ids), 3, top=2) for ids in prompts], model="r")
+        finally:
+            engine.close()
+        return got, widths.seen
+
+    whole, _ = answers()
+    chunked, seen = answers(prefill_tokens=9)
+    # a 9-token width read 3 positions × 3 rows at a time, then two one-token steps
+    assert [rows * width for rows, width in seen] == [9, 9, 9, 3, 3]
+    for one, other in zip(whole, chunked, strict=True):
+        assert [t.id for t in one.tokens] == [t.id for t in other.tokens]
+        torch.testing.assert_close(torch.tensor([t.logprob for t in one.tokens]),
+                                   torch.tensor([t.logprob for t in other.tokens]),
+                                   atol=1e-4, rtol=0)
+
+
+def test_a_job_cancelled_while_its_prompt_is_read_stops_at_the_next_forward():
+    engine, model = scripted_engine(prefill_tokens=4)
+    entered, opened = threading.Event(), threading.Event()
+    model.gate = (entered, opened)
+    done = threading.Event()
+    job = Job("bytes", [Row(list(range(1, 21)), 20, 5)], lambda got, error: done.set())
+    try:
+        engine.submit(job)
+        assert entered.wait(10)
+        job.cancelled.set()
+        opened.set()
+        assert done.wait(10)
+    finally:
+        engine.close()
+    assert model.calls == 1  # of the 5 forwards a 20-token prompt takes, 4 tokens each

@@ -7,9 +7,10 @@ padding), each a left-padded forward with a key/value cache, then one token per 
 every row until each has its answer. Jobs of other names wait their turn, so a batch never
 mixes names and an adaptation's hooks are on only around its own forwards. A cancelled job
 (timeout, client gone) drops out between chunks and between steps, so it stops holding the
-one thread; an error fails that batch's jobs, never the engine. Echoed prompts' log-probs
-are computed a few positions at a time (`echo_budget`), never as one rows × width × vocab
-tensor.
+one thread; an error fails that batch's jobs, never the engine. Prompts are read
+`prefill_tokens` tokens per forward (so a cancel is heard within one such forward), and
+echoed prompts' log-probs a few positions at a time (`echo_budget`), never as one rows ×
+width × vocab tensor.
 """
 
 from __future__ import annotations
@@ -117,13 +118,15 @@ class Engine:
 
     def __init__(self, adaptations: dict[str, Adaptation], max_batch_rows: int = 32,
                  window_seconds: float = 0.005, chunk_rows: int = 16,
-                 echo_budget: int = 2**25) -> None:
+                 echo_budget: int = 2**25, prefill_tokens: int = 2048) -> None:
         self.adaptations = adaptations
         self.max_batch_rows, self.window = max_batch_rows, window_seconds
         self.chunk_rows = chunk_rows  # rows of one forward, sorted by length within a batch
         #: rows × positions × vocab of the log-probs one echo forward may compute (float32:
         #: 2**25 is 128 MiB per copy)
         self.echo_budget = echo_budget
+        #: rows × positions of one prompt forward: long prompts are read in position chunks
+        self.prefill_tokens = prefill_tokens
         self.tokenizer_lock = threading.Lock()  # HF tokenizers are not safe across threads
         self._jobs: deque[Job] = deque()
         self._ready = threading.Condition()
@@ -265,20 +268,23 @@ def decode(engine: Engine, adaptation: Adaptation, rows: list[tuple[Job, Row, in
 
 def prefill(engine: Engine, adaptation: Adaptation, forwards: list[Forward],
             decoding: Decoding) -> torch.Tensor | None:
-    """The next-token log-probs after every row's prompt. Rows that echo their prompt's
-    log-probs get them on the way, from forwards of a few positions each (rows × positions
-    × vocab within `engine.echo_budget`); None if every row was cancelled meanwhile."""
+    """The next-token log-probs after every row's prompt, read in forwards of at most
+    `engine.prefill_tokens` tokens (rows × positions), each continuing the cache of the
+    last. Rows that echo their prompt's log-probs get them on the way, with at most
+    `engine.echo_budget` rows × positions × vocab log-probs per forward. None if every row
+    was cancelled meanwhile (checked between forwards)."""
     rows, width = decoding.ids.shape
-    if not decoding.echoes:
-        return adaptation.combine([f.prompt(0, width, False) for f in forwards])[:, -1]
-    vocab = max(f.stream.lm.model.config.vocab_size for f in forwards)
-    step = max(1, engine.echo_budget // (rows * vocab))
+    step = max(1, engine.prefill_tokens // rows)
+    if decoding.echoes:
+        vocab = max(f.stream.lm.model.config.vocab_size for f in forwards)
+        step = min(step, max(1, engine.echo_budget // (rows * vocab)))
     for start in range(0, width, step):
         if decoding.all_cancelled():
             return None
-        logprobs = adaptation.combine([f.prompt(start, min(start + step, width), True)
-                                       for f in forwards])
-        decoding.echo(start, logprobs)
+        logprobs = adaptation.combine([f.prompt(start, min(start + step, width),
+                                                decoding.echoes) for f in forwards])
+        if decoding.echoes:
+            decoding.echo(start, logprobs)
     return logprobs[:, -1]
 
 
