@@ -332,13 +332,19 @@ def privacy() -> str:
     zero = data["zero_shot"]
     rows = []
     for r in data["rows"]:
-        eps = "∞" if math.isinf(r["epsilon"]) else f"{r['epsilon']:g}"
+        eps = "∞" if math.isinf(r["epsilon"]) else f"{r['epsilon']:.3g}"
+        fixed = r.get("epsilon_issue41", r["epsilon"])  # as the ledgers account it now
+        if not math.isclose(fixed, r["epsilon"], rel_tol=1e-3):
+            eps += f" → {fixed:.3g}"
         z = "—" if not r["noise_multiplier"] else f"{r['noise_multiplier']:.3g}"
         vs = "—" if r["mode"] == "none" else versus(r["vs_plain_points"], r["paired_p"])
         rows.append([method_name(r["method"]), f"{r['clients']:,}", r["mode"], eps, z,
                      acc(r["accuracy"], r["accuracy_ci95"]), vs])
     return (f"Zero-shot on the same {zero['num_test']} rows: "
             f"{acc(zero['accuracy'], zero['accuracy_ci95'])}.\n\n"
+            + "ε as recorded → as issue 41 accounts it (replace-one, no amplification by the "
+            "public sample). These cells drew their noise from the run's seed (before issue "
+            "41): utility at that noise level, not a guarantee.\n\n"
             + table(["method", "clients", "DP", "ε", "z", "accuracy [95 %]",
                      "vs non-private"], rows, right_from=1))
 
