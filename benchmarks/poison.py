@@ -17,6 +17,9 @@ from fedsteer.experiment import RunConfig, run_experiment
 
 ATTACKER = 1
 ATTACKS = ("norm1e30", "scale1e6", "signflip")
+#: malformed replies: the honest values sent as another dtype (complex passed the check and
+#: failed the norm; bool and strings were skipped by it)
+DTYPE_ATTACKS = {"complex64": np.complex64, "bool": np.bool_, "strings": np.str_}
 
 
 def corrupt(reply: RecordDict, attack: str) -> RecordDict:
@@ -40,7 +43,8 @@ def corrupt(reply: RecordDict, attack: str) -> RecordDict:
     out = RecordDict()
     for rec, record in reply.items():
         if rec in reply.array_records:
-            out[rec] = ArrayRecord({name: Array(arrays[(rec, name)].astype(np.float32))
+            dtype = DTYPE_ATTACKS.get(attack, np.float32)
+            out[rec] = ArrayRecord({name: Array(arrays[(rec, name)].astype(dtype))
                                     for name in record})
         else:
             out[rec] = record
@@ -55,6 +59,14 @@ def poisoned(method, attack: str):
         def client_step(self, message, client):
             reply = super().client_step(message, client)
             return corrupt(reply, attack) if client.cid == ATTACKER else reply
+
+        def client_steps(self, message, clients):
+            """Clients stepped together (IFed-ICL's calibration) are poisoned too."""
+            batched = super().client_steps(message, clients)
+            if batched is not None:
+                batched.contents = [corrupt(c, attack) if client.cid == ATTACKER else c
+                                    for c, client in zip(batched.contents, clients, strict=True)]
+            return batched
 
     clone = object.__new__(Poisoned)
     clone.__dict__.update(vars(method))
@@ -77,4 +89,4 @@ def poisoned_run(method: str, model: str, attack: str, out: Path, *, test_size: 
         experiment.make_method = real
 
 
-__all__ = ["ATTACKS", "corrupt", "poisoned", "poisoned_run"]
+__all__ = ["ATTACKS", "DTYPE_ATTACKS", "corrupt", "poisoned", "poisoned_run"]

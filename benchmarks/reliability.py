@@ -274,6 +274,45 @@ def cases() -> list[Case]:
     ]
 
 
+def expect_claim_rejected(claim: object) -> Callable[[Path], tuple[str, str]]:
+    """Client 1 of a tiny IFed-ICL run reports `claim` examples, as a Flower client reports
+    its own count: the reply must be rejected with its reason, the run go on."""
+    def run(work: Path) -> tuple[str, str]:
+        sys.path.insert(0, str(Path(__file__).parent))
+        from poison import ATTACKER, poisoned_run  # noqa: PLC0415 - this script's own helper
+
+        from fedsteer.federation.runtime import Runtime  # noqa: PLC0415
+
+        honest = Runtime._accept
+
+        def lying(self, method, message, cid, content, num_examples, cost):
+            claimed = claim if cid == ATTACKER else num_examples
+            return honest(self, method, message, cid, content, claimed, cost)
+
+        Runtime._accept = lying
+        try:
+            record = poisoned_run("ifed-icl", "tiny-random", "none", work / "run", test_size=8,
+                                  clients=4, options={"demos_per_class": 1,
+                                                      "calibration_per_class": 1, "rounds": 2})
+        finally:
+            Runtime._accept = honest
+        rejected = [x for r in record["costs"]["rounds"] for x in r["rejected"]]
+        if rejected and {x["cid"] for x in rejected} == {ATTACKER}:
+            return "rejected and logged", f"{len(rejected)} × client 1: {rejected[0]['reason']}"
+        return "silent acceptance", f"rejections: {rejected}"
+    return run
+
+
+def hostile_reply_cases() -> list[Case]:
+    """Issue 42: malformed replies and lying example counts (tiny model, in this process)."""
+    return [
+        *[Case(f"{name} reply", expect_rejected(name)) for name in
+          ("complex64", "bool", "strings")],
+        *[Case(f"claims {claim!r} examples", expect_claim_rejected(claim)) for claim in
+          (-1000, 0, 2.5, float("nan"))],
+    ]
+
+
 def run_cases(selected: list[Case]) -> list[dict]:
     rows = []
     for case in selected:
@@ -343,7 +382,8 @@ def main() -> None:
     parser.add_argument("--test-size", type=int, default=200)
     parser.add_argument("--only", nargs="*", help="case names to run (substring match)")
     args = parser.parse_args()
-    selected = [c for c in cases() if not args.only or any(o in c.name for o in args.only)]
+    every = cases() + hostile_reply_cases()
+    selected = [c for c in every if not args.only or any(o in c.name for o in args.only)]
     out = RESULTS / "reliability.json"
     previous = json.loads(out.read_text()) if out.exists() else {}
     rows = previous.get("cases", []) if args.no_cases else run_cases(selected)

@@ -16,8 +16,8 @@ from flwr.app import RecordDict
 
 #: what a reply's arrays may hold: real floating-point numbers of a width a checkpoint
 #: stores. Not integers or bools (a running mean keeps the first reply's dtype, and a float
-#: added into an integer sum fails), complex (no order, the norm's square is complex), nor
-#: strings, bytes, objects, dates or structures.
+#: added into an integer sum fails), complex (squaring it into float64 for the norm raised
+#: and failed the run), nor strings, bytes, objects, dates or structures.
 REPLY_DTYPES = frozenset(np.dtype(t) for t in (np.float16, np.float32, np.float64))
 #: the most examples a reply may claim: past 2**53 a float64 no longer counts them one by
 #: one, and no party holds that many rows
@@ -38,8 +38,10 @@ def example_count(value: object) -> int:
     if isinstance(value, float | np.floating) and not (math.isfinite(value)
                                                        and float(value).is_integer()):
         raise InvalidReply(f"num-examples {value!r} is not a whole number")
-    if not 1 <= value <= MAX_EXAMPLES:
-        raise InvalidReply(f"num-examples {value!r} is outside 1..{MAX_EXAMPLES}")
+    if value < 1:
+        raise InvalidReply(f"num-examples {value!r} is below 1: a weight is at least one example")
+    if value > MAX_EXAMPLES:
+        raise InvalidReply(f"num-examples {value!r} is above 2**53, more than any party holds")
     return int(value)
 
 
