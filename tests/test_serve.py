@@ -358,15 +358,17 @@ def test_a_stream_says_exactly_what_the_whole_answer_says_for_every_stop(base):
                 assert whole == streamed and whole[0] == full[0][: full[0].index(stop)], stop
 
 
-def test_a_stream_of_several_prompts_keeps_each_under_its_own_index(base):
+@pytest.mark.parametrize("echo", [False, True])
+def test_a_stream_of_several_prompts_keeps_each_under_its_own_index(base, echo):
+    """Every row's tokens went out as choice 0, and an echoed prompt not at all."""
     server = Server(build_adaptations(base, [], load_model))
-    prompts = ["a b", "c d e", "The capital of France is"]
+    ask = {"model": "tiny-random", "prompt": ["a b", "c d e", "The capital of France is"],
+           "max_tokens": 4, "echo": echo}
     with ServerThread(make_app(server)) as url:
         client = OpenAI(base_url=url, api_key="x")
-        whole = client.completions.create(model="tiny-random", prompt=prompts, max_tokens=4)
+        whole = client.completions.create(**ask)
         texts, reasons = ["", "", ""], [None, None, None]
-        for chunk in client.completions.create(model="tiny-random", prompt=prompts,
-                                               max_tokens=4, stream=True):
+        for chunk in client.completions.create(**ask, stream=True):
             texts[chunk.choices[0].index] += chunk.choices[0].text
             reasons[chunk.choices[0].index] = chunk.choices[0].finish_reason or \
                 reasons[chunk.choices[0].index]

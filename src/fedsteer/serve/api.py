@@ -394,7 +394,11 @@ class CompletionView:
         def chunk(ident, index, text, token, reason):
             return protocol.completion_chunk(ident, body.model, index, text, token, reason)
 
-        return event_stream(server, slot, body.model, prepared, chunk, "cmpl", None)
+        def opening(ident):  # echo: each prompt first, as the whole answer begins with it
+            return [chunk(ident, i, text, None, None) for i, text in enumerate(prepared.texts)
+                    ] if prepared.echo else []
+
+        return event_stream(server, slot, body.model, prepared, chunk, "cmpl", opening)
 
 
 class ChatView:
@@ -412,8 +416,8 @@ class ChatView:
             return protocol.chat_chunk(ident, body.model, index, delta, token, reason)
 
         def opening(ident):
-            return protocol.chat_chunk(ident, body.model, 0, {"role": "assistant",
-                                                              "content": ""}, None, None)
+            return [protocol.chat_chunk(ident, body.model, 0, {"role": "assistant",
+                                                               "content": ""}, None, None)]
 
         return event_stream(server, slot, body.model, prepared, chunk, "chatcmpl", opening)
 
@@ -432,8 +436,8 @@ async def event_stream(server: Server, slot: Slot, model: str, prepared: Prepare
     ident, deadline = protocol.new_id(prefix), loop.time() + server.limits.timeout_seconds
     server.engine.submit(job)
     try:
-        if opening is not None:
-            yield _sse(opening(ident))
+        for payload in opening(ident):
+            yield _sse(payload)
         while True:
             row, first, second = await asyncio.wait_for(events.get(), deadline - loop.time())
             if row is not None:
