@@ -52,7 +52,8 @@ def fedsteer(args: list[str], cwd: Path, timeout: float = 180, env: dict | None 
 
 
 def expect_error(args: list[str], *needles: str, env: dict | None = None,
-                 prepare: Callable[[Path], None] | None = None, timeout: float = 180):
+                 prepare: Callable[[Path], None] | None = None, timeout: float = 180,
+                 forbid: tuple[str, ...] = ()):
     def run(work: Path) -> tuple[str, str]:
         if prepare:
             prepare(work)
@@ -70,6 +71,9 @@ def expect_error(args: list[str], *needles: str, env: dict | None = None,
                    if n.replace("{w}", str(work)) not in seen]
         if missing:
             return "unclear error", f"{line.strip()} (does not name {missing})"
+        said = [f for f in forbid if f in seen]
+        if said:
+            return "unclear error", f"{line.strip()} (also says {said})"
         return "clear error", f"{line.strip()} ({time.monotonic() - started:.0f} s)"
 
     return run
@@ -274,6 +278,135 @@ def cases() -> list[Case]:
     ]
 
 
+def _file(work: Path) -> None:
+    _write(work / "f", "a file, not a folder")
+
+
+def _file_and_grid(work: Path) -> None:
+    _file(work)
+    _write(work / "g.yaml", "name: g\nmodels: [tiny-random]\ntasks: [sst2]\n"
+           "methods: [zero-shot]\n")
+
+
+def _saved_steering(work: Path) -> None:
+    """An IFed-ICL artifact made on sst2 with tiny-random, in work/steer."""
+    code, output = fedsteer(["run", "ifed-icl", *TINY, *IFED_TINY, "--out", str(work / "run"),
+                             "--save", str(work / "steer")], work)
+    assert code == 0, output
+
+
+def expect_one_of_two_at_once(work: Path) -> tuple[str, str]:
+    """Two runs started together into one --out: one runs, the other refuses naming it."""
+    args = [sys.executable, "-m", "fedsteer", "run", "ifed-icl", *TINY, *IFED_TINY,
+            "--out", "run"]
+    env = {k: v for k, v in os.environ.items() if k != "FEDSTEER_DATA_DIR"}
+    runs = [subprocess.Popen([*args, "--seed", str(seed)], cwd=work, env=env, text=True,
+                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+            for seed in (0, 1)]
+    outputs = [run.communicate(timeout=300)[0] for run in runs]
+    codes = [run.returncode for run in runs]
+    if any("Traceback" in out for out in outputs):
+        return "traceback", " ".join(outputs[codes.index(max(codes))].split())[-300:]
+    if sorted(codes) != [0, 2]:
+        return "silent acceptance", f"exit codes {codes}"
+    winner, loser = (0, 1) if codes[0] == 0 else (1, 0)
+    line = _error_line(outputs[loser]) or outputs[loser][-200:]
+    seed = json.loads((work / "run" / "result.json").read_text())["config"]["seed"]
+    named = f"PID {runs[winner].pid}" in line or "already holds a run" in line  # it finished
+    if not named or seed != winner:
+        return "unclear error", f"{line.strip()} (the running one: PID {runs[winner].pid})"
+    return "clear error", f"{line.strip()}; the other run finished alone (seed {seed})"
+
+
+def expect_stale_lock_taken_over(work: Path) -> tuple[str, str]:
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    _write(work / "run" / ".fedsteer.lock", f"{dead.pid}\n")
+    code, output = fedsteer(["run", "zero-shot", *TINY, "--out", "run"], work)
+    seen = " ".join(output.split())
+    if code == 0 and f"PID {dead.pid}" in seen:
+        return "warned", seen[seen.index("warning:"):][:160]
+    return ("silent acceptance" if code == 0 else "traceback"), seen[-200:]
+
+
+def expect_mixed_table_said(work: Path) -> tuple[str, str]:
+    """`show` of a folder holding an sst2 and a trec run: a task column and a warning."""
+    for task in ("sst2", "trec"):
+        code, output = fedsteer(["run", "zero-shot", *TINY, "--task", task, "--out",
+                                 f"runs/{task}"], work)
+        assert code == 0, output
+    code, output = fedsteer(["show", "runs"], work)
+    header = next((ln for ln in output.splitlines() if "method" in ln), "")
+    warning = next((ln for ln in output.splitlines() if "come from 2 tasks" in ln), "")
+    if code == 0 and "task" in header and warning:
+        return "warned", f"task column; {' '.join(warning.split())}"
+    return "silent acceptance", f"header: {' '.join(header.split())[:80]}; no warning"
+
+
+def _disagreeing_records(work: Path) -> None:
+    _finished_run(work, "zero-shot")
+    record = json.loads((work / "run" / "result.json").read_text())
+    record["config"]["seed"] = 7  # another run's result beside this run's run.json
+    _write(work / "run" / "result.json", json.dumps(record))
+
+
+def run_folder_cases() -> list[Case]:
+    """Issue 44: a run folder belongs to one run, an artifact to its task and model, and a
+    hint names something the user can set."""
+    run_tiny = ["run", "zero-shot", *TINY]
+    spec_flags = ["--train", "train.jsonl", "--test", "train.jsonl", "--labels", "a,b"]
+    return [
+        Case("--out under a file", expect_error([*run_tiny, "--out", "f/out"], "--out f/out",
+                                                "is a file", prepare=_file)),
+        Case("--out at a file", expect_error([*run_tiny, "--out", "f"], "--out f",
+                                             prepare=_file)),
+        Case("--save at a file (ifed-icl)", expect_error(
+            ["run", "ifed-icl", *TINY, *IFED_TINY, "--out", "o", "--save", "f"], "--save f",
+            prepare=_file)),
+        Case("--data-dir under a file", expect_error(["--data-dir", "f/x", "tasks"],
+                                                     "--data-dir f/x", prepare=_file)),
+        Case("bench --out under a file", expect_error(
+            ["bench", "g.yaml", "--out", "f/x"], "--out f/x", prepare=_file_and_grid)),
+        Case("two runs into one --out at once", expect_one_of_two_at_once),
+        Case("a dead run's lock", expect_stale_lock_taken_over),
+        Case("new run into a used folder", expect_error(
+            [*run_tiny, "--task", "trec", "--out", "run"], "already holds a run", "--force",
+            "--resume", prepare=lambda w: _finished_run(w, "zero-shot"))),
+        Case("resume of a folder whose records disagree", expect_error(
+            ["run", "--resume", "run"], "seed 7", "run.json says 0",
+            prepare=_disagreeing_records)),
+        Case("show of two tasks' runs", expect_mixed_table_said),
+        Case("eval of an sst2 artifact on trec", expect_error(
+            ["eval", "--artifact", "steer", "--task", "trec", "--test-size", "8"],
+            "made on task 'sst2'", "--transfer", prepare=_saved_steering)),
+        Case("eval of an artifact on another model", expect_error(
+            ["eval", "--artifact", "steer", "--task", "sst2", "--model", "smollm2-135m"],
+            "made on model 'tiny-random'", "--transfer", prepare=_saved_steering)),
+        Case("-o on a method without options", expect_error(
+            [*run_tiny, "-o", "multi_token=true"], "zero-shot takes no options",
+            forbid=("known:",))),
+        Case("label words sharing a first token", expect_error(
+            [*run_tiny, *spec_flags, "--label-words", " xylophone, xylograph"],
+            "--label-words", forbid=("multi_token",), prepare=_user_files)),
+        Case("Dirichlet that cannot fill the clients", expect_error(
+            ["run", "local-icl", *TINY, *spec_flags, "--clients", "6", "--alpha", "0.01"],
+            "min_per_client", prepare=_user_files)),
+        Case("--template without {text}", expect_error(
+            [*run_tiny, *spec_flags, "--template", "Ticket: {body}"], "--template",
+            forbid=("--train/--test/--labels",), prepare=_user_files)),
+        Case("spec train path is a folder", expect_error(
+            [*run_tiny, "--task", "t.yaml"], "a folder, not a data file",
+            prepare=lambda w: (_spec(w), (w / "data").mkdir(), _write(
+                w / "t.yaml", "name: t\nlabels: [a, b]\ntrain: data\ntest: test.jsonl\n")))),
+        Case("--alpha inf", expect_error([*run_tiny, "--alpha", "inf"], "--alpha", "finite",
+                                         forbid=("RuntimeWarning",))),
+        Case("partition --alpha inf", expect_error(["partition", "--alpha", "inf"], "--alpha",
+                                                   "finite", forbid=("RuntimeWarning",))),
+        Case("partition --partition (run's flag)", expect_error(
+            ["partition", "--partition", "nope"], "unknown scheme 'nope'")),
+    ]
+
+
 def expect_claim_rejected(claim: object) -> Callable[[Path], tuple[str, str]]:
     """Client 1 of a tiny IFed-ICL run reports `claim` examples, as a Flower client reports
     its own count: the reply must be rejected with its reason, the run go on."""
@@ -354,11 +487,12 @@ def run_attacks(model: str, test_size: int) -> list[dict]:
     return rows
 
 
-def markdown(rows: list[dict], attacks: list[dict], model: str, test_size: int) -> str:
+def markdown(rows: list[dict], attacks: list[dict], model: str, test_size: int,
+             note: str = "") -> str:
     counts = Counter(r["outcome"] for r in rows)
     lines = ["# Reliability: bad inputs and hostile replies", "",
              "Produced by `benchmarks/reliability.py`; each case runs `fedsteer` in a "
-             "subprocess from an empty folder.", "",
+             "subprocess from an empty folder.", *([note] if note else []), "",
              "| outcome | cases |", "|---|---:|"]
     lines += [f"| {k} | {v} |" for k, v in sorted(counts.items(), key=lambda kv: -kv[1])]
     lines += ["", "| case | outcome | what it said / did |", "|---|---|---|"]
@@ -381,8 +515,10 @@ def main() -> None:
     parser.add_argument("--model", default="qwen2.5-coder-0.5b")
     parser.add_argument("--test-size", type=int, default=200)
     parser.add_argument("--only", nargs="*", help="case names to run (substring match)")
+    parser.add_argument("--shared-machine", action="store_true",
+                        help="say in the record that other jobs ran meanwhile (the seconds)")
     args = parser.parse_args()
-    every = cases() + hostile_reply_cases()
+    every = cases() + run_folder_cases() + hostile_reply_cases()
     selected = [c for c in every if not args.only or any(o in c.name for o in args.only)]
     out = RESULTS / "reliability.json"
     previous = json.loads(out.read_text()) if out.exists() else {}
@@ -390,7 +526,10 @@ def main() -> None:
     attacks = run_attacks(args.model, args.test_size) if args.attacks \
         else previous.get("attacks", [])
     out.write_text(json.dumps({"cases": rows, "attacks": attacks}, indent=2) + "\n")
-    (RESULTS / "reliability.md").write_text(markdown(rows, attacks, args.model, args.test_size))
+    note = ("Seconds are wall time while other jobs shared the machine's 2 cores, not a "
+            "timing of fedsteer alone." if args.shared_machine else "")
+    (RESULTS / "reliability.md").write_text(
+        markdown(rows, attacks, args.model, args.test_size, note))
     bad = [r for r in rows if r["outcome"] not in GOOD]
     print(f"{len(rows)} cases, {len(bad)} bad: {[r['case'] for r in bad]}")
 
