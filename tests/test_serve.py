@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import socket
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -588,3 +589,21 @@ def test_a_stream_that_times_out_says_so_on_python_3_10(base, monkeypatch):
         while server.in_flight and time.monotonic() < deadline:
             time.sleep(0.05)
         assert server.in_flight == 0
+
+
+def test_a_body_that_never_finishes_arriving_is_a_408(base):
+    """A client that sends its body a byte at a time (or stops) held its connection and up
+    to --max-body-bytes of memory for good: the body now has --timeout to arrive."""
+    server = Server(build_adaptations(base, [], load_model), Limits(timeout_seconds=1.0))
+    with ServerThread(make_app(server)) as url:
+        port = int(url.split(":")[-1].split("/")[0])
+        with socket.create_connection(("127.0.0.1", port), timeout=15) as sock:
+            sock.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: "
+                         b"application/json\r\nContent-Length: 100\r\n\r\n{\"model\"")
+            started = time.monotonic()
+            answer = sock.recv(65536)
+        assert answer.startswith(b"HTTP/1.1 408") and b"--timeout" in answer
+        assert time.monotonic() - started < 10
+        ok = httpx.post(f"{url}/completions", json={"model": "tiny-random", "prompt": "x",
+                                                   "max_tokens": 1})
+        assert ok.status_code == 200 and server.in_flight == 0

@@ -142,16 +142,11 @@ class Authentication:
 # ------------------------------------------------------------------ parsing
 async def parse(request: Request, model, limits: Limits):
     """The body, read up to the size limit, as JSON, as the endpoint's request type."""
-    declared = request.headers.get("content-length")
-    if declared is not None and (not declared.isdigit() or int(declared) > limits.max_body_bytes):
-        raise ApiError(413, f"the body is over the limit of {limits.max_body_bytes} bytes "
-                       "(--max-body-bytes)")
-    raw = bytearray()
-    async for chunk in request.stream():
-        raw += chunk
-        if len(raw) > limits.max_body_bytes:
-            raise ApiError(413, f"the body is over the limit of {limits.max_body_bytes} bytes "
-                           "(--max-body-bytes)")
+    try:
+        raw = await asyncio.wait_for(read_body(request, limits), limits.timeout_seconds)
+    except asyncio.TimeoutError as error:  # a body sent a byte at a time holds its memory
+        raise ApiError(408, f"the body did not arrive within {limits.timeout_seconds:g} s "
+                       "(--timeout)", kind="timeout") from error
     try:
         data = json.loads(raw)
     except (ValueError, RecursionError) as error:  # RecursionError: nested without end
@@ -167,6 +162,21 @@ async def parse(request: Request, model, limits: Limits):
         return model.model_validate(data)
     except ValidationError as error:
         raise validation_error(error) from error
+
+
+async def read_body(request: Request, limits: Limits) -> bytearray:
+    """The body, refused (413) as soon as it is over the size limit."""
+    declared = request.headers.get("content-length")
+    if declared is not None and (not declared.isdigit() or int(declared) > limits.max_body_bytes):
+        raise ApiError(413, f"the body is over the limit of {limits.max_body_bytes} bytes "
+                       "(--max-body-bytes)")
+    raw = bytearray()
+    async for chunk in request.stream():
+        raw += chunk
+        if len(raw) > limits.max_body_bytes:
+            raise ApiError(413, f"the body is over the limit of {limits.max_body_bytes} bytes "
+                           "(--max-body-bytes)")
+    return raw
 
 
 def _json_kind(value: Any) -> str:
