@@ -2,8 +2,9 @@
 `/v1/chat/completions`, bounded so that no request can spoil the service for others.
 
 Every limit is checked before a request reaches the engine, and answered with a 400 that
-names it; a full house is a 429 with Retry-After, never a queue without end; a request
-that outlives `timeout_seconds`, or whose client goes away, is cancelled between tokens.
+names it; a full house is a 429 with Retry-After, never a queue without end; a body has
+`timeout_seconds` to arrive, and a request that outlives them, or whose client goes away,
+is cancelled at the engine's next forward (between prompt chunks and between tokens).
 With an API key, every path needs `Authorization: Bearer <key>` (compared in constant time).
 """
 
