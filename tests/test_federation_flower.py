@@ -220,6 +220,18 @@ def test_a_client_report_with_a_count_below_one_or_missing_is_rejected(tmp_path,
     assert 0.0 <= record["metrics"]["accuracy"] <= 1.0
 
 
+def test_a_node_whose_identity_is_not_a_count_is_named_not_a_crash(tmp_path, flower_identity):
+    """Its identity's num-examples went through int(): a string failed with a bare
+    ValueError; now the node is one of the failures the error names."""
+
+    def tamper(node, content):
+        if node == 102 and "identity" in content:
+            content["identity"]["num-examples"] = "many"
+
+    with pytest.raises(RuntimeError, match=r"\[2\].*node 102: num-examples 'many' is not a"):
+        serve_inline(tiny_config(), tmp_path, tamper=tamper)
+
+
 def test_asyndbt_on_flower_rejects_a_count_below_one(tmp_path, flower_identity):
     options = {"prompt_length": 2, "candidates": 6, "samples": 2, "shots_per_class": 2,
                "batch_size": 2, "steps_per_round": 1, "iterations": 3, "demo_candidates": 2,

@@ -173,6 +173,19 @@ class NodeInfo:
     num_examples: int
 
 
+def node_identity(answer: Message) -> tuple[int, NodeInfo]:
+    """The partition a node says it holds and its example count; `InvalidReply` if either
+    is missing or not a count (the count is SecAgg+'s weight bound)."""
+    identity = answer.content.config_records.get("identity")
+    if identity is None or "partition-id" not in identity or "num-examples" not in identity:
+        raise InvalidReply("its answer carries no identity (partition-id, num-examples)")
+    partition = identity["partition-id"]
+    if isinstance(partition, bool) or not isinstance(partition, int) or partition < 0:
+        raise InvalidReply(f"partition-id {partition!r} is not a partition")
+    return partition, NodeInfo(answer.metadata.src_node_id,
+                               example_count(identity["num-examples"]))
+
+
 def discover_nodes(grid: Grid, wanted: int, wait: float) -> dict[int, NodeInfo]:
     """Ask every node which partition it holds; wait up to `wait` s for `wanted` of them."""
     deadline = time.monotonic() + wait
@@ -186,9 +199,12 @@ def discover_nodes(grid: Grid, wanted: int, wait: float) -> dict[int, NodeInfo]:
         if answer.has_error():
             failures.append(f"node {answer.metadata.src_node_id}: {answer.error.reason}")
             continue
-        identity = answer.content["identity"]
-        nodes.setdefault(int(identity["partition-id"]), NodeInfo(
-            answer.metadata.src_node_id, int(identity["num-examples"])))
+        try:
+            partition, info = node_identity(answer)
+        except InvalidReply as error:  # a node's own words: checked, never a crash
+            failures.append(f"node {answer.metadata.src_node_id}: {error}")
+            continue
+        nodes.setdefault(partition, info)
     missing = sorted(set(range(wanted)) - set(nodes))
     if missing:
         raise RuntimeError(
