@@ -115,6 +115,12 @@ def summary_row(arm: str, record: dict, seconds: float, lo_bytes: int) -> dict:
 
 
 def run_cells(args) -> list[dict]:
+    """Every cell once; a finished cell (a line in `<out>/cells.jsonl`) is read back, so a
+    killed script continues where it stopped."""
+    args.out.mkdir(parents=True, exist_ok=True)
+    done_path = args.out / "cells.jsonl"
+    done = [json.loads(line) for line in done_path.read_text().splitlines()
+            if line.strip()] if done_path.exists() else []
     rows = []
     for repeat in range(args.repeats):
         for parties in args.parties:
@@ -124,6 +130,11 @@ def run_cells(args) -> list[dict]:
                                    "demos_per_class": 1, "calibration_per_class": 2})
             arms = ARMS if repeat % 2 == 0 else ARMS[::-1]
             for arm in (*arms, "in-process") if repeat == 0 else arms:
+                finished = [r for r in done if (r["arm"], r["parties"], r["repeat"])
+                            == (arm, parties, repeat)]
+                if finished:
+                    rows.append(finished[0])
+                    continue
                 work = Path(tempfile.mkdtemp(prefix=f"fedtls-{arm}-{parties}-", dir=args.work))
                 try:
                     files = party_files(config, work / "rows")
@@ -131,8 +142,10 @@ def run_cells(args) -> list[dict]:
                            else federation_cell(arm, config, files, work))
                 finally:
                     shutil.rmtree(work, ignore_errors=True)
-                row.update(parties=parties, repeat=repeat)
+                row.update(parties=parties, repeat=repeat, finished_at=time.time())
                 rows.append(row)
+                with done_path.open("a") as cells:
+                    cells.write(json.dumps(row) + "\n")
                 print(json.dumps({k: v for k, v in row.items() if k != "correct"}), flush=True)
     return rows
 
@@ -209,10 +222,11 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--work", type=Path, default=None, help="scratch folder (keys, logs)")
     parser.add_argument("--machine-note", default="shared with other engineers' jobs")
+    parser.add_argument("--name", default="federation_tls", help="the summary files' name")
     args = parser.parse_args()
     rows = run_cells(args)
     summary = summarize(rows, args.parties)
-    write_outputs(args.report_dir, "federation_tls", {"cells": rows, "summary": summary},
+    write_outputs(args.report_dir, args.name, {"cells": rows, "summary": summary},
                   markdown(summary, args), args)
 
 

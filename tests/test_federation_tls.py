@@ -344,10 +344,11 @@ def test_a_party_without_tls_against_a_tls_coordinator_fails_with_one_line(tmp_p
 
 
 @pytest.mark.slow
-def test_a_tls_party_against_a_coordinator_without_tls_fails_with_one_line(tmp_path):
+def test_a_tls_party_against_a_coordinator_without_tls_fails_with_one_line(tmp_path, caplog):
     federation = make_federation(tmp_path / "fed", 1)
     rows = write_rows(tmp_path / "rows.csv", [("fine film", "positive")])
     with deploy.coordinator(federation.folder, insecure=True, bind="127.0.0.1"):
+        assert deploy.INSECURE_WARNING in caplog.text  # warned at every start
         result = runner.invoke(app, [
             "party", "--coordinator", federation.address, "--ca", str(federation.ca_cert),
             "--key", str(federation.folder / "party-0.key"), "--task", "sst2",

@@ -78,8 +78,6 @@ def coordinator(
 ) -> None:
     """Run the federation's SuperLink: TLS, only registered parties admitted, its state in
     FOLDER/superlink.db (a restart keeps the federation)."""
-    if insecure:
-        typer.echo(deploy.INSECURE_WARNING, err=True)
     with one_line_errors(), deploy.coordinator(folder, insecure, bind) as running:
         for line in running.registered:
             typer.echo(f"  {line}")
@@ -122,8 +120,10 @@ def party(
         typer.echo(deploy.run_party(settings))
 
 
-def _party_settings(address, task, data, ca, key, partition_id, insecure, work_dir,
-                    max_wait) -> deploy.PartySettings:
+def _party_settings(address: str, task: str, data: Path, ca: Path | None, key: Path | None,
+                    partition_id: int | None, insecure: bool, work_dir: Path,
+                    max_wait: float) -> deploy.PartySettings:
+    """The SuperNode's settings; a flag combination that cannot work is refused here."""
     deploy.split_address(address)
     check_writable_folder(work_dir, "--work-dir")  # before the rows are read and shown
     if insecure and (ca is not None or key is not None):

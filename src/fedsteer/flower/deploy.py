@@ -19,7 +19,6 @@ import re
 import socket
 import ssl
 import subprocess
-import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -36,6 +35,7 @@ from fedsteer.flower.launch import (
     _toml_value,
     flower_processes,
     free_port,
+    wait_for_port,
 )
 
 log = logging.getLogger(__name__)
@@ -111,7 +111,7 @@ def coordinator(folder: Path, insecure: bool = False, bind: str = "0.0.0.0",
         if insecure:
             log.warning(INSECURE_WARNING)
         process = processes.start("superlink", _superlink_args(federation, bind, port, insecure))
-        _wait_for_tls_port(port, process, startup, processes.work_dir / "superlink.log")
+        wait_for_port(port, process, startup, log_path)
         # this machine dials its own SuperLink as the parties do: by the certificate's name
         write_connection(Path(processes.env["FLWR_HOME"]), federation.address,
                          None if insecure else federation.ca_cert)
@@ -130,20 +130,6 @@ def _superlink_args(federation: Federation, bind: str, port: int, insecure: bool
     return [*args, "--ssl-ca-certfile", str(federation.ca_cert),
             "--ssl-certfile", str(folder / SERVER_CERT), "--ssl-keyfile", str(folder / SERVER_KEY),
             "--enable-supernode-auth"]
-
-
-def _wait_for_tls_port(port: int, process: subprocess.Popen, timeout: float,
-                       log_path: Path) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            raise FlowerRunFailed(f"flower-superlink exited with {process.returncode}; "
-                                  f"see {log_path}")
-        with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), 0.5):
-            return
-        time.sleep(0.2)
-    raise FlowerRunFailed(f"the SuperLink did not listen on {port} within {timeout:g} s; "
-                          f"see {log_path}")
 
 
 def register_parties(federation: Federation, processes: Processes) -> list[str]:

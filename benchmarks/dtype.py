@@ -1,0 +1,232 @@
+"""bfloat16 vs float32 on this machine: speed of the key paths, and whether answers agree.
+
+Both copies of the model are loaded in one process and every timed step alternates
+between them (float32, bfloat16, float32, …), best of `--repeats` kept: other work on the
+machine slows both arms alike, so the *ratio* is what this records, not absolute speed.
+
+* lm_head: the head matmul on the strided slice `logits_to_keep=1` hands it (what the
+  scorer did before `contiguous_head_input`) and on a contiguous copy, per dtype.
+* scorer: zero-shot and 4-shot ICL (prefix reused) over `--speed-rows` rows.
+* one IFed-ICL calibration round and one FedAvg-LoRA round (small budgets, see flags),
+  timed as the round's client compute seconds in the result record.
+* agreement: zero-shot and central ICL (and, with `--methods`, others) on `--rows` test
+  rows of each task in both dtypes: predicted labels equal, accuracies with Wilson 95 %
+  intervals, exact McNemar test on per-row correctness.
+
+    nohup flock /tmp/fedsteer-heavy.lock .venv/bin/python benchmarks/dtype.py \
+        > benchmarks/results/dtype.log 2>&1 &
+"""
+
+from __future__ import annotations
+
+import argparse
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+from common import output_arguments, write_outputs
+
+from fedsteer.data import load_task
+from fedsteer.eval.metrics import mcnemar_exact, wilson_interval
+from fedsteer.experiment import RunConfig, run_experiment
+from fedsteer.models import DEFAULT_MODEL, load_model
+from fedsteer.models.placement import cpu_bf16_probe
+from fedsteer.models.scoring import LabelScorer
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+
+
+def alternate(arms: dict[str, Callable[[], float | None]], repeats: int) -> dict[str, float]:
+    """Best seconds of each arm, the arms run in turn `repeats` times (an arm may return
+    its own measure of seconds as a float; anything else: its wall time is taken)."""
+    best = {name: float("inf") for name in arms}
+    for _ in range(repeats):
+        for name, arm in arms.items():
+            started = time.perf_counter()
+            measured = arm()
+            seconds = measured if isinstance(measured, float) else time.perf_counter() - started
+            best[name] = min(best[name], seconds)
+    return best
+
+
+def head_times(models: dict, repeats: int) -> dict:
+    """The LM head on a strided last-position slice vs a contiguous one (16 rows x 48)."""
+    out = {}
+    for name, lm in models.items():
+        head = lm.model.get_output_embeddings()
+        hidden = torch.randn(16, 48, head.in_features).to(DTYPES[name])
+        sliced = hidden[:, -1:, :]
+        with torch.no_grad():
+            out[name] = alternate({
+                "strided": lambda h=head, x=sliced: torch.nn.functional.linear(x, h.weight),
+                "contiguous": lambda h=head, x=sliced: torch.nn.functional.linear(
+                    x.contiguous(), h.weight)}, repeats)
+    return out
+
+
+def demonstrations(task, shots: int) -> list:
+    """`shots` training rows, one label after another (the prefix the timing reuses)."""
+    by_label: dict[int, list] = {}
+    for ex in task.train:
+        by_label.setdefault(ex.label, []).append(ex)
+    picked, i = [], 0
+    while len(picked) < shots:
+        queue = by_label[sorted(by_label)[i % len(by_label)]]
+        picked.append(queue[i // len(by_label)])
+        i += 1
+    return picked
+
+
+def scorer_times(models: dict, task, args) -> dict:
+    queries = [task.spec.format_query(ex) for ex in task.test[: args.speed_rows]]
+    prefix = task.spec.demo_prefix(demonstrations(task, 4))
+    scorers = {name: LabelScorer(lm, task.spec.label_words, batch_size=16)
+               for name, lm in models.items()}
+    def arm(scorer: LabelScorer, pre: str) -> Callable[[], None]:
+        def run() -> None:
+            scorer.score(queries, pre)
+
+        return run
+
+    out = {}
+    for kind, pre in (("zero-shot", ""), ("icl-4shot", prefix)):
+        out[kind] = alternate({name: arm(s, pre) for name, s in scorers.items()}, args.repeats)
+    return out
+
+
+def round_seconds(method: str, options: dict, lm, args) -> float:
+    """Client compute seconds of the last round of a one-round run (its calibration
+    round, for IFed-ICL: the extraction round before it is not counted)."""
+    config = RunConfig(method, task="sst2", model=args.model, clients=args.round_clients,
+                       rounds=1, test_size=8, seed=0, options=options)
+    with tempfile.TemporaryDirectory() as tmp:
+        record = run_experiment(config, Path(tmp), lm=lm)
+    last = record["costs"]["rounds"][-1]
+    return last["client_seconds"] - last.get("client_wait_seconds", 0.0)
+
+
+class PredictionTap:
+    """Records the labels every `LabelScorer.score` call predicts (the evaluation's last)."""
+
+    def __init__(self) -> None:
+        self.calls: list[list[int]] = []
+        self._original = LabelScorer.score
+
+    def __enter__(self) -> PredictionTap:
+        tap = self
+
+        def score(scorer, *a, **kw):
+            scores = tap._original(scorer, *a, **kw)
+            tap.calls.append(scores.argmax(-1).tolist())
+            return scores
+
+        LabelScorer.score = score
+        return self
+
+    def __exit__(self, *exc) -> None:
+        LabelScorer.score = self._original
+
+
+def agreement(models: dict, task_name: str, method: str, options: dict, args) -> dict:
+    """Both dtypes on the same rows: labels, accuracies and the paired test."""
+    runs = {}
+    for name, lm in models.items():
+        config = RunConfig(method, task=task_name, model=args.model, test_size=args.rows,
+                           seed=0, options=options)
+        started = time.perf_counter()
+        with PredictionTap() as tap:
+            record = run_experiment(config, args.out / f"{task_name}-{method}-{name}", lm=lm)
+        predictions = [c for c in tap.calls if len(c) == record["metrics"]["num_test"]][-1]
+        runs[name] = {"record": record, "predictions": predictions,
+                      "seconds": time.perf_counter() - started}
+    a, b = runs["float32"], runs["bfloat16"]
+    same = sum(x == y for x, y in zip(a["predictions"], b["predictions"], strict=True))
+    n = len(a["predictions"])
+    only_a, only_b, p = mcnemar_exact(a["record"]["per_row"]["correct"],
+                                      b["record"]["per_row"]["correct"])
+    accuracy = {}
+    for name, run in runs.items():
+        correct = sum(run["record"]["per_row"]["correct"])
+        accuracy[name] = {"accuracy": correct / n, "ci95": list(wilson_interval(correct, n)),
+                          "seconds": run["seconds"]}
+    return {"task": task_name, "method": method, "rows": n, "agree": same / n,
+            "accuracy": accuracy, "only_float32": only_a, "only_bfloat16": only_b,
+            "mcnemar_p": p}
+
+
+def markdown(summary: dict, args) -> str:
+    probe = summary["probe"]
+    lines = [
+        "# bfloat16 vs float32 (benchmarks/dtype.py)", "",
+        f"Model {args.model}; CPU {probe['cpu']} with "
+        f"{', '.join(probe['flags']) or 'no bf16 flags'}"
+        f"; torch threads {summary['threads']}. Timings: same process, the two dtypes "
+        f"alternating, best of {args.repeats}; other engineers' jobs shared the machine, so "
+        "read the **ratios**, not the seconds. `auto` here: " + summary["auto"], "",
+        "## Speed", "", "| path | float32 s | bfloat16 s | float32 / bfloat16 |",
+        "|---|---|---|---|"]
+    for path, times in summary["speed"].items():
+        f32, bf16 = times["float32"], times["bfloat16"]
+        lines.append(f"| {path} | {f32:.3f} | {bf16:.3f} | {f32 / bf16:.2f}× |")
+    lines += ["", "## Answers on the same rows", "",
+              "| task | method | rows | labels agree | float32 acc [95 %] | bfloat16 acc [95 %] "
+              "| only f32 / only bf16 right | McNemar p |", "|---|---|---|---|---|---|---|---|"]
+    for row in summary["agreement"]:
+        acc = {k: f"{100 * v['accuracy']:.1f} [{100 * v['ci95'][0]:.1f}, "
+                  f"{100 * v['ci95'][1]:.1f}]" for k, v in row["accuracy"].items()}
+        lines.append(f"| {row['task']} | {row['method']} | {row['rows']} | "
+                     f"{100 * row['agree']:.1f} % | {acc['float32']} | {acc['bfloat16']} | "
+                     f"{row['only_float32']} / {row['only_bfloat16']} | {row['mcnemar_p']:.3g} |")
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--model", default=DEFAULT_MODEL)
+    parser.add_argument("--tasks", nargs="+", default=["sst2", "subj", "trec"])
+    parser.add_argument("--methods", nargs="+", default=["zero-shot", "central-icl"])
+    parser.add_argument("--rows", type=int, default=300, help="test rows per agreement cell")
+    parser.add_argument("--speed-rows", type=int, default=64)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--head-repeats", type=int, default=1,
+                        help="the strided bfloat16 head alone takes seconds to minutes")
+    parser.add_argument("--round-clients", type=int, default=2)
+    parser.add_argument("--ifed-epochs", type=int, default=1)
+    output_arguments(parser, "dtype")
+    args = parser.parse_args()
+
+    probe = cpu_bf16_probe()
+    models = {name: load_model(args.model, dtype=dtype) for name, dtype in DTYPES.items()}
+    summary: dict = {"probe": probe.__dict__ | {"why": probe.why()},
+                     "auto": f"{'bfloat16' if probe.use_bf16 else 'float32'} ({probe.why()})",
+                     "threads": torch.get_num_threads(), "speed": {}, "agreement": []}
+
+    def save() -> None:
+        write_outputs(args.report_dir, "dtype", summary, markdown(summary, args), args)
+
+    heads = head_times(models, args.head_repeats)
+    for kind in ("strided", "contiguous"):
+        summary["speed"][f"lm_head, {kind} last position (16 rows)"] = {
+            name: heads[name][kind] for name in models}
+    save()
+    task = load_task("sst2")
+    for kind, times in scorer_times(models, task, args).items():
+        summary["speed"][f"scorer {kind}, {args.speed_rows} sst2 rows"] = times
+    save()
+    rounds = {"IFed-ICL calibration round": ("ifed-icl", {"local_epochs": args.ifed_epochs}),
+              "FedAvg-LoRA round": ("fedavg-lora", {})}
+    for label, (method, options) in rounds.items():
+        summary["speed"][f"{label} ({args.round_clients} clients)"] = alternate(
+            {name: (lambda lm=lm, m=method, o=options: round_seconds(m, o, lm, args))
+             for name, lm in models.items()}, args.repeats)
+        save()
+    for task_name in args.tasks:
+        for method in args.methods:
+            summary["agreement"].append(agreement(models, task_name, method, {}, args))
+            save()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,193 @@
+"""bfloat16 and devices: the scorer's head input, `auto`'s choice, memory refusal, and code
+that keeps every tensor on the model's device."""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+import pytest
+import torch
+
+from fedsteer.models import build_tiny_random
+from fedsteer.models import placement as placement_mod
+from fedsteer.models.hooks import capture, initial_coefficients, inject
+from fedsteer.models.placement import (
+    CpuBf16Probe,
+    ModelTooLargeError,
+    Placement,
+    PlacementError,
+    check_fits,
+    cpu_bf16_probe,
+    estimate_memory,
+    resolve_placement,
+)
+from fedsteer.models.scoring import LabelScorer
+
+WORDS = (" description", " entity", " abbreviation", " human", " location", " number")
+QUERIES = [f"Question: {w} is it, number {i}?\nType:"
+           for i, w in enumerate(["what", "who", "where", "when", "how", "why"] * 3)]
+PREFIX = "Question: who wrote it?\nType: human\n\nQuestion: where is Rome?\nType: location\n\n"
+
+
+def test_lm_head_gets_a_contiguous_hidden_state(tiny_lm):
+    """`logits_to_keep=1` slices the hidden state; in bfloat16 a strided head input takes a
+    kernel hundreds of times slower (benchmarks/results/dtype.md), so the head must get a
+    contiguous one."""
+    seen: list[bool] = []
+    head = tiny_lm.model.get_output_embeddings()
+    handle = head.register_forward_hook(lambda m, args, out: seen.append(args[0].is_contiguous()))
+    try:
+        LabelScorer(tiny_lm, WORDS).score(QUERIES[:4])
+        LabelScorer(tiny_lm, WORDS).score(QUERIES[:4], PREFIX)
+    finally:
+        handle.remove()
+    assert seen and all(seen)
+
+
+@pytest.mark.parametrize("prefix", ["", PREFIX])
+def test_bfloat16_scores_are_float32_and_give_float32_labels(prefix):
+    """Log-probs come out in float32 from bfloat16 activations, close to float32's, and the
+    label agrees wherever float32's margin is larger than that difference (a random tiny
+    model has near-ties that any rounding may flip)."""
+    full, half = build_tiny_random(seed=0), build_tiny_random(seed=0)
+    half.model.to(torch.bfloat16)
+    expected = LabelScorer(full, WORDS).score(QUERIES, prefix)
+    got = LabelScorer(half, WORDS).score(QUERIES, prefix)
+    assert got.dtype == torch.float32
+    error = (got - expected).abs().max().item()
+    assert error < 0.02
+    top = expected.topk(2).values
+    clear = (top[:, 0] - top[:, 1]) > 2 * error
+    assert clear.sum() >= len(QUERIES) // 2
+    assert torch.equal(got.argmax(-1)[clear], expected.argmax(-1)[clear])
+
+
+# ------------------------------------------------------------------- auto placement
+def _probe(speedup: float | None, flags=("avx512_bf16",)) -> CpuBf16Probe:
+    return CpuBf16Probe("test cpu", tuple(flags) if speedup is not None else (), speedup, "x")
+
+
+@pytest.fixture()
+def no_gpu(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(placement_mod, "_mps_available", lambda: False)
+
+
+def test_auto_picks_bfloat16_on_a_cpu_whose_bf16_units_pay(no_gpu):
+    chosen = resolve_placement("auto", "auto", probe=lambda: _probe(2.5, ("amx_bf16",)))
+    assert (chosen.device, chosen.dtype) == ("cpu", "bfloat16")
+    assert chosen.reason.startswith("auto: cpu, amx_bf16")
+    assert chosen.reason.endswith("→ bfloat16")
+
+
+@pytest.mark.parametrize("probe", [_probe(None), _probe(1.1)])
+def test_auto_picks_float32_on_a_cpu_without_useful_bf16(no_gpu, probe):
+    chosen = resolve_placement("auto", "cpu", probe=lambda: probe)
+    assert chosen.dtype == "float32"
+    why = "cpu without amx_bf16 or avx512_bf16" if probe.speedup is None else "(< 1.3x)"
+    assert why in chosen.reason and chosen.reason.endswith("→ float32")
+
+
+def test_auto_on_a_gpu_follows_its_bf16_support(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda i: "Test GPU")
+    for supported, dtype in ((True, "bfloat16"), (False, "float32")):
+        monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda s=supported: s)
+        chosen = resolve_placement(probe=lambda: pytest.fail("no CPU probe on a GPU"))
+        assert (chosen.device, chosen.dtype) == ("cuda", dtype)
+
+
+def test_an_explicit_dtype_is_kept_and_a_missing_gpu_is_refused(no_gpu):
+    assert resolve_placement("float16", "cpu").dtype == "float16"
+    with pytest.raises(PlacementError, match="--device cuda"):
+        resolve_placement("auto", "cuda")
+    with pytest.raises(PlacementError, match="--dtype"):
+        resolve_placement("double", "cpu")
+
+
+def test_the_cpu_probe_is_measured_once_and_cached(monkeypatch, tmp_path):
+    monkeypatch.setattr(placement_mod, "_probe_path", lambda: tmp_path / "probe.json")
+    monkeypatch.setattr(placement_mod, "_cpuinfo", lambda: ("cpu x", {"avx512_bf16", "sse"}))
+    timed = []
+
+    def timer(dtype):
+        timed.append(dtype)
+        return 1.0 if dtype == torch.float32 else 0.25
+
+    first = cpu_bf16_probe(timer)
+    again = cpu_bf16_probe(timer)
+    assert first.speedup == again.speedup == 4.0 and first.use_bf16
+    assert len(timed) == 2  # float32 and bfloat16, once
+
+
+# ------------------------------------------------------------------- memory
+def test_a_model_that_does_not_fit_is_refused_in_one_line(tiny_lm):
+    where = Placement("cpu", "float32", "asked")
+    small = estimate_memory(tiny_lm.model.config, where, batch_size=16, available=10 * 1024**3)
+    assert small.fits
+    tight = estimate_memory(tiny_lm.model.config, where, batch_size=16, available=1024**2)
+    assert tight.parameters == sum(p.numel() for p in tiny_lm.model.parameters())
+    with pytest.raises(ModelTooLargeError, match=r"free: use a smaller model.*bfloat16"):
+        check_fits("tiny", tight, where)
+    half = estimate_memory(tiny_lm.model.config, Placement("cpu", "bfloat16", ""), 16, 1)
+    assert half.weight_bytes * 2 == tight.weight_bytes
+
+
+# ------------------------------------------------------------------- device-clean code
+@pytest.fixture()
+def meta_lm():
+    """tiny-random on the `meta` device: an op mixing in a CPU tensor raises."""
+    lm = build_tiny_random(seed=0)
+    lm.model.set_attn_implementation("eager")  # sdpa's mask check reads a value (.item())
+    lm.model.to("meta")
+    return lm
+
+
+def test_scorer_keeps_every_tensor_on_the_models_device(meta_lm):
+    scorer = LabelScorer(meta_lm, WORDS[:2])
+    assert scorer.score(QUERIES[:3]).device.type == "meta"
+    assert scorer.score(QUERIES[:3], PREFIX).device.type == "meta"
+    assert LabelScorer(meta_lm, WORDS[:2], multi_token=True).score(
+        QUERIES[:2]).device.type == "meta"
+    assert scorer.logprobs(QUERIES[:2]).device.type == "meta"
+
+
+def test_hooks_keep_every_tensor_on_the_models_device(meta_lm):
+    layers, hidden = meta_lm.num_layers, meta_lm.hidden_size
+    scorer = LabelScorer(meta_lm, WORDS[:2])
+    with capture(meta_lm) as acts:
+        scorer.score(QUERIES[:2])
+    assert acts.attn[0].device.type == "meta"
+    vectors = torch.zeros(layers, hidden, device="meta")
+    coef = initial_coefficients(layers, 0.1, 1.0).requires_grad_()  # the CPU master copy
+    with inject(meta_lm, vectors, vectors, coef, noise=0.01,
+                generator=torch.Generator().manual_seed(0)):
+        assert scorer.logprobs(QUERIES[:2]).device.type == "meta"
+
+
+#: calls that create a tensor; without `device=` they land on the CPU whatever the model
+CREATORS = {"zeros", "ones", "arange", "full", "empty", "tensor", "randn", "rand", "randint",
+            "eye", "linspace"}
+DEVICE_CLEAN = ["models", "serve"]
+
+
+def _undeviced_creations(path: Path) -> list[str]:
+    found = []
+    for node in ast.walk(ast.parse(path.read_text())):
+        if (isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute)
+                and node.func.attr in CREATORS and isinstance(node.func.value, ast.Name)
+                and node.func.value.id == "torch"
+                and not any(k.arg == "device" for k in node.keywords)):
+            found.append(f"{path}:{node.lineno} torch.{node.func.attr}")
+    return found
+
+
+def test_tensors_are_created_with_an_explicit_device():
+    """A static check: in the code that runs next to the model, every torch.zeros/ones/
+    arange/full/empty/tensor(...) says where it goes (the model's device, or "cpu" on
+    purpose), so a GPU run cannot mix in a CPU tensor by omission."""
+    src = Path(__file__).parents[1] / "src" / "fedsteer"
+    found = [hit for room in DEVICE_CLEAN for path in sorted((src / room).rglob("*.py"))
+             for hit in _undeviced_creations(path)]
+    assert not found, "\n".join(found)
