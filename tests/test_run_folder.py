@@ -184,3 +184,14 @@ def test_a_table_of_one_task_and_model_has_no_context_columns(finished):
     assert [c.header for c in comparison_table([record]).columns][:2] == ["method",
                                                                            "acc % (95 % CI)"]
     assert mixed_fields([record, {**record, "model": "other"}]) == ["model"]
+
+
+def test_a_run_stopped_by_a_user_error_can_be_retried_into_its_folder(tmp_path):
+    out = tmp_path / "run"
+    failed = runner.invoke(app, ["run", "local-icl", *TINY_RUN, "--clients", "400",
+                                 "--alpha", "0.01", "--out", str(out)])
+    assert failed.exit_code == 2 and "min_per_client" in failed.output
+    assert (out / "run.json").exists() and not (out / "result.json").exists()
+    retried = runner.invoke(app, ["run", *TINY_RUN, "--out", str(out)])  # no --force needed
+    assert retried.exit_code == 0, retried.output
+    assert json.loads((out / "run.json").read_text())[0]["method"] == "zero-shot"

@@ -27,6 +27,9 @@ RUN_CONFIG_FILE = "run.json"
 LOCK_FILE = ".fedsteer.lock"
 #: what a run writes into its folder (and, per method, into a subfolder): all `--force` clears
 RUN_RECORDS = (RUN_CONFIG_FILE, RESULT_FILE, "checkpoint", "comparison.png", "task.yaml")
+#: what makes a folder another run's: a result or a round. A run that stopped on a user error
+#: before either left only its settings, which the retry overwrites (no --force needed)
+RUN_OUTPUTS = (RESULT_FILE, "checkpoint")
 
 
 class RunFolderError(ValueError):
@@ -105,7 +108,7 @@ def claim_fresh_folder(folder: Path, force: bool) -> None:
     """A new run starts in a folder without another run's records: refused, or with
     `force` those records (and nothing else) removed."""
     found = run_records(folder)
-    if not found:
+    if not any(path.name in RUN_OUTPUTS for path in found):
         return
     if not force:
         names = ", ".join(str(p.relative_to(folder)) for p in found[:4])
