@@ -13,6 +13,7 @@ from fedsteer.models.load import (
     LoadedModel,
     UnknownModelError,
     load_model,
+    load_placed,
     model_status,
 )
 from fedsteer.models.registry import (
@@ -40,6 +41,7 @@ __all__ = [
     "layer_modules",
     "list_models",
     "load_model",
+    "load_placed",
     "model_status",
     "num_layers",
 ]

@@ -35,8 +35,9 @@ COEF_ROWS = ("lam_attn", "beta_attn", "lam_mlp", "beta_mlp")
 
 
 def initial_coefficients(num_layers: int, lam: float, beta: float) -> torch.Tensor:
-    """The `[4, L]` coefficients every layer starts from (I2CL: lam 0.1, beta 1.0)."""
-    return torch.tensor([lam, beta, lam, beta], dtype=torch.float32)[:, None].repeat(
+    """The `[4, L]` coefficients every layer starts from (I2CL: lam 0.1, beta 1.0): float32
+    on the CPU, the master copy a client trains and sends, whatever the model runs in."""
+    return torch.tensor([lam, beta, lam, beta], dtype=torch.float32, device="cpu")[:, None].repeat(
         1, num_layers
     )
 
@@ -121,7 +122,7 @@ class RowGroups:
     @cached_property
     def index(self) -> torch.Tensor:
         """`[rows]`: each row's group."""
-        return torch.cat([torch.full((stop - start,), g, dtype=torch.long)
+        return torch.cat([torch.full((stop - start,), g, dtype=torch.long, device="cpu")
                           for g, (start, stop) in enumerate(self.spans)])
 
 
@@ -139,21 +140,31 @@ class Steering:
     def row_coefficients(self, rows: tuple[int, int], layer: int, batch: int) -> tuple:
         """(lam, beta) per row, shaped to broadcast over `[batch, tokens, d]`."""
         coef = self.coef[:, list(rows), layer]  # [G, 2]
-        coef = coef[self.groups.index] if self.groups is not None else coef.expand(batch, 2)
+        if self.groups is not None:
+            coef = coef[self.groups.index.to(coef.device)]
+        else:
+            coef = coef.expand(batch, 2)
         return coef[:, 0, None, None], coef[:, 1, None, None]
 
     def noise_like(self, steered: torch.Tensor) -> torch.Tensor:
-        """N(0, 1) per token, each group drawn from its own generator over its own width."""
+        """N(0, 1) per token, each group drawn from its own generator over its own width.
+
+        Drawn in float32 where the generator lives (the CPU), then cast and moved: the same
+        seed gives the same noise in every dtype and on every device."""
         if self.groups is None:
-            return torch.randn(steered.shape, generator=self.generators[0] if self.generators
-                               else None, dtype=steered.dtype, device=steered.device)
+            gen = self.generators[0] if self.generators else None
+            return _gaussian(tuple(steered.shape), gen).to(steered.device, steered.dtype)
         gauss = torch.zeros_like(steered)
         for (start, stop), width, gen in zip(self.groups.spans, self.groups.widths,
                                              self.generators, strict=True):
-            gauss[start:stop, steered.shape[1] - width:] = torch.randn(
-                (stop - start, width, steered.shape[2]), generator=gen, dtype=steered.dtype,
-                device=steered.device)
+            gauss[start:stop, steered.shape[1] - width:] = _gaussian(
+                (stop - start, width, steered.shape[2]), gen).to(steered.device, steered.dtype)
         return gauss
+
+
+def _gaussian(shape: tuple[int, ...], generator: torch.Generator | None) -> torch.Tensor:
+    device = generator.device if generator is not None else "cpu"
+    return torch.randn(shape, generator=generator, dtype=torch.float32, device=device)
 
 
 def _steer_hook(vector, steering: Steering, rows: tuple[int, int], layer: int, is_tuple):
@@ -167,7 +178,8 @@ def _steer_hook(vector, steering: Steering, rows: tuple[int, int], layer: int, i
     def hook(module, args, output):
         out = _tensor_of(output, is_tuple)
         lam, beta = steering.row_coefficients(rows, layer, out.shape[0])
-        steered = beta.to(out.dtype) * out + lam.to(out.dtype) * vector.to(out.dtype)
+        like = {"device": out.device, "dtype": out.dtype}  # float32 masters, cast per forward
+        steered = beta.to(**like) * out + lam.to(**like) * vector.to(**like)
         if steering.noise > 0:
             scale = steered.detach().norm(dim=-1, keepdim=True) * steering.noise
             steered = steered + steering.noise_like(steered) * scale

@@ -22,6 +22,12 @@ from transformers import (
 )
 
 from fedsteer.models import arch
+from fedsteer.models.placement import (
+    Placement,
+    check_fits,
+    estimate_memory,
+    resolve_placement,
+)
 from fedsteer.models.registry import (
     DEFAULT_MODEL,
     REGISTRY,
@@ -40,6 +46,7 @@ __all__ = [
     "ensure_cached",
     "finalize",
     "load_model",
+    "load_placed",
     "model_cache_dir",
     "model_status",
 ]
@@ -67,6 +74,13 @@ class LoadedModel:
     model: PreTrainedModel
     tokenizer: PreTrainedTokenizerBase
     name: str
+    #: the device and dtype it was loaded in and why (None: built directly, float32 CPU)
+    placement: Placement | None = None
+
+    @property
+    def device(self) -> torch.device:
+        """Where the weights live: every tensor made for this model goes there too."""
+        return next(self.model.parameters()).device
 
     @property
     def num_layers(self) -> int:
@@ -81,9 +95,29 @@ class LoadedModel:
         return arch.layer_modules(self.model)
 
 
+def _contiguous_input(module: torch.nn.Module, args: tuple) -> tuple:
+    return (args[0].contiguous(), *args[1:])
+
+
+def contiguous_head_input(model: PreTrainedModel) -> None:
+    """Hand the LM head a contiguous hidden state (once per model).
+
+    `logits_to_keep=1` slices `hidden[:, -1:, :]`, a strided view; on the CPU a bfloat16
+    matmul over a strided operand leaves oneDNN for a reference kernel, ~400x slower for
+    the 150k-row head of qwen2.5 (10.8 s vs 0.024 s, 16 rows, this repo's EPYC; the same
+    cliff as pytorch/pytorch#151934 for bmm). The copy is a few KB and the logits are
+    identical, so every forward (scorer, calibration, serve's generate) goes through it.
+    """
+    head = model.get_output_embeddings()
+    if head is not None and not getattr(head, "_fedsteer_contiguous", False):
+        head.register_forward_pre_hook(_contiguous_input)
+        head._fedsteer_contiguous = True
+
+
 def finalize(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, name: str) -> LoadedModel:
     """Freeze the model and make the tokenizer batch-ready for generation (left padding)."""
     model.eval()
+    contiguous_head_input(model)
     for param in model.parameters():
         param.requires_grad_(False)
     tokenizer.padding_side = "left"
@@ -279,3 +313,33 @@ def load_emulator(name: str, dtype: torch.dtype = torch.float32) -> LoadedModel:
     loaded = load_model(base, dtype=dtype)
     arch.keep_layers(loaded.model, emulator_layers(loaded.num_layers, int(keep)))
     return finalize(loaded.model, loaded.tokenizer, name)
+
+
+def _config_of(name_or_path: str):
+    """The model's config without its weights, where it is on disk (registry, local dir)."""
+    from transformers import AutoConfig
+
+    if name_or_path.startswith(EMULATOR_PREFIX):
+        return None  # fewer layers than its base: the base's estimate would over-refuse
+    if name_or_path in REGISTRY:
+        return AutoConfig.from_pretrained(str(ensure_cached(REGISTRY[name_or_path])))
+    if name_or_path != TINY_RANDOM and Path(name_or_path).is_dir():
+        return AutoConfig.from_pretrained(name_or_path)
+    return None
+
+
+def load_placed(name_or_path: str = DEFAULT_MODEL, *, dtype: str = "auto",
+                device: str = "auto", batch_size: int = 16) -> LoadedModel:
+    """`load_model` on the device and in the dtype `--device` / `--dtype` ask for (`auto`:
+    what the hardware has), refused up front when it would not fit in free memory."""
+    placement = resolve_placement(dtype, device)
+    config = _config_of(name_or_path)
+    if config is not None:
+        check_fits(name_or_path, estimate_memory(config, placement, batch_size), placement)
+    log.info("%s on %s in %s (%s)", name_or_path, placement.device, placement.dtype,
+             placement.reason)
+    loaded = load_model(name_or_path, dtype=placement.torch_dtype)
+    if placement.device != "cpu":
+        loaded.model.to(placement.device)
+    loaded.placement = placement
+    return loaded

@@ -70,9 +70,11 @@ class RowAdapters:
     groups: RowGroups | None = None
 
 
-def trainable_adapter(weights: dict[str, np.ndarray]) -> dict[str, torch.Tensor]:
-    """An adapter as leaf tensors that require grad (one client's parameters)."""
-    return {k: torch.tensor(np.asarray(v, dtype=np.float32), requires_grad=True)
+def trainable_adapter(weights: dict[str, np.ndarray], device: torch.device | str = "cpu"
+                      ) -> dict[str, torch.Tensor]:
+    """An adapter as float32 leaf tensors that require grad (one client's parameters): the
+    master copy, cast to the model's dtype only inside the forward."""
+    return {k: torch.tensor(np.asarray(v, dtype=np.float32), requires_grad=True, device=device)
             for k, v in weights.items()}
 
 
@@ -100,7 +102,8 @@ def _row_lora_hook(adapters: RowAdapters, a_key: str, b_key: str, scaling: float
         x, deltas = args[0], []
         for i, (start, stop) in zip(adapters.active, adapters.groups.spans, strict=True):
             a, b = adapters.weights[i][a_key], adapters.weights[i][b_key]
-            deltas.append(F.linear(F.linear(x[start:stop], a.to(x.dtype)), b.to(x.dtype)))
+            like = {"device": x.device, "dtype": x.dtype}
+            deltas.append(F.linear(F.linear(x[start:stop], a.to(**like)), b.to(**like)))
         return output + torch.cat(deltas) * scaling
 
     return hook

@@ -178,7 +178,7 @@ def _auto_dtype(device: str, probe: Callable[[], CpuBf16Probe]) -> tuple[str, st
 
 
 def resolve_placement(dtype: str = "auto", device: str = "auto", *,
-                      probe: Callable[[], CpuBf16Probe] = cpu_bf16_probe) -> Placement:
+                      probe: Callable[[], CpuBf16Probe] | None = None) -> Placement:
     """The device and dtype `--device` / `--dtype` ask for, `auto` decided here; the reason
     reads e.g. `auto: cpu without amx_bf16 or avx512_bf16 → float32`."""
     if dtype not in DTYPES:
@@ -186,7 +186,7 @@ def resolve_placement(dtype: str = "auto", device: str = "auto", *,
     chosen_device, device_why = _device(device)
     if dtype != "auto":
         return Placement(chosen_device, dtype, f"{dtype} asked on {device_why}")
-    chosen, why = _auto_dtype(chosen_device, probe)
+    chosen, why = _auto_dtype(chosen_device, probe or cpu_bf16_probe)
     return Placement(chosen_device, chosen, f"auto: {device_why}, {why} → {chosen}")
 
 

@@ -48,21 +48,24 @@ class GroupedBatch:
             first, stop = self.groups.spans[g]
             spans.append((start, start + stop - first))
             start += stop - first
-        rows = torch.cat([torch.arange(*self.groups.spans[g]) for g in members])
+        rows = torch.cat([torch.arange(*self.groups.spans[g], device=self.ids.device)
+                          for g in members])
         return GroupedBatch(self.ids[rows, -width:], self.mask[rows, -width:],
                             RowGroups(tuple(spans), tuple(self.groups.widths[g] for g in members)))
 
 
-def left_pad(seqs: list[list[int]], pad: int) -> tuple[torch.Tensor, torch.Tensor]:
+def left_pad(seqs: list[list[int]], pad: int, device: torch.device | str = "cpu"
+             ) -> tuple[torch.Tensor, torch.Tensor]:
     """Token ids right-aligned in one tensor, and the mask of the real ones (positions are
     then counted over real tokens only, so a padded row sees what it would alone)."""
     width = max(len(s) for s in seqs)
-    ids = torch.full((len(seqs), width), pad, dtype=torch.long)
-    mask = torch.zeros((len(seqs), width), dtype=torch.long)
+    # filled row by row on the CPU, then moved in one copy
+    ids = torch.full((len(seqs), width), pad, dtype=torch.long, device="cpu")
+    mask = torch.zeros((len(seqs), width), dtype=torch.long, device="cpu")
     for row, seq in enumerate(seqs):
-        ids[row, width - len(seq) :] = torch.tensor(seq, dtype=torch.long)
+        ids[row, width - len(seq) :] = torch.tensor(seq, dtype=torch.long, device="cpu")
         mask[row, width - len(seq) :] = 1
-    return ids, mask
+    return ids.to(device), mask.to(device)
 
 
 def forward_kwargs(model, keep: int, cache: DynamicCache | None) -> dict:
@@ -150,7 +153,7 @@ class LabelScorer:
         prefix_ids = self._encode(prefix, first=True) if prefix else []
         query_ids = [self._encode(q, first=not prefix) for q in queries]
         if not query_ids:
-            return torch.empty(0, len(self.labels.ids))
+            return torch.empty(0, len(self.labels.ids), device=self.lm.device)
         cache = self._prefix_cache(prefix_ids) if (prefix_ids and reuse_prefix) else None
 
         def score_batch(batch: list[list[int]]) -> torch.Tensor:
@@ -179,7 +182,7 @@ class LabelScorer:
                 for prefix, queries in requests for q in queries]
 
         def score_batch(batch: list[tuple[int, list[int]]]) -> torch.Tensor:
-            which = torch.tensor([i for i, _ in batch])
+            which = torch.tensor([i for i, _ in batch], device=self.lm.device)
             ids, mask = self._left_pad([q for _, q in batch])
             rows_cache = copy.deepcopy(cache)
             rows_cache.batch_select_indices(which)
@@ -196,7 +199,7 @@ class LabelScorer:
         the numbers `logprobs` gives, batched by length as `score` is (FedPT's proxy)."""
         ids = [self._encode(q, first=True) for q in queries]
         if not ids:
-            return torch.empty(0)
+            return torch.empty(0, device=self.lm.device)
         return self._by_length(ids, self._vocab_batch)
 
     def _by_length(self, seqs: list, run: Callable[[list], torch.Tensor],
@@ -212,7 +215,7 @@ class LabelScorer:
                 on_batch(len(batch))
         rows = torch.cat(out)
         result = torch.empty_like(rows)
-        result[torch.tensor(order)] = rows
+        result[torch.tensor(order, device=rows.device)] = rows
         return result
 
     def logprobs(self, queries: Sequence[str]) -> torch.Tensor:
@@ -252,7 +255,7 @@ class LabelScorer:
         return logits.float().log_softmax(-1)
 
     def _prefix_cache(self, prefix_ids: list[int]) -> DynamicCache:
-        ids = torch.tensor([prefix_ids])
+        ids = torch.tensor([prefix_ids], device=self.lm.device)
         cache = DynamicCache()  # filled in place by the forward
         self._forward(ids, torch.ones_like(ids), cache=cache, prefix_len=0, keep=1)
         return cache
@@ -269,19 +272,20 @@ class LabelScorer:
         """Append each label's tokens; sum the log-probs the model gives them in turn."""
         num_labels = len(self.labels.ids)
         longest = max(len(ids) for ids in self.labels.ids)
-        scores = torch.zeros(len(seqs), num_labels)
+        scores = torch.zeros(len(seqs), num_labels, device=self.lm.device)
         for c, label_ids in enumerate(self.labels.ids):
             ids, mask = self._left_pad([s + list(label_ids) for s in seqs])
             cache = self._expand(prefix_cache, len(seqs))
             logits = self._forward(ids, mask, cache, prefix_len, keep=longest + 1).logits
             n = len(label_ids)
             logp = logits[:, -(n + 1) : -1].float().log_softmax(-1)
-            target = torch.tensor(label_ids).expand(len(seqs), n).unsqueeze(-1)
+            target = torch.tensor(label_ids, device=self.lm.device).expand(len(seqs), n)
+            target = target.unsqueeze(-1)
             scores[:, c] = logp.gather(-1, target).squeeze(-1).sum(-1)
         return scores
 
     def _left_pad(self, seqs: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
-        return left_pad(seqs, self.lm.tokenizer.pad_token_id or 0)
+        return left_pad(seqs, self.lm.tokenizer.pad_token_id or 0, self.lm.device)
 
     @staticmethod
     def _expand(prefix_cache: DynamicCache | None, batch: int) -> DynamicCache | None:
@@ -297,7 +301,7 @@ class LabelScorer:
         """Continue from `cache`: `prefix_len` real tokens in every row, or, when rows hold
         different (left-padded) prefixes, each row's own `prefix_mask`."""
         if prefix_mask is None and prefix_len:
-            prefix_mask = torch.ones(len(ids), prefix_len, dtype=mask.dtype)
+            prefix_mask = torch.ones(len(ids), prefix_len, dtype=mask.dtype, device=mask.device)
         start = prefix_mask.sum(-1, keepdim=True) if prefix_mask is not None else 0
         positions = start + (mask.cumsum(-1) - 1).clamp(min=0)
         if prefix_mask is not None:

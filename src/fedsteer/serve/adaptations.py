@@ -72,8 +72,8 @@ class SteeringAdaptation(Adaptation):
 
     @property
     def streams(self) -> list[Stream]:
-        dtype = next(self.base.model.parameters()).dtype
-        attn, mlp = self.attn.to(dtype), self.mlp.to(dtype)
+        param = next(self.base.model.parameters())
+        attn, mlp = (v.to(param.device, param.dtype) for v in (self.attn, self.mlp))
         return [Stream(self.base, lambda rows, width: inject(self.base, attn, mlp, self.coef))]
 
 
@@ -169,7 +169,8 @@ def _read_lora(directory: Path) -> tuple[Any, dict[str, torch.Tensor], str | Non
     from fedsteer.artifacts import read_adapter
 
     config, arrays = read_adapter(directory)
-    weights = {k: torch.tensor(np.asarray(v, dtype=np.float32)) for k, v in arrays.items()}
+    weights = {k: torch.tensor(np.asarray(v, dtype=np.float32), device="cpu")  # masters
+               for k, v in arrays.items()}
     return config, weights, config.base_model_name_or_path
 
 

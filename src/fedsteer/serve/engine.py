@@ -252,7 +252,7 @@ def decode(engine: Engine, adaptation: Adaptation, rows: list[tuple[Job, Row, in
     tokenizer = adaptation.base.tokenizer
     with engine.tokenizer_lock:
         pad, eos = tokenizer.pad_token_id, tokenizer.eos_token_id
-    ids, mask = left_pad([row.ids for _, row, _ in rows], pad or 0)
+    ids, mask = left_pad([row.ids for _, row, _ in rows], pad or 0, adaptation.base.device)
     forwards = [Forward(stream, ids, mask) for stream in adaptation.streams]
     decoding = Decoding(engine, tokenizer, eos, rows, ids, mask)
     last = prefill(engine, adaptation, forwards, decoding)
@@ -347,7 +347,7 @@ class Decoding:
 
     def step(self, last: torch.Tensor) -> torch.Tensor:
         """Choose each row's next token; record it for rows still going."""
-        chosen = torch.zeros((len(self.rows), 1), dtype=torch.long)
+        chosen = torch.zeros((len(self.rows), 1), dtype=torch.long, device=self.ids.device)
         for i, ((job, row, _), answer) in enumerate(zip(self.rows, self.out, strict=True)):
             if answer.finish_reason is None and job.cancelled.is_set():
                 answer.finish_reason = "cancelled"
