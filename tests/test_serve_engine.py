@@ -62,7 +62,8 @@ class ScriptedModel(torch.nn.Module):
 
 def scripted_engine(**options) -> tuple[Engine, ScriptedModel]:
     model = ScriptedModel()
-    base = SimpleNamespace(model=model, tokenizer=ByteTokenizer(), name="bytes")
+    base = SimpleNamespace(model=model, tokenizer=ByteTokenizer(), name="bytes",
+                           device=torch.device("cpu"))
     engine = Engine({"bytes": Adaptation("bytes", base)}, window_seconds=0.0, **options)
     return engine, model
 
