@@ -19,6 +19,7 @@ from typer.testing import CliRunner
 from fedsteer.cli import app
 from fedsteer.data import DataError, Example, TaskSpec, load_examples, task_from_spec
 from fedsteer.federation import InProcessRuntime, RuntimeConfig
+from fedsteer.federation.replies import default_weight_limits
 from fedsteer.federation.runtime import lower_median
 from fedsteer.methods import Client, seeded_rng
 from fedsteer.methods.aggregation import RecordMean, RecordsAggregator
@@ -113,6 +114,18 @@ def test_no_client_outweighs_the_rest(n):
     outcome = InProcessRuntime().run(ToyAverage(rounds=1), clients, env)
     (capped,) = outcome.rounds[0].capped
     assert capped == {"cid": n - 1, "claimed": 100_000, "weight": 3 * (n - 1)}
+
+
+@settings(max_examples=300, deadline=None, derandomize=True, database=None)
+@given(weights=st.lists(st.integers(1, 10**12), min_size=2, max_size=40))
+def test_under_the_default_cap_no_reply_outweighs_the_others(weights):
+    """Whatever the claims: each weight only cut, none above 10 × the lower median, and none
+    above all the others together."""
+    limits = default_weight_limits(weights)
+    weighed = [min(w, limit) for w, limit in zip(weights, limits, strict=True)]
+    median = sorted(weights)[(len(weights) - 1) // 2]
+    assert all(1 <= x <= min(w, 10 * median) for x, w in zip(weighed, weights, strict=True))
+    assert all(2 * x <= sum(weighed) for x in weighed)
 
 
 def test_among_many_no_client_weighs_more_than_ten_times_the_median():
