@@ -14,6 +14,7 @@ import os
 import signal
 import stat
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -358,3 +359,28 @@ def test_a_tls_party_against_a_coordinator_without_tls_fails_with_one_line(tmp_p
     assert len(errors) == 1 and "does not speak TLS" in errors[0], result.output
     assert not (tmp_path / "party" / "supernode.log").exists()
 
+
+
+@pytest.mark.slow
+def test_a_stopped_coordinator_leaves_no_flower_process_behind(tmp_path):
+    """SIGTERM (a service manager's stop) used to kill `fedsteer coordinator` alone and leave
+    its SuperLink, in a session of its own, running without it."""
+    import psutil
+
+    federation = make_federation(tmp_path / "fed", 1)
+    command = subprocess.Popen(
+        [str(Path(sys.executable).parent / "fedsteer"), "coordinator", str(federation.folder),
+         "--bind", "127.0.0.1"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        for line in command.stdout:
+            if "coordinator listening" in line:
+                break
+        children = psutil.Process(command.pid).children(recursive=True)
+        assert any("flower-superlink" in " ".join(c.cmdline()) for c in children)
+        command.send_signal(signal.SIGTERM)
+        assert command.wait(60) == 0
+        gone, alive = psutil.wait_procs(children, timeout=30)
+        assert not alive, [p.cmdline()[:2] for p in alive]
+    finally:
+        if command.poll() is None:
+            command.kill()

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import re
+import signal
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Annotated
@@ -37,6 +38,17 @@ LEAVES = {
     "local-icl": "its accuracy on the shared test rows (its demonstrations stay here)",
 }
 CENTRAL = "not a federated method: it needs every row in one place; do not run it here"
+
+
+def stop_on_signals() -> None:
+    """SIGTERM (a service manager's stop) and SIGINT (Ctrl-C, even when a shell started us in
+    the background with it ignored) unwind the stack, so every Flower process started is
+    stopped by PID on the way out instead of left running without us."""
+    def interrupt(signum: int, frame: object) -> None:
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, interrupt)
+    signal.signal(signal.SIGINT, interrupt)
 
 
 @contextlib.contextmanager
@@ -78,6 +90,7 @@ def coordinator(
 ) -> None:
     """Run the federation's SuperLink: TLS, only registered parties admitted, its state in
     FOLDER/superlink.db (a restart keeps the federation)."""
+    stop_on_signals()
     with one_line_errors(), deploy.coordinator(folder, insecure, bind) as running:
         for line in running.registered:
             typer.echo(f"  {line}")
@@ -117,6 +130,7 @@ def party(
         spec = load_task(task).spec
         rows = load_examples(data, spec.labels, pair=spec.is_pair, max_chars=2000)
         _print_what_leaves(len(rows), data)
+        stop_on_signals()
         typer.echo(deploy.run_party(settings))
 
 
