@@ -4,6 +4,7 @@ that keeps every tensor on the model's device."""
 from __future__ import annotations
 
 import ast
+import json
 from pathlib import Path
 
 import pytest
@@ -191,3 +192,62 @@ def test_tensors_are_created_with_an_explicit_device():
     found = [hit for room in DEVICE_CLEAN for path in sorted((src / room).rglob("*.py"))
              for hit in _undeviced_creations(path)]
     assert not found, "\n".join(found)
+
+
+# ------------------------------------------------------------------- flags and records
+def test_run_records_which_dtype_ran_and_why(tmp_path, monkeypatch, no_gpu):
+    from typer.testing import CliRunner
+
+    from fedsteer.cli import app
+
+    for probe, dtype in ((_probe(None), "float32"), (_probe(2.5), "bfloat16")):
+        monkeypatch.setattr(placement_mod, "cpu_bf16_probe", lambda p=probe: p)
+        out = tmp_path / dtype
+        result = CliRunner().invoke(app, [
+            "run", "zero-shot", "--model", "tiny-random", "--task", "sst2", "--test-size", "4",
+            "--dtype", "auto", "--out", str(out)], catch_exceptions=False)
+        assert result.exit_code == 0, result.output
+        placed = json.loads((out / "result.json").read_text())["env"]["placement"]
+        assert (placed["device"], placed["dtype"]) == ("cpu", dtype)
+        assert placed["reason"].startswith("auto: cpu") and placed["reason"].endswith(dtype)
+        assert f"cpu {dtype}" in result.output  # the table's title
+
+
+def test_a_device_this_machine_lacks_is_one_line_and_exit_2(tmp_path, no_gpu):
+    from typer.testing import CliRunner
+
+    from fedsteer.cli import app
+
+    result = CliRunner().invoke(app, ["run", "zero-shot", "--model", "tiny-random",
+                                      "--device", "cuda", "--out", str(tmp_path / "o")])
+    assert result.exit_code == 2
+    assert "--device cuda" in result.output and "Traceback" not in result.output
+
+
+@pytest.mark.parametrize("method,options", [
+    ("ifed-icl", {"rounds": 1, "local_epochs": 1, "demos_per_class": 1,
+                  "calibration_per_class": 1}),
+    ("fedavg-lora", {"rounds": 1, "local_examples": 4, "batch_size": 2}),
+])
+def test_replies_are_float32_when_the_model_is_bfloat16(tmp_path, monkeypatch, method, options):
+    """What leaves a client (coefficients, vectors, LoRA weights) is float32 even from a
+    bfloat16 model: averages and DP noise are then float32 too."""
+    from fedsteer.experiment import RunConfig, run_experiment
+    from fedsteer.methods import METHODS
+
+    lm = build_tiny_random(seed=0)
+    lm.model.to(torch.bfloat16)
+    cls = METHODS[method]
+    step, replies = cls.client_step, []
+
+    def recording(self, message, client):
+        reply = step(self, message, client)
+        replies.append(reply)
+        return reply
+
+    monkeypatch.setattr(cls, "client_step", recording)
+    run_experiment(RunConfig(method, task="sst2", model="tiny-random", clients=2, test_size=4,
+                             client_batch=1, options=options), tmp_path, lm=lm)
+    dtypes = {array.dtype for reply in replies for record in reply.array_records.values()
+              for array in record.values()}
+    assert replies and dtypes == {"float32"}

@@ -118,17 +118,20 @@ def check_fit(directory: Path, kind: str, task: Task, model: str | None) -> None
 
 def evaluate_artifact(directory: Path, task: Task, model: str | None, test_size: int | None,
                       test_seed: int, batch_size: int, blackbox: str = "local",
-                      transfer: bool = False) -> tuple[str, str, dict[str, Any], int]:
+                      transfer: bool = False, dtype: str = "float32", device: str = "auto"
+                      ) -> tuple[str, str, dict[str, Any], int]:
     """(kind, model used, metrics, rows scored); `transfer`: on a task or model other than
-    the artifact's own, on purpose."""
+    the artifact's own, on purpose; `dtype`/`device` as `--dtype`/`--device` read them."""
     if not transfer:
         check_fit(directory, artifact_kind(directory), task, model)
-    scored = score_artifact(directory, task, model, test_size, test_seed, batch_size, blackbox)
+    scored = score_artifact(directory, task, model, test_size, test_seed, batch_size, blackbox,
+                            dtype=dtype, device=device)
     return scored.kind, scored.model, scored.metrics(), len(scored.test)
 
 
 def score_artifact(directory: Path, task: Task, model: str | None, test_size: int | None,
-                   test_seed: int, batch_size: int, blackbox: str = "local") -> ArtifactScores:
+                   test_seed: int, batch_size: int, blackbox: str = "local", *,
+                   dtype: str = "float32", device: str = "auto") -> ArtifactScores:
     """The artifact applied to the test rows as its method evaluates it (`model`: another
     model to apply it to; default the one it was made on)."""
     directory = Path(directory)
@@ -137,7 +140,8 @@ def score_artifact(directory: Path, task: Task, model: str | None, test_size: in
     queries = [task.spec.format_query(ex) for ex in test]
 
     def environment(name: str) -> Environment:
-        return Environment(task=task.spec, test=test, model_name=name, batch_size=batch_size)
+        return Environment(task=task.spec, test=test, model_name=name, batch_size=batch_size,
+                           dtype=dtype, device=device)
 
     if kind == "steering":
         from fedsteer.methods.ifed_icl import load_steering
@@ -145,11 +149,11 @@ def score_artifact(directory: Path, task: Task, model: str | None, test_size: in
 
         saved = load_steering(directory)
         env = environment(model or saved.config["model"])
-        dtype = next(env.lm.model.parameters()).dtype
-        with torch.no_grad(), inject(env.lm, saved.attn.to(dtype), saved.mlp.to(dtype),
-                                     saved.coef):
+        param = next(env.lm.model.parameters())
+        attn, mlp = (v.to(param.device, param.dtype) for v in (saved.attn, saved.mlp))
+        with torch.no_grad(), inject(env.lm, attn, mlp, saved.coef):
             scores = env.scorer().score(queries)
-        return ArtifactScores(kind, env.model_name, scores.numpy(), test)
+        return ArtifactScores(kind, env.model_name, scores.cpu().numpy(), test)
     if kind == "proxy":
         return _score_proxy(directory, queries, test, environment, model)
     if kind == "lora":
@@ -159,7 +163,7 @@ def score_artifact(directory: Path, task: Task, model: str | None, test_size: in
         env = environment(model or config.base_model_name_or_path)
         with torch.no_grad(), lora_adapter(env.lm, config, weights):
             scores = env.scorer().score(queries)
-        return ArtifactScores(kind, env.model_name, scores.numpy(), test)
+        return ArtifactScores(kind, env.model_name, scores.cpu().numpy(), test)
     from fedsteer.methods.bdpl import PROMPT_FILE
 
     saved = json.loads((directory / PROMPT_FILE).read_text())
@@ -194,7 +198,7 @@ def _score_proxy(directory: Path, queries: list[str], test: list[Example],
     with torch.no_grad():
         logprobs = method.proxy(env, adapter_record(weights), queries)
     scores = logprobs[:, env.scorer().labels.first]
-    return ArtifactScores("proxy", method.large, scores.numpy(), test)
+    return ArtifactScores("proxy", method.large, scores.cpu().numpy(), test)
 
 
 def evaluate_endpoint(endpoint: str, task: Task, test_size: int | None, test_seed: int,

@@ -37,7 +37,7 @@ from fedsteer.experiment import RunConfig, result_settings, run_experiment
 from fedsteer.methods import METHODS, check_options, make_method
 
 KNOWN_KEYS = {"name", "out", "models", "tasks", "methods", "seeds", "alphas", "clients",
-              "test_size", "run", "options"}
+              "test_size", "run", "options", "dtype", "device"}
 
 
 @dataclass
@@ -53,6 +53,8 @@ class BenchConfig:
     test_size: int | None = 300
     run: dict[str, dict[str, Any]] = field(default_factory=dict)
     options: dict[str, dict[str, Any]] = field(default_factory=dict)
+    dtype: str = "float32"  # every cell's model (`--dtype` overrides)
+    device: str = "auto"
 
     @classmethod
     def load(cls, path: Path) -> BenchConfig:
@@ -87,6 +89,7 @@ class BenchConfig:
             seeds=list(raw.get("seeds", [0])), alphas=list(raw.get("alphas", [0.5])),
             clients=list(raw.get("clients", [10])), test_size=raw.get("test_size", 300),
             run=dict(raw.get("run") or {}), options=dict(raw.get("options") or {}),
+            dtype=str(raw.get("dtype", "float32")), device=str(raw.get("device", "auto")),
         )
 
 
@@ -198,7 +201,8 @@ def expand(bench: BenchConfig) -> list[Cell]:
         if method == "zero-shot":  # deterministic: one cell per model and task
             partition, clients, seed = {"alpha": 0.5}, 1, 0
         fields = {"method": method, "task": task, "model": model, "clients": clients,
-                  "seed": seed, "test_size": bench.test_size, **partition}
+                  "seed": seed, "test_size": bench.test_size, "dtype": bench.dtype,
+                  "device": bench.device, **partition}
         # a method's own settings win, even over the grid's (e.g. FedPT's small device model)
         fields.update(bench.run.get(method, {}))
         config = RunConfig(**fields, options=dict(bench.options.get(method, {})))
@@ -213,7 +217,7 @@ def run_grid(bench: BenchConfig, progress=None,
              on_cell: Callable[[Cell, dict], None] | None = None) -> list[dict]:
     """Run every unfinished cell (models loaded once each); return all the records."""
     from fedsteer.data import load_task
-    from fedsteer.models import load_model
+    from fedsteer.models import load_placed
 
     cells = expand(bench)
     check_finished(cells)
@@ -221,7 +225,7 @@ def run_grid(bench: BenchConfig, progress=None,
     bar = progress.add_task(f"bench {bench.name}", total=len(cells),
                             completed=len(cells) - len(todo)) if progress else None
     for model, group in _by_model(todo):
-        lm = load_model(model)
+        lm = load_placed(model, dtype=bench.dtype, device=bench.device)
         for cell in group:
             if bar is not None:
                 progress.update(bar, description=f"bench {bench.name} · {cell_label(cell)}")

@@ -56,9 +56,10 @@ from fedsteer.models import (
     UnknownArchitectureError,
     UnknownModelError,
     list_models,
-    load_model,
+    load_placed,
     model_status,
 )
+from fedsteer.models.placement import ModelTooLargeError
 from fedsteer.models.scoring import LabelWordError
 from fedsteer.run_folder import (
     RUN_CONFIG_FILE,
@@ -123,8 +124,14 @@ def _setup_logging(verbose: bool) -> None:
 USER_ERRORS = (
     DataError, ModelNotInstalledError, UnknownModelError, UnknownArchitectureError,
     LabelWordError, CheckpointMismatch, CheckpointError, OptionTypeError, SafetensorError,
-    OSError, ValueError, BlackBoxError,
+    OSError, ValueError, BlackBoxError, ModelTooLargeError,
 )
+#: every command that loads a model takes these (`fedsteer.models.placement`)
+DtypeOption = Annotated[str | None, typer.Option(
+    help="the model's dtype: float32, bfloat16, float16, or auto (bfloat16 on a GPU that "
+         "has it or a CPU whose bf16 units pay, by a cached probe; else float32)")]
+DeviceOption = Annotated[str | None, typer.Option(
+    help="where the model runs: auto (a GPU when there is one), cpu, cuda or mps")]
 _DEBUG = {"on": False}  # --debug: user errors keep their traceback
 
 
@@ -256,6 +263,8 @@ def run(
     threads: Annotated[int | None, typer.Option(
         help="torch threads of each process that runs a model [default: its share of the "
              "cores, cores // processes running at once]", min=1)] = None,
+    dtype: DtypeOption = "float32",
+    device: DeviceOption = "auto",
     runtime: Annotated[str, typer.Option(
         help="inprocess; flower (Flower's simulation); flower-deployment (a SuperLink and "
              "one SuperNode per client on 127.0.0.1)")] = "inprocess",
@@ -289,7 +298,7 @@ def run(
         "reply_norm_factor": reply_norm_factor, "max_client_weight": max_client_weight,
         "tolerate_client_errors": tolerate_client_errors, "client_batch": client_batch,
         "client_batch_rows": client_batch_rows, "threads": threads,
-        "options": _parse_options(option or []),
+        "dtype": dtype, "device": device, "options": _parse_options(option or []),
     }
     if resume is not None:
         out, configs = resume, _load_run_configs(resume)
@@ -311,7 +320,13 @@ def run(
         else:
             records = _run_all_on_flower(configs, out, runtime == "flower-deployment", save,
                                          federation)
-    _show(records, out, title=f"{configs[0].task} · {configs[0].model}")
+    _show(records, out, title=f"{configs[0].task} · {configs[0].model}{_placed(records)}")
+
+
+def _placed(records: list[dict]) -> str:
+    """` · cpu bfloat16`: where the model ran, as the records say (nothing if they do not)."""
+    placement = (records[0].get("env") or {}).get("placement") if records else None
+    return f" · {placement['device']} {placement['dtype']}" if placement else ""
 
 
 @contextmanager
@@ -443,7 +458,10 @@ def _run_all(configs: list[RunConfig], out: Path, resume: bool, save: Path | Non
                 continue
             if lm is None:
                 console.print(f"loading [bold]{config.model}[/] …")
-                lm = load_model(config.model)
+                lm = load_placed(config.model, dtype=config.dtype, device=config.device,
+                                 batch_size=config.batch_size)
+                console.print(f"{config.model} on {lm.placement.device} in "
+                              f"{lm.placement.dtype} ({lm.placement.reason})")
             console.print(f"running [bold]{config.method}[/] on {task.name}")
             save_dir = None if save is None else _method_dir(save, config, many)
             records.append(
@@ -490,6 +508,8 @@ def bench(
     out: Annotated[Path | None, typer.Option(
         help="results directory [default: the config's `out`]")] = None,
     report_too: Annotated[bool, typer.Option("--report/--no-report")] = True,
+    dtype: DtypeOption = None,
+    device: DeviceOption = None,
     verbose: bool = False,
 ) -> None:
     """Run a grid of methods × tasks × α × clients × seeds × models; resumable."""
@@ -501,6 +521,7 @@ def bench(
         grid = BenchConfig.load(config)
         if out is not None:
             grid.out = out
+        grid.dtype, grid.device = dtype or grid.dtype, device or grid.device  # flags win
         check_writable_folder(grid.out, "--out" if out is not None else f"{config}'s out:")
         cells = expand(grid)
         done = sum(c.done for c in cells)
@@ -599,6 +620,8 @@ def serve(
     timeout: Annotated[float, typer.Option(help="seconds a request may take",
                                            callback=_positive)] = Limits.timeout_seconds,
     max_batch_rows: Annotated[int, typer.Option(min=1)] = 32,
+    dtype: DtypeOption = "float32",
+    device: DeviceOption = "auto",
 ) -> None:
     """Serve the base model and every artifact behind one OpenAI-compatible endpoint."""
     import uvicorn
@@ -610,7 +633,10 @@ def serve(
         key = _api_key(api_key_env)
         limits = Limits(max_body_bytes, max_prompt_tokens, max_tokens, max_n, max_prompts,
                         max_logprobs, max_echo_tokens, max_concurrent, timeout)
-        adaptations = build_adaptations(load_model(model), artifact or [], load_model)
+        def load(name: str):
+            return load_placed(name, dtype=dtype, device=device)
+
+        adaptations = build_adaptations(load(model), artifact or [], load)
         server = Server(adaptations, limits, key, max_batch_rows)
     for adaptation in adaptations.values():
         console.print(f"  [bold]{adaptation.name}[/] ({adaptation.kind})")
@@ -645,6 +671,8 @@ def eval_cmd(
     batch_size: int = 16,
     blackbox: Annotated[str, typer.Option(
         help="prompts only: 'local' or 'openai:BASE_URL#MODEL'")] = "local",
+    dtype: DtypeOption = "float32",
+    device: DeviceOption = "auto",
     api_key_env: Annotated[str, typer.Option(help="--endpoint's API key variable")]
     = "OPENAI_API_KEY",
     transfer: Annotated[bool, typer.Option(
@@ -666,7 +694,7 @@ def eval_cmd(
         else:
             kind, name, metrics, rows = evaluate_artifact(
                 artifact, t, model, test_size or None, test_seed, batch_size, blackbox,
-                transfer)
+                transfer, dtype=dtype, device=device)
             source = str(artifact)
     table = Table("artifact", "kind", "task", "model", "rows", "acc %", "macro-F1 %")
     table.add_row(source, kind, t.name, name, str(rows),

@@ -74,6 +74,9 @@ class RunConfig:
     dp_mode: str = "local"
     secagg: bool = False  # Flower only: SecAgg+, the server sees only the mean of replies
     eval_every: int = 0  # evaluate after every k-th round too (accuracy per round); 0: at the end
+    #: the model's dtype: float32, bfloat16, float16 or auto (bf16 where the hardware pays)
+    dtype: str = "float32"
+    device: str = "auto"  # cpu, cuda, mps or auto (a GPU when there is one)
     options: dict[str, Any] = field(default_factory=dict)  # method-specific extras
 
     @classmethod
@@ -88,7 +91,7 @@ class RunConfig:
 
 #: RunConfig fields that choose how a run executes, never what it computes (client batching
 #: is tested equal to one by one): a finished cell is reused, and a run resumes, under others
-EXECUTION_CHOICES = frozenset({"client_batch", "client_batch_rows", "threads"})
+EXECUTION_CHOICES = frozenset({"client_batch", "client_batch_rows", "threads", "device"})
 
 
 def result_settings(config: RunConfig) -> dict[str, Any]:
@@ -304,7 +307,7 @@ def _environment(config: RunConfig, task: Task, lm, progress) -> tuple[Environme
     env = Environment(
         task=task.spec, test=test, model_name=config.model, seed=config.seed,
         batch_size=config.batch_size, progress=progress, transfer=transfer_rows(task, test),
-        _lm=lm,
+        dtype=config.dtype, device=config.device, _lm=lm,
     )
     return env, warnings
 
@@ -347,5 +350,18 @@ def _record(config: RunConfig, method, task: Task, env: Environment, outcome, nu
         "costs": costs,
         "privacy": outcome.privacy,
         "warnings": warnings,
-        "env": environment(),
+        "env": {**environment(), "placement": placement_record(env)},
     }
+
+
+def placement_record(env: Environment) -> dict[str, str] | None:
+    """Which device and dtype the run's model ran in, and why (None: no model was loaded)."""
+    lm = env._lm
+    if lm is None:
+        return None
+    placement = getattr(lm, "placement", None)
+    if placement is not None:
+        return placement.as_record()
+    param = next(lm.model.parameters())  # a model handed in, placed by its caller
+    return {"device": param.device.type, "dtype": str(param.dtype).removeprefix("torch."),
+            "reason": "the model handed to run_experiment"}

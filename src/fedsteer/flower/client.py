@@ -159,7 +159,10 @@ def _host(run: FlowerRun, context: Context) -> _Host:
         # the run's evaluation rows too: asynchronous methods evaluate on the nodes
         test = evaluation_rows(task, config.test_size, config.test_seed)
         env = Environment(task=task.spec, test=test, model_name=config.model, seed=config.seed,
-                          batch_size=config.batch_size)
+                          batch_size=config.batch_size,
+                          # a node may run its model its own way (its GPU): node config wins
+                          dtype=str(context.node_config.get("dtype", config.dtype)),
+                          device=str(context.node_config.get("device", config.device)))
         _HOSTS.clear()  # a new run: let the previous one's model go
         _HOSTS[key] = _Host(run, task, make_method(config.method, **config.method_options()), env)
     return _HOSTS[key]

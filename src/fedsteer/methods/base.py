@@ -64,6 +64,9 @@ class Environment:
     progress: Any = None  # a rich Progress to report scoring on, or None
     #: unlabelled held-out task texts a server may use (FedPT's distillation transfer set)
     transfer: list[Example] = field(default_factory=list)
+    #: what the model runs in and where (`fedsteer.models.placement`; `auto`: the hardware's)
+    dtype: str = "float32"
+    device: str = "auto"
     _lm: Any = None
     _scorers: dict = field(default_factory=dict)
     _others: dict = field(default_factory=dict)
@@ -71,18 +74,20 @@ class Environment:
     @property
     def lm(self):
         if self._lm is None:
-            from fedsteer.models import load_model
-
-            self._lm = load_model(self.model_name)
+            self._lm = self._load(self.model_name)
         return self._lm
 
     def other_lm(self, name: str):
         """A second model in this process (e.g. FedPT's large model at the server), loaded once."""
         if name not in self._others:
-            from fedsteer.models import load_model
-
-            self._others[name] = load_model(name)
+            self._others[name] = self._load(name)
         return self._others[name]
+
+    def _load(self, name: str):
+        from fedsteer.models import load_placed
+
+        return load_placed(name, dtype=self.dtype, device=self.device,
+                           batch_size=self.batch_size)
 
     def blackbox(self, spec: str = "local"):
         """The run's black box, shared by every client here (one bill, one cache).

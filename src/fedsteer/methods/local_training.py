@@ -42,7 +42,8 @@ class LocalRun:
     def loss_of(self, logp: torch.Tensor, rows: list[int]) -> torch.Tensor:
         if self.loss is not None:
             return self.loss(logp, rows)
-        return F.nll_loss(logp, self.targets[rows])  # CE over the full vocabulary
+        # CE over the full vocabulary, in float32 (logp is), on the model's device
+        return F.nll_loss(logp, self.targets[rows].to(logp.device))
 
     @property
     def rows(self) -> int:

@@ -103,10 +103,10 @@ def contiguous_head_input(model: PreTrainedModel) -> None:
     """Hand the LM head a contiguous hidden state (once per model).
 
     `logits_to_keep=1` slices `hidden[:, -1:, :]`, a strided view; on the CPU a bfloat16
-    matmul over a strided operand leaves oneDNN for a reference kernel, ~400x slower for
-    the 150k-row head of qwen2.5 (10.8 s vs 0.024 s, 16 rows, this repo's EPYC; the same
-    cliff as pytorch/pytorch#151934 for bmm). The copy is a few KB and the logits are
-    identical, so every forward (scorer, calibration, serve's generate) goes through it.
+    matmul over a strided operand leaves oneDNN for a slow generic kernel, orders of
+    magnitude slower for the 150k-row head of qwen2.5 (benchmarks/results/dtype.md; the
+    same cliff as pytorch/pytorch#151934 reports for bmm). The copy is a few KB and the
+    logits are identical, so every forward (scorer, calibration, serve's generate) gets it.
     """
     head = model.get_output_embeddings()
     if head is not None and not getattr(head, "_fedsteer_contiguous", False):
