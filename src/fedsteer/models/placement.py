@@ -23,8 +23,9 @@ import torch
 from fedsteer.settings import cache_dir
 
 __all__ = [
-    "DEVICES", "DTYPES", "CpuBf16Probe", "Placement", "PlacementError", "cpu_bf16_probe",
-    "resolve_placement", "torch_dtype",
+    "DEVICES", "DTYPES", "CpuBf16Probe", "MemoryEstimate", "ModelTooLargeError", "Placement",
+    "PlacementError", "check_fits", "cpu_bf16_probe", "estimate_memory", "resolve_placement",
+    "torch_dtype",
 ]
 
 log = logging.getLogger(__name__)
