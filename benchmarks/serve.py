@@ -356,7 +356,8 @@ def report(args, exact: dict, speed: dict, fault_rows: list[dict]) -> str:
 def fault_report(args, fault_rows: list[dict]) -> str:
     lines = [f"# `fedsteer serve` faults ({args.model}, base model only)", "",
              "The server in its own process with --api-key-env, --max-concurrent 32 and "
-             "defaults otherwise; the clients beside it on the same cores.", "",
+             "defaults otherwise; the clients beside it on the same cores. Not machine-alone: "
+             "other work may have shared the cores, so read the times as loose.", "",
              "| case | answer |", "|---|---|"]
     lines += [f"| {row['case']} | {row['status']} |" for row in fault_rows]
     return "\n".join(lines) + "\n"
@@ -378,7 +379,8 @@ def main() -> None:
             fault_rows = faults(served, args.model)
         text = fault_report(args, fault_rows)
         text += f"\nTotal wall time: {(time.perf_counter() - started) / 60:.1f} min.\n"
-        write_outputs(args.report_dir, "serve_faults", {"faults": fault_rows}, text, args)
+        name = "serve_faults" + ("" if args.model == DEFAULT_MODEL else f"_{args.model}")
+        write_outputs(args.report_dir, name, {"faults": fault_rows}, text, args)
         return
     task = load_task("sst2")
     artifacts = make_artifacts(args, args.out)
