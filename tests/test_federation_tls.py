@@ -29,6 +29,7 @@ from cryptography.hazmat.primitives.serialization import (
 from typer.testing import CliRunner
 
 from fedsteer.cli import app
+from fedsteer.eval.record import read_result
 from fedsteer.experiment import RunConfig, build_clients, run_experiment
 from fedsteer.flower import deploy, handback, keys
 from fedsteer.flower.launch import flower_processes, free_port, run_on_flower
@@ -189,6 +190,20 @@ def test_flowers_exit_305_becomes_one_line_that_says_why(tmp_path):
     assert "not registered" in reason and "party-2.key" in reason and "\n" not in reason
 
 
+def test_a_party_names_its_files_absolute_for_flowers_processes(tmp_path, monkeypatch):
+    """The ClientApp runs in Flower's process, from another folder: a relative spec or data
+    path given on the command line must reach it absolute."""
+    (tmp_path / "spec.toml").write_text("x")
+    (tmp_path / "rows.csv").write_text("x")
+    monkeypatch.chdir(tmp_path)
+    party = deploy.PartySettings("c:1", None, None, 0, Path("rows.csv"), "spec.toml", tmp_path)
+    config = party.node_config()
+    assert config["task"] == str(tmp_path / "spec.toml")
+    assert config["data-file"] == str(tmp_path / "rows.csv")
+    assert deploy.PartySettings("c:1", None, None, 0, Path("rows.csv"), "sst2",
+                                tmp_path).node_config()["task"] == "sst2"
+
+
 # ------------------------------------------------------------------ processes (slow)
 def party_files(config: RunConfig, folder: Path) -> list[Path]:
     """Each client's rows of the in-process partition, as that party's own CSV."""
@@ -268,7 +283,15 @@ def test_an_unregistered_key_is_refused_and_the_run_goes_on_naming_it(tmp_path):
         intruder_settings = party_settings(federation, 0, files[0], tmp_path,
                                            key=stranger.folder / "party-0.key")
         intruder = deploy.start_party(parties, intruder_settings, "intruder")
-        record = run_on_flower(config, tmp_path / "out", federation=federation.folder)
+        # submitted as a user would: the table, and the record back here
+        options = [arg for key, value in IFED.items() for arg in ("-o", f"{key}={value}")]
+        result = runner.invoke(app, [
+            "run", "ifed-icl", "--task", "sst2", "--model", "tiny-random", "--clients", "3",
+            "--test-size", "20", "--client-batch", "1", *options,
+            "--federation", str(federation.folder), "--out", str(tmp_path / "out")])
+        assert result.exit_code == 0, result.output
+        assert "ifed-icl" in result.output and "result.json" in result.output
+        record = read_result(tmp_path / "out")
         assert intruder.wait(60) != 0  # it stopped by itself
         intruder_log = (tmp_path / "parties" / "intruder.log").read_text()
     reason = deploy.party_exit_reason(intruder.returncode, intruder_log, intruder_settings)

@@ -270,9 +270,10 @@ class PartySettings:
         from fedsteer.federation.threads import NODES_ON_MACHINE
         from fedsteer.flower.client import NODE_TASK
 
+        task = Path(self.task)  # a spec file absolute: Flower's processes run elsewhere
         config: dict[str, Any] = {"partition-id": self.partition_id,
                                   "data-file": str(self.data_file.resolve()),
-                                  NODE_TASK: self.task}
+                                  NODE_TASK: str(task.resolve()) if task.is_file() else self.task}
         if self.nodes_on_machine:
             config[NODES_ON_MACHINE] = self.nodes_on_machine
         return config
