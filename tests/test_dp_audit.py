@@ -37,6 +37,7 @@ def test_the_audit_stays_below_the_claim_and_catches_seeded_noise(mode):
     seeded = audit(setting, TRIALS, seeded_noise)
     assert seeded.claimed_epsilon == ours.claimed_epsilon
     assert seeded.empirical["record"] > ours.claimed_epsilon + 0.5  # the bar is broken
+    assert seeded.empirical["record"] == pytest.approx(seeded.ceiling)  # the noise hid nothing
     assert seeded.empirical["threshold"] <= seeded.claimed_epsilon  # only the seed breaks it
 
 

@@ -157,6 +157,7 @@ class Trial:
     sign: int  # the canary's update: +clip (1) or -clip (0) along axis 0
     scores: dict[str, float]  # per attacker: larger means "+clip"
     claimed_epsilon: float
+    took_part: bool = True  # the canary was sampled (the record says so)
 
 
 def run_trial(setting: Setting, sign: int, seed: int, source: NoiseSource | None) -> Trial:
@@ -177,7 +178,7 @@ def run_trial(setting: Setting, sign: int, seed: int, source: NoiseSource | None
     recorded = outcome.rounds[0].clients  # what the record tells the second attacker
     claimed = float(outcome.privacy["epsilon"])
     if CANARY not in recorded:  # the canary took no part: nothing of it to see
-        return Trial(sign, dict.fromkeys(ATTACKERS, 0.0), claimed)
+        return Trial(sign, dict.fromkeys(ATTACKERS, 0.0), claimed, took_part=False)
     sigma = setting.noise_multiplier * setting.clip
     if setting.mode == "local":  # the server sees the canary's reply
         seen = float(runtime.canary_reply[0])
@@ -232,13 +233,17 @@ class AuditResult:
     trials: int
     claimed_epsilon: float
     empirical: dict[str, float]  # attacker -> ε lower bound
+    #: what a perfect attacker would show on these trials (right on every trial the canary
+    #: took part in): the most this many trials can reveal
+    ceiling: float = math.inf
 
     def to_dict(self) -> dict[str, Any]:
         return {"setting": self.setting.label, "mode": self.setting.mode,
                 "clients": self.setting.clients, "fraction": self.setting.fraction,
                 "noise_multiplier": self.setting.noise_multiplier, "clip": self.setting.clip,
                 "delta": self.setting.delta, "trials_per_sign": self.trials,
-                "claimed_epsilon": self.claimed_epsilon, "empirical_epsilon_lower": self.empirical}
+                "claimed_epsilon": self.claimed_epsilon, "empirical_epsilon_lower": self.empirical,
+                "ceiling_of_these_trials": self.ceiling}
 
 
 def audit(setting: Setting, trials: int, source: NoiseSource | None = None,
@@ -255,5 +260,7 @@ def audit(setting: Setting, trials: int, source: NoiseSource | None = None,
         threshold = best_threshold(scores[:split], signs[:split], setting.delta)
         empirical[attacker] = epsilon_lower_bound(scores[split:], signs[split:], threshold,
                                                   setting.delta)
+    perfect = np.array([float(r.sign and r.took_part) for r in rows])
+    ceiling = epsilon_lower_bound(perfect[split:], signs[split:], 0.5, setting.delta)
     claimed = {r.claimed_epsilon for r in rows}
-    return AuditResult(setting, trials, max(claimed), empirical)
+    return AuditResult(setting, trials, max(claimed), empirical, ceiling)
