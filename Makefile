@@ -8,7 +8,7 @@ PYTHON ?= python3
 VENV   ?= .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.fedsteer-installed
-# The demo is the quick benchmark grid (every method on sst2, settings in the file), run into
+# The demo is the quick benchmark grid (every method on trec, settings in the file), run into
 # runs/demo: a progress bar over the grid, a table at the end, report.md/.html and plots.
 DEMO_GRID ?= benchmarks/quick.yaml
 

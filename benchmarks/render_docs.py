@@ -190,6 +190,13 @@ def quick_table(records: Sequence[dict[str, Any]]) -> str:
                   "rows", "budget"], rows, right_from=1, right_to=6)
 
 
+def closing_lines(records: Sequence[dict[str, Any]]) -> str:
+    """The three lines `fedsteer bench` prints after a task's table, from the same records."""
+    from fedsteer.eval.report import takeaways
+
+    return "\n".join(f"> {line}  " for line in takeaways(records)) + "\n"
+
+
 # --- per-benchmark summaries (the scripts' own JSON) ----------------------------------------
 
 def ifed_icl_full() -> str:
@@ -459,10 +466,17 @@ def render_all(results: Path = RESULTS) -> dict[str, str]:
     """Every generated page by file name: what `--check` compares with docs/generated/."""
     default = cells(results / "default")
     quick = cells(results / "quick")
+    quick_trec = cells(results / "quick_trec")
     pages = {
         "headline.md": _page("benchmarks/results/default", lambda: grid_table(default)),
         "default-costs.md": _page("benchmarks/results/default", lambda: grid_costs(default)),
         "quick.md": _page("benchmarks/results/quick", lambda: quick_table(quick)),
+        "quick-closing.md": _page("benchmarks/results/quick", lambda: closing_lines(quick)),
+        **({"quick-trec.md": _page("benchmarks/results/quick_trec",
+                                   lambda: quick_table(quick_trec)),
+            "quick-trec-closing.md": _page("benchmarks/results/quick_trec",
+                                           lambda: closing_lines(quick_trec))}
+           if quick_trec else {}),
         "ifed-icl-full.md": _page("benchmarks/results/ifed_icl_full.json", ifed_icl_full),
         "ifed-icl-pooled.md": _page("benchmarks/results/ifed_icl_full_pooled.json",
                                     ifed_icl_pooled),

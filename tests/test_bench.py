@@ -115,6 +115,22 @@ def test_the_shipped_grids_load_and_expand(name):
     assert {c.config.method for c in cells} == set(bench.methods)
 
 
+def test_the_demo_grid_is_recorded_as_it_is_written_and_shows_where_steering_pays():
+    """`make demo` must show the point: its recorded run (every cell of quick.yaml, with the
+    settings the file asks for) ends with a line naming methods that beat zero-shot by the
+    paired test. Editing quick.yaml without re-recording it fails here."""
+    from fedsteer.bench import check_finished
+    from fedsteer.eval.record import read_result
+    from fedsteer.eval.report import takeaways
+
+    bench = BenchConfig.load(Path(__file__).parents[1] / "benchmarks" / "quick.yaml")
+    cells = expand(bench)
+    assert all(c.done for c in cells), [str(c.path) for c in cells if not c.done]
+    check_finished(cells)
+    first, *_ = takeaways([read_result(c.path) for c in cells])
+    assert first.startswith("Steering helped (") and "ifed-icl" in first
+
+
 def _row(model: str, method: str, skew: str, accuracy: float, clients: int = 10) -> Row:
     return Row(model, "sst2", method, skew, clients, 1, accuracy, 0.0, accuracy, 0, 0, 0, 0,
                0, None, [], [])
