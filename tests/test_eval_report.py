@@ -270,3 +270,20 @@ def test_show_prints_the_decision_columns_and_every_column_with_all(tmp_path):
     assert short.exit_code == 0 and full.exit_code == 0, short.output + full.output
     assert "bytes, run" in short.output and "macro-F1" not in short.output
     assert "macro-F1" in full.output and "peak mem" in full.output
+
+
+def test_a_grid_s_labelled_rows_fit_100_columns_with_a_long_model_name():
+    """`make demo`'s table: FedPT's row on an emulator model, labelled with it by the grid,
+    got a second model column and every number cut ("76.2 (66…", "+35.0 (p=0.…")."""
+    zero = _scored("zero-shot", [1] * 50 + [0] * 50, model="qwen2.5-coder-0.5b")
+    better = _scored("fedavg-lora", [1] * 50 + [1] * 15 + [0] * 35, model="qwen2.5-coder-0.5b")
+    emulated = _scored("fedpt", [1] * 40 + [0] * 60, model="emulator:12:qwen2.5-coder-0.5b")
+    for rec in (zero, better, emulated):
+        rec["costs"].update(bytes_up=43_700_000, bytes_down=0, client_seconds=103.2)
+    console = Console(width=100, record=True)
+    console.print(comparison_table(
+        [zero, better, emulated],
+        label=lambda r: r["method"] + ("" if r["model"] == zero["model"] else f" · {r['model']}")))
+    text = console.export_text()
+    assert max(map(len, text.splitlines())) <= 100
+    assert "…" not in text and "+15.0 (p=6.1e-05) *" in text and "65.0 (55–74)" in text

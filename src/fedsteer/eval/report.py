@@ -96,15 +96,18 @@ def comparison_table(records: Sequence[dict[str, Any]], title: str = "",
     run, client compute. `full`: also macro-F1, bytes per round (and per phase), rounds,
     waiting, evaluation time, peak memory and rejected replies (`fedsteer show --all`).
 
-    `label(record)` names a row (default: the method), e.g. to tell seeds apart.
+    `label(record)` names a row (default: the method), e.g. to tell seeds apart; a caller
+    that labels its rows names what varies in them itself (`bench` adds the model where it
+    differs), so the table adds no task/model columns of its own. Names wrap rather than
+    squeeze the numbers: in a narrow terminal a p-value is never cut.
     """
     warnings = sorted({w for rec in records for w in rec.get("warnings") or ()})
     table = Table(title=title or None,
                   caption="\n".join(f"warning: {w}" for w in warnings) or None)
-    table.add_column("method", no_wrap=True)
-    mixed = mixed_fields(records)
+    table.add_column("method", overflow="fold")
+    mixed = mixed_fields(records) if label is None else []
     for name in mixed:
-        table.add_column(name, no_wrap=True)
+        table.add_column(name, overflow="fold")
     if not full:
         return _decision_table(table, records, mixed, label)
     private = any(rec.get("privacy") for rec in records)
