@@ -68,6 +68,18 @@ def test_a_robust_rule_is_refused_where_only_a_mean_is_sound(tmp_path, rule, set
     assert not (tmp_path / "result.json").exists()
 
 
+def test_flower_refuses_a_robust_rule_with_secagg_before_starting(tmp_path, monkeypatch):
+    from fedsteer.flower import launch
+
+    started = []
+    monkeypatch.setattr(launch, "simulate", lambda *a, **k: started.append(1))
+    config = RunConfig(method="fedavg-lora", model="tiny-random", clients=3, secagg=True,
+                       options={"rule": "krum", "rounds": 1})
+    with pytest.raises(ValueError, match="--secagg: fedavg-lora with rule=krum does not"):
+        launch.run_on_flower(config, tmp_path / "out")
+    assert not started
+
+
 def test_central_dp_screens_nothing_by_private_norms_and_records_no_norm():
     """The outlier screen chose replies by their exact, un-noised norms (an honest client
     with a larger update than the rest was dropped, outside the accounted mechanism), and the

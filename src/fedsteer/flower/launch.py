@@ -270,10 +270,13 @@ def run_on_flower(
     """
     from fedsteer.data import load_task
     from fedsteer.eval.record import RESULT_FILE, read_result
+    from fedsteer.experiment import refuse_a_rule_that_is_not_the_mean
     from fedsteer.flower import to_run_config
     from fedsteer.methods import make_method
 
     out_dir = Path(out_dir).resolve()
+    method = make_method(config.method, **config.method_options())
+    refuse_a_rule_that_is_not_the_mean(config, method)  # before any process starts
     if Path(config.task).is_file():  # a user's spec file: Flower's processes run elsewhere
         config = dataclasses.replace(config, task=str(Path(config.task).resolve()))
     if federation is not None:
@@ -287,8 +290,7 @@ def run_on_flower(
         data_dir=_absolute_data_dir(), round_timeout=round_timeout,
     )
     load_task(config.task)  # a missing or malformed task fails here, before Flower starts
-    centralized = make_method(config.method, **config.method_options()).centralized
-    nodes = 1 if centralized else config.clients
+    nodes = 1 if method.centralized else config.clients
     work_dir = out_dir / "flower"
     if deployment:
         node_configs = [{"partition-id": i, "num-partitions": nodes, NODES_ON_MACHINE: nodes}
