@@ -62,21 +62,24 @@ def loopback_bytes() -> int:
     return 0
 
 
-def wait_online(coordinator: deploy.Coordinator, parties: int, timeout: float = 300) -> None:
+def wait_online(coordinator: deploy.Coordinator, parties: int, nodes: list,
+                timeout: float = 300) -> None:
     """Until the SuperLink lists every party online (so no cell times the parties' start)."""
-    deadline = time.monotonic() + timeout
+    deadline, statuses = time.monotonic() + timeout, []
     while time.monotonic() < deadline:
         listed = subprocess.run(
             [_executable("flwr"), "supernode", "list", deploy.CONNECTION, "--format", "json"],
             env=coordinator.processes.env, capture_output=True, text=True, check=False)
         try:
-            nodes = json.loads(listed.stdout).get("nodes", [])
+            listed_nodes = json.loads(listed.stdout).get("nodes", [])
         except json.JSONDecodeError:
-            nodes = []
-        if sum(node.get("status") == "online" for node in nodes) >= parties:
+            listed_nodes = []
+        statuses = [node.get("status") for node in listed_nodes]
+        if statuses.count("online") >= parties:
             return
         time.sleep(2)
-    raise RuntimeError(f"{parties} parties not online within {timeout:g} s")
+    raise RuntimeError(f"{parties} parties not online within {timeout:g} s: the SuperLink "
+                       f"lists {statuses}; party exit codes {[n.poll() for n in nodes]}")
 
 
 def federation_cell(arm: str, config: RunConfig, files: list[Path], work: Path) -> dict:
@@ -85,13 +88,14 @@ def federation_cell(arm: str, config: RunConfig, files: list[Path], work: Path) 
                                       free_port())
     with deploy.coordinator(federation.folder, insecure=insecure, bind="127.0.0.1") as coord, \
             flower_processes(work / "parties") as parties:
+        nodes = []
         for i, data in enumerate(files):
             party = deploy.PartySettings(
                 federation.address, None if insecure else federation.ca_cert,
                 None if insecure else federation.folder / keys.party_key(i), i, data,
                 config.task, work, max_wait=300.0, nodes_on_machine=len(files))
-            deploy.start_party(parties, party, f"p{i}")
-        wait_online(coord, len(files))
+            nodes.append(deploy.start_party(parties, party, f"p{i}"))
+        wait_online(coord, len(files), nodes)
         lo_before, started = loopback_bytes(), time.perf_counter()
         record = run_on_flower(config, work / "out", federation=federation.folder,
                                insecure=insecure)
@@ -136,12 +140,14 @@ def run_cells(args) -> list[dict]:
                     rows.append(finished[0])
                     continue
                 work = Path(tempfile.mkdtemp(prefix=f"fedtls-{arm}-{parties}-", dir=args.work))
+                files = party_files(config, work / "rows")
                 try:
-                    files = party_files(config, work / "rows")
                     row = (inprocess_cell(config, work) if arm == "in-process"
                            else federation_cell(arm, config, files, work))
-                finally:
-                    shutil.rmtree(work, ignore_errors=True)
+                except Exception:
+                    print(f"cell failed; its logs are kept in {work}", flush=True)
+                    raise
+                shutil.rmtree(work, ignore_errors=True)
                 row.update(parties=parties, repeat=repeat, finished_at=time.time())
                 rows.append(row)
                 with done_path.open("a") as cells:
