@@ -395,6 +395,54 @@ def serve() -> str:
             + "\n" + table(["fault", "answer"], faults, right_from=2))
 
 
+def dp_audit() -> str:
+    """The canary audit: each setting's claimed ε beside the empirical lower bounds."""
+    data = load("dp_audit.json")
+    ceiling = any("ceiling_of_these_trials" in r for r in data["rows"])
+    rows = []
+    for r in data["rows"]:
+        sample = (f"all {r['clients']}" if r["fraction"] >= 1
+                  else f"{r['fraction']:g} of {r['clients']} (fixed)")
+        bound = r["empirical_epsilon_lower"]
+        rows.append([r["mode"], sample, f"{r['noise_multiplier']:g}", r["noise"],
+                     f"{r['claimed_epsilon']:.2f}", f"{bound['threshold']:.2f}",
+                     f"{bound['record']:.2f}",
+                     *([f"{r['ceiling_of_these_trials']:.2f}"] if ceiling else []),
+                     "yes" if r["bar_holds"] else "**no**"])
+    return (f"{data['trials_per_sign']:,} trials per sign; bounds are Clopper–Pearson at "
+            "95 %.\n\n"
+            + table(["DP", "clients sampled", "z", "noise", "claimed ε",
+                     "ε ≥ (threshold attacker)", "ε ≥ (record attacker)",
+                     *(["ceiling of these trials"] if ceiling else []),
+                     "claimed ε holds"], rows, right_from=4, right_to=7 + ceiling))
+
+
+def federation_tls() -> str:
+    """A real federation's price: TLS + node authentication against --insecure."""
+    data = load("federation_tls.json")
+    s = data["settings"]
+    arms, summary = [], []
+    for parties, sm in data["summary"].items():
+        for arm in ("tls", "insecure", "in-process"):
+            if f"{arm}_submit_seconds" not in sm:
+                continue
+            arms.append([parties, arm, ", ".join(f"{x:.0f}" for x in sm[f"{arm}_submit_seconds"]),
+                         ", ".join(f"{x:.0f}" for x in sm[f"{arm}_run_seconds"]),
+                         human_bytes(sm["payload_bytes"][arm])])
+        summary.append([parties, ", ".join(f"{x:.2f}×" for x in sm["tls_over_insecure_per_repeat"]),
+                        f"{sm['tls_over_insecure_median']:.2f}×",
+                        "yes" if sm["same_answers_on_every_row"] else "**no**",
+                        acc(sm["accuracy"], sm["accuracy_ci95"])])
+    return (f"Model {s['model']}, {s['rounds']} rounds, {s['test_size']} test rows, seed "
+            f"{s['seed']}, {s['repeats']} repeats with the arms alternating. Machine: "
+            f"{s.get('machine_note', 'not recorded')}.\n\n"
+            + table(["parties", "arm", "submit s (each repeat)", "run s (each repeat)",
+                     "payload"], arms, right_from=2)
+            + "\n" + table(["parties", "TLS / insecure, submit time (each repeat)", "median",
+                            "same answer on every test row", "acc % [95 %] (every arm)"],
+                           summary, right_from=1, right_to=3))
+
+
 def reliability() -> str:
     data = load("reliability.json")
     outcomes: dict[str, int] = {}
@@ -487,6 +535,8 @@ def render_all(results: Path = RESULTS) -> dict[str, str]:
         "runtimes.md": _page("benchmarks/results/runtimes*.json", runtimes),
         "serve.md": _page("benchmarks/results/serve.json", serve),
         "reliability.md": _page("benchmarks/results/reliability.json", reliability),
+        "dp-audit.md": _page("benchmarks/results/dp_audit.json", dp_audit),
+        "federation-tls.md": _page("benchmarks/results/federation_tls.json", federation_tls),
         "performance.md": _page("benchmarks/results/performance.json and friends", performance),
     }
     for method in ("ifed-icl", "central-i2cl", "fedavg-lora", "fedpt", "bdpl", "asyndbt"):
