@@ -547,7 +547,7 @@ def render_all(results: Path = RESULTS) -> dict[str, str]:
 
 #: files outside docs/generated whose marked regions hold a generated page (the README
 #: cannot include files): <!-- generated:NAME --> ... <!-- /generated -->
-FILLED = (ROOT / "docs" / "_readme_draft.md", ROOT / "README.md")
+FILLED = (ROOT / "README.md",)
 REGION = re.compile(r"(<!-- generated:(?P<name>[\w.-]+) -->\n)(?P<body>.*?)(<!-- /generated -->)",
                     re.S)
 

@@ -30,8 +30,9 @@ def _render_docs():
 
 
 def _pages() -> list[Path]:
-    """The hand-written pages (and the README draft): everything but the generated files."""
-    return [p for p in sorted(DOCS.rglob("*.md")) if GENERATED not in p.parents]
+    """The hand-written pages and the README: everything but the generated files."""
+    return [p for p in sorted(DOCS.rglob("*.md")) if GENERATED not in p.parents] + [
+        ROOT / "README.md"]
 
 
 # --- numbers from records -------------------------------------------------------------------
@@ -61,8 +62,8 @@ def test_a_number_edited_by_hand_in_a_generated_page_is_caught(tmp_path):
 def test_a_number_edited_in_the_readmes_generated_table_is_caught():
     render = _render_docs()
     pages = render.render_all()
-    draft = (DOCS / "_readme_draft.md").read_text()
-    assert render.filled(draft, pages) == draft, "the draft's table is rendered"
+    draft = (ROOT / "README.md").read_text()
+    assert render.filled(draft, pages) == draft, "the README's table is rendered"
     start = draft.index("<!-- generated:headline.md -->")
     number = re.compile(r"\d+\.\d").search(draft, start)
     other = "1" if draft[number.start()] == "9" else "9"
@@ -107,7 +108,7 @@ def test_the_number_check_sees_what_the_readme_used_to_type():
     assert measured_numbers("10 clients, α = 0.5, 95 % intervals, `--test-size 300`") == []
 
 
-@pytest.mark.parametrize("page", _pages(), ids=lambda p: str(p.relative_to(DOCS)))
+@pytest.mark.parametrize("page", _pages(), ids=lambda p: str(p.relative_to(ROOT)))
 def test_pages_type_no_measured_number_by_hand(page):
     assert measured_numbers(page.read_text()) == [], (
         f"{page.relative_to(ROOT)} types a measured number: render it from its record "
@@ -129,7 +130,7 @@ def runnable_pages() -> list:
         if matches:
             marks = [pytest.mark.slow] if any(m.group("slow") for m in matches) else []
             pages.append(pytest.param([m.group("body") for m in matches], marks=marks,
-                                      id=str(page.relative_to(DOCS))))
+                                      id=str(page.relative_to(ROOT))))
     return pages
 
 
@@ -161,4 +162,3 @@ def test_mkdocs_builds_strict(tmp_path):
                           env={**os.environ, "NO_MKDOCS_2_WARNING": "1"}, timeout=300)
     assert done.returncode == 0, done.stderr[-4000:]
     assert (tmp_path / "site" / "results" / "index.html").is_file()
-    assert not (tmp_path / "site" / "_readme_draft" / "index.html").exists()
