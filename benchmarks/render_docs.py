@@ -443,6 +443,28 @@ def federation_tls() -> str:
                            summary, right_from=1, right_to=3))
 
 
+def dtype() -> str:
+    """bfloat16 against float32: the speed of each path and the answers on the same rows."""
+    data = load("dtype.json")
+    speed = [[path, f"{t['float32']:.2f}", f"{t['bfloat16']:.2f}",
+              f"{t['float32'] / t['bfloat16']:.2f}×"] for path, t in data["speed"].items()]
+    answers = [[a["task"], method_name(a["method"]), str(a["rows"]), pct(a["agree"]),
+                acc(a["accuracy"]["float32"]["accuracy"], a["accuracy"]["float32"]["ci95"]),
+                acc(a["accuracy"]["bfloat16"]["accuracy"], a["accuracy"]["bfloat16"]["ci95"]),
+                f"{a['only_float32']} / {a['only_bfloat16']}", p_value(a["mcnemar_p"])]
+               for a in data["agreement"]]
+    s = data["settings"]
+    return (f"Model {s['model']}; CPU {data['probe']['cpu']} "
+            f"({', '.join(data['probe']['flags']) or 'no bf16 flags'}), torch threads "
+            f"{data['threads']}; `--dtype auto` here: {data['auto']}. Same process, the two "
+            f"dtypes alternating, best of {s['repeats']}, on a machine shared with other "
+            "jobs: read the ratios, not the seconds.\n\n"
+            + table(["path", "float32 s", "bfloat16 s", "float32 / bfloat16"], speed)
+            + "\n" + table(["task", "method", "rows", "labels agree %", "float32 acc [95 %]",
+                            "bfloat16 acc [95 %]", "only f32 / only bf16 right", "McNemar p"],
+                           answers, right_from=2))
+
+
 def reliability() -> str:
     data = load("reliability.json")
     outcomes: dict[str, int] = {}
@@ -536,6 +558,7 @@ def render_all(results: Path = RESULTS) -> dict[str, str]:
         "serve.md": _page("benchmarks/results/serve.json", serve),
         "reliability.md": _page("benchmarks/results/reliability.json", reliability),
         "dp-audit.md": _page("benchmarks/results/dp_audit.json", dp_audit),
+        "dtype.md": _page("benchmarks/results/dtype.json", dtype),
         "federation-tls.md": _page("benchmarks/results/federation_tls.json", federation_tls),
         "performance.md": _page("benchmarks/results/performance.json and friends", performance),
     }
