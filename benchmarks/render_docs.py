@@ -465,6 +465,13 @@ def dtype() -> str:
                            answers, right_from=2))
 
 
+def serve_faults() -> str:
+    """Each fault the server was sent on its own, after issues 42 and 44, with its answer."""
+    data = load("serve_faults.json")
+    return table(["fault", "answer"], [[f["case"], f["status"]] for f in data["faults"]],
+                 right_from=2)
+
+
 def reliability() -> str:
     data = load("reliability.json")
     outcomes: dict[str, int] = {}
@@ -559,6 +566,7 @@ def render_all(results: Path = RESULTS) -> dict[str, str]:
         "reliability.md": _page("benchmarks/results/reliability.json", reliability),
         "dp-audit.md": _page("benchmarks/results/dp_audit.json", dp_audit),
         "dtype.md": _page("benchmarks/results/dtype.json", dtype),
+        "serve-faults.md": _page("benchmarks/results/serve_faults.json", serve_faults),
         "federation-tls.md": _page("benchmarks/results/federation_tls.json", federation_tls),
         "performance.md": _page("benchmarks/results/performance.json and friends", performance),
     }
