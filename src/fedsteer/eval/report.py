@@ -108,57 +108,53 @@ def comparison_table(records: Sequence[dict[str, Any]], title: str = "",
     mixed = mixed_fields(records) if label is None else []
     for name in mixed:
         table.add_column(name, overflow="fold")
-    if not full:
-        return _decision_table(table, records, mixed, label)
+    columns = _columns(records, full)
+    for name, _ in columns:
+        table.add_column(name, justify="right", no_wrap=True)
+    for rec, versus in zip(records, versus_zero_shot(records), strict=True):
+        table.add_row(label(rec) if label else rec["method"],
+                      *(str(rec.get(name)) for name in mixed),
+                      *(cell(rec, versus) for _, cell in columns))
+    return table
+
+
+Cell = Callable[[dict[str, Any], str], str]
+
+
+def _compute(rec: dict[str, Any]) -> str:
+    costs = rec["costs"]
+    return f"{costs.get('client_compute_seconds', costs['client_seconds']):.1f}"
+
+
+def _columns(records: Sequence[dict[str, Any]], full: bool) -> list[tuple[str, Cell]]:
+    """Each column's header and cell: by default the columns a person decides on (the rest
+    is in `fedsteer show --all` and the report); optional ones only where a record has them."""
     private = any(rec.get("privacy") for rec in records)
+    epsilon: list[tuple[str, Cell]] = (
+        [("ε (δ)", lambda rec, _: _epsilon(rec.get("privacy")))] if private else [])
+    head: list[tuple[str, Cell]] = [
+        ("acc % (95 % CI)", lambda rec, _: with_interval(rec["metrics"])),
+        ("vs zero-shot", lambda _, versus: versus)]
+    if not full:
+        return [*head, ("bytes, run", lambda rec, _: human_bytes(run_bytes(rec["costs"]))),
+                ("client s", lambda rec, _: _compute(rec)), *epsilon]
     phased = any(rec["costs"].get("phases") for rec in records)
     waited = any(rec["costs"].get("client_wait_seconds") for rec in records)
-    for name in ("acc % (95 % CI)", "vs zero-shot", "macro-F1 %", "up/round", "down/round",
-                 *(["up/round by phase"] if phased else []), "rounds", "client s",
-                 *(["wait s"] if waited else []), "eval s", "peak mem", "rejected",
-                 *(["ε (δ)"] if private else [])):
-        table.add_column(name, justify="right", no_wrap=True)
-    for rec, versus in zip(records, versus_zero_shot(records), strict=True):
-        m, c = rec["metrics"], rec["costs"]
-        table.add_row(
-            label(rec) if label else rec["method"],
-            *(str(rec.get(name)) for name in mixed),
-            with_interval(m),
-            versus,
-            _with_spread(m, "macro_f1"),
-            human_bytes(c["bytes_up_per_round"]),
-            human_bytes(c["bytes_down_per_round"]),
-            *([by_phase(c)] if phased else []),
-            str(c["num_rounds"]),
-            f"{c.get('client_compute_seconds', c['client_seconds']):.1f}",
-            *([f"{c.get('client_wait_seconds', 0.0):.1f}"] if waited else []),
-            f"{c.get('eval_seconds', 0.0):.1f}",
-            human_bytes(c["peak_rss_bytes"]),
-            str(rejected_replies(c)),
-            *([_epsilon(rec.get("privacy"))] if private else []),
-        )
-    return table
-
-
-def _decision_table(table: Table, records: Sequence[dict[str, Any]], mixed: list[str],
-                    label: Callable[[dict[str, Any]], str] | None) -> Table:
-    """The columns a person decides on; the rest is in `fedsteer show --all` and the report."""
-    private = any(rec.get("privacy") for rec in records)
-    for name in ("acc % (95 % CI)", "vs zero-shot", "bytes, run", "client s",
-                 *(["ε (δ)"] if private else [])):
-        table.add_column(name, justify="right", no_wrap=True)
-    for rec, versus in zip(records, versus_zero_shot(records), strict=True):
-        m, c = rec["metrics"], rec["costs"]
-        table.add_row(
-            label(rec) if label else rec["method"],
-            *(str(rec.get(name)) for name in mixed),
-            with_interval(m),
-            versus,
-            human_bytes(run_bytes(c)),
-            f"{c.get('client_compute_seconds', c['client_seconds']):.1f}",
-            *([_epsilon(rec.get("privacy"))] if private else []),
-        )
-    return table
+    return [
+        *head,
+        ("macro-F1 %", lambda rec, _: _with_spread(rec["metrics"], "macro_f1")),
+        ("up/round", lambda rec, _: human_bytes(rec["costs"]["bytes_up_per_round"])),
+        ("down/round", lambda rec, _: human_bytes(rec["costs"]["bytes_down_per_round"])),
+        *([("up/round by phase", lambda rec, _: by_phase(rec["costs"]))] if phased else []),
+        ("rounds", lambda rec, _: str(rec["costs"]["num_rounds"])),
+        ("client s", lambda rec, _: _compute(rec)),
+        *([("wait s", lambda rec, _: f"{rec['costs'].get('client_wait_seconds', 0.0):.1f}")]
+          if waited else []),
+        ("eval s", lambda rec, _: f"{rec['costs'].get('eval_seconds', 0.0):.1f}"),
+        ("peak mem", lambda rec, _: human_bytes(rec["costs"]["peak_rss_bytes"])),
+        ("rejected", lambda rec, _: str(rejected_replies(rec["costs"]))),
+        *epsilon,
+    ]
 
 
 def run_bytes(costs: dict[str, Any]) -> float:
