@@ -162,16 +162,11 @@ def test_no_job_runs_wider_than_max_batch_rows_and_its_answers_keep_their_order(
     assert ["".join(p) for p in pieces] == [a.text for a in answers]
 
 
-def test_a_cancelled_job_stops_between_chunks():
-    """Four rows, one per forward: cancelled during the first, the other three never run
-    (the old engine prefilled every remaining chunk while other names waited)."""
-    engine, model = scripted_engine(chunk_rows=1)
-    entered, opened = threading.Event(), threading.Event()
+def cancel_during_first_forward(engine, model, make_job) -> None:
+    """Submit `make_job(done)`, cancel it while its first forward runs, wait for its answer."""
+    entered, opened, done = threading.Event(), threading.Event(), threading.Event()
     model.gate = (entered, opened)
-    done = threading.Event()
-    answers: list = []
-    job = Job("bytes", [Row([1 + i], 1, 1) for i in range(4)],
-              lambda got, error: (answers.append(got), done.set()))
+    job = make_job(done)
     try:
         engine.submit(job)
         assert entered.wait(10)
@@ -180,6 +175,16 @@ def test_a_cancelled_job_stops_between_chunks():
         assert done.wait(10)
     finally:
         engine.close()
+
+
+def test_a_cancelled_job_stops_between_chunks():
+    """Four rows, one per forward: cancelled during the first, the other three never run
+    (the old engine prefilled every remaining chunk while other names waited)."""
+    engine, model = scripted_engine(chunk_rows=1)
+    answers: list = []
+    cancel_during_first_forward(engine, model, lambda done: Job(
+        "bytes", [Row([1 + i], 1, 1) for i in range(4)],
+        lambda got, error: (answers.append(got), done.set())))
     assert model.calls == 1
     assert sum(a.finish_reason == "cancelled" for a in answers[0]) == 4
 
@@ -267,16 +272,6 @@ def test_a_long_prompt_is_read_in_forwards_of_prefill_tokens_with_the_same_answe
 
 def test_a_job_cancelled_while_its_prompt_is_read_stops_at_the_next_forward():
     engine, model = scripted_engine(prefill_tokens=4)
-    entered, opened = threading.Event(), threading.Event()
-    model.gate = (entered, opened)
-    done = threading.Event()
-    job = Job("bytes", [Row(list(range(1, 21)), 20, 5)], lambda got, error: done.set())
-    try:
-        engine.submit(job)
-        assert entered.wait(10)
-        job.cancelled.set()
-        opened.set()
-        assert done.wait(10)
-    finally:
-        engine.close()
+    cancel_during_first_forward(engine, model, lambda done: Job(
+        "bytes", [Row(list(range(1, 21)), 20, 5)], lambda got, error: done.set()))
     assert model.calls == 1  # of the 5 forwards a 20-token prompt takes, 4 tokens each
