@@ -69,6 +69,9 @@ class RunConfig:
     dp_noise: float = 0.0  # ... and add N(0, (dp_noise * dp_clip)^2) noise to it
     dp_delta: float = 1e-5
     dp_record_clips: dict[str, float] = field(default_factory=dict)  # per-record clip norms
+    dp_record_noise: dict[str, float] = field(default_factory=dict)  # per-record noise z
+    #: κ per record: clip each row to κ × its norm in the method's public reference
+    dp_relative_clips: dict[str, float] = field(default_factory=dict)
     dp_adjacency: str = "replace-one"  # what ε protects: a client replaced (or added/removed)
     #: local: each client noises its reply; central: clients clip, the server noises the mean
     dp_mode: str = "local"
@@ -129,7 +132,9 @@ def client_dp(config: RunConfig) -> ClientDP | None:
     if central is not None:
         return central.client_side()
     return ClientDP(clip=config.dp_clip, noise_multiplier=config.dp_noise, delta=config.dp_delta,
-                    record_clips=dict(config.dp_record_clips), adjacency=config.dp_adjacency)
+                    record_clips=dict(config.dp_record_clips), adjacency=config.dp_adjacency,
+                    record_noise=dict(config.dp_record_noise),
+                    relative_clips=dict(config.dp_relative_clips))
 
 
 def central_dp(config: RunConfig) -> CentralDP | None:
@@ -139,7 +144,9 @@ def central_dp(config: RunConfig) -> CentralDP | None:
     if config.dp_clip is None or config.dp_mode == "local":
         return None
     return CentralDP(clip=config.dp_clip, noise_multiplier=config.dp_noise,
-                     delta=config.dp_delta, record_clips=dict(config.dp_record_clips))
+                     delta=config.dp_delta, record_clips=dict(config.dp_record_clips),
+                     record_noise=dict(config.dp_record_noise),
+                     relative_clips=dict(config.dp_relative_clips))
 
 
 def transfer_rows(task: Task, evaluated: list[Example]) -> list[Example]:

@@ -72,6 +72,7 @@ class RoundCost:
     client_wait_seconds: float = 0.0
     simulated_time: float | None = None  # the simulated clock at this update (async runs)
     array_records: int = 0  # per reply: what a DP accountant composes for the round
+    record_names: list[str] = field(default_factory=list)  # which records (per-record noise)
     #: per record, the median L2 norm of the accepted replies' updates (what DP's clip
     #: bounds: a reply minus the global record it updates): a guide to choosing `--dp-clip`
     update_norms: dict[str, float] = field(default_factory=dict)

@@ -10,6 +10,19 @@ is one client's whole dataset.
 - Each array record is clipped to L2 norm `clip` and gets N(0, (z·clip)²) noise on every
   coordinate, so a reply with k array records is a Gaussian mechanism of noise multiplier
   z/√k; numbers in metric records are dropped (they would leak unprotected).
+- A public reference: when the method can compute a reply from public, data-free input
+  (`Method.reference_reply`, e.g. IFed-ICL's vectors of the template with an empty input),
+  the runtime sends it with the round's message, so what is clipped and noised is each
+  reply's deviation from it; the mean is unchanged, the clip (hence the noise) shorter.
+- Relative clips (`relative_clips`, κ per record): each row of each array of the record is
+  clipped to κ × that row's norm in the reference (public, so the clip reads no private
+  data), and its noise is z·√R times its clip (R rows): the record is then one Gaussian
+  mechanism of multiplier z, as a record clipped as a whole, with its noise shared out
+  like its rows' size (IFed-ICL's first layers' vectors are 100× shorter than its last's).
+- Per-record noise (`record_noise`): each record its own multiplier z_i; a round releasing
+  records i is one Gaussian mechanism of multiplier 1/(s·√Σ 1/z_i²) (each record scaled by
+  its own noise, the joint sensitivity is s·√Σ 1/z_i²): most of ε can go to a record sent
+  once (the vectors), little to one sent every round (coefficients).
 - Adjacency: two federations that differ in one client's whole dataset (replace-one).
   Replacing a client can move its clipped update from any point of the clip ball to any
   other: sensitivity 2·clip, and each round is accounted as a Gaussian mechanism of noise
@@ -73,6 +86,10 @@ class ClientDP:
     delta: float = 1e-5
     record_clips: dict[str, float] = field(default_factory=dict)
     adjacency: str = "replace-one"  # the only one offered (see the module docstring)
+    #: per-record noise multipliers (default `noise_multiplier`)
+    record_noise: dict[str, float] = field(default_factory=dict)
+    #: κ per record: clip each row to κ × the reference's row norm (`row_clips`)
+    relative_clips: dict[str, float] = field(default_factory=dict)
 
     @property
     def sensitivity(self) -> float:
@@ -81,33 +98,101 @@ class ClientDP:
 
     def __post_init__(self) -> None:
         check_adjacency(self.adjacency)
-        if self.clip <= 0 or any(c <= 0 for c in self.record_clips.values()):
-            raise ValueError(f"dp clip norms must be > 0, got {self.clip}, {self.record_clips}")
-        if self.noise_multiplier < 0:
-            raise ValueError(f"dp noise multiplier must be >= 0, got {self.noise_multiplier}")
+        check_dp_numbers(self)
+
+    def noise_for(self, name: str) -> float:
+        """The noise multiplier of record `name`."""
+        return self.record_noise.get(name, self.noise_multiplier)
 
     def privatize(self, reply: RecordDict, message: RecordDict, rng: np.random.Generator
                   ) -> RecordDict:
         """The reply as it may leave the client: clipped, noised, metrics dropped."""
         private = RecordDict()
         for name, record in reply.array_records.items():
-            clip = self.record_clips.get(name, self.clip)
-            private[name] = self._record(record, message.array_records.get(name), clip, rng)
+            reference = message.array_records.get(name)
+            private[name] = self._record(record, reference, clips_of(self, name, reference),
+                                         self.noise_for(name), rng)
         for name, record in reply.config_records.items():
             private[name] = record
         return private
 
-    def _record(self, record: ArrayRecord, reference: ArrayRecord | None, clip: float,
-                rng: np.random.Generator) -> ArrayRecord:
-        """Clip the record's update as one vector (all its arrays), then add noise."""
+    @staticmethod
+    def _record(record: ArrayRecord, reference: ArrayRecord | None,
+                clips: float | dict[str, np.ndarray], z: float, rng: np.random.Generator
+                ) -> ArrayRecord:
+        """Clip the record's update as one vector (all its arrays; or row by row, to
+        `clips` per array), then add noise (`noise_std`)."""
         base, updates, norm = record_update(record, reference)
-        scale = min(1.0, clip / norm) if norm > 0 else 1.0
-        sigma = self.noise_multiplier * clip
-        return ArrayRecord({
-            key: Array((base[key] + u * scale + rng.normal(0.0, sigma, u.shape))
-                       .astype(np.dtype(record[key].dtype)))
-            for key, u in updates.items()
-        })
+        out = {}
+        for key, u in updates.items():
+            if isinstance(clips, dict):  # row by row
+                rows = u.reshape(u.shape[0], -1) if u.ndim else u.reshape(1, 1)
+                norms = np.linalg.norm(rows, axis=1)
+                limit = clips[key].reshape(-1)
+                scale = np.where(norms > limit, limit / np.maximum(norms, 1e-300), 1.0)
+                clipped = (rows * scale[:, None]).reshape(u.shape)
+            else:
+                clipped = u * (min(1.0, clips / norm) if norm > 0 else 1.0)
+            noise = rng.normal(0.0, 1.0, u.shape) * noise_std(z, clips, key, u.shape)
+            out[key] = Array((base[key] + clipped + noise).astype(np.dtype(record[key].dtype)))
+        return ArrayRecord(out)
+
+
+def check_dp_numbers(dp: Any) -> None:
+    """Refuse clips, κ or noise multipliers a Gaussian mechanism cannot be built from."""
+    if dp.clip <= 0 or any(c <= 0 for c in dp.record_clips.values()):
+        raise ValueError(f"dp clip norms must be > 0, got {dp.clip}, {dp.record_clips}")
+    if any(k <= 0 for k in dp.relative_clips.values()):
+        raise ValueError(f"dp relative clips (κ) must be > 0, got {dp.relative_clips}")
+    if dp.noise_multiplier < 0 or any(z < 0 for z in dp.record_noise.values()):
+        raise ValueError(f"dp noise multipliers must be >= 0, got {dp.noise_multiplier}, "
+                         f"{dp.record_noise}")
+
+
+def row_clips(reference: ArrayRecord, kappa: float) -> dict[str, np.ndarray]:
+    """Per array of a record, the clip of each of its rows: κ × the reference's row norm
+    (the reference is public: the clip reads no client's data)."""
+    clips = {}
+    for key, array in reference.items():
+        value = array.numpy().astype(np.float64)
+        rows = value.reshape(value.shape[0], -1) if value.ndim else value.reshape(1, 1)
+        clips[key] = kappa * np.linalg.norm(rows, axis=1)
+    return clips
+
+
+def clips_of(dp: Any, name: str, reference: ArrayRecord | None
+             ) -> float | dict[str, np.ndarray]:
+    """Record `name`'s clip: one norm for the whole update, or per row (`row_clips`) when
+    the record has a relative clip and the message carries its reference."""
+    if name in dp.relative_clips:
+        if reference is None:
+            raise ValueError(f"record {name!r} has a relative dp clip but the round's message "
+                             "carries no reference for it")
+        return row_clips(reference, dp.relative_clips[name])
+    return dp.record_clips.get(name, dp.clip)
+
+
+def noise_std(z: float, clips: float | dict[str, np.ndarray], key: str,
+              shape: tuple[int, ...]) -> float | np.ndarray:
+    """The std of the noise on array `key` of a record clipped to `clips`: z·clip for a
+    whole-record clip; per row, z·√R·clip_row (R rows in the record), so the record is one
+    Gaussian of multiplier z whatever the rows' clips (each row scaled by its noise has
+    sensitivity 2·clip_row/(z·√R·clip_row), √R rows of it: 2/z)."""
+    if not isinstance(clips, dict):
+        return z * clips
+    rows = sum(c.size for c in clips.values())
+    std = z * math.sqrt(rows) * clips[key]
+    return std.reshape((-1,) + (1,) * (len(shape) - 1)) if len(shape) else std.reshape(())
+
+
+def row_problem(clips: dict[str, np.ndarray], updates: dict[str, np.ndarray], slack: float
+                ) -> bool:
+    """True when a row of an update exceeds its clip (`row_clips`)."""
+    for key, u in updates.items():
+        rows = u.reshape(u.shape[0], -1) if u.ndim else u.reshape(1, 1)
+        if np.any(np.linalg.norm(rows, axis=1) > clips[key].reshape(-1) * (1 + slack) + 1e-12):
+            return True
+    return False
 
 
 def record_update(record: ArrayRecord, reference: ArrayRecord | None
@@ -152,13 +237,17 @@ class PrivacyLedger:
 
     dp: ClientDP
     noise_multipliers: list[float] = field(default_factory=list)
+    #: per record: the multiplier of each of its releases (z_i/s)
+    per_record: dict[str, list[float]] = field(default_factory=dict)
+    #: per record sent with a public reference: what the reference was
+    references: dict[str, dict[str, Any]] = field(default_factory=dict)
 
-    def record_round(self, array_records: int, sampled: int = 0) -> None:
+    def record_round(self, array_records: int, sampled: int = 0,
+                     names: list[str] | None = None) -> None:
         """One round's release (`sampled` is unused: each client noises its own reply, and
         a round no reply reached released nothing)."""
-        if array_records:  # k records, each its own clip: one mechanism of z/(s·√k)
-            self.noise_multipliers.append(
-                self.dp.noise_multiplier / (self.dp.sensitivity * math.sqrt(array_records)))
+        if array_records:
+            self.noise_multipliers.append(round_multiplier(self, array_records, names))
 
     def epsilon(self) -> float:
         return epsilon_for(self.noise_multipliers, self.dp.delta)
@@ -169,9 +258,36 @@ class PrivacyLedger:
                 "clip": self.dp.clip,
                 "record_clips": self.dp.record_clips,
                 "noise_multiplier": self.dp.noise_multiplier,
+                **per_record_summary(self),
                 "adjacency": self.dp.adjacency, "sensitivity_in_clips": self.dp.sensitivity,
                 "noise_source": NOISE_SOURCE, "amplification": NO_AMPLIFICATION,
                 "rounds_accounted": len(self.noise_multipliers)}
+
+
+def round_multiplier(ledger: Any, array_records: int, names: list[str] | None) -> float:
+    """One round's Gaussian multiplier: records i, each its own clip and noise z_i, make
+    one mechanism of 1/(s·√Σ 1/z_i²) (z/(s·√k) when all share z; s = 2, replace-one).
+    Without names (an older record), k records of the common z. Each record's own
+    multiplier z_i/s joins `ledger.per_record`."""
+    dp, s = ledger.dp, SENSITIVITY["replace-one"]
+    zs = ([dp.noise_for(name) for name in names] if names
+          else [dp.noise_multiplier] * array_records)
+    for name, z in zip(names or [], zs, strict=False):
+        ledger.per_record.setdefault(name, []).append(z / s)
+    if min(zs) == 0:
+        return 0.0
+    return 1.0 / (s * math.sqrt(sum(1.0 / z**2 for z in zs)))
+
+
+def per_record_summary(ledger: Any) -> dict[str, Any]:
+    """What the privacy block says of each record: its noise multiplier, relative clip (κ),
+    the ε its releases alone spend, and the public reference it was sent with."""
+    dp = ledger.dp
+    return {"record_noise": {name: dp.noise_for(name) for name in sorted(ledger.per_record)},
+            "relative_clips": dp.relative_clips,
+            "epsilon_per_record": {name: epsilon_for(zs, dp.delta)
+                                   for name, zs in sorted(ledger.per_record.items())},
+            "references": ledger.references}
 
 
 def epsilon_for(noise_multipliers: list[float], delta: float) -> float:
@@ -228,45 +344,68 @@ class CentralDP:
     noise_multiplier: float
     delta: float = 1e-5
     record_clips: dict[str, float] = field(default_factory=dict)
+    record_noise: dict[str, float] = field(default_factory=dict)  # as `ClientDP`'s
+    relative_clips: dict[str, float] = field(default_factory=dict)  # as `ClientDP`'s
 
     def __post_init__(self) -> None:
-        if self.clip <= 0 or any(c <= 0 for c in self.record_clips.values()):
-            raise ValueError(f"dp clip norms must be > 0, got {self.clip}, {self.record_clips}")
-        if self.noise_multiplier < 0:
-            raise ValueError(f"dp noise multiplier must be >= 0, got {self.noise_multiplier}")
+        check_dp_numbers(self)
+
+    def noise_for(self, name: str) -> float:
+        """The noise multiplier of record `name`."""
+        return self.record_noise.get(name, self.noise_multiplier)
 
     def client_side(self) -> ClientDP:
         """What each client does: clip, add nothing (the server's noise is the mechanism)."""
-        return ClientDP(self.clip, 0.0, self.delta, self.record_clips)
+        return ClientDP(self.clip, 0.0, self.delta, self.record_clips,
+                        relative_clips=self.relative_clips)
 
     def unclipped(self, norms: dict[str, float], slack: float = 1e-4) -> str | None:
         """Why a reply (or a secure mean of clipped replies), whose records' update norms
         are `norms` (`update_norms`), is not clipped as promised (the server checks: its
         sensitivity, hence ε, rests on it), or None. The reason names no norm: the record
-        holds no exact statistic of a client's data."""
+        holds no exact statistic of a client's data. Records clipped row by row are
+        checked by `clip_problem`."""
         for name, norm in norms.items():
+            if name in self.relative_clips:
+                continue
             clip = self.record_clips.get(name, self.clip)
             if norm > clip * (1 + slack):
                 return f"record {name!r} update exceeds the DP clip {clip:g}"
         return None
 
+    def clip_problem(self, reply: RecordDict, message: RecordDict, slack: float = 1e-4
+                     ) -> str | None:
+        """`unclipped` for a reply to `message`, rows of relative-clip records included."""
+        problem = self.unclipped(update_norms(reply, message), slack)
+        for name, record in reply.array_records.items():
+            if problem is None and name in self.relative_clips:
+                reference = message.array_records.get(name)
+                _, updates, _ = record_update(record, reference)
+                if row_problem(clips_of(self, name, reference), updates, slack):
+                    problem = (f"record {name!r} update exceeds its DP clip (κ = "
+                               f"{self.relative_clips[name]:g} × the reference's rows)")
+        return problem
+
     def noised(self, reply: RecordDict, replies: int = 1,
-               rng: np.random.Generator | None = None) -> RecordDict:
+               rng: np.random.Generator | None = None,
+               message: RecordDict | None = None) -> RecordDict:
         """`reply` — one client's, or the mean of `replies` that SecAgg+ handed over — with
         the round's noise added to each array record, σ = z·clip/`replies` (Flower's
-        `compute_stdv`): one reply folded into a mean of m carries σ = z·clip/m to it too.
+        `compute_stdv`): one reply folded into a mean of m carries σ = z·clip/m to it too
+        (row by row for a relative-clip record, whose reference `message` carries).
         The noise is drawn from `rng`, by default `noise_rng()` (OS entropy)."""
-        from flwr.supercore.differential_privacy import compute_stdv
-
         rng = rng if rng is not None else noise_rng()
         noisy = RecordDict()
         for name, record in reply.items():
             if isinstance(record, ArrayRecord):
-                sigma = compute_stdv(self.noise_multiplier,
-                                     self.record_clips.get(name, self.clip), replies)
-                record = ArrayRecord({k: Array((a.numpy() + rng.normal(0.0, sigma, a.shape))
-                                               .astype(a.numpy().dtype))
-                                      for k, a in record.items()})
+                reference = (message.array_records.get(name) if message is not None else None)
+                clips = clips_of(self, name, reference)
+                z = self.noise_for(name)
+                record = ArrayRecord({
+                    k: Array((a.numpy() + rng.normal(0.0, 1.0, a.shape)
+                              * noise_std(z, clips, k, a.shape) / replies)
+                             .astype(a.numpy().dtype))
+                    for k, a in record.items()})
             noisy[name] = record
         return noisy
 
@@ -278,15 +417,18 @@ class CentralLedger:
 
     dp: CentralDP
     population: int
-    #: per round released: z/(2√k) (k array records, each with its own clip)
+    #: per round released: z/(2√k) (k array records, each with its own clip;
+    #: `round_multiplier` when records have their own z)
     noise_multipliers: list[float] = field(default_factory=list)
+    per_record: dict[str, list[float]] = field(default_factory=dict)  # as `PrivacyLedger`'s
+    references: dict[str, dict[str, Any]] = field(default_factory=dict)  # as `PrivacyLedger`'s
 
-    def record_round(self, array_records: int, sampled: int) -> None:
+    def record_round(self, array_records: int, sampled: int,
+                     names: list[str] | None = None) -> None:
         """A round no reply reached (a Poisson draw of nobody) released nothing: no noise,
         nothing spent."""
         if array_records and sampled:
-            self.noise_multipliers.append(
-                self.dp.noise_multiplier / (SENSITIVITY["replace-one"] * math.sqrt(array_records)))
+            self.noise_multipliers.append(round_multiplier(self, array_records, names))
 
     def epsilon(self) -> float:
         return epsilon_for(self.noise_multipliers, self.dp.delta)
@@ -296,6 +438,7 @@ class CentralLedger:
         return {"mode": "central", "epsilon": self.epsilon(), "delta": self.dp.delta,
                 "clip": self.dp.clip, "record_clips": self.dp.record_clips,
                 "noise_multiplier": self.dp.noise_multiplier,
+                **per_record_summary(self),
                 "adjacency": "replace-one", "sensitivity_in_clips": SENSITIVITY["replace-one"],
                 "noise_source": NOISE_SOURCE, "amplification": NO_AMPLIFICATION,
                 "outlier_screens": "off: the clip bounds every reply, and the record holds no "
@@ -304,17 +447,20 @@ class CentralLedger:
 
 
 def noise_for_target(epsilon: float, ledger_for: Any, rounds: int, array_records: int = 1,
-                     sampled: int | None = None) -> float:
+                     sampled: int | None = None,
+                     releases: list[list[str]] | None = None) -> float:
     """The noise multiplier z at which `ledger_for(z)`, after `rounds` releases of
     `sampled` clients (None: all), spends ε — found by bisection on the ledger itself, so
-    calibration and the record can never disagree."""
+    calibration and the record can never disagree. `releases` names each round's records
+    instead (for per-record noise: `ledger_for` then sets each record's z from z)."""
     if math.isinf(epsilon):
         return 0.0
 
     def spent(z: float) -> float:
         ledger = ledger_for(z)
-        for _ in range(rounds):
-            ledger.record_round(array_records, sampled or ledger.population)
+        for names in releases or [None] * rounds:
+            ledger.record_round(len(names) if names else array_records,
+                                sampled or ledger.population, names)
         return ledger.epsilon()
 
     low, high = 1e-3, 1.0

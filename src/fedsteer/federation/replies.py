@@ -269,7 +269,7 @@ class RoundReplies:
             return False
         norms = update_norms(content, self.message)  # the clip check's and the record's
         if self.checks.central_dp is not None:
-            problem = self.checks.central_dp.unclipped(norms)
+            problem = self.checks.central_dp.clip_problem(content, self.message)
         if problem:
             reject(self.cost, cid, problem)
             return False
@@ -286,12 +286,12 @@ class RoundReplies:
         (slack for SecAgg+'s quantization), and the round's noise, σ = z·clip/m, joins it."""
         dp = self.checks.central_dp
         if dp is not None:
-            problem = dp.unclipped(update_norms(mean, self.message), slack=1e-2)
+            problem = dp.clip_problem(mean, self.message, slack=1e-2)
             if problem:
                 reject(self.cost, -1, f"secure mean: {problem}")
                 return
             self.noised = True
-            mean = dp.noised(mean, replies)  # from OS entropy, never the run's seed
+            mean = dp.noised(mean, replies, message=self.message)  # OS entropy, not the seed
         self.take(Reply(cid=-1, content=mean, num_examples=replies))
 
     def take(self, reply: Reply, update_norms: dict[str, float] | None = None) -> None:
@@ -326,6 +326,7 @@ class RoundReplies:
                 self._fold(Reply(entry.cid, self.spool.load(entry.slot), entry.num_examples))
             self.discard()
         self.cost.array_records = max((k.array_records for k in self.kept), default=0)
+        self.cost.record_names = sorted({n for k in self.kept for n in k.norms})
         self.cost.update_norms = {
             name: float(np.median([k.update_norms[name] for k in self.kept
                                    if name in k.update_norms]))
@@ -344,7 +345,8 @@ class RoundReplies:
         started = time.perf_counter()
         if self.checks.central_dp is not None and not self.noised:
             self.noised = True  # once per round: the mean then carries σ = z·clip/m
-            reply = Reply(reply.cid, self.checks.central_dp.noised(reply.content),
+            reply = Reply(reply.cid, self.checks.central_dp.noised(reply.content,
+                                                                   message=self.message),
                           reply.num_examples)
         self.aggregator.add(reply)
         self.fold_seconds += time.perf_counter() - started

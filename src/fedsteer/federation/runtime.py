@@ -12,6 +12,7 @@ from __future__ import annotations
 import copy
 import json
 import logging
+import math
 import time
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
@@ -164,6 +165,24 @@ def round_label(method: Method, message: RecordDict, rnd: int) -> str:
     return f"{method.name}{phase} · round {rnd + 1}{of} · clients"
 
 
+def with_reference(method: Method, message: RecordDict, env: Environment, rnd: int,
+                   ledger: PrivacyLedger | CentralLedger) -> RecordDict:
+    """Under DP, the round's message with the method's public reference reply
+    (`Method.reference_reply`: computed here, on the server, from data-free input, before
+    any client of the round is asked) for each record the message does not carry already:
+    clients then clip and noise their deviation from it. The ledger notes what was sent."""
+    reference = method.reference_reply(message, env)
+    for name, record in (reference.array_records.items() if reference else ()):
+        if name not in message.array_records:
+            message[name] = record
+            ledger.references[name] = {
+                "round": rnd, "source": f"{method.name}.reference_reply: public, data-free "
+                                        "input, computed by the server before the round",
+                "norm": math.sqrt(sum(float(np.sum(np.square(a.numpy(), dtype=np.float64)))
+                                      for a in record.values()))}
+    return message
+
+
 class Runtime(ABC):
     """The round loop; `clients` are whatever a subclass addresses them by, indexed by cid."""
 
@@ -197,18 +216,20 @@ class Runtime(ABC):
         state, rounds = restored or (method.initial_state(env), [])
         ledger = self._ledger(method, len(clients))
         for cost in rounds if ledger else ():  # a resumed run has spent these already
-            ledger.record_round(cost.array_records, len(cost.clients))
+            ledger.record_round(cost.array_records, len(cost.clients), cost.record_names)
         metrics = None
         for rnd in range(len(rounds), self.config.max_rounds):
             message = method.configure_round(rnd, state)
             if message is None:
                 break
+            if ledger:
+                message = with_reference(method, message, env, rnd, ledger)
             state, cost = self._run_round(method, rnd, message, state, clients)
             metrics = None
             if self.config.eval_every and (rnd + 1) % self.config.eval_every == 0:
                 metrics = self._evaluate_round(method, state, env, cost)
             if ledger:
-                ledger.record_round(cost.array_records, len(cost.clients))
+                ledger.record_round(cost.array_records, len(cost.clients), cost.record_names)
             rounds.append(cost)
             self._checkpoint(state, clients, rounds, fingerprint)
         return RunOutcome(state, rounds, ledger.summary() if ledger else None, metrics)

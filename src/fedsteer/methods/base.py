@@ -250,6 +250,13 @@ class MethodBase(ABC):
         not a distribution), or None; runtimes reject such a reply like any malformed one."""
         return None
 
+    def reference_reply(self, message: RecordDict, env: Environment) -> RecordDict | None:
+        """A reply to `message` computed from public, data-free input alone (no client's
+        data), or None: the point honest replies scatter around. Array records a message
+        does not carry already are sent with it, so a client's update to one is its
+        deviation from this reference (what client-level DP then clips and noises)."""
+        return None
+
     def options(self) -> dict[str, Any]:
         return dataclasses.asdict(self) if dataclasses.is_dataclass(self) else {}
 

@@ -253,12 +253,31 @@ class IFedICL(Method):
         shots = per_class * len(client.env.task.labels)
         return select_demonstrations(client.data, shots, seeded_rng(self.seed, "demos", client.cid))
 
-    @torch.no_grad()
+    def reference_reply(self, message: RecordDict, env: Environment) -> RecordDict | None:
+        """For the extraction round: the vectors of data-free demonstrations, the task's
+        template with an empty input once per label word (public: no client's text). Most
+        of a client's vectors is this part every input shares, so a client's deviation
+        from it is far shorter than the vectors themselves."""
+        if _config(message)["phase"] != EXTRACT:
+            return None
+        spec = env.task
+        empty = [Example(text="", label=label, text_pair="" if spec.is_pair else None)
+                 for label in range(len(spec.labels))]
+        attn, mlp = self.extract_texts(env, [spec.format_demo(ex) + spec.demo_separator
+                                             for ex in empty])
+        return RecordDict({"vectors": _record(attn=attn, mlp=mlp)})
+
     def extract(self, client: Client) -> tuple[torch.Tensor, torch.Tensor]:
         """Mean over the client's demos of each layer's attn / MLP output at the last token."""
-        env, spec = client.env, client.env.task
-        texts = [spec.format_demo(ex) + spec.demo_separator
-                 for ex in self.demonstrations(client, self.demos_per_class)]
+        spec = client.env.task
+        return self.extract_texts(client.env, [
+            spec.format_demo(ex) + spec.demo_separator
+            for ex in self.demonstrations(client, self.demos_per_class)])
+
+    @staticmethod
+    @torch.no_grad()
+    def extract_texts(env: Environment, texts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Mean over `texts` of each layer's attn / MLP output at the last token."""
         scorer, total_attn, total_mlp = env.scorer(), 0.0, 0.0
         with capture(env.lm) as acts:
             for start in range(0, len(texts), env.batch_size):
