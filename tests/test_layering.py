@@ -17,7 +17,7 @@ LAYERS = [
     {"models"},
     {"blackbox"},
     {"methods"},
-    {"federation"},
+    {"federation", "stacks"},  # stacks: saved artifacts as adaptations (run --on-top-of)
     {"experiment"},
     {"bench", "artifacts", "run_folder"},
     {"flower", "serve"},  # the Flower apps run experiments; serve hosts their artifacts

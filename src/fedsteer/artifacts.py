@@ -22,30 +22,22 @@ from fedsteer.eval.record import PROVENANCE_FILE
 from fedsteer.experiment import evaluation_rows
 from fedsteer.methods import Environment
 from fedsteer.methods.fedpt import PROXY_ADAPTER, PROXY_FILE
+from fedsteer.stacks import (
+    KIND_MARKERS,
+    ArtifactMismatch,
+    artifact_kind,
+    check_fit,
+    check_stack,
+    load_stack,
+    made_for,
+    read_adapter,
+    read_provenance,
+)
 
-__all__ = ["PROVENANCE_FILE", "PROXY_ADAPTER", "PROXY_FILE", "ArtifactMismatch",
-           "ArtifactScores", "artifact_kind", "check_fit", "evaluate_artifact",
-           "evaluate_endpoint", "made_for", "read_adapter", "read_provenance", "score_artifact"]
-
-KIND_MARKERS = (("steering", "steering.json"), ("proxy", PROXY_FILE),
-                ("lora", "adapter_config.json"), ("prompt", "prompt.json"))
-
-
-def artifact_kind(directory: Path) -> str:
-    for kind, marker in KIND_MARKERS:
-        if (Path(directory) / marker).is_file():
-            return kind
-    raise FileNotFoundError(f"not a directory written by `fedsteer run --save`: {directory} "
-                            f"holds none of {', '.join(m for _, m in KIND_MARKERS)}")
-
-
-def read_provenance(directory: Path) -> dict[str, Any]:
-    """What `write_provenance` wrote ({} when absent or unreadable: it is information only)."""
-    try:
-        saved = json.loads((Path(directory) / PROVENANCE_FILE).read_text())
-    except (OSError, ValueError):
-        return {}
-    return {k: v for k, v in saved.items() if v is not None} if isinstance(saved, dict) else {}
+__all__ = ["KIND_MARKERS", "PROVENANCE_FILE", "PROXY_ADAPTER", "PROXY_FILE",
+           "ArtifactMismatch", "ArtifactScores", "artifact_kind", "check_fit",
+           "evaluate_artifact", "evaluate_endpoint", "evaluate_stack", "made_for",
+           "read_adapter", "read_provenance", "score_artifact", "score_stack"]
 
 
 @dataclass
@@ -62,58 +54,6 @@ class ArtifactScores:
         metrics = classification_metrics([ex.label for ex in self.test],
                                          self.scores.argmax(axis=1).tolist(), self.scores.shape[1])
         return {**metrics, **{f"api_{k}": v for k, v in self.usage.items()}}
-
-
-class ArtifactMismatch(ValueError):
-    """An artifact asked to run on a task or model other than the one it was made on."""
-
-
-#: the file of each kind that names the model it was made on (beside provenance.json)
-_MADE_ON = {"steering": ("steering.json", "model"), "proxy": (PROXY_FILE, "large"),
-            "prompt": ("prompt.json", "model")}
-
-
-def made_for(directory: Path, kind: str) -> dict[str, Any]:
-    """The `model`, `task` and `labels` the artifact was made for, where its files say.
-
-    The model a kind is applied to is its own file's (FedPT's proxy: the large model), the
-    task and labels provenance.json's, else the kind's file's."""
-    directory = Path(directory)
-    found = {k: v for k, v in read_provenance(directory).items()
-             if k in ("model", "task", "labels")}
-    if kind == "lora":
-        adapter = _json(directory / "adapter_config.json")
-        found["model"] = adapter.get("base_model_name_or_path") or found.get("model")
-    elif kind in _MADE_ON:
-        own = _json(directory / _MADE_ON[kind][0])
-        found["model"] = own.get(_MADE_ON[kind][1]) or found.get("model")
-        found.setdefault("task", own.get("task"))
-    return {k: v for k, v in found.items() if v}
-
-
-def _json(path: Path) -> dict[str, Any]:
-    try:
-        loaded = json.loads(path.read_text())
-    except (OSError, ValueError):
-        return {}
-    return loaded if isinstance(loaded, dict) else {}
-
-
-def check_fit(directory: Path, kind: str, task: Task, model: str | None) -> None:
-    """Refuse, by name, a task or model other than the artifact's: its numbers would be
-    those of a transfer nobody asked for (an sst2 steering scored on trec's labels)."""
-    made = made_for(directory, kind)
-    labels = tuple(made.get("labels") or ())
-    if made.get("task", task.name) != task.name or (labels and labels != task.spec.labels):
-        shown = f" (labels {', '.join(labels)})" if labels else ""
-        raise ArtifactMismatch(
-            f"artifact {directory} was made on task {made.get('task')!r}{shown}, asked "
-            f"{task.name!r} (labels {', '.join(task.spec.labels)}); pass --transfer to "
-            "apply it to another task anyway")
-    if model is not None and made.get("model", model) != model:
-        raise ArtifactMismatch(
-            f"artifact {directory} was made on model {made['model']!r}, asked --model "
-            f"{model!r}; drop --model, or pass --transfer to apply it to another model")
 
 
 def evaluate_artifact(directory: Path, task: Task, model: str | None, test_size: int | None,
@@ -173,15 +113,6 @@ def score_artifact(directory: Path, task: Task, model: str | None, test_size: in
     return ArtifactScores(kind, env.model_name, scores, test, box.usage.to_dict())
 
 
-def read_adapter(directory: Path):
-    """A peft adapter directory: its `LoraConfig` and weights (numpy, by peft's names)."""
-    from peft import LoraConfig
-    from safetensors.numpy import load_file
-
-    config = LoraConfig.from_pretrained(str(directory))
-    return config, load_file(str(directory / "adapter_model.safetensors"))
-
-
 def _score_proxy(directory: Path, queries: list[str], test: list[Example],
                  environment, model: str | None) -> ArtifactScores:
     """FedPT's output: the large model proxy-tuned with the saved averaged adapter
@@ -199,6 +130,42 @@ def _score_proxy(directory: Path, queries: list[str], test: list[Example],
         logprobs = method.proxy(env, adapter_record(weights), queries)
     scores = logprobs[:, env.scorer().labels.first]
     return ArtifactScores("proxy", method.large, scores.cpu().numpy(), test)
+
+
+def evaluate_stack(directories: list[Path], task: Task, model: str | None,
+                   test_size: int | None, test_seed: int, batch_size: int,
+                   transfer: bool = False, dtype: str = "float32", device: str = "auto"
+                   ) -> tuple[str, str, dict[str, Any], int]:
+    """`evaluate_artifact` of a stack (`eval --artifact a --artifact b`): every artifact
+    checked against the task (unless `transfer`) and against the others."""
+    if not transfer:
+        for directory in directories:
+            check_fit(directory, artifact_kind(directory), task, model)
+    scored = score_stack(directories, task, model, test_size, test_seed, batch_size,
+                         dtype=dtype, device=device)
+    return scored.kind, scored.model, scored.metrics(), len(scored.test)
+
+
+def score_stack(directories: list[Path], task: Task, model: str | None, test_size: int | None,
+                test_seed: int, batch_size: int, *, dtype: str = "float32",
+                device: str = "auto") -> ArtifactScores:
+    """A stack of artifacts applied in one forward to the test rows (`Stack` in
+    `fedsteer.models.adapted`, the composition `fedsteer serve` runs), on the one model
+    they were all made on (`model`: that one, or refused by name)."""
+    from fedsteer.models.adapted import AdaptedScorer
+
+    directories = [Path(d) for d in directories]
+    base = check_stack(directories) or model
+    if base is None:
+        raise ArtifactMismatch("no artifact of the stack names its model: pass --model")
+    test = evaluation_rows(task, test_size, test_seed)
+    env = Environment(task=task.spec, test=test, model_name=model or base,
+                      batch_size=batch_size, dtype=dtype, device=device)
+    adaptation = load_stack("+".join(str(d) for d in directories), directories, env.lm,
+                            lambda name: env.lm if name == env.model_name else env.other_lm(name))
+    scorer = AdaptedScorer(adaptation, task.spec.label_words, batch_size)
+    scores = scorer.score([task.spec.format_query(ex) for ex in test])
+    return ArtifactScores(adaptation.kind, env.model_name, scores.cpu().numpy(), test)
 
 
 def evaluate_endpoint(endpoint: str, task: Task, test_size: int | None, test_seed: int,

@@ -597,7 +597,8 @@ def serve(
     model: Annotated[str, typer.Option(help="the base model: registry name, local dir or HF id")]
     = DEFAULT_MODEL,
     artifact: Annotated[list[str] | None, typer.Option(
-        help="NAME=DIR: a `run --save` directory served as the model NAME (repeatable)")]
+        help="NAME=DIR: a `run --save` directory served as the model NAME (repeatable); "
+             "NAME=DIR1+DIR2+...: a stack of them served as one model")]
     = None,
     host: Annotated[str, typer.Option(help="bind address (default: this machine only)")]
     = "127.0.0.1",
@@ -657,10 +658,11 @@ def _api_key(variable: str | None) -> str | None:
 @app.command("eval")
 def eval_cmd(
     task: Annotated[str, typer.Option(help="built-in task name or a task spec file")],
-    artifact: Annotated[Path | None, typer.Option(
+    artifact: Annotated[list[Path] | None, typer.Option(
         "--artifact", "--steering",
         help="a directory written by `run ... --save`: IFed-ICL steering, a LoRA adapter, "
-             "a FedPT proxy or a learned prompt")] = None,
+             "a FedPT proxy or a learned prompt; repeated (or a+b): a stack of them applied "
+             "in one forward")] = None,
     endpoint: Annotated[str | None, typer.Option(
         help="BASE_URL#NAME: score through an OpenAI-compatible endpoint instead "
              "(e.g. a `fedsteer serve` artifact)")] = None,
@@ -680,22 +682,28 @@ def eval_cmd(
              "(refused otherwise)")] = False,
 ) -> None:
     """Apply a saved artifact, or an endpoint's model, to a task's test inputs."""
-    from fedsteer.artifacts import evaluate_artifact, evaluate_endpoint
+    from fedsteer.artifacts import evaluate_artifact, evaluate_endpoint, evaluate_stack
+    from fedsteer.stacks import split_stack
 
     _setup_logging(False)
     with _user_errors():
-        if (artifact is None) == (endpoint is None):
+        if (not artifact) == (endpoint is None):
             raise ValueError("give exactly one of --artifact DIR and --endpoint URL#NAME")
         t = load_task(task)
         if endpoint is not None:
             metrics, rows = evaluate_endpoint(endpoint, t, test_size or None, test_seed,
                                               api_key_env)
             kind, name, source = "endpoint", endpoint.rsplit("#", 1)[1], endpoint
-        else:
+        elif len(stack := split_stack(artifact)) == 1:
             kind, name, metrics, rows = evaluate_artifact(
-                artifact, t, model, test_size or None, test_seed, batch_size, blackbox,
+                stack[0], t, model, test_size or None, test_seed, batch_size, blackbox,
                 transfer, dtype=dtype, device=device)
-            source = str(artifact)
+            source = str(stack[0])
+        else:
+            kind, name, metrics, rows = evaluate_stack(
+                stack, t, model, test_size or None, test_seed, batch_size, transfer,
+                dtype=dtype, device=device)
+            source = "+".join(str(d) for d in stack)
     table = Table("artifact", "kind", "task", "model", "rows", "acc %", "macro-F1 %")
     table.add_row(source, kind, t.name, name, str(rows),
                   f"{100 * metrics['accuracy']:.1f}", f"{100 * metrics['macro_f1']:.1f}")

@@ -14,18 +14,21 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from fedsteer.models.load import LoadedModel
-from fedsteer.serve.adaptations import Adaptation, load_adaptation
+from fedsteer.serve.adaptations import Adaptation, load_stack
 from fedsteer.serve.api import Limits, Server, make_app
+from fedsteer.stacks import split_stack
 
 __all__ = ["Limits", "Server", "build_adaptations", "make_app", "parse_artifact"]
 
 
-def parse_artifact(spec: str) -> tuple[str, Path]:
-    """`NAME=DIR` as `--artifact` takes it."""
+def parse_artifact(spec: str) -> tuple[str, list[Path]]:
+    """`NAME=DIR` (or `NAME=DIR1+DIR2+...`, a stack served as one name) as `--artifact`
+    takes it."""
     name, sep, directory = spec.partition("=")
     if not sep or not name or not directory:
-        raise ValueError(f"--artifact {spec!r}: use NAME=DIR, e.g. sst2-steered=runs/ifed/art")
-    return name, Path(directory)
+        raise ValueError(f"--artifact {spec!r}: use NAME=DIR, e.g. sst2-steered=runs/ifed/art, "
+                         "or NAME=DIR1+DIR2 for a stack")
+    return name, split_stack(directory)
 
 
 def build_adaptations(base: LoadedModel, artifacts: Sequence[str],
@@ -41,8 +44,8 @@ def build_adaptations(base: LoadedModel, artifacts: Sequence[str],
         return others[name]
 
     for spec in artifacts:
-        name, directory = parse_artifact(spec)
+        name, directories = parse_artifact(spec)
         if name in served:
             raise ValueError(f"--artifact {spec!r}: the name {name!r} is already served")
-        served[name] = load_adaptation(name, directory, base, load_once)
+        served[name] = load_stack(name, directories, base, load_once)
     return served

@@ -1,0 +1,148 @@
+"""Stacks of saved artifacts (issue 46): several artifacts over one base model applied in
+one forward, the same composition for `fedsteer eval` and `fedsteer serve`; mismatches
+refused by name."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from fedsteer.artifacts import ArtifactMismatch, score_artifact, score_stack
+from fedsteer.cli import app as cli
+from fedsteer.data import load_task
+from fedsteer.methods.ifed_icl import load_steering
+from fedsteer.models import load_model
+from fedsteer.models.hooks import inject
+from fedsteer.models.scoring import LabelScorer
+
+ROWS = 6
+RUNS = {  # the smallest runs that save each kind, on the tiny random model
+    "steering": ("ifed-icl", ["--rounds", "1", "-o", "local_epochs=1", "-o", "demos_per_class=1",
+                              "-o", "calibration_per_class=1"]),
+    "prompt": ("bdpl", ["--rounds", "1", "-o", "prompt_length=2", "-o", "candidates=6",
+                        "-o", "samples=2", "-o", "shots_per_class=2", "-o", "steps_per_round=1"]),
+    "proxy": ("fedpt", ["--rounds", "1", "-o", "large=tiny-random", "-o", "rank=2",
+                        "-o", "local_examples=4", "-o", "distill_examples=4",
+                        "-o", "alpha=2.0"]),
+}
+
+
+def save(root: Path, kind: str, extra: list[str] = ()) -> str:
+    method, options = RUNS[kind]
+    out = root / kind
+    result = CliRunner().invoke(cli, [
+        "run", method, "--model", "tiny-random", "--clients", "3", "--test-size", "10",
+        *options, *extra, "--out", str(root / f"run-{kind}"), "--save", str(out)],
+        catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    return str(out)
+
+
+@pytest.fixture(scope="module")
+def artifacts(tmp_path_factory) -> dict[str, str]:
+    root = tmp_path_factory.mktemp("artifacts")
+    return {kind: save(root, kind) for kind in RUNS}
+
+
+@pytest.fixture(scope="module")
+def task():
+    return load_task("sst2")
+
+
+@pytest.mark.parametrize("kind", ["steering", "prompt"])
+def test_a_stack_of_one_scores_exactly_as_the_artifact_alone(artifacts, task, kind):
+    alone = score_artifact(artifacts[kind], task, None, ROWS, 0, 4)
+    stacked = score_stack([artifacts[kind]], task, None, ROWS, 0, 4)
+    np.testing.assert_array_equal(stacked.scores, alone.scores)
+
+
+def test_a_proxy_stack_of_one_scores_as_the_proxy_alone(artifacts, task):
+    """FedPT's own evaluation adds its adapter with peft, the stack with per-row hooks (peft's
+    ops, as `fedsteer serve` runs it): the same numbers up to float summation order."""
+    alone = score_artifact(artifacts["proxy"], task, None, ROWS, 0, 4)
+    stacked = score_stack([artifacts["proxy"]], task, None, ROWS, 0, 4)
+    np.testing.assert_allclose(stacked.scores, alone.scores, atol=1e-5)
+
+
+def test_prompt_and_steering_stacked_equal_both_applied_by_hand(artifacts, task):
+    stacked = score_stack([artifacts["prompt"], artifacts["steering"]], task, None, ROWS, 0, 4)
+    lm = load_model("tiny-random")
+    saved = load_steering(Path(artifacts["steering"]))
+    prefix = json.loads((Path(artifacts["prompt"]) / "prompt.json").read_text())["prefix"]
+    queries = [task.spec.format_query(ex) for ex in stacked.test]
+    with torch.no_grad(), inject(lm, saved.attn, saved.mlp, saved.coef):
+        by_hand = LabelScorer(lm, task.spec.label_words, batch_size=4).score(queries, prefix)
+    np.testing.assert_array_equal(stacked.scores, by_hand.numpy())
+    alone = [score_artifact(artifacts[k], task, None, ROWS, 0, 4).scores
+             for k in ("prompt", "steering")]
+    assert not any(np.allclose(stacked.scores, a) for a in alone)  # both parts count
+
+
+def test_the_order_given_does_not_change_a_stack(artifacts, task):
+    """One artifact per point, each applied at its own point: the forward is the same."""
+    dirs = [artifacts["prompt"], artifacts["steering"], artifacts["proxy"]]
+    forward = score_stack(dirs, task, None, ROWS, 0, 4)
+    backward = score_stack(dirs[::-1], task, None, ROWS, 0, 4)
+    assert forward.kind == "stack"
+    np.testing.assert_array_equal(forward.scores, backward.scores)
+
+
+def test_artifacts_made_on_another_model_are_refused_by_name(artifacts, task, tmp_path):
+    other = tmp_path / "other-steering"
+    shutil.copytree(artifacts["steering"], other)
+    for name in ("steering.json", "provenance.json"):
+        saved = json.loads((other / name).read_text())
+        saved["model"] = "qwen2.5-coder-0.5b"
+        (other / name).write_text(json.dumps(saved))
+    with pytest.raises(ArtifactMismatch, match=rf"{other}.*model 'qwen2.5-coder-0.5b'"):
+        score_stack([artifacts["prompt"], str(other)], task, None, ROWS, 0, 4)
+
+
+def test_two_artifacts_at_one_point_are_refused_by_name(artifacts, task, tmp_path):
+    twin = tmp_path / "twin"
+    shutil.copytree(artifacts["prompt"], twin)
+    with pytest.raises(ArtifactMismatch, match=rf"{twin} and .* both steer the input"):
+        score_stack([artifacts["prompt"], str(twin)], task, None, ROWS, 0, 4)
+
+
+def test_eval_scores_a_stack_from_repeated_artifacts(artifacts, task):
+    args = ["eval", "--task", "sst2", "--test-size", str(ROWS), "--batch-size", "4"]
+    stacked = CliRunner().invoke(cli, [*args, "--artifact", artifacts["prompt"],
+                                       "--artifact", artifacts["steering"]])
+    joined = CliRunner().invoke(cli, [*args, "--artifact",
+                                      f"{artifacts['prompt']}+{artifacts['steering']}"])
+    assert stacked.exit_code == 0 and joined.exit_code == 0, stacked.output + joined.output
+    expected = score_stack([artifacts["prompt"], artifacts["steering"]], task, None, ROWS, 0, 4)
+    shown = f"{100 * expected.metrics()['accuracy']:.1f}"
+    for output in (stacked.output, joined.output):
+        row = next(line for line in output.splitlines() if "sst2" in line)
+        cells = [cell.strip() for cell in row.split("│")]
+        assert "stack" in cells and shown in cells
+
+
+def test_serve_answers_under_the_stack_name_as_eval_scores_it(artifacts, task):
+    from openai import OpenAI
+
+    from fedsteer.blackbox import OpenAIBlackBox
+    from fedsteer.serve import Limits, Server, build_adaptations, make_app
+    from http_server import ServerThread
+
+    base = load_model("tiny-random")
+    dirs = [artifacts["prompt"], artifacts["steering"], artifacts["proxy"]]
+    served = build_adaptations(base, [f"all-three={'+'.join(dirs)}"], load_model)
+    server = Server(served, Limits(max_logprobs=len(base.tokenizer)))
+    offline = score_stack(dirs, task, None, ROWS, 0, 4)
+    with ServerThread(make_app(server)) as url:
+        cards = {m.id: m for m in OpenAI(base_url=url, api_key="x").models.list().data}
+        assert cards["all-three"].kind == "stack"
+        assert [p["kind"] for p in cards["all-three"].parts] == ["prompt", "steering", "proxy"]
+        box = OpenAIBlackBox(url, "all-three", top_logprobs=len(base.tokenizer), batch_size=4)
+        scores = box.label_logprobs([task.spec.format_query(ex) for ex in offline.test],
+                                    task.spec.label_words)
+    np.testing.assert_allclose(scores, offline.scores, atol=1e-4)
