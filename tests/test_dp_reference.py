@@ -227,3 +227,15 @@ def test_noise_for_target_calibrates_per_record_budgets_on_the_ledger():
     # all of ε on one record at the same z would be less noise than two equal releases
     equal = noise_for_target(8.0, lambda s: CentralLedger(CentralDP(1.0, s), 1000), 2)
     assert z < equal
+
+
+def test_local_dp_runs_on_the_reference_and_records_each_records_budget(tiny_lm):
+    env = make_env(tiny_lm)
+    dp = ClientDP(clip=1.0, noise_multiplier=2.0, record_noise={"coef": 6.0},
+                  relative_clips={"vectors": 0.25})
+    outcome = InProcessRuntime(RuntimeConfig(dp=dp)).run(method(), make_clients(env), env)
+    privacy = outcome.privacy
+    assert privacy["references"]["vectors"]["round"] == 0
+    assert privacy["record_noise"] == {"coef": 6.0, "vectors": 2.0}
+    assert privacy["epsilon"] == pytest.approx(epsilon_for([1.0, 3.0], 1e-5))
+    assert all(not r.rejected for r in outcome.rounds)
