@@ -170,7 +170,8 @@ def test_hooks_keep_every_tensor_on_the_models_device(meta_lm):
 #: calls that create a tensor; without `device=` they land on the CPU whatever the model
 CREATORS = {"zeros", "ones", "arange", "full", "empty", "tensor", "randn", "rand", "randint",
             "eye", "linspace"}
-DEVICE_CLEAN = ["models", "serve"]
+#: the code that runs next to the model: its loading and scoring, the methods' steps, serving
+DEVICE_CLEAN = ["methods", "models", "serve"]
 
 
 def _undeviced_creations(path: Path) -> list[str]:
@@ -185,9 +186,10 @@ def _undeviced_creations(path: Path) -> list[str]:
 
 
 def test_tensors_are_created_with_an_explicit_device():
-    """A static check: in the code that runs next to the model, every torch.zeros/ones/
-    arange/full/empty/tensor(...) says where it goes (the model's device, or "cpu" on
-    purpose), so a GPU run cannot mix in a CPU tensor by omission."""
+    """A static check: in the code that runs next to the model (methods too: their label
+    targets meet the model's logits), every torch.zeros/ones/arange/full/empty/tensor/
+    randn(...) says where it goes (the model's device, or "cpu" on purpose), so a GPU run
+    cannot mix in a CPU tensor by omission."""
     src = Path(__file__).parents[1] / "src" / "fedsteer"
     found = [hit for room in DEVICE_CLEAN for path in sorted((src / room).rglob("*.py"))
              for hit in _undeviced_creations(path)]

@@ -123,15 +123,16 @@ class AdamOnSimplex:
 
     Its moments and step count travel in a party's state (`to_record` / `saved`), so a
     policy that is stepped once per message keeps being Adam, not Adam's first step
-    (±lr·sign(g)) over and over.
+    (±lr·sign(g)) over and over. The policy is numpy on both sides of every step, never
+    next to the model, so its tensors live on the CPU whatever device the model runs on.
     """
 
     def __init__(self, probs: np.ndarray, lr: float, saved: ArrayRecord | None = None) -> None:
-        self.param = torch.nn.Parameter(torch.tensor(probs, dtype=torch.float64))
+        self.param = torch.nn.Parameter(torch.tensor(probs, dtype=torch.float64, device="cpu"))
         self.optimizer = torch.optim.Adam([self.param], lr=lr)
         if saved is not None and saved["exp_avg"].shape == tuple(self.param.shape):
             self.optimizer.state[self.param] = {
-                "step": torch.tensor(float(saved["step"].numpy()[0])),
+                "step": torch.tensor(float(saved["step"].numpy()[0]), device="cpu"),
                 "exp_avg": torch.from_numpy(saved["exp_avg"].numpy().astype(np.float64)),
                 "exp_avg_sq": torch.from_numpy(saved["exp_avg_sq"].numpy().astype(np.float64)),
             }
@@ -157,7 +158,7 @@ class AdamOnSimplex:
         })
 
     def step(self, grad: np.ndarray) -> np.ndarray:
-        self.param.grad = torch.tensor(grad, dtype=torch.float64)
+        self.param.grad = torch.tensor(grad, dtype=torch.float64, device="cpu")
         self.optimizer.step()
         with torch.no_grad():
             self.param.copy_(torch.from_numpy(project_simplex(self.param.numpy())))

@@ -60,8 +60,8 @@ def labelled_run(env, examples, batches: list[list[int]], optimizer: torch.optim
     """A run on labelled examples: their zero-shot queries, trained towards the first token
     of each gold label word (what calibration and FedAvg-LoRA both train on)."""
     first = env.scorer().labels.first
-    return LocalRun([env.task.format_query(ex) for ex in examples],
-                    torch.tensor([first[ex.label] for ex in examples]), batches, optimizer,
+    targets = torch.tensor([first[ex.label] for ex in examples], device=env.lm.device)
+    return LocalRun([env.task.format_query(ex) for ex in examples], targets, batches, optimizer,
                     schedule)
 
 
