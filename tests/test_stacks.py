@@ -146,3 +146,83 @@ def test_serve_answers_under_the_stack_name_as_eval_scores_it(artifacts, task):
         scores = box.label_logprobs([task.spec.format_query(ex) for ex in offline.test],
                                     task.spec.label_words)
     np.testing.assert_allclose(scores, offline.scores, atol=1e-4)
+
+
+# ------------------------------------------------------------------ in place
+def record_of(root: Path, kind: str) -> dict:
+    return json.loads((root / f"run-{kind}" / "result.json").read_text())
+
+
+def test_ifed_icl_trained_on_top_of_a_prompt_is_what_the_stack_scores(artifacts, task,
+                                                                      tmp_path):
+    """The run evaluates with the prompt in place; the stack of the prompt and the new
+    vectors, scored by `eval`, gives the run's own accuracy; record and provenance name
+    the prompt it was trained on (path, digest, its run)."""
+    from fedsteer.stacks import artifact_sha256
+
+    saved = save(tmp_path, "steering", ["--on-top-of", artifacts["prompt"]])
+    record = record_of(tmp_path, "steering")
+    named = record["stack"]
+    assert [s["path"] for s in named] == [artifacts["prompt"]] and named[0]["kind"] == "prompt"
+    assert named[0]["sha256"] == artifact_sha256(Path(artifacts["prompt"]))
+    assert named[0]["provenance"]["method"] == "bdpl"
+    assert json.loads((Path(saved) / "provenance.json").read_text())["stack"] == named
+    assert record["config"]["on_top_of"] == artifacts["prompt"]
+    stacked = score_stack([artifacts["prompt"], saved], task, None, 10, 0, 16)
+    assert stacked.metrics()["accuracy"] == record["metrics"]["accuracy"]
+
+
+def test_every_forward_of_a_run_on_top_of_steering_has_its_hooks_on(artifacts, task):
+    """BDPL has no hooks of its own: every forward of its clients and its evaluation runs
+    with the steering artifact's, and none is left behind on the shared model."""
+    from fedsteer.experiment import RunConfig, run_experiment
+
+    lm = load_model("tiny-random")
+    attention = lm.layers[0].attention
+    seen: list[int] = []
+    spy = lm.model.register_forward_pre_hook(
+        lambda module, args: seen.append(len(attention._forward_hooks)))
+    method, options = RUNS["prompt"]
+    opts = dict(o.split("=") for o in options[3::2])
+    config = RunConfig(method=method, model="tiny-random", clients=3, test_size=10, rounds=1,
+                       options={k: int(v) for k, v in opts.items()},
+                       on_top_of=artifacts["steering"])
+    try:
+        run_experiment(config, Path(artifacts["steering"]).parent / "bdpl-on-steering", lm=lm,
+                       task=task)
+    finally:
+        spy.remove()
+    assert seen and min(seen) == 1  # the stack's one hook on every forward
+    assert len(attention._forward_hooks) == 0
+
+
+def test_fedpt_trained_on_top_of_prompt_and_steering_is_what_the_stack_scores(
+        artifacts, task, tmp_path):
+    saved = save(tmp_path, "proxy",
+                 ["--on-top-of", f"{artifacts['prompt']}+{artifacts['steering']}"])
+    record = record_of(tmp_path, "proxy")
+    assert [s["kind"] for s in record["stack"]] == ["prompt", "steering"]
+    stacked = score_stack([artifacts["prompt"], artifacts["steering"], saved], task, None, 10,
+                          0, 16)
+    assert stacked.metrics()["accuracy"] == record["metrics"]["accuracy"]
+
+
+def test_a_run_on_top_of_another_models_artifact_is_refused_by_name(artifacts, tmp_path):
+    other = tmp_path / "other-prompt"
+    shutil.copytree(artifacts["prompt"], other)
+    for name in ("prompt.json", "provenance.json"):
+        saved = json.loads((other / name).read_text())
+        saved["model"] = "qwen2.5-coder-0.5b"
+        (other / name).write_text(json.dumps(saved))
+    result = CliRunner().invoke(cli, [
+        "run", "ifed-icl", "--model", "tiny-random", "--clients", "3", "--test-size", "10",
+        *RUNS["steering"][1], "--out", str(tmp_path / "run"), "--on-top-of", str(other)])
+    assert result.exit_code != 0
+    assert str(other) in result.output and "qwen2.5-coder-0.5b" in result.output
+
+
+def test_a_run_that_would_steer_its_stacks_point_again_is_refused(artifacts, tmp_path):
+    result = CliRunner().invoke(cli, [
+        "run", "bdpl", "--model", "tiny-random", "--clients", "3", "--test-size", "10",
+        *RUNS["prompt"][1], "--out", str(tmp_path / "run"), "--on-top-of", artifacts["prompt"]])
+    assert result.exit_code != 0 and "steers the input already" in result.output

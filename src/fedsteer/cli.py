@@ -220,6 +220,10 @@ def run(
     = None,
     save: Annotated[Path | None, typer.Option(
         help="write the adapted model (e.g. IFed-ICL's vectors + coefficients) here")] = None,
+    on_top_of: Annotated[list[str] | None, typer.Option(
+        help="a `run --save` directory applied in every forward while this run trains and "
+             "evaluates (repeatable, or a+b): the new point is trained for the steered "
+             "model, and its record and --save name the stack")] = None,
     dp_clip: Annotated[float | None, typer.Option(
         help="DP: each client clips each reply record's update to this L2 norm")] = None,
     dp_noise: Annotated[float, typer.Option(
@@ -284,6 +288,10 @@ def run(
     if secagg and runtime == "inprocess":
         raise typer.BadParameter("--secagg needs --runtime flower or flower-deployment: "
                                  "in one process there is no one to hide from")
+    if on_top_of and runtime != "inprocess":
+        raise typer.BadParameter("--on-top-of works with the in-process runtime only: Flower's "
+                                 "clients load their model without the stack",
+                                 param_hint="--runtime")
     if resume is not None and runtime != "inprocess":
         raise typer.BadParameter("--resume works with the in-process runtime only: on Flower, "
                                  "client state lives in the nodes", param_hint="--runtime")
@@ -299,6 +307,7 @@ def run(
         "tolerate_client_errors": tolerate_client_errors, "client_batch": client_batch,
         "client_batch_rows": client_batch_rows, "threads": threads,
         "dtype": dtype, "device": device, "options": _parse_options(option or []),
+        "on_top_of": "+".join(on_top_of) if on_top_of else None,
     }
     if resume is not None:
         out, configs = resume, _load_run_configs(resume)

@@ -9,6 +9,8 @@ from __future__ import annotations
 import dataclasses
 import logging
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field, fields
 from datetime import datetime
 from pathlib import Path
@@ -80,6 +82,9 @@ class RunConfig:
     #: the model's dtype: float32, bfloat16, float16 or auto (bf16 where the hardware pays)
     dtype: str = "float32"
     device: str = "auto"  # cpu, cuda, mps or auto (a GPU when there is one)
+    #: saved artifacts (`a+b`) applied in every forward of this run, clients' and
+    #: evaluation's (`--on-top-of`): the new point is trained for the steered model
+    on_top_of: str | None = None
     options: dict[str, Any] = field(default_factory=dict)  # method-specific extras
 
     @classmethod
@@ -281,7 +286,8 @@ def run_experiment(
     hosted = runtime is None  # else the clients live elsewhere (Flower), known by id only
     clients = (build_clients(config, task, env, method.centralized) if hosted
                else list(range(1 if method.centralized else config.clients)))
-    with thread_budget(threads=config.threads):  # this process, server or all the clients
+    with (thread_budget(threads=config.threads),  # this process, server or all the clients
+          on_top_of(config, method, task, env, hosted) as stack):
         if isinstance(method, AsyncMethod):
             outcome = (run_asynchronous(method, clients, env) if hosted
                        else runtime.run(method, clients, env))
@@ -296,6 +302,8 @@ def run_experiment(
             _save_artifacts(method, outcome, clients if hosted else [], Path(save_dir), config,
                             task)
         record = _record(config, method, task, env, outcome, len(clients), warnings)
+        if stack:
+            record["stack"] = stack
     record["costs"]["wall_seconds"] = time.perf_counter() - started
     write_result(record, out_dir)
     if save_dir is not None and Path(save_dir).is_dir():
@@ -303,6 +311,34 @@ def run_experiment(
     log.info("%s on %s: accuracy %.4f -> %s", method.name, task.name,
              record["metrics"]["accuracy"], out_dir)
     return record
+
+
+@contextmanager
+def on_top_of(config: RunConfig, method, task: Task, env: Environment, hosted: bool
+              ) -> Iterator[list[dict[str, Any]]]:
+    """`config.on_top_of`'s artifacts applied in place for the body (their hooks on the model
+    the new artifact is made for, their prompt before every input of the run's models),
+    yielding what the record says of them; nothing when there are none. The method does not
+    know: its scorer runs the model as before."""
+    if not config.on_top_of:
+        yield []
+        return
+    from fedsteer.models.adapted import POINTS
+    from fedsteer.stacks import ArtifactMismatch, artifact_kind, split_stack
+    from fedsteer.stacks import on_top_of as applied
+
+    if not hosted:
+        raise ValueError("--on-top-of runs in process only: Flower's clients load their "
+                         "model elsewhere, without the stack")
+    directories = split_stack(config.on_top_of)
+    for directory in directories:
+        if method.steers is not None and POINTS[artifact_kind(directory)] == method.steers:
+            raise ArtifactMismatch(
+                f"--on-top-of {directory}: it steers the {method.steers} already, which "
+                f"{method.name} would steer again; a stack takes one artifact per point")
+    base = env.other_lm(method.artifact_model(config.model))  # FedPT: its large model
+    with applied(directories, task, base, [env.lm]) as record:
+        yield record
 
 
 def _environment(config: RunConfig, task: Task, lm, progress) -> tuple[Environment, list[str]]:

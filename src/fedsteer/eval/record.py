@@ -72,9 +72,12 @@ PROVENANCE_FILE = "provenance.json"
 
 def write_provenance(directory: Path, record: dict[str, Any],
                      labels: Sequence[str] = ()) -> None:
-    """`labels`: the task's, so an artifact is not scored on another task's by mistake."""
+    """`labels`: the task's, so an artifact is not scored on another task's by mistake;
+    `stack`: the artifacts it was trained on top of (each one's path, kind, digest and
+    provenance), so it is known to belong after them."""
     metrics = record["metrics"]
     atomic_write_json(Path(directory) / PROVENANCE_FILE, {
         "method": record["method"], "task": record["task"], "model": record["model"],
         **({"labels": list(labels)} if labels else {}),
+        **({"stack": record["stack"]} if record.get("stack") else {}),
         **{k: metrics[k] for k in ("accuracy", "accuracy_ci95", "test_rows") if k in metrics}})

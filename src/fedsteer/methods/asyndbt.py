@@ -118,6 +118,7 @@ class AsynDBT(AsyncMethod):
     the functions of `methods.bdpl`), asynchronously, around a consensus z."""
 
     name = "asyndbt"
+    steers = "input"
 
     # BDPL's settings, per worker (see `methods.bdpl.BDPL`)
     prompt_length: int = 10  # M: prompt tokens

@@ -78,7 +78,10 @@ class Environment:
         return self._lm
 
     def other_lm(self, name: str):
-        """A second model in this process (e.g. FedPT's large model at the server), loaded once."""
+        """A second model in this process (e.g. FedPT's large model at the server), loaded
+        once; the run's own model when it is the one named (one copy, one set of hooks)."""
+        if name == self.model_name:
+            return self.lm
         if name not in self._others:
             self._others[name] = self._load(name)
         return self._others[name]
@@ -216,6 +219,14 @@ class MethodBase(ABC):
     supports_client_dp: ClassVar[bool] = False
     #: Reject replies whose arrays' global L2 norm exceeds this (None: no bound).
     max_reply_norm: ClassVar[float | None] = None
+    #: Where the saved artifact steers the frozen model (input, activations, weights or
+    #: output; None: it saves none): a run on top of a stack may not steer a point twice.
+    steers: ClassVar[str | None] = None
+
+    def artifact_model(self, model_name: str) -> str:
+        """The model this run's artifact is applied to (the run's model; FedPT: its large
+        model): the base of any stack the run is trained on top of."""
+        return model_name
 
     def setup(self, env: Environment) -> None:  # noqa: B027 - optional hook
         """Once per run on the server, before `initial_state` or a resume: a method whose

@@ -176,6 +176,7 @@ class BDPL(Method):
     """Centralized BDPL: one party holds the data; a round is `steps_per_round` PG steps."""
 
     name = "bdpl"
+    steers = "input"
     centralized: ClassVar[bool] = True
 
     prompt_length: int = 10

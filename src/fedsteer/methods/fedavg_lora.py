@@ -63,6 +63,7 @@ class FedAvgLoRA(Method):
     """LoRA on the attention projections; E local epochs over a seeded sample per round."""
 
     name = "fedavg-lora"
+    steers = "weights"
     supports_client_dp: ClassVar[bool] = True
     #: measured on 2 CPU cores (benchmarks/results/client_batching.md): 8 clients' batches of
     #: 8 in one forward ran 0.75x the speed of one by one (compute-bound already, and every

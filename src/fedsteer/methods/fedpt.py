@@ -48,6 +48,7 @@ class FedPT(FedAvgLoRA):
     """FedAvg-LoRA on the devices' small model, proxy-tuning + distillation at the server."""
 
     name = "fedpt"
+    steers = "output"
     # secure_mean: FedAvg-LoRA's (the devices' part is FedAvg under `rule`; the server's
     # part sees only the mean)
 
@@ -58,6 +59,9 @@ class FedPT(FedAvgLoRA):
     distill_batch_size: int = 8
     distill_lr: float = 5e-4
     temperature: float = 1.0
+
+    def artifact_model(self, model_name: str) -> str:
+        return self.large  # the proxy steers the large model; the run's is the small one
 
     # ---------------------------------------------------------------- server
     def setup(self, env: Environment) -> None:

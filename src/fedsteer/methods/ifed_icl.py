@@ -124,6 +124,7 @@ class IFedICL(Method):
     """Context vectors once, then federated calibration of their 4L injection strengths."""
 
     name = "ifed-icl"
+    steers = "activations"
     # Replies of the two phases differ by orders of magnitude (activations of model-dependent
     # scale, then ~4L numbers near 0.1 and 1); one class-wide bound would either reject honest
     # vectors or never bind on coefficients. Shapes and NaN/Inf are still checked; a run can
