@@ -419,6 +419,29 @@ def test_the_repository_flower_app_lists_every_run_config_key():
     from_run_config(flwr["config"])  # and it reads back
 
 
+def test_a_nodes_own_dtype_and_device_reach_its_model_load(tmp_path, flower_identity,
+                                                           monkeypatch):
+    """Issue 43: a node's config may run its model its own way (`dtype`, `device` in its
+    node config, e.g. bf16 on its GPU): that is what its model is loaded with, even where
+    another node of the same run shares its process with the run's own settings."""
+    import fedsteer.models as models
+
+    loads, real = [], models.load_placed
+
+    def recording(name, **kw):
+        lm = real(name, **kw)
+        loads.append((kw["dtype"], kw["device"], str(next(lm.model.parameters()).dtype)))
+        return lm
+
+    monkeypatch.setattr(models, "load_placed", recording)
+    record, grid = serve_inline(tiny_config(rounds=1, client_batch=1), tmp_path / "out",
+                                node_config={101: {"dtype": "bfloat16", "device": "cpu"}})
+    assert ("bfloat16", "cpu", "torch.bfloat16") in loads
+    assert ("float32", "auto", "torch.float32") in loads  # the other nodes: the run's own
+    assert not [r for r in grid.received if r.has_error()]
+    assert record["metrics"]["num_clients"] == 3
+
+
 def test_secure_aggregation_equals_plain_and_hides_every_payload(tmp_path, flower_identity):
     plain = run_experiment(tiny_config(), tmp_path / "plain")
     record, grid = serve_inline(tiny_config(secagg=True), tmp_path / "secure")

@@ -147,22 +147,26 @@ _HOSTS: dict[str, _Host] = {}
 
 
 def _host(run: FlowerRun, context: Context) -> _Host:
-    """One host per run configuration per process: a simulation actor loads the model once.
+    """One host per run configuration and node placement per process: a simulation actor
+    loads the model once.
 
     A party of a federation names its own copy of the task in its node config (`task`): the
-    run's `task` is a path on the submitter's machine."""
+    run's `task` is a path on the submitter's machine. A node may run its model its own way
+    (`dtype`, `device`: its GPU): node config wins, and nodes of one run that share a
+    process but not a placement get a host each."""
+    config = run.config
     own_task = str(context.node_config.get(NODE_TASK, ""))
-    key = json.dumps([dataclasses.asdict(run), own_task], sort_keys=True, default=str)
+    dtype = str(context.node_config.get("dtype", config.dtype))
+    device = str(context.node_config.get("device", config.device))
+    key = json.dumps([dataclasses.asdict(run), own_task, dtype, device], sort_keys=True,
+                     default=str)
     if key not in _HOSTS:
-        config = run.config
         task = load_task(own_task) if own_task else load_run_task(config.task, run.data_dir)
         # the run's evaluation rows too: asynchronous methods evaluate on the nodes
         test = evaluation_rows(task, config.test_size, config.test_seed)
         env = Environment(task=task.spec, test=test, model_name=config.model, seed=config.seed,
-                          batch_size=config.batch_size,
-                          # a node may run its model its own way (its GPU): node config wins
-                          dtype=str(context.node_config.get("dtype", config.dtype)),
-                          device=str(context.node_config.get("device", config.device)))
-        _HOSTS.clear()  # a new run: let the previous one's model go
+                          batch_size=config.batch_size, dtype=dtype, device=device)
+        for old in [k for k, host in _HOSTS.items() if host.run != run]:
+            del _HOSTS[old]  # a new run: let the previous one's model go
         _HOSTS[key] = _Host(run, task, make_method(config.method, **config.method_options()), env)
     return _HOSTS[key]
