@@ -121,3 +121,57 @@ def test_without_held_out_texts_distillation_says_why(pair):
     env.transfer = []
     with pytest.raises(ValueError, match="held-out task texts"):
         small_fedpt().transfer_queries(env, 0)
+
+
+@pytest.fixture()
+def bf16_pair():
+    """The pair of `pair`, both models in bfloat16."""
+    large = build_tiny_random(seed=0)
+    small = build_tiny_random(seed=0)
+    keep_layers(small.model, [0])
+    large.model.to(torch.bfloat16)
+    small.model.to(torch.bfloat16)
+    return finalize(small.model, small.tokenizer, "emulator:1:tiny-random"), large
+
+
+def test_fedpt_in_bfloat16_trains_float32_masters_and_sends_float32(bf16_pair, monkeypatch):
+    """Issue 43: with both models in bfloat16, what FedPT trains (the devices' adapters and
+    the server's distilled one) is a float32 master copy, the replies on the wire and the
+    state sent back to the devices are float32, and the run reports finite accuracies."""
+    import fedsteer.methods.fedavg_lora as fedavg_lora_mod
+    import fedsteer.methods.fedpt as fedpt_mod
+
+    trained: list[torch.dtype] = []
+
+    def recording(train):
+        def wrapped(runs, *a, **kw):
+            trained.extend(p.dtype for run in runs for group in run.optimizer.param_groups
+                           for p in group["params"])
+            return train(runs, *a, **kw)
+        return wrapped
+
+    for module in (fedavg_lora_mod, fedpt_mod):
+        monkeypatch.setattr(module, "train_together", recording(module.train_together))
+    replies, step = [], FedPT.client_step
+
+    def recording_step(self, message, client):
+        reply = step(self, message, client)
+        replies.append(reply)
+        return reply
+
+    monkeypatch.setattr(FedPT, "client_step", recording_step)
+    env = make_env(bf16_pair)
+    assert next(env.lm.model.parameters()).dtype == torch.bfloat16
+    clients = [Client(cid=i, data=examples(6, 10 * i), env=env) for i in range(3)]
+    method = small_fedpt()
+    outcome = InProcessRuntime().run(method, clients, env)
+    assert len(outcome.rounds) == 1 and not outcome.rounds[0].rejected
+    assert trained and set(trained) == {torch.float32}
+    sent = {a.dtype for reply in replies for record in reply.array_records.values()
+            for a in record.values()}
+    assert replies and sent == {"float32"}
+    for key in ("adapter", "fedavg_adapter"):
+        assert {a.dtype for a in outcome.state[key].values()} == {"float32"}, key
+    metrics = method.evaluate(outcome.state, env)
+    for key in ("accuracy", "proxy_distilled_accuracy", "small_tuned_accuracy"):
+        assert 0.0 <= metrics[key] <= 1.0, key
