@@ -226,3 +226,63 @@ def test_a_run_that_would_steer_its_stacks_point_again_is_refused(artifacts, tmp
         "run", "bdpl", "--model", "tiny-random", "--clients", "3", "--test-size", "10",
         *RUNS["prompt"][1], "--out", str(tmp_path / "run"), "--on-top-of", artifacts["prompt"]])
     assert result.exit_code != 0 and "steers the input already" in result.output
+
+
+# ------------------------------------------------------------------ the harness
+TINY_BDPL = {"rounds": 1, "prompt_length": 2, "candidates": 6, "samples": 2,
+             "shots_per_class": 2, "steps_per_round": 1}
+TINY_IFED = {"rounds": 1, "local_epochs": 1, "demos_per_class": 1, "calibration_per_class": 1}
+
+
+def stack_grid(tmp_path: Path, methods: list[str]) -> Path:
+    import yaml
+
+    grid = {"name": "stacks", "out": "cells", "models": ["tiny-random"], "tasks": ["sst2"],
+            "methods": methods, "clients": [3], "test_size": 10,
+            "options": {"bdpl": TINY_BDPL, "ifed-icl": TINY_IFED}}
+    path = tmp_path / "grid.yaml"
+    path.write_text(yaml.safe_dump(grid))
+    return path
+
+
+def test_a_bench_cell_names_a_stack_and_its_row_is_the_whole_pipeline(tmp_path):
+    """`bdpl+ifed-icl`: the bdpl cell keeps its artifact, ifed-icl is trained on top of it;
+    the stack's row is paired with zero-shot on the same rows and costs both stages."""
+    from fedsteer.bench import BenchConfig, expand, run_grid
+    from fedsteer.eval.report import comparison_table, run_bytes, whole_costs
+
+    bench = BenchConfig.load(stack_grid(tmp_path, ["zero-shot", "bdpl", "bdpl+ifed-icl"]))
+    cells = {c.name or c.config.method: c for c in expand(bench)}
+    assert set(cells) == {"zero-shot", "bdpl", "bdpl+ifed-icl"}
+    assert cells["bdpl"].save and not cells["bdpl+ifed-icl"].save
+    assert cells["bdpl+ifed-icl"].config.on_top_of == str(cells["bdpl"].artifact)
+    ran: list[str] = []
+    records = run_grid(bench, on_cell=lambda cell, record: ran.append(cell.name))
+    assert ran == ["zero-shot", "bdpl", "bdpl+ifed-icl"]  # the stage before the stack
+    by = {r["method"]: r for r in records}
+    stacked, stage = by["bdpl+ifed-icl"], by["bdpl"]
+    assert stacked["pipeline_costs"]["stages"] == 2
+    assert run_bytes(whole_costs(stacked)) == \
+        run_bytes(stacked["costs"]) + run_bytes(stage["costs"]) > run_bytes(stacked["costs"])
+    table = comparison_table(records)
+    from rich.console import Console
+
+    console = Console(width=200, record=True)
+    console.print(table)
+    row = next(line for line in console.export_text().splitlines() if "bdpl+ifed-icl" in line)
+    assert "(p=" in row  # paired with zero-shot on the same rows
+    ran.clear()
+    run_grid(bench, on_cell=lambda cell, record: ran.append(cell.name))
+    assert ran == []  # every cell finished: nothing runs again
+
+
+@pytest.mark.parametrize("entry, message", [
+    ("fedpt+ifed-icl", "fedpt steers the output, which later stages cannot be trained"),
+    ("bdpl+asyndbt", "two stages steer the same point"),
+    ("zero-shot+ifed-icl", "zero-shot saves no artifact"),
+])
+def test_a_stack_no_run_could_train_is_refused_when_the_grid_loads(tmp_path, entry, message):
+    from fedsteer.bench import BenchConfig
+
+    with pytest.raises(ValueError, match=message):
+        BenchConfig.load(stack_grid(tmp_path, [entry]))

@@ -17,6 +17,12 @@ never silently reused.
     test_size: 100
     run: {local-icl: {fraction: 0.5}}      # RunConfig fields (even `model`), per method
     options: {ifed-icl: {local_epochs: 1}} # method options, per method
+
+A method entry `bdpl+ifed-icl+fedpt` is a stack trained stage by stage in place: the cell of
+`bdpl` (saving its artifact), then `ifed-icl` on top of it (`--on-top-of`), then `fedpt` on
+top of both, each stage a cell of its own with its method's `run` and `options`. The last
+stage's cell is the stack's row: its accuracy is the whole stack's, its bytes and client
+compute the whole pipeline's (`pipeline_costs`, the sum over its stages).
 """
 
 from __future__ import annotations
@@ -32,7 +38,7 @@ from typing import Any
 
 import yaml
 
-from fedsteer.eval.record import RESULT_FILE, read_result
+from fedsteer.eval.record import PROVENANCE_FILE, RESULT_FILE, read_result
 from fedsteer.experiment import RunConfig, result_settings, run_experiment
 from fedsteer.methods import METHODS, check_options, make_method
 
@@ -66,11 +72,14 @@ class BenchConfig:
         for key in ("models", "tasks", "methods"):
             if not raw.get(key):
                 raise ValueError(f"{path}: '{key}' must list at least one entry")
-        bad = [m for m in raw["methods"] if m not in METHODS]
+        bad = [m for entry in raw["methods"] for m in stages(entry) if m not in METHODS]
         if bad:
             raise ValueError(f"{path}: unknown method(s) {bad}; known: {', '.join(METHODS)}")
+        for entry in raw["methods"]:
+            check_stages(entry)
+        named = {m for entry in raw["methods"] for m in stages(entry)}
         for section in ("options", "run"):
-            strays = sorted(set(raw.get(section) or {}) - set(raw["methods"]))
+            strays = sorted(set(raw.get(section) or {}) - named)
             if strays:
                 raise ValueError(f"{path}: {section}: {strays} not in this grid's methods "
                                  f"{raw['methods']}")
@@ -93,14 +102,56 @@ class BenchConfig:
         )
 
 
+def stages(entry: str) -> list[str]:
+    """A grid's method entry as the methods trained in turn: `bdpl+ifed-icl` is two."""
+    return entry.split("+")
+
+
+#: where a stage may stand in a stack: before the last only points a later method can be
+#: trained through (`fedsteer.models.adapted.IN_PLACE_KINDS`: a prompt, steering vectors)
+THROUGH = ("input", "activations")
+
+
+def check_stages(entry: str) -> None:
+    """Refuse a stack no run could train: a stage that saves nothing, one that later stages
+    cannot be trained through (a proxy, an adapter: they come last), a point steered twice."""
+    names = stages(entry)
+    if len(names) == 1:
+        return
+    points = [METHODS[m].steers for m in names]
+    for name, point in zip(names, points, strict=True):
+        if point is None:
+            raise ValueError(f"methods: {entry!r}: {name} saves no artifact to stack")
+    for name, point in zip(names[:-1], points[:-1], strict=True):
+        if point not in THROUGH:
+            raise ValueError(f"methods: {entry!r}: {name} steers the {point}, which later "
+                             "stages cannot be trained through; put it last")
+    if len(set(points)) < len(points):
+        raise ValueError(f"methods: {entry!r}: two stages steer the same point "
+                         f"({', '.join(points)}); a stack takes one per point")
+
+
+#: inside a stage's cell: the artifact the stages after it are trained on top of
+ARTIFACT_DIR = "artifact"
+
+
 @dataclass
 class Cell:
     config: RunConfig
     path: Path
+    #: the grid's method entry (a stack: `bdpl+ifed-icl`); default the config's method
+    name: str = ""
+    save: bool = False  # a stage of a stack: its artifact is kept for the stages after it
+    depth: int = 0  # stages before it (they run first)
 
     @property
     def done(self) -> bool:
-        return (self.path / RESULT_FILE).exists()
+        return (self.path / RESULT_FILE).exists() and (
+            not self.save or (self.artifact / PROVENANCE_FILE).exists())
+
+    @property
+    def artifact(self) -> Path:
+        return self.path / ARTIFACT_DIR
 
 
 class StaleCell(ValueError):
@@ -165,10 +216,11 @@ def path_component(name: str) -> str:
     return re.sub(r"[^A-Za-z0-9._+-]+", "-", name).strip("-.") or "model"
 
 
-def cell_path(out: Path, config: RunConfig) -> Path:
-    """Where a cell's result lives; a record written before names were made portable (the
-    raw model name as a folder) is still found there, so old grids stay readable."""
-    rest = Path(Path(config.task).stem) / config.method / cell_dir(config)
+def cell_path(out: Path, config: RunConfig, name: str | None = None) -> Path:
+    """Where a cell's result lives (`name`: its grid entry, a stack's `bdpl+ifed-icl`);
+    a record written before names were made portable (the raw model name as a folder) is
+    still found there, so old grids stay readable."""
+    rest = Path(Path(config.task).stem) / (name or config.method) / cell_dir(config)
     path = out / path_component(config.model) / rest
     legacy = out / config.model / rest
     if not (path / RESULT_FILE).exists() and _is_file(legacy / RESULT_FILE):
@@ -193,24 +245,36 @@ def expand(bench: BenchConfig) -> list[Cell]:
 
     Methods that do not depend on the seed or the partition (zero-shot) get one cell.
     """
-    cells, seen = [], set()
+    cells: dict[Path, Cell] = {}
     grid = itertools.product(bench.models, bench.tasks, bench.methods, bench.alphas,
                              bench.clients, bench.seeds)
-    for model, task, method, alpha, clients, seed in grid:
-        partition = {"partition": "iid"} if str(alpha).lower() == "iid" else {"alpha": alpha}
-        if method == "zero-shot":  # deterministic: one cell per model and task
-            partition, clients, seed = {"alpha": 0.5}, 1, 0
-        fields = {"method": method, "task": task, "model": model, "clients": clients,
-                  "seed": seed, "test_size": bench.test_size, "dtype": bench.dtype,
-                  "device": bench.device, **partition}
-        # a method's own settings win, even over the grid's (e.g. FedPT's small device model)
-        fields.update(bench.run.get(method, {}))
-        config = RunConfig(**fields, options=dict(bench.options.get(method, {})))
-        path = cell_path(bench.out, config)
-        if path not in seen:
-            seen.add(path)
-            cells.append(Cell(config, path))
-    return cells
+    for model, task, entry, alpha, clients, seed in grid:
+        below: list[Cell] = []  # a stack's earlier stages, each a cell that keeps its artifact
+        names = stages(entry)
+        for depth, method in enumerate(names):
+            cell = _cell(bench, model, task, method, alpha, clients, seed, below,
+                         "+".join(names[: depth + 1]))
+            cell = cells.setdefault(cell.path, cell)
+            cell.save = cell.save or depth < len(names) - 1
+            below.append(cell)
+    return list(cells.values())
+
+
+def _cell(bench: BenchConfig, model: str, task: str, method: str, alpha, clients: int,
+          seed: int, below: list[Cell], name: str) -> Cell:
+    """One run of the grid: `method` on top of the artifacts of the cells `below` it."""
+    partition = {"partition": "iid"} if str(alpha).lower() == "iid" else {"alpha": alpha}
+    if method == "zero-shot" and not below:  # deterministic: one cell per model and task
+        partition, clients, seed = {"alpha": 0.5}, 1, 0
+    fields = {"method": method, "task": task, "model": model, "clients": clients,
+              "seed": seed, "test_size": bench.test_size, "dtype": bench.dtype,
+              "device": bench.device, **partition}
+    # a method's own settings win, even over the grid's (e.g. FedPT's small device model)
+    fields.update(bench.run.get(method, {}))
+    if below:
+        fields["on_top_of"] = "+".join(str(c.artifact) for c in below)
+    config = RunConfig(**fields, options=dict(bench.options.get(method, {})))
+    return Cell(config, cell_path(bench.out, config, name), name, depth=len(below))
 
 
 def run_grid(bench: BenchConfig, progress=None,
@@ -232,7 +296,8 @@ def run_grid(bench: BenchConfig, progress=None,
             started = time.perf_counter()
             record = run_experiment(cell.config, cell.path, lm=lm,
                                     task=load_task(cell.config.task), resume=True,
-                                    progress=progress)
+                                    progress=progress,
+                                    save_dir=cell.artifact if cell.save else None)
             record["bench_seconds"] = time.perf_counter() - started
             if on_cell is not None:
                 on_cell(cell, record)
@@ -245,11 +310,13 @@ def run_grid(bench: BenchConfig, progress=None,
 def cell_label(cell: Cell) -> str:
     """A cell as a progress line names it: "ifed-icl on sst2 (seed 0)"."""
     config = cell.config
-    return f"{config.method} on {Path(config.task).stem} (seed {config.seed})"
+    return f"{cell.name or config.method} on {Path(config.task).stem} (seed {config.seed})"
 
 
 def _by_model(cells: list[Cell]) -> Iterator[tuple[str, list[Cell]]]:
-    order: dict[str, list[Cell]] = {}
-    for cell in cells:
-        order.setdefault(cell.config.model, []).append(cell)
-    yield from order.items()
+    """Cells by model (one load each), a stack's stages before the stages on top of them."""
+    order: dict[tuple[int, str], list[Cell]] = {}
+    for cell in sorted(cells, key=lambda c: c.depth):
+        order.setdefault((cell.depth, cell.config.model), []).append(cell)
+    for (_, model), group in order.items():
+        yield model, group

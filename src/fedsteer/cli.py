@@ -41,7 +41,13 @@ from fedsteer.data import (
 )
 from fedsteer.eval.plots import plot_comparison
 from fedsteer.eval.record import RESULT_FILE, read_result
-from fedsteer.eval.report import comparison_table, human_bytes, mixed_rows, takeaways
+from fedsteer.eval.report import (
+    comparison_table,
+    human_bytes,
+    mixed_rows,
+    takeaways,
+    whole_costs,
+)
 from fedsteer.experiment import RunConfig, default_run_dir, run_experiment
 from fedsteer.federation import CheckpointMismatch
 from fedsteer.federation.checkpoint import CheckpointError
@@ -550,9 +556,9 @@ def bench(
 
 def _print_cell(cell, record: dict) -> None:
     """A finished cell's row as soon as it exists, not only in the final table."""
-    m, c = record["metrics"], record["costs"]
+    m, c = record["metrics"], whole_costs(record)  # a stack: its whole pipeline's
     console.print(
-        f"[bold]{cell.config.method}[/] on {Path(cell.config.task).stem}: "
+        f"[bold]{cell.name or cell.config.method}[/] on {Path(cell.config.task).stem}: "
         f"acc {100 * m['accuracy']:.1f} %, macro-F1 {100 * m['macro_f1']:.1f} %, "
         f"{human_bytes(c['bytes_up'] + c['bytes_down'])} moved, "
         f"client {c['client_seconds']:.0f} s, cell {record['bench_seconds']:.0f} s")

@@ -33,6 +33,7 @@ from fedsteer.federation.threads import thread_budget
 from fedsteer.methods import METHODS, Client, Environment, make_method
 from fedsteer.methods.base import AsyncMethod, seeded_subset
 from fedsteer.models import DEFAULT_MODEL
+from fedsteer.stacks import pipeline_costs, stack_name
 
 log = logging.getLogger(__name__)
 
@@ -304,6 +305,8 @@ def run_experiment(
         record = _record(config, method, task, env, outcome, len(clients), warnings)
         if stack:
             record["stack"] = stack
+            record["method"] = stack_name(stack, method.name)
+            record["pipeline_costs"] = pipeline_costs(record["costs"], stack)
     record["costs"]["wall_seconds"] = time.perf_counter() - started
     write_result(record, out_dir)
     if save_dir is not None and Path(save_dir).is_dir():

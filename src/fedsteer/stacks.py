@@ -23,7 +23,7 @@ import numpy as np
 import torch
 
 from fedsteer.data import Task
-from fedsteer.eval.record import PROVENANCE_FILE
+from fedsteer.eval.record import PIPELINE_KEYS, PROVENANCE_FILE
 from fedsteer.methods.fedpt import PROXY_ADAPTER, PROXY_FILE
 from fedsteer.models.adapted import (
     POINTS,
@@ -39,8 +39,8 @@ from fedsteer.models.load import LoadedModel
 from fedsteer.models.proxy import check_shared_vocabulary
 
 __all__ = ["KIND_MARKERS", "ArtifactMismatch", "artifact_kind", "check_fit", "check_stack",
-           "load_adaptation", "load_stack", "made_for", "on_top_of", "read_adapter",
-           "read_provenance", "split_stack", "stack_record"]
+           "load_adaptation", "load_stack", "made_for", "on_top_of", "pipeline_costs",
+           "read_adapter", "read_provenance", "split_stack", "stack_name", "stack_record"]
 
 KIND_MARKERS = (("steering", "steering.json"), ("proxy", PROXY_FILE),
                 ("lora", "adapter_config.json"), ("prompt", "prompt.json"))
@@ -211,6 +211,33 @@ def on_top_of(directories: Sequence[Path], task: Task, base: LoadedModel,
         stack = Stack(stack.name, base, "stack", {}, [stack])
     with in_place(stack, others):
         yield stack_record(directories)
+
+
+def pipeline_costs(own: dict[str, Any], stack: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    """A run's totals plus those of every distinct artifact it was trained on top of, and of
+    theirs (by digest: a stage two later stages both stand on counts once), and the stages
+    counted: what the whole pipeline cost."""
+    seen: dict[str, dict[str, Any]] = {}
+
+    def walk(entries: Sequence[dict[str, Any]]) -> None:
+        for entry in entries:
+            provenance = entry.get("provenance") or {}
+            seen.setdefault(entry.get("sha256") or entry.get("path"), provenance.get("costs") or {})
+            walk(provenance.get("stack") or [])
+
+    walk(stack)
+    total = {key: float(own.get(key, 0)) + sum(float(c.get(key, 0)) for c in seen.values())
+             for key in PIPELINE_KEYS}
+    total["stages"] = len(seen) + 1
+    total["stages_without_costs"] = sum(not c for c in seen.values())
+    return total
+
+
+def stack_name(stack: Sequence[dict[str, Any]], method: str) -> str:
+    """`bdpl+ifed-icl`: each stage's method, in order (a stage's own, not its stack's)."""
+    stages = [(e.get("provenance") or {}).get("method", e.get("kind", "?")).split("+")[-1]
+              for e in stack]
+    return "+".join([*stages, method])
 
 
 def _no_model(name: str) -> LoadedModel:

@@ -68,16 +68,21 @@ def read_result(path: Path) -> dict[str, Any]:
 
 #: beside a saved artifact: which run made it and how it scored (`fedsteer serve` shows it)
 PROVENANCE_FILE = "provenance.json"
+#: a run's costs that add up over a pipeline of runs (a stack trained stage by stage)
+PIPELINE_KEYS = ("bytes_up", "bytes_down", "client_seconds", "client_compute_seconds",
+                 "client_wait_seconds", "server_seconds")
 
 
 def write_provenance(directory: Path, record: dict[str, Any],
                      labels: Sequence[str] = ()) -> None:
     """`labels`: the task's, so an artifact is not scored on another task's by mistake;
     `stack`: the artifacts it was trained on top of (each one's path, kind, digest and
-    provenance), so it is known to belong after them."""
+    provenance), so it is known to belong after them; `costs`: the run's own totals, so a
+    run on top of it can add up the whole pipeline's."""
     metrics = record["metrics"]
     atomic_write_json(Path(directory) / PROVENANCE_FILE, {
         "method": record["method"], "task": record["task"], "model": record["model"],
         **({"labels": list(labels)} if labels else {}),
         **({"stack": record["stack"]} if record.get("stack") else {}),
+        "costs": {k: v for k, v in record["costs"].items() if k in PIPELINE_KEYS},
         **{k: metrics[k] for k in ("accuracy", "accuracy_ci95", "test_rows") if k in metrics}})

@@ -121,8 +121,14 @@ def comparison_table(records: Sequence[dict[str, Any]], title: str = "",
 Cell = Callable[[dict[str, Any], str], str]
 
 
+def whole_costs(record: dict[str, Any]) -> dict[str, Any]:
+    """A record's costs, with a stacked run's totals over its whole pipeline (every stage it
+    was trained on top of, `pipeline_costs`) in place of its last stage's own."""
+    return {**record["costs"], **(record.get("pipeline_costs") or {})}
+
+
 def _compute(rec: dict[str, Any]) -> str:
-    costs = rec["costs"]
+    costs = whole_costs(rec)
     return f"{costs.get('client_compute_seconds', costs['client_seconds']):.1f}"
 
 
@@ -136,7 +142,7 @@ def _columns(records: Sequence[dict[str, Any]], full: bool) -> list[tuple[str, C
         ("acc % (95 % CI)", lambda rec, _: with_interval(rec["metrics"])),
         ("vs zero-shot", lambda _, versus: versus)]
     if not full:
-        return [*head, ("bytes, run", lambda rec, _: human_bytes(run_bytes(rec["costs"]))),
+        return [*head, ("bytes, run", lambda rec, _: human_bytes(run_bytes(whole_costs(rec)))),
                 ("client s", lambda rec, _: _compute(rec)), *epsilon]
     phased = any(rec["costs"].get("phases") for rec in records)
     waited = any(rec["costs"].get("client_wait_seconds") for rec in records)
@@ -239,7 +245,7 @@ def takeaways(records: Sequence[dict[str, Any]]) -> list[str]:
 
 def _cost_line(records: Sequence[dict[str, Any]]) -> str:
     """The range of bytes moved (whole run) and of client compute over the records."""
-    total = {id(r): r["costs"]["bytes_up"] + r["costs"]["bytes_down"] for r in records}
+    total = {id(r): run_bytes(whole_costs(r)) for r in records}
     moved = sorted((r for r in records if total[id(r)] > 0), key=lambda r: total[id(r)])
     compute = sorted(records, key=_client_compute)
     parts = []
@@ -253,7 +259,8 @@ def _cost_line(records: Sequence[dict[str, Any]]) -> str:
 
 
 def _client_compute(record: dict[str, Any]) -> float:
-    return record["costs"].get("client_compute_seconds", record["costs"]["client_seconds"])
+    costs = whole_costs(record)
+    return costs.get("client_compute_seconds", costs["client_seconds"])
 
 
 def _unpaired_takeaways(records: Sequence[dict[str, Any]]) -> list[str]:
@@ -279,16 +286,14 @@ def _unpaired_takeaways(records: Sequence[dict[str, Any]]) -> list[str]:
         inside = f"; {within} of the other {len(others)} fall inside that interval"
     lines = [f"Most accurate: {best['method']} at {100 * m['accuracy']:.1f} % ({sure})"
              f"{versus}{inside}."]
-    total = {id(r): r["costs"]["bytes_up"] + r["costs"]["bytes_down"] for r in records}
+    total = {id(r): run_bytes(whole_costs(r)) for r in records}
     moved = [r for r in records if total[id(r)] > 0]
     if moved:
         low_b, high_b = (min(moved, key=lambda r: total[id(r)]),
                          max(moved, key=lambda r: total[id(r)]))
         lines.append(f"Bytes moved: from {human_bytes(total[id(low_b)])} ({low_b['method']}) "
                      f"to {human_bytes(total[id(high_b)])} ({high_b['method']}), whole run.")
-    def seconds(record: dict[str, Any]) -> float:
-        return record["costs"].get("client_compute_seconds", record["costs"]["client_seconds"])
-
+    seconds = _client_compute
     compute = sorted(records, key=seconds)
     lines.append(f"Client compute: from {seconds(compute[0]):.0f} s ({compute[0]['method']}) "
                  f"to {seconds(compute[-1]):.0f} s ({compute[-1]['method']}).")

@@ -24,7 +24,7 @@ from fedsteer.eval.costs import round_accuracy  # noqa: E402
 from fedsteer.eval.metrics import mean_interval, recorded_interval  # noqa: E402
 from fedsteer.eval.papers import paper_rows  # noqa: E402
 from fedsteer.eval.record import RESULT_FILE, read_result  # noqa: E402
-from fedsteer.eval.report import human_bytes, versus_zero_shot  # noqa: E402
+from fedsteer.eval.report import human_bytes, versus_zero_shot, whole_costs  # noqa: E402
 
 
 @dataclass
@@ -70,7 +70,7 @@ def summarize(records: Sequence[dict]) -> list[Row]:
     for (model, task, method, skew, clients), recs in sorted(groups.items()):
         acc = [r["metrics"]["accuracy"] for r in recs]
         ci95 = mean_interval(acc) if len(recs) > 1 else recorded_interval(recs[0]["metrics"])
-        costs = [r["costs"] for r in recs]
+        costs = [whole_costs(r) for r in recs]  # a stacked run: its whole pipeline's totals
         api = [r["metrics"].get("api_training_calls", r["metrics"].get("api_calls"))
                for r in recs]
         losses = [r["metrics"].get("train_loss") for r in recs if r["metrics"].get("train_loss")]
