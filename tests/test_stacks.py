@@ -286,3 +286,42 @@ def test_a_stack_no_run_could_train_is_refused_when_the_grid_loads(tmp_path, ent
 
     with pytest.raises(ValueError, match=message):
         BenchConfig.load(stack_grid(tmp_path, [entry]))
+
+
+def test_the_compose_benchmark_runs_its_grid_and_summarises_it(tmp_path):
+    """benchmarks/compose.py end to end on the tiny model: zero-shot, three singles, three
+    pairs and the full stack, each stack trained in place; the summary pairs the best stack
+    with the best single on the same rows and charges a stack its whole pipeline; a second
+    call with --recorded runs nothing and says the same."""
+    import subprocess
+    import sys
+
+    import yaml
+
+    tiny = {"name": "tiny", "models": ["tiny-random"], "tasks": ["sst2"],
+            "methods": ["bdpl", "ifed-icl", "fedpt"],
+            "run": {"ifed-icl": {"eval_every": 1}},
+            "options": {"bdpl": TINY_BDPL, "ifed-icl": TINY_IFED,
+                        "fedpt": {"large": "tiny-random", "rounds": 1, "rank": 2,
+                                  "local_examples": 4, "distill_examples": 4}}}
+    (tmp_path / "tiny.yaml").write_text(yaml.safe_dump(tiny))
+    script = Path(__file__).parents[1] / "benchmarks" / "compose.py"
+    args = [sys.executable, str(script), "--tasks", "sst2", "--grid", str(tmp_path / "tiny.yaml"),
+            "--clients", "3", "--test-size", "10", "--out", str(tmp_path / "cells"),
+            "--report-dir", str(tmp_path)]
+    for extra in ([], ["--recorded"]):
+        done = subprocess.run([*args, *extra], capture_output=True, text=True, timeout=900)
+        assert done.returncode == 0, done.stderr[-2000:]
+        summary = json.loads((tmp_path / "compose.json").read_text())
+        result = summary["tasks"]["sst2"]
+        rows = {r["method"]: r for r in result["rows"]}
+        assert list(rows) == ["zero-shot", "bdpl", "ifed-icl", "fedpt", "bdpl+ifed-icl",
+                              "bdpl+fedpt", "ifed-icl+fedpt", "bdpl+ifed-icl+fedpt"]
+        assert rows["bdpl+ifed-icl+fedpt"]["stages"] == 3 and rows["fedpt"]["stages"] == 1
+        assert all(r["rows"] == 10 for r in rows.values())
+        assert result["best_stack"] in rows and "+" in result["best_stack"]
+        assert result["best_single"] in ("bdpl", "ifed-icl", "fedpt")
+        assert 0 <= result["p"] <= 1 and summary["bar_met"] is False  # one task of three
+        assert summary["grid"]["run"] == {}  # the per-round curve is not part of it
+        if extra:
+            assert "acc" not in done.stdout.split("# Composing")[0]  # nothing ran

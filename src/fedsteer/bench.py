@@ -220,7 +220,9 @@ def cell_path(out: Path, config: RunConfig, name: str | None = None) -> Path:
     """Where a cell's result lives (`name`: its grid entry, a stack's `bdpl+ifed-icl`);
     a record written before names were made portable (the raw model name as a folder) is
     still found there, so old grids stay readable."""
-    rest = Path(Path(config.task).stem) / (name or config.method) / cell_dir(config)
+    # a stack's folder `bdpl_ifed-icl`: no "+", which joins the paths of `--on-top-of`
+    rest = Path(Path(config.task).stem) / (name or config.method).replace("+", "_") / \
+        cell_dir(config)
     path = out / path_component(config.model) / rest
     legacy = out / config.model / rest
     if not (path / RESULT_FILE).exists() and _is_file(legacy / RESULT_FILE):

@@ -127,9 +127,11 @@ def read_adapter(directory: Path):
 
 # ------------------------------------------------------------------- stacks
 def split_stack(spec: str | Sequence[str | Path]) -> list[Path]:
-    """`a+b+c`, or a list of such, as the directories of one stack, in order."""
+    """`a+b+c`, or a list of such, as the directories of one stack, in order (a directory
+    whose own name holds a "+" is taken whole)."""
     specs = [spec] if isinstance(spec, str | Path) else list(spec)
-    found = [Path(p) for s in specs for p in str(s).split("+") if p]
+    found = [Path(p) for s in specs
+             for p in ([s] if Path(s).is_dir() else str(s).split("+")) if p]
     if not found:
         raise ValueError(f"no artifact in the stack {spec!r}")
     return found
