@@ -321,7 +321,8 @@ def test_the_compose_benchmark_runs_its_grid_and_summarises_it(tmp_path):
         assert all(r["rows"] == 10 for r in rows.values())
         assert result["best_stack"] in rows and "+" in result["best_stack"]
         assert result["best_single"] in ("bdpl", "ifed-icl", "fedpt")
-        assert 0 <= result["p"] <= 1 and summary["bar_met"] is False  # one task of three
+        assert 0 <= result["p"] <= 1 and result["test"] == "McNemar"
+        assert summary["bar_met"] is False  # one task of three
         assert summary["grid"]["run"] == {}  # the per-round curve is not part of it
         if extra:
             assert "acc" not in done.stdout.split("# Composing")[0]  # nothing ran
