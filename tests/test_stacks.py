@@ -326,3 +326,16 @@ def test_the_compose_benchmark_runs_its_grid_and_summarises_it(tmp_path):
         assert summary["grid"]["run"] == {}  # the per-round curve is not part of it
         if extra:
             assert "acc" not in done.stdout.split("# Composing")[0]  # nothing ran
+
+
+def test_an_artifact_applied_without_the_stage_it_was_trained_on_is_warned(artifacts, task,
+                                                                           tmp_path, caplog):
+    from fedsteer.stacks import missing_stages
+
+    saved = save(tmp_path, "steering", ["--on-top-of", artifacts["prompt"]])
+    assert missing_stages([Path(artifacts["prompt"]), Path(saved)]) == []
+    (alone,) = missing_stages([Path(saved)])
+    assert saved in alone and artifacts["prompt"] in alone and "(prompt)" in alone
+    with caplog.at_level("WARNING"):
+        score_stack([saved], task, None, ROWS, 0, 4)
+    assert "not applied with it here" in caplog.text

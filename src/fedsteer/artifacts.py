@@ -9,6 +9,7 @@ learned through a black box: BDPL, AsynDBT). `provenance.json` says which run ma
 from __future__ import annotations
 
 import json
+import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -30,9 +31,12 @@ from fedsteer.stacks import (
     check_stack,
     load_stack,
     made_for,
+    missing_stages,
     read_adapter,
     read_provenance,
 )
+
+log = logging.getLogger(__name__)
 
 __all__ = ["KIND_MARKERS", "PROVENANCE_FILE", "PROXY_ADAPTER", "PROXY_FILE",
            "ArtifactMismatch", "ArtifactScores", "artifact_kind", "check_fit",
@@ -64,6 +68,8 @@ def evaluate_artifact(directory: Path, task: Task, model: str | None, test_size:
     the artifact's own, on purpose; `dtype`/`device` as `--dtype`/`--device` read them."""
     if not transfer:
         check_fit(directory, artifact_kind(directory), task, model)
+    for line in missing_stages([Path(directory)]):
+        log.warning("%s", line)
     scored = score_artifact(directory, task, model, test_size, test_seed, batch_size, blackbox,
                             dtype=dtype, device=device)
     return scored.kind, scored.model, scored.metrics(), len(scored.test)

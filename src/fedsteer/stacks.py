@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
@@ -39,8 +40,11 @@ from fedsteer.models.load import LoadedModel
 from fedsteer.models.proxy import check_shared_vocabulary
 
 __all__ = ["KIND_MARKERS", "ArtifactMismatch", "artifact_kind", "check_fit", "check_stack",
-           "load_adaptation", "load_stack", "made_for", "on_top_of", "pipeline_costs",
-           "read_adapter", "read_provenance", "split_stack", "stack_name", "stack_record"]
+           "load_adaptation", "load_stack", "made_for", "missing_stages", "on_top_of",
+           "pipeline_costs", "read_adapter", "read_provenance", "split_stack", "stack_name",
+           "stack_record"]
+
+log = logging.getLogger(__name__)
 
 KIND_MARKERS = (("steering", "steering.json"), ("proxy", PROXY_FILE),
                 ("lora", "adapter_config.json"), ("prompt", "prompt.json"))
@@ -165,11 +169,27 @@ def check_stack(directories: Sequence[Path]) -> str | None:
     return first["model"][1] if "model" in first else None
 
 
+def missing_stages(directories: Sequence[Path]) -> list[str]:
+    """What an artifact was trained on top of that the stack applying it does not hold (by
+    digest): its numbers were made for a model steered by those too."""
+    held = {artifact_sha256(d) for d in directories}
+    lines = []
+    for directory in directories:
+        for entry in read_provenance(directory).get("stack") or []:
+            if entry.get("sha256") not in held:
+                lines.append(f"{directory} was trained on top of {entry.get('path')} "
+                             f"({entry.get('kind')}), which is not applied with it here; add "
+                             "it to the stack to get the model it was trained for")
+    return lines
+
+
 def load_stack(name: str, directories: Sequence[Path], base: LoadedModel,
                load_model: Callable[[str], LoadedModel]) -> Adaptation:
     """One artifact's adaptation, or a `Stack` of several (checked by `check_stack`), each
     part named by its directory so an error says which."""
     directories = [Path(d) for d in directories]
+    for line in missing_stages(directories):
+        log.warning("%s", line)
     if len(directories) == 1:
         return load_adaptation(name, directories[0], base, load_model)
     check_stack(directories)
