@@ -242,7 +242,7 @@ class AdaptedScorer:
         first = self.scorers[0]
         query_ids = [first._encode(q, first=not prefix) for q in queries]
         if not query_ids:
-            return torch.empty(0, len(self.labels.ids))
+            return torch.empty(0, len(self.labels.ids), device=first.lm.device)
         caches = [s._prefix_cache(prefix) if prefix else None for s in self.scorers]
 
         def run(batch: list[list[int]]) -> torch.Tensor:
