@@ -63,7 +63,7 @@ def grid(args: argparse.Namespace) -> BenchConfig:
         clients=[args.clients], test_size=args.test_size,
         run={m: r for m, r in run.items() if r},
         options={m: dict(base.options[m]) for m in named if m in base.options},
-        dtype=base.dtype, device=base.device)
+        dtype=args.dtype or base.dtype, device=base.device)
 
 
 def paired(stack: dict[str, Any], single: dict[str, Any]) -> dict[str, Any]:
@@ -117,7 +117,11 @@ def analyse(records: list[dict[str, Any]], methods: list[str]) -> dict[str, Any]
 
 
 def render(summary: dict[str, Any]) -> str:
-    lines = ["# Composing steering points (issue 46)", ""]
+    grid = summary["grid"]
+    lines = ["# Composing steering points (issue 46)", "",
+             f"Model {grid['model']} in {grid.get('dtype', 'float32')}, "
+             f"{grid.get('clients', 10)} clients, Dirichlet α = {grid.get('alpha', 0.5)}, "
+             f"seed {grid.get('seed', 0)}; {summary['note']}.", ""]
     for task, result in summary["tasks"].items():
         lines += [f"## {task}", "",
                   "| method | stages | acc % (95 % CI) | rows | bytes, pipeline | client s |",
@@ -156,6 +160,9 @@ def main() -> None:
     parser.add_argument("--model", default=None, help="default: the default grid's")
     parser.add_argument("--grid", type=Path, default=DEFAULT_GRID,
                         help="where the budgets (run, options) come from")
+    parser.add_argument("--dtype", default=None, choices=("float32", "bfloat16", "auto"),
+                        help="every cell's model (default: the grid's); the stacks and "
+                        "singles are compared within one dtype")
     parser.add_argument("--prompt-method", default="bdpl", choices=("bdpl", "asyndbt"))
     parser.add_argument("--clients", type=int, default=10)
     parser.add_argument("--alpha", type=float, default=0.5)
@@ -179,7 +186,9 @@ def main() -> None:
     paid = sum(bool(r.get("pays")) for r in tasks.values())
     summary = {"tasks": tasks, "bar_met": paid >= 2 and len(tasks) == len(TASKS),
                "grid": {"methods": bench.methods, "run": bench.run, "options": bench.options,
-                        "model": bench.models[0], "test_size": bench.test_size},
+                        "model": bench.models[0], "test_size": bench.test_size,
+                        "dtype": bench.dtype, "clients": args.clients, "alpha": args.alpha,
+                        "seed": args.seed},
                "note": "machine shared with other jobs unless said otherwise: seconds are not "
                        "machine-alone times"}
     write_outputs(args.report_dir, args.name, summary, render(summary), args)
