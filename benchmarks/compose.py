@@ -14,10 +14,10 @@ method with p < 0.05 on at least two of the three tasks, at no more than the sum
 singles' bytes.
 
 Every cell is a bench cell (resumable: a killed run continues; a finished cell is read
-back). About an hour per task on a shared 2-core CPU, so run it a task at a time:
+back). About 20 minutes per task in bfloat16 on 2 cores, a task at a time:
 
     nohup flock /tmp/fedsteer-heavy.lock .venv/bin/python benchmarks/compose.py --tasks sst2 \
-        > benchmarks/results/compose_sst2.log 2>&1 &
+        --dtype bfloat16 > benchmarks/results/compose_sst2.log 2>&1 &
     ... --tasks subj, --tasks trec, then with no --tasks (all three read back) to write the
     summary: benchmarks/results/compose.json / compose.md.
 

@@ -93,13 +93,19 @@ def test_the_order_given_does_not_change_a_stack(artifacts, task):
     np.testing.assert_array_equal(forward.scores, backward.scores)
 
 
-def test_artifacts_made_on_another_model_are_refused_by_name(artifacts, task, tmp_path):
-    other = tmp_path / "other-steering"
-    shutil.copytree(artifacts["steering"], other)
-    for name in ("steering.json", "provenance.json"):
+def _made_for_another_model(artifact: str, other: Path, marker: str) -> Path:
+    """A copy of `artifact` whose files say it was made on qwen2.5-coder-0.5b."""
+    shutil.copytree(artifact, other)
+    for name in (marker, "provenance.json"):
         saved = json.loads((other / name).read_text())
         saved["model"] = "qwen2.5-coder-0.5b"
         (other / name).write_text(json.dumps(saved))
+    return other
+
+
+def test_artifacts_made_on_another_model_are_refused_by_name(artifacts, task, tmp_path):
+    other = _made_for_another_model(artifacts["steering"], tmp_path / "other-steering",
+                                    "steering.json")
     with pytest.raises(ArtifactMismatch, match=rf"{other}.*model 'qwen2.5-coder-0.5b'"):
         score_stack([artifacts["prompt"], str(other)], task, None, ROWS, 0, 4)
 
@@ -208,12 +214,8 @@ def test_fedpt_trained_on_top_of_prompt_and_steering_is_what_the_stack_scores(
 
 
 def test_a_run_on_top_of_another_models_artifact_is_refused_by_name(artifacts, tmp_path):
-    other = tmp_path / "other-prompt"
-    shutil.copytree(artifacts["prompt"], other)
-    for name in ("prompt.json", "provenance.json"):
-        saved = json.loads((other / name).read_text())
-        saved["model"] = "qwen2.5-coder-0.5b"
-        (other / name).write_text(json.dumps(saved))
+    other = _made_for_another_model(artifacts["prompt"], tmp_path / "other-prompt",
+                                    "prompt.json")
     result = CliRunner().invoke(cli, [
         "run", "ifed-icl", "--model", "tiny-random", "--clients", "3", "--test-size", "10",
         *RUNS["steering"][1], "--out", str(tmp_path / "run"), "--on-top-of", str(other)])
