@@ -8,7 +8,10 @@ import math
 import numpy as np
 import pytest
 from flwr.app import Array, ArrayRecord, ConfigRecord, RecordDict
+from typer.testing import CliRunner
 
+from fedsteer.cli import app as cli
+from fedsteer.eval.record import RESULT_FILE, read_result
 from fedsteer.federation import InProcessRuntime, RuntimeConfig
 from fedsteer.federation.privacy import (
     CentralDP,
@@ -239,3 +242,24 @@ def test_local_dp_runs_on_the_reference_and_records_each_records_budget(tiny_lm)
     assert privacy["record_noise"] == {"coef": 6.0, "vectors": 2.0}
     assert privacy["epsilon"] == pytest.approx(epsilon_for([1.0, 3.0], 1e-5))
     assert all(not r.rejected for r in outcome.rounds)
+
+
+def test_the_cli_sets_each_records_noise_and_relative_clips(tmp_path):
+    """`fedsteer run` reaches what the privacy benchmark recorded (per-record z, κ row
+    clips on the public reference), not only the Python API."""
+    result = CliRunner().invoke(cli, [
+        "run", "ifed-icl", "--model", "tiny-random", "--clients", "3", "--test-size", "6",
+        "-o", "rounds=2", "-o", "local_epochs=1", "--dp-mode", "central", "--dp-clip", "1",
+        "--dp-noise", "2", "--dp-noise-record", "coef=6", "--dp-clip-relative", "vectors=0.25",
+        "--out", str(tmp_path)], catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    privacy = read_result(next(tmp_path.rglob(RESULT_FILE)).parent)["privacy"]
+    assert privacy["record_noise"] == {"coef": 6.0, "vectors": 2.0}
+    assert privacy["relative_clips"] == {"vectors": 0.25}
+    assert privacy["references"]["vectors"]["round"] == 0
+
+
+def test_a_malformed_record_flag_names_itself():
+    result = CliRunner().invoke(cli, ["run", "ifed-icl", "--model", "tiny-random",
+                                      "--dp-clip", "1", "--dp-noise-record", "coef"])
+    assert result.exit_code == 2 and "--dp-noise-record" in result.output

@@ -242,6 +242,12 @@ def run(
     dp_delta: Annotated[float, typer.Option(help="δ at which ε is reported")] = 1e-5,
     dp_clip_record: Annotated[list[str] | None, typer.Option(
         help="a record's own clip norm, NAME=NORM (repeatable), e.g. vectors=60")] = None,
+    dp_noise_record: Annotated[list[str] | None, typer.Option(
+        help="a record's own noise multiplier, NAME=Z (repeatable), e.g. coefficients=4; "
+             "the round's ε composes every record's")] = None,
+    dp_clip_relative: Annotated[list[str] | None, typer.Option(
+        help="clip each row of a record's deviation from the method's public reference to "
+             "κ × that reference row's norm, NAME=κ (repeatable), e.g. vectors=0.25")] = None,
     dp_adjacency: Annotated[str, typer.Option(
         help="what ε protects: replace-one, a client's data swapped (sensitivity 2·clip); the "
              "only one offered, since the record names who took part")] = "replace-one",
@@ -307,7 +313,10 @@ def run(
         "fraction": fraction, "sampling": sampling, "seed": seed,
         "test_size": test_size or None, "shots": shots, "batch_size": batch_size,
         "dp_clip": dp_clip, "dp_noise": dp_noise, "dp_delta": dp_delta, "dp_mode": dp_mode,
-        "dp_record_clips": _parse_options(dp_clip_record or []), "dp_adjacency": dp_adjacency,
+        "dp_adjacency": dp_adjacency,
+        "dp_record_clips": _parse_options(dp_clip_record or [], "--dp-clip-record"),
+        "dp_record_noise": _parse_options(dp_noise_record or [], "--dp-noise-record"),
+        "dp_relative_clips": _parse_options(dp_clip_relative or [], "--dp-clip-relative"),
         "secagg": secagg, "eval_every": eval_every, "max_reply_norm": max_reply_norm,
         "reply_norm_factor": reply_norm_factor, "max_client_weight": max_client_weight,
         "tolerate_client_errors": tolerate_client_errors, "client_batch": client_batch,
@@ -377,6 +386,7 @@ def _check_methods(methods: list[str] | None, options: dict) -> None:
 
 #: `run`'s parameter name where it differs from the RunConfig field it sets
 _FLAG_OF_FIELD = {"partition": "partition_scheme", "dp_record_clips": "dp_clip_record",
+                  "dp_record_noise": "dp_noise_record", "dp_relative_clips": "dp_clip_relative",
                   "options": "option"}
 
 
@@ -409,13 +419,13 @@ def _refuse_changes_on_resume(run_dir: Path, configs: list[RunConfig], methods, 
                 param_hint=flag)
 
 
-def _parse_options(pairs: list[str]) -> dict:
+def _parse_options(pairs: list[str], flag: str = "--option") -> dict:
     """`KEY=VALUE` strings to a dict; values read as YAML scalars (2 -> int, 1e-2 -> float)."""
     options = {}
     for pair in pairs:
         key, sep, value = pair.partition("=")
         if not sep or not key:
-            raise typer.BadParameter(f"{pair!r} is not KEY=VALUE", param_hint="--option")
+            raise typer.BadParameter(f"{pair!r} is not KEY=VALUE", param_hint=flag)
         options[key.strip().replace("-", "_")] = yaml.safe_load(value)
     return options
 
