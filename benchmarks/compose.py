@@ -89,6 +89,43 @@ def row(record: dict[str, Any]) -> dict[str, Any]:
                                                 costs["client_seconds"])}
 
 
+def churn(zero: dict[str, Any] | None, record: dict[str, Any]) -> dict[str, int]:
+    """Rows a method gets right that zero-shot got wrong, and the reverse (same rows)."""
+    rows = [(r.get("per_row") or {}).get("correct") if r else None for r in (zero, record)]
+    if not all(rows) or len(rows[0]) != len(rows[1]):
+        return {}
+    return {"gained": sum(1 for z, x in zip(*rows, strict=True) if x and not z),
+            "lost": sum(1 for z, x in zip(*rows, strict=True) if z and not x)}
+
+
+def overlap(zero: list[int], a: list[int], b: list[int], pair: list[int]) -> dict[str, int]:
+    """Why two points add up or not, on the same rows: the rows each single gets right that
+    zero-shot got wrong (its gains), how many both singles gain (the same rows fixed twice
+    cannot add), and what the pair trained in place keeps of their union, gains anew and
+    loses of what zero-shot had right."""
+    wrong = {i for i, c in enumerate(zero) if not c}
+    gains = [{i for i in wrong if x[i]} for x in (a, b)]
+    union = gains[0] | gains[1]
+    pair_gains = {i for i in wrong if pair[i]}
+    return {"only_first": len(gains[0] - gains[1]), "both": len(gains[0] & gains[1]),
+            "only_second": len(gains[1] - gains[0]), "pair_keeps": len(pair_gains & union),
+            "pair_new": len(pair_gains - union),
+            "pair_loses": sum(1 for i, c in enumerate(zero) if c and not pair[i])}
+
+
+def overlaps(by: dict[str, dict[str, Any]], methods: list[str]) -> dict[str, dict[str, int]]:
+    """`overlap` for every recorded pair of singles whose two-stage stack is recorded."""
+    def correct(m: str) -> list[int] | None:
+        return (by[m].get("per_row") or {}).get("correct") if m in by else None
+
+    out = {}
+    for pair in (m for m in methods if len(stages(m)) == 2):
+        rows = [correct(m) for m in ("zero-shot", *stages(pair), pair)]
+        if all(rows) and len({len(r) for r in rows}) == 1:
+            out[pair] = overlap(*rows)
+    return out
+
+
 def analyse(records: list[dict[str, Any]], methods: list[str]) -> dict[str, Any]:
     """Per task: the rows, the best single and best stack, their paired test on the same
     rows, the stack's bytes against its singles' sum, and whether the bar holds there."""
@@ -96,10 +133,11 @@ def analyse(records: list[dict[str, Any]], methods: list[str]) -> dict[str, Any]
     for task in sorted({r["task"] for r in records}):
         by = {r["method"]: r for r in records if r["task"] == task}
         missing = [m for m in methods if m not in by]
-        rows = [row(by[m]) for m in methods if m in by]
+        rows = [row(by[m]) | churn(by.get("zero-shot"), by[m]) for m in methods if m in by]
         singles = [m for m in methods if "+" not in m and m != "zero-shot" and m in by]
         stacks = [m for m in methods if "+" in m and m in by]
-        result: dict[str, Any] = {"rows": rows, "missing": missing}
+        result: dict[str, Any] = {"rows": rows, "missing": missing,
+                                  "overlaps": overlaps(by, methods)}
         if singles and stacks:
             single = max(singles, key=lambda m: by[m]["metrics"]["accuracy"])
             stack = max(stacks, key=lambda m: by[m]["metrics"]["accuracy"])
@@ -124,11 +162,13 @@ def render(summary: dict[str, Any]) -> str:
              f"seed {grid.get('seed', 0)}; {summary['note']}.", ""]
     for task, result in summary["tasks"].items():
         lines += [f"## {task}", "",
-                  "| method | stages | acc % (95 % CI) | rows | bytes, pipeline | client s |",
-                  "|---|---:|---:|---:|---:|---:|"]
+                  "| method | stages | acc % (95 % CI) | rows | vs zero-shot: rows gained / lost "
+                  "| bytes, pipeline | client s |",
+                  "|---|---:|---:|---:|---:|---:|---:|"]
         for r in result["rows"]:
             lines.append(f"| {r['method']} | {r['stages']} | {100 * r['accuracy']:.1f} "
                          f"({100 * r['ci95'][0]:.1f}–{100 * r['ci95'][1]:.1f}) | {r['rows']} | "
+                         f"{_churn(r)} | "
                          f"{human_bytes(r['bytes'])} | {r['client_compute_seconds']:.0f} |")
         if result["missing"]:
             lines.append(f"\nnot recorded yet: {', '.join(result['missing'])}")
@@ -139,12 +179,26 @@ def render(summary: dict[str, Any]) -> str:
                       f"singles' "
                       f"{human_bytes(result['singles_bytes'])}: "
                       f"{'composing pays' if result['pays'] else 'composing does not pay'}."]
+        if result.get("overlaps"):
+            lines += ["", "Gains over zero-shot on the same rows (rows zero-shot got wrong that "
+                      "a method gets right), and what the pair trained in place makes of them:",
+                      "", "| pair | gained by the first only | by both | by the second only | "
+                      "pair keeps of their union | pair gains anew | pair loses of zero-shot's |",
+                      "|---|---:|---:|---:|---:|---:|---:|"]
+            lines += [f"| {pair} | {o['only_first']} | {o['both']} | {o['only_second']} | "
+                      f"{o['pair_keeps']} of {o['only_first'] + o['both'] + o['only_second']} | "
+                      f"{o['pair_new']} | {o['pair_loses']} |"
+                      for pair, o in result["overlaps"].items()]
         lines.append("")
     paid = [t for t, r in summary["tasks"].items() if r.get("pays")]
     lines.append(f"Bar (best stack beats the best single, p < 0.05, within its singles' bytes, "
                  f"on >= 2 of 3 tasks): {'met' if summary['bar_met'] else 'not met'} "
                  f"(pays on: {', '.join(paid) or 'none'}).")
     return "\n".join(lines) + "\n"
+
+
+def _churn(row: dict[str, Any]) -> str:
+    return f"+{row['gained']} / −{row['lost']}" if "gained" in row else ""
 
 
 def _test(result: dict[str, Any]) -> str:

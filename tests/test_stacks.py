@@ -326,6 +326,13 @@ def test_the_compose_benchmark_runs_its_grid_and_summarises_it(tmp_path):
         assert 0 <= result["p"] <= 1 and result["test"] == "McNemar"
         assert summary["bar_met"] is False  # one task of three
         assert summary["grid"]["run"] == {}  # the per-round curve is not part of it
+        assert set(result["overlaps"]) == {"bdpl+ifed-icl", "bdpl+fedpt", "ifed-icl+fedpt"}
+        for pair, o in result["overlaps"].items():
+            first, second = pair.split("+")
+            assert o["only_first"] + o["both"] == rows[first]["gained"]
+            assert o["only_second"] + o["both"] == rows[second]["gained"]
+            assert o["pair_keeps"] + o["pair_new"] == rows[pair]["gained"]
+            assert o["pair_loses"] == rows[pair]["lost"]
         if extra:
             assert "acc" not in done.stdout.split("# Composing")[0]  # nothing ran
 
@@ -341,3 +348,18 @@ def test_an_artifact_applied_without_the_stage_it_was_trained_on_is_warned(artif
     with caplog.at_level("WARNING"):
         score_stack([saved], task, None, ROWS, 0, 4)
     assert "not applied with it here" in caplog.text
+
+
+def test_compose_counts_the_gains_two_points_share_and_what_their_pair_keeps():
+    import sys
+
+    sys.path.insert(0, str(Path(__file__).parents[1] / "benchmarks"))
+    from compose import overlap
+
+    zero = [0, 0, 0, 0, 1, 1]
+    first = [1, 1, 0, 0, 1, 0]   # gains rows 0, 1; loses 5
+    second = [0, 1, 1, 0, 1, 1]  # gains rows 1, 2; loses none
+    pair = [1, 0, 0, 1, 0, 1]    # keeps row 0 of the union, gains row 3 anew, loses row 4
+    assert overlap(zero, first, second, pair) == {
+        "only_first": 1, "both": 1, "only_second": 1, "pair_keeps": 1, "pair_new": 1,
+        "pair_loses": 1}
