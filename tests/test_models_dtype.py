@@ -122,6 +122,23 @@ def test_the_cpu_probe_is_measured_once_and_cached(monkeypatch, tmp_path):
     assert len(timed) == 2  # float32 and bfloat16, once
 
 
+def test_a_bfloat16_model_computes_its_logits_in_float32():
+    """The head's output is not rounded to bf16's 8-bit mantissa (a 0.125-nat step at
+    |logit| ≈ 20, which flipped near-tie label predictions): float32 logits from the bf16
+    last hidden state, equal to a float32 matmul over it."""
+    lm = build_tiny_random()
+    lm.model.to(torch.bfloat16)
+    ids = lm.tokenizer(QUERIES[:4], return_tensors="pt", padding=True)
+    with torch.no_grad():
+        out = lm.model(**ids, logits_to_keep=1, output_hidden_states=True)
+    hidden = out.hidden_states[-1][:, -1:]
+    assert hidden.dtype == torch.bfloat16 and out.logits.dtype == torch.float32
+    weight = lm.model.get_output_embeddings().weight
+    assert weight.dtype == torch.bfloat16  # the model itself stays bf16
+    expected = hidden.float() @ weight.float().T
+    torch.testing.assert_close(out.logits, expected, rtol=1e-5, atol=1e-5)
+
+
 # ------------------------------------------------------------------- memory
 def test_a_model_that_does_not_fit_is_refused_in_one_line(tiny_lm):
     where = Placement("cpu", "float32", "asked")
@@ -132,7 +149,9 @@ def test_a_model_that_does_not_fit_is_refused_in_one_line(tiny_lm):
     with pytest.raises(ModelTooLargeError, match=r"free: use a smaller model.*bfloat16"):
         check_fits("tiny", tight, where)
     half = estimate_memory(tiny_lm.model.config, Placement("cpu", "bfloat16", ""), 16, 1)
-    assert half.weight_bytes * 2 == tight.weight_bytes
+    config = tiny_lm.model.config
+    head32 = config.vocab_size * config.hidden_size * 4  # the float32 head a bf16 model keeps
+    assert (half.weight_bytes - head32) * 2 == tight.weight_bytes
 
 
 # ------------------------------------------------------------------- device-clean code

@@ -254,13 +254,21 @@ def available_bytes(device: str) -> int | None:
     return None
 
 
+def head_copy_bytes(config, dtype: torch.dtype) -> int:
+    """The float32 copy of the LM head a 16-bit model computes its logits with
+    (`models.load.float32_head`)."""
+    if dtype == torch.float32:
+        return 0
+    return int(config.vocab_size) * int(config.hidden_size) * 4
+
+
 def estimate_memory(config, placement: Placement, batch_size: int,
                     available: int | None = None) -> MemoryEstimate:
     params = count_parameters(config)
     dtype = placement.torch_dtype
     return MemoryEstimate(
         parameters=params,
-        weight_bytes=params * (torch.finfo(dtype).bits // 8),
+        weight_bytes=params * (torch.finfo(dtype).bits // 8) + head_copy_bytes(config, dtype),
         activation_bytes=activation_bytes(config, dtype, batch_size),
         available_bytes=available if available is not None else available_bytes(
             placement.device),
