@@ -215,14 +215,18 @@ def markdown(summary: dict, args) -> str:
         f"; torch threads {summary['threads']}. Timings: same process, the two dtypes "
         f"alternating, best of {repeats}; other engineers' jobs shared the machine, so "
         "read the **ratios**, not the seconds. `auto` here: " + summary["auto"], "",
-        "## Speed", "", "| path | float32 s | bfloat16 s | float32 / bfloat16 |",
+        "## Speed", "", *([f"bfloat16 rows: {summary['speed_head']}.", ""]
+                          if summary.get("speed_head") else []),
+        "| path | float32 s | bfloat16 s | float32 / bfloat16 |",
         "|---|---|---|---|"]
     for path, times in summary["speed"].items():
         f32, bf16 = times["float32"], times["bfloat16"]
         lines.append(f"| {path} | {f32:.3f} | {bf16:.3f} | {f32 / bf16:.2f}× |")
     lines += ["", "## Answers on the same rows", "",
               f"Bar: labels agree on ≥ {100 * AGREEMENT_BAR:.0f} % of rows. Seconds: the "
-              "cell's wall time, machine shared.", "",
+              "cell's wall time, machine shared."
+              + (f" bfloat16 cells: {summary['answers_head']}." if summary.get("answers_head")
+                 else ""), "",
               "| task | method | rows | labels agree | bar met | float32 acc [95 %] "
               "| bfloat16 acc [95 %] | only f32 / only bf16 right | McNemar p | s f32 / bf16 |",
               "|---|---|---|---|---|---|---|---|---|---|"]
@@ -336,6 +340,8 @@ def answers(args) -> None:
         "threads": torch.get_num_threads(), "speed": {}, "agreement": []}
     summary.pop("env", None)
     summary.pop("answers_cut", None)
+    summary.setdefault("speed_head", "bfloat16 LM head (measured before models.load.float32_head)")
+    summary["answers_head"] = "float32 LM head over bfloat16 activations (float32_head)"
     summary["answers_settings"] = {k: str(v) if isinstance(v, Path) else v
                                    for k, v in vars(args).items()}
     options = trained_options(args)
