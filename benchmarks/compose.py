@@ -202,7 +202,9 @@ def render(summary: dict[str, Any]) -> str:
     paid = [t for t, r in summary["tasks"].items() if r.get("pays")]
     lines.append(f"Bar (best stack beats the best single, p < 0.05, within its singles' bytes, "
                  f"on >= 2 of 3 tasks): {'met' if summary['bar_met'] else 'not met'} "
-                 f"(pays on: {', '.join(paid) or 'none'}).")
+                 f"(pays on: {', '.join(paid) or 'none'}). The best stack and the best single "
+                 "are each chosen on these same rows (one seed), and the p-values are not "
+                 "corrected for that choice.")
     return "\n".join(lines) + "\n"
 
 

@@ -501,6 +501,14 @@ def dtype() -> str:
                      "s f32 / bf16"], answers, right_from=2))
 
 
+def compose() -> str:
+    """Issue 46: singles, pairs and the full stack per task, as benchmarks/compose.py wrote
+    its summary (the same renderer, so the page and compose.md cannot disagree)."""
+    sys.path.insert(0, str(Path(__file__).parent))  # compose.py's own imports (common)
+    from compose import render
+    return render(load("compose.json")).split("\n\n", 1)[1]
+
+
 def serve_faults() -> str:
     """Each fault the server was sent on its own, after issues 42 and 44, with its answer."""
     data = load("serve_faults.json")
@@ -603,6 +611,7 @@ def render_all(results: Path = RESULTS) -> dict[str, str]:
         "reliability.md": _page("benchmarks/results/reliability.json", reliability),
         "dp-audit.md": _page("benchmarks/results/dp_audit.json", dp_audit),
         "dtype.md": _page("benchmarks/results/dtype.json", dtype),
+        "compose.md": _page("benchmarks/results/compose.json", compose),
         "serve-faults.md": _page("benchmarks/results/serve_faults.json", serve_faults),
         "federation-tls.md": _page("benchmarks/results/federation_tls.json", federation_tls),
         "performance.md": _page("benchmarks/results/performance.json and friends", performance),
