@@ -408,6 +408,20 @@ def test_client_level_dp_is_the_same_on_flower_as_in_process(tmp_path, flower_id
     assert record["privacy"] == expected["privacy"] and 0 < record["privacy"]["epsilon"] < 1e9
 
 
+def test_the_dp_reference_and_relative_clips_are_the_same_on_flower_as_in_process(
+        tmp_path, flower_identity):
+    """Issue 41's public reference travels in the round's message through the Grid, and a
+    node clips each row of its deviation from it as an in-process client does: clip only,
+    equal results, the same ledger (reference, each record's z, κ)."""
+    dp = {"dp_clip": 1.0, "dp_noise": 0.0, "dp_mode": "central", "client_batch": 1,
+          "dp_relative_clips": {"vectors": 0.25}, "dp_record_noise": {"coef": 0.0}}
+    expected = run_experiment(tiny_config(**dp), tmp_path / "inprocess")
+    record, _ = serve_inline(tiny_config(**dp), tmp_path / "flower")
+    assert expected["privacy"]["references"]["vectors"]["round"] == 0
+    assert record["privacy"] == expected["privacy"]
+    assert record["metrics"] == expected["metrics"]
+
+
 def test_the_repository_flower_app_lists_every_run_config_key():
     import tomllib
 
