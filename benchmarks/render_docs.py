@@ -493,9 +493,13 @@ def dtype() -> str:
             f"{data['threads']}; `--dtype auto` here: {data['auto']}. Same process, the two "
             f"dtypes alternating, best of {s['repeats']}, on a machine shared with other "
             "jobs: read the ratios, not the seconds.\n\n"
+            + (f"bfloat16 speed rows: {data['speed_head']}.\n\n" if data.get("speed_head")
+               else "")
             + table(["path", "float32 s", "bfloat16 s", "float32 / bfloat16"], speed)
             + "\nAnswers on the same test rows (bar: labels agree on ≥ 98 % of them); the "
-            "last column is each cell's wall time, machine shared." + how + cut + "\n\n"
+            "last column is each cell's wall time, machine shared."
+            + (f" bfloat16 cells: {data['answers_head']}." if data.get("answers_head") else "")
+            + how + cut + "\n\n"
             + table(["task", "method", "rows", "labels agree %", "≥ 98 %", "float32 acc [95 %]",
                      "bfloat16 acc [95 %]", "only f32 / only bf16 right", "McNemar p",
                      "s f32 / bf16"], answers, right_from=2))
