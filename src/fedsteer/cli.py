@@ -293,20 +293,8 @@ def run(
 ) -> None:
     """Run methods on one task with one model load; print a comparison table."""
     _setup_logging(verbose)
-    if runtime not in RUNTIMES:
-        raise typer.BadParameter(f"unknown {runtime!r}; use one of {', '.join(RUNTIMES)}",
-                                 param_hint="--runtime")
-    runtime = "flower-federation" if federation is not None else runtime
-    if secagg and runtime == "inprocess":
-        raise typer.BadParameter("--secagg needs --runtime flower or flower-deployment: "
-                                 "in one process there is no one to hide from")
-    if on_top_of and runtime != "inprocess":
-        raise typer.BadParameter("--on-top-of works with the in-process runtime only: Flower's "
-                                 "clients load their model without the stack",
-                                 param_hint="--runtime")
-    if resume is not None and runtime != "inprocess":
-        raise typer.BadParameter("--resume works with the in-process runtime only: on Flower, "
-                                 "client state lives in the nodes", param_hint="--runtime")
+    runtime = _checked_runtime(runtime, federation is not None, secagg, bool(on_top_of),
+                               resume is not None)
     fields = {  # RunConfig's fields as the flags set them (task: below, for a new run)
         "task": task, "model": model, "clients": clients, "alpha": alpha,
         "partition": partition_scheme, "min_per_client": min_per_client, "rounds": rounds,
@@ -382,6 +370,27 @@ def _check_methods(methods: list[str] | None, options: dict) -> None:
         raise typer.BadParameter(f"unknown {unknown}; known: {', '.join(METHODS)}")
     with _user_errors():
         check_options(methods, options)
+
+
+def _checked_runtime(runtime: str, federation: bool, secagg: bool, on_top_of: bool,
+                     resume: bool) -> str:
+    """The runtime `run` uses (`--federation` makes it flower-federation), refusing the
+    flags that runtime cannot honour."""
+    if runtime not in RUNTIMES:
+        raise typer.BadParameter(f"unknown {runtime!r}; use one of {', '.join(RUNTIMES)}",
+                                 param_hint="--runtime")
+    runtime = "flower-federation" if federation else runtime
+    if secagg and runtime == "inprocess":
+        raise typer.BadParameter("--secagg needs --runtime flower or flower-deployment: "
+                                 "in one process there is no one to hide from")
+    if on_top_of and runtime != "inprocess":
+        raise typer.BadParameter("--on-top-of works with the in-process runtime only: Flower's "
+                                 "clients load their model without the stack",
+                                 param_hint="--runtime")
+    if resume and runtime != "inprocess":
+        raise typer.BadParameter("--resume works with the in-process runtime only: on Flower, "
+                                 "client state lives in the nodes", param_hint="--runtime")
+    return runtime
 
 
 #: `run`'s parameter name where it differs from the RunConfig field it sets
