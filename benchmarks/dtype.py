@@ -286,7 +286,8 @@ def main() -> None:
     models = {name: load_model(args.model, dtype=dtype) for name, dtype in DTYPES.items()}
     summary: dict = {"probe": probe.__dict__ | {"why": probe.why()},
                      "auto": f"{'bfloat16' if probe.use_bf16 else 'float32'} ({probe.why()})",
-                     "threads": torch.get_num_threads(), "speed": {}, "agreement": []}
+                     "threads": torch.get_num_threads(), "speed": {}, "agreement": [],
+                     "speed_head": "float32 LM head over bfloat16 activations (float32_head)"}
 
     def save() -> None:
         write_outputs(args.report_dir, "dtype", summary, markdown(summary, args), args)

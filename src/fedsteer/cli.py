@@ -243,8 +243,8 @@ def run(
     dp_clip_record: Annotated[list[str] | None, typer.Option(
         help="a record's own clip norm, NAME=NORM (repeatable), e.g. vectors=60")] = None,
     dp_noise_record: Annotated[list[str] | None, typer.Option(
-        help="a record's own noise multiplier, NAME=Z (repeatable), e.g. coefficients=4; "
-             "the round's ε composes every record's")] = None,
+        help="a record's own noise multiplier, NAME=Z (repeatable), e.g. coef=4 (IFed-ICL's "
+             "coefficients); the round's ε composes every record's")] = None,
     dp_clip_relative: Annotated[list[str] | None, typer.Option(
         help="clip each row of a record's deviation from the method's public reference to "
              "κ × that reference row's norm, NAME=κ (repeatable), e.g. vectors=0.25")] = None,
