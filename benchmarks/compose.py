@@ -74,13 +74,18 @@ def grid(args: argparse.Namespace, task: str) -> BenchConfig:
         dtype=args.dtype or base.dtype, device=base.device)
 
 
+def correct_rows(record: dict[str, Any] | None) -> list[int] | None:
+    """Each test row scored right (1) or wrong (0), where the record has them."""
+    return (record.get("per_row") or {}).get("correct") if record else None
+
+
 def paired(stack: dict[str, Any], single: dict[str, Any]) -> dict[str, Any]:
     """The stack against the single on the same rows: exact McNemar where both scored each
     row right or wrong (with the rows only one gets right), else Wilcoxon on the rows' shares
     (a single whose clients evaluated alone: AsynDBT's workers)."""
     _, p, test = paired_difference(stack, single)
     out: dict[str, Any] = {"p": p, "test": test}
-    rows = [(r.get("per_row") or {}).get("correct") for r in (stack, single)]
+    rows = [correct_rows(r) for r in (stack, single)]
     if test == "McNemar" and all(rows):
         out["only_stack_right"], out["only_single_right"], _ = mcnemar_exact(*rows)
     return out
@@ -99,7 +104,7 @@ def row(record: dict[str, Any]) -> dict[str, Any]:
 
 def churn(zero: dict[str, Any] | None, record: dict[str, Any]) -> dict[str, int]:
     """Rows a method gets right that zero-shot got wrong, and the reverse (same rows)."""
-    rows = [(r.get("per_row") or {}).get("correct") if r else None for r in (zero, record)]
+    rows = [correct_rows(r) for r in (zero, record)]
     if not all(rows) or len(rows[0]) != len(rows[1]):
         return {}
     return {"gained": sum(1 for z, x in zip(*rows, strict=True) if x and not z),
@@ -123,12 +128,9 @@ def overlap(zero: list[int], a: list[int], b: list[int], pair: list[int]) -> dic
 
 def overlaps(by: dict[str, dict[str, Any]], methods: list[str]) -> dict[str, dict[str, int]]:
     """`overlap` for every recorded pair of singles whose two-stage stack is recorded."""
-    def correct(m: str) -> list[int] | None:
-        return (by[m].get("per_row") or {}).get("correct") if m in by else None
-
     out = {}
     for pair in (m for m in methods if len(stages(m)) == 2):
-        rows = [correct(m) for m in ("zero-shot", *stages(pair), pair)]
+        rows = [correct_rows(by.get(m)) for m in ("zero-shot", *stages(pair), pair)]
         if all(rows) and len({len(r) for r in rows}) == 1:
             out[pair] = overlap(*rows)
     return out
