@@ -81,6 +81,8 @@ def cell_tag(config: RunConfig, default_clients: int = 10, default_alpha: float 
         tag += f"-alpha{config.alpha:g}"
     if config.clients != default_clients:
         tag += f"-clients{config.clients}"
+    if config.dtype != "float32":  # a bfloat16 cell never answers for a float32 one
+        tag += f"-{config.dtype}"
     return tag
 
 

@@ -213,8 +213,9 @@ def markdown(summary: dict, args) -> str:
         f"Model {args.model}; CPU {probe['cpu']} with "
         f"{', '.join(probe['flags']) or 'no bf16 flags'}"
         f"; torch threads {summary['threads']}. Timings: same process, the two dtypes "
-        f"alternating, best of {repeats}; other engineers' jobs shared the machine, so "
-        "read the **ratios**, not the seconds. `auto` here: " + summary["auto"], "",
+        f"alternating, best of {repeats}; "
+        + summary.get("speed_machine", "other engineers' jobs shared the machine")
+        + ", so read the **ratios**, not the seconds. `auto` here: " + summary["auto"], "",
         "## Speed", "", *([f"bfloat16 rows: {summary['speed_head']}.", ""]
                           if summary.get("speed_head") else []),
         "| path | float32 s | bfloat16 s | float32 / bfloat16 |",
@@ -262,6 +263,10 @@ def main() -> None:
                         help="the strided bfloat16 head alone takes seconds to minutes")
     parser.add_argument("--round-clients", type=int, default=2)
     parser.add_argument("--ifed-epochs", type=int, default=1)
+    parser.add_argument("--speed", action="store_true",
+                        help="only the speed rows, replacing the record's (its answers kept)")
+    parser.add_argument("--alone", action="store_true",
+                        help="say the machine ran nothing else (recorded beside the timings)")
     parser.add_argument("--answers", action="store_true",
                         help="only the agreement cells, added to the existing record")
     parser.add_argument("--clients", type=int, default=10)
@@ -281,17 +286,47 @@ def main() -> None:
     if args.answers:
         answers(args)
         return
-
-    probe = cpu_bf16_probe()
+    summary = new_summary()
+    if args.speed:  # the record's answers are kept: only the speed rows are measured again
+        kept = json.loads((args.report_dir / "dtype.json").read_text())
+        summary |= {k: kept[k] for k in ANSWER_KEYS if k in kept}
+    summary["speed_head"] = "float32 LM head over bfloat16 activations (float32_head)"
+    summary["speed_machine"] = machine_note(args.alone)
     models = {name: load_model(args.model, dtype=dtype) for name, dtype in DTYPES.items()}
-    summary: dict = {"probe": probe.__dict__ | {"why": probe.why()},
-                     "auto": f"{'bfloat16' if probe.use_bf16 else 'float32'} ({probe.why()})",
-                     "threads": torch.get_num_threads(), "speed": {}, "agreement": [],
-                     "speed_head": "float32 LM head over bfloat16 activations (float32_head)"}
 
     def save() -> None:
         write_outputs(args.report_dir, "dtype", summary, markdown(summary, args), args)
 
+    measure_speed(summary, models, args, save)
+    if args.speed:
+        return
+    for task_name in args.tasks:
+        for method in args.methods:
+            summary["agreement"].append(agreement(models, task_name, method, {}, args))
+            save()
+
+
+#: what a speed-only run keeps of the record: the agreement rows and how they were made
+ANSWER_KEYS = ("agreement", "answers_settings", "answers_head", "answers_cut")
+
+
+def new_summary() -> dict:
+    probe = cpu_bf16_probe()
+    return {"probe": probe.__dict__ | {"why": probe.why()},
+            "auto": f"{'bfloat16' if probe.use_bf16 else 'float32'} ({probe.why()})",
+            "threads": torch.get_num_threads(), "speed": {}, "agreement": []}
+
+
+def machine_note(alone: bool) -> str:
+    """Whether the timings had the machine to themselves: the operator's word (`--alone`)
+    and the load average the run saw when it started, so a reader can check it."""
+    load = Path("/proc/loadavg").read_text().split()[0] if Path("/proc/loadavg").exists() else "?"
+    said = "nothing else running (--alone)" if alone else "other jobs may have shared the machine"
+    return f"{said}; 1-min load average at the start {load}"
+
+
+def measure_speed(summary: dict, models: dict, args, save: Callable[[], None]) -> None:
+    """The speed rows: the LM head, the scorer, one IFed-ICL and one FedAvg-LoRA round."""
     heads = head_times(models, args.head_repeats)
     for kind in ("strided", "contiguous"):
         summary["speed"][f"lm_head, {kind} last position (16 rows)"] = {
@@ -308,10 +343,6 @@ def main() -> None:
             {name: (lambda lm=lm, m=method, o=options: round_seconds(m, o, lm, args))
              for name, lm in models.items()}, args.repeats)
         save()
-    for task_name in args.tasks:
-        for method in args.methods:
-            summary["agreement"].append(agreement(models, task_name, method, {}, args))
-            save()
 
 
 def agreement_cells(args) -> list[tuple[str, str]]:
@@ -335,10 +366,8 @@ def answers(args) -> None:
     """The agreement cells alone, each (task, method) row replacing the record's earlier one;
     the record's speed rows and the settings they were measured with are kept."""
     record_file = args.report_dir / "dtype.json"
-    summary = json.loads(record_file.read_text()) if record_file.exists() else {
-        "probe": (probe := cpu_bf16_probe()).__dict__ | {"why": probe.why()},
-        "auto": f"{'bfloat16' if probe.use_bf16 else 'float32'} ({probe.why()})",
-        "threads": torch.get_num_threads(), "speed": {}, "agreement": []}
+    summary = (json.loads(record_file.read_text()) if record_file.exists()
+               else new_summary())
     summary.pop("env", None)
     summary.pop("answers_cut", None)
     summary.setdefault("speed_head", "bfloat16 LM head (measured before models.load.float32_head)")

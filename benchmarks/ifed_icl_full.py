@@ -27,6 +27,7 @@ import statistics
 import time
 from pathlib import Path
 
+import torch
 from common import RESULTS, Unfinished, cell, grid_arguments, recorded_cell, write_outputs
 
 from fedsteer.data import load_task
@@ -36,6 +37,8 @@ from fedsteer.experiment import RunConfig
 from fedsteer.methods.ifed_icl import IFedICL
 from fedsteer.models import load_model
 
+DEFAULT_GRID_MODEL = "smollm2-135m"
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 RIVALS = ("zero-shot", "local-icl", "central-icl", "central-i2cl")
 POOLED = "central-i2cl-pooled"  # I2CL on as many examples as all clients together hold
 
@@ -54,7 +57,8 @@ def task_cells(args, lm, task_name: str,
     seed (zero-shot has no seed: one record, reused). A seed is left out only where
     `run_cell` raises `Unfinished` for it (`recorded_cell`); `cell` runs what is missing."""
     task = load_task(task_name)
-    common = dict(clients=args.clients, alpha=args.alpha, test_size=args.test_size)
+    common = dict(clients=args.clients, alpha=args.alpha, test_size=args.test_size,
+                  dtype=args.dtype)
     steering = dict(rounds=args.rounds, options={"local_epochs": args.local_epochs})
     zero = run_cell(args.out, RunConfig("zero-shot", task_name, args.model, **common), lm, task)
     seeds, records = [], {m: [] for m in methods(args)}
@@ -153,7 +157,8 @@ def verdict(result: dict) -> str:
 
 
 def markdown(summary: dict, args) -> str:
-    lines = [f"# IFed-ICL at the paper's budget: {args.model}", "",
+    lines = [f"# IFed-ICL at the paper's budget: {args.model}"
+             + (f" in {args.dtype}" if args.dtype != "float32" else ""), "",
              f"IFed-ICL: {args.clients} clients, Dirichlet α = {args.alpha}, {args.rounds} "
              f"calibration rounds × {args.local_epochs} local epochs; central I2CL "
              f"{args.rounds * args.local_epochs} epochs on 5 per class from the pooled data"
@@ -200,11 +205,13 @@ def main() -> None:
     parser = grid_arguments(argparse.ArgumentParser(description=__doc__.splitlines()[0]),
                             RESULTS / "ifed_icl_full")
     parser.set_defaults(test_size=500, tasks=["sst2", "subj", "trec", "agnews"])
-    parser.add_argument("--model", default="smollm2-135m")
+    parser.add_argument("--model", default=DEFAULT_GRID_MODEL)
     parser.add_argument("--rounds", type=int, default=10)
     parser.add_argument("--local-epochs", type=int, default=10)
     parser.add_argument("--shots", type=int, default=5,
                         help="ICL demonstrations per class (IFed-ICL: 5 per class into vectors)")
+    parser.add_argument("--dtype", default="float32", choices=sorted(DTYPES),
+                        help="the model's dtype (bfloat16: a float32 LM head, see dtype.md)")
     parser.add_argument("--report-dir", type=Path, default=RESULTS)
     parser.add_argument("--pooled-i2cl", action="store_true",
                         help=f"add {POOLED}: central I2CL on clients × 5 examples per class")
@@ -213,7 +220,7 @@ def main() -> None:
                              "finished")
     args = parser.parse_args()
     started = time.time()
-    lm = None if args.recorded else load_model(args.model)
+    lm = None if args.recorded else load_model(args.model, dtype=DTYPES[args.dtype])
     summary: dict = {"tasks": {}}
     for task_name in args.tasks:
         try:
@@ -234,8 +241,12 @@ def main() -> None:
 
 
 def summary_name(args) -> str:
-    """The pooled check has its own summary and log, beside the grid's."""
-    return "ifed_icl_full_pooled" if args.pooled_i2cl else "ifed_icl_full"
+    """The pooled check has its own summary and log, beside the grid's; so has a grid on
+    another model or dtype than the 135M float32 one."""
+    name = "ifed_icl_full_pooled" if args.pooled_i2cl else "ifed_icl_full"
+    if args.model != DEFAULT_GRID_MODEL:
+        name += f"_{args.model}"
+    return name + (f"_{args.dtype}" if args.dtype != "float32" else "")
 
 
 if __name__ == "__main__":

@@ -199,8 +199,12 @@ def closing_lines(records: Sequence[dict[str, Any]]) -> str:
 
 # --- per-benchmark summaries (the scripts' own JSON) ----------------------------------------
 
-def ifed_icl_full() -> str:
-    data = load("ifed_icl_full.json")
+#: the paper-budget grid on the default model in bfloat16 (issue 43), beside the 135M one
+IFED_ICL_FULL_05B = "ifed_icl_full_qwen2.5-coder-0.5b_bfloat16.json"
+
+
+def ifed_icl_full(name: str = "ifed_icl_full.json") -> str:
+    data = load(name)
     rivals = ["zero-shot", "local-icl", "central-icl", "central-i2cl", "ifed-icl"]
     rows, diffs = [], []
     for task, t in data["tasks"].items():
@@ -219,7 +223,9 @@ def ifed_icl_full() -> str:
                 versus(v["per_seed_points"][i], v["per_seed_p"][i], v["test"])
                 for v in t["versus"])])
     settings = data["settings"]
-    head = (f"Model {settings['model']}, {settings['clients']} clients, Dirichlet α = "
+    dtype = settings.get("dtype", "float32")
+    head = (f"Model {settings['model']} in {dtype}, {settings['clients']} clients, "
+            "Dirichlet α = "
             f"{settings['alpha']}, up to {settings['test_size']} test rows per task, "
             f"{settings['rounds']} rounds × {settings['local_epochs']} local epochs.\n\n")
     first_task = next(iter(data["tasks"].values()))
@@ -491,8 +497,9 @@ def dtype() -> str:
     return (f"Model {s['model']}; CPU {data['probe']['cpu']} "
             f"({', '.join(data['probe']['flags']) or 'no bf16 flags'}), torch threads "
             f"{data['threads']}; `--dtype auto` here: {data['auto']}. Same process, the two "
-            f"dtypes alternating, best of {s['repeats']}, on a machine shared with other "
-            "jobs: read the ratios, not the seconds.\n\n"
+            f"dtypes alternating, best of {s['repeats']}; "
+            + data.get("speed_machine", "on a machine shared with other jobs")
+            + ": read the ratios, not the seconds.\n\n"
             + (f"bfloat16 speed rows: {data['speed_head']}.\n\n" if data.get("speed_head")
                else "")
             + table(["path", "float32 s", "bfloat16 s", "float32 / bfloat16"], speed)
@@ -603,6 +610,9 @@ def render_all(results: Path = RESULTS) -> dict[str, str]:
                                            lambda: closing_lines(quick_trec))}
            if quick_trec else {}),
         "ifed-icl-full.md": _page("benchmarks/results/ifed_icl_full.json", ifed_icl_full),
+        **({"ifed-icl-full-05b.md": _page(f"benchmarks/results/{IFED_ICL_FULL_05B}",
+                                          lambda: ifed_icl_full(IFED_ICL_FULL_05B))}
+           if (results / IFED_ICL_FULL_05B).exists() else {}),
         "ifed-icl-pooled.md": _page("benchmarks/results/ifed_icl_full_pooled.json",
                                     ifed_icl_pooled),
         "fedpt.md": _page("benchmarks/results/fedpt.json, fedpt_alpha.json", fedpt),

@@ -263,3 +263,33 @@ def test_a_malformed_record_flag_names_itself():
     result = CliRunner().invoke(cli, ["run", "ifed-icl", "--model", "tiny-random",
                                       "--dp-clip", "1", "--dp-noise-record", "coef"])
     assert result.exit_code == 2 and "--dp-noise-record" in result.output
+
+
+@pytest.mark.parametrize("ledger_kind", ["central", "local"])
+def test_the_ledger_names_a_per_record_setting_no_release_carried(ledger_kind):
+    """`coefficients=4` when the record is `coef`: the run used the default z for `coef`
+    (the accounting stays true), but the user asked for something that never happened."""
+    settings = dict(clip=1.0, noise_multiplier=2.0, record_noise={"coefficients": 4.0},
+                    relative_clips={"vector": 0.25}, record_clips={"coef": 0.5})
+    ledger = (CentralLedger(CentralDP(**settings), population=10) if ledger_kind == "central"
+              else PrivacyLedger(ClientDP(**settings)))
+    ledger.record_round(1, 10, ["vectors"])
+    ledger.record_round(1, 10, ["coef"])
+    unused = ledger.summary()["unused_settings"]
+    assert len(unused) == 2
+    assert any("--dp-noise-record" in u and "'coefficients'" in u for u in unused)
+    assert any("--dp-clip-relative" in u and "'vector'" in u for u in unused)
+    assert all("coef, vectors" in u for u in unused)  # what the run did release
+
+
+def test_a_run_warns_of_a_record_name_the_method_never_released(tmp_path):
+    result = CliRunner().invoke(cli, [
+        "run", "ifed-icl", "--model", "tiny-random", "--clients", "3", "--test-size", "6",
+        "-o", "rounds=2", "-o", "local_epochs=1", "--dp-mode", "central", "--dp-clip", "1",
+        "--dp-noise", "2", "--dp-noise-record", "coefficients=6", "--out", str(tmp_path)],
+        catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    record = read_result(next(tmp_path.rglob(RESULT_FILE)).parent)
+    assert record["privacy"]["record_noise"] == {"coef": 2.0, "vectors": 2.0}
+    assert any("'coefficients'" in w for w in record["warnings"])
+    assert "coefficients" in result.output  # said on the console too, not only filed

@@ -129,6 +129,14 @@ def test_set_warnings(test: list[Example], labels: tuple[str, ...]) -> list[str]
     return []
 
 
+def unused_privacy_settings(privacy: dict | None) -> list[str]:
+    """The privacy block's settings no release used, logged now and kept as warnings."""
+    unused = list((privacy or {}).get("unused_settings", ()))
+    for warning in unused:
+        log.warning("%s", warning)
+    return unused
+
+
 def client_dp(config: RunConfig) -> ClientDP | None:
     """What each client does to its reply: clip and noise (local DP), clip only (central)."""
     if config.dp_clip is None:
@@ -302,6 +310,7 @@ def run_experiment(
         if save_dir is not None:
             _save_artifacts(method, outcome, clients if hosted else [], Path(save_dir), config,
                             task)
+        warnings += unused_privacy_settings(outcome.privacy)
         record = _record(config, method, task, env, outcome, len(clients), warnings)
         if stack:
             record["stack"] = stack

@@ -287,7 +287,26 @@ def per_record_summary(ledger: Any) -> dict[str, Any]:
             "relative_clips": dp.relative_clips,
             "epsilon_per_record": {name: epsilon_for(zs, dp.delta)
                                    for name, zs in sorted(ledger.per_record.items())},
-            "references": ledger.references}
+            "references": ledger.references,
+            "unused_settings": unused_settings(dp, ledger.per_record)}
+
+
+#: each per-record setting and the flag that sets it (`RunConfig.dp_record_noise`, …)
+PER_RECORD_FLAGS = {"record_noise": "--dp-noise-record", "relative_clips": "--dp-clip-relative",
+                    "record_clips": "--dp-clip-record"}
+
+
+def unused_settings(dp: Any, released: Any) -> list[str]:
+    """Per-record settings that name a record no round released (`coefficients=4` where the
+    record is `coef`): the run used the common setting for it. The accounting stays true to
+    what ran, but what was asked for never happened, so the record says so."""
+    released = sorted(released)
+    unused = []
+    for setting, flag in PER_RECORD_FLAGS.items():
+        for name in sorted(set(getattr(dp, setting)) - set(released)):
+            unused.append(f"{flag} {name!r}: no round released a record of that name (this "
+                          f"run released {', '.join(released) or 'none'}); it was not used")
+    return unused
 
 
 def epsilon_for(noise_multipliers: list[float], delta: float) -> float:
