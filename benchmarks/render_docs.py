@@ -215,9 +215,10 @@ def ifed_icl_full(name: str = "ifed_icl_full.json") -> str:
                 k = min(i, len(a["per_seed"]) - 1)
                 row.append(acc(a["per_seed"][k], a["per_seed_ci95"][k]))
             rows.append(row)
-        rows.append([task, f"mean of {len(t['seeds'])}, t 95 %",
-                     *(acc(t["accuracy"][m]["accuracy"], t["accuracy"][m]["accuracy_ci95"])
-                       for m in rivals)])
+        if len(t["seeds"]) > 1:  # of one seed the mean is that seed's row
+            rows.append([task, f"mean of {len(t['seeds'])}, t 95 %",
+                         *(acc(t["accuracy"][m]["accuracy"], t["accuracy"][m]["accuracy_ci95"])
+                           for m in rivals)])
         for i, seed in enumerate(t["seeds"]):
             diffs.append([task, str(seed), *(
                 versus(v["per_seed_points"][i], v["per_seed_p"][i], v["test"])
