@@ -12,7 +12,8 @@ IFed-ICL's paired difference from zero-shot, local ICL and central ICL on every 
 The model defaults to smollm2-135m: on qwen2.5-coder-0.5b one seed of sst2 alone costs
 ≈ 85 min of calibration here (README), so the paper's grid cannot fit 2 hours on 2 cores;
 the 135M model is ≈ 4× cheaper. In bfloat16 (`--dtype bfloat16`, its own cells and
-summary) one task and seed of the 0.5B model took 58 min here (sst2). Cells resume, so the grid runs in parts, e.g.
+summary) one task and seed of the 0.5B model took 58 min here (sst2). Cells resume, so
+the grid runs in parts, e.g.
 
     nohup .venv/bin/python benchmarks/ifed_icl_full.py --tasks sst2 --seeds 1 \
         --report-dir /tmp/sst2 >> benchmarks/results/ifed_icl_full.log 2>&1 &
