@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import tempfile
 import time
 from collections.abc import Callable
@@ -320,9 +321,8 @@ def new_summary() -> dict:
 def machine_note(alone: bool) -> str:
     """Whether the timings had the machine to themselves: the operator's word (`--alone`)
     and the load average the run saw when it started, so a reader can check it."""
-    load = Path("/proc/loadavg").read_text().split()[0] if Path("/proc/loadavg").exists() else "?"
     said = "nothing else running (--alone)" if alone else "other jobs may have shared the machine"
-    return f"{said}; 1-min load average at the start {load}"
+    return f"{said}; 1-min load average at the start {os.getloadavg()[0]:.2f}"
 
 
 def measure_speed(summary: dict, models: dict, args, save: Callable[[], None]) -> None:

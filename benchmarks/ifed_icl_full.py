@@ -29,7 +29,6 @@ import statistics
 import time
 from pathlib import Path
 
-import torch
 from common import RESULTS, Unfinished, cell, grid_arguments, recorded_cell, write_outputs
 
 from fedsteer.data import load_task
@@ -37,10 +36,9 @@ from fedsteer.eval.metrics import mean_interval, recorded_interval
 from fedsteer.eval.report import paired_difference
 from fedsteer.experiment import RunConfig
 from fedsteer.methods.ifed_icl import IFedICL
-from fedsteer.models import load_model
+from fedsteer.models import load_placed
 
 DEFAULT_GRID_MODEL = "smollm2-135m"
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 RIVALS = ("zero-shot", "local-icl", "central-icl", "central-i2cl")
 POOLED = "central-i2cl-pooled"  # I2CL on as many examples as all clients together hold
 
@@ -212,7 +210,7 @@ def main() -> None:
     parser.add_argument("--local-epochs", type=int, default=10)
     parser.add_argument("--shots", type=int, default=5,
                         help="ICL demonstrations per class (IFed-ICL: 5 per class into vectors)")
-    parser.add_argument("--dtype", default="float32", choices=sorted(DTYPES),
+    parser.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"),
                         help="the model's dtype (bfloat16: a float32 LM head, see dtype.md)")
     parser.add_argument("--report-dir", type=Path, default=RESULTS)
     parser.add_argument("--pooled-i2cl", action="store_true",
@@ -222,7 +220,7 @@ def main() -> None:
                              "finished")
     args = parser.parse_args()
     started = time.time()
-    lm = None if args.recorded else load_model(args.model, dtype=DTYPES[args.dtype])
+    lm = None if args.recorded else load_placed(args.model, dtype=args.dtype)
     summary: dict = {"tasks": {}}
     for task_name in args.tasks:
         try:
